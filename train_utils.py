@@ -1,0 +1,109 @@
+"""Small pieces every training script shares: device strategy, progress lines, seeding."""
+
+import os
+import random
+import time
+
+import numpy as np
+from absl import logging
+
+STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker", "one_device")
+
+
+def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
+    """Builds the tf.distribute strategy named by `--strategy`.
+
+    auto: TPU if `tpu` is given, MultiWorkerMirrored if TF_CONFIG names several workers, Mirrored if
+    there are several GPUs, else the default one-device strategy. A TPU resolver is only built when a
+    TPU is asked for (building one unconditionally breaks GPU/CPU runs).
+    """
+    import json
+
+    import tensorflow as tf
+
+    if name not in STRATEGIES:
+        raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
+    if name == "auto":
+        workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
+        if tpu:
+            name = "tpu"
+        elif len(workers) > 1:
+            name = "multi_worker"
+        elif len(tf.config.list_logical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "one_device"
+    if name == "tpu":
+        if not tpu:
+            raise ValueError("--strategy=tpu needs --tpu_name (a TPU name or grpc:// address)")
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+            tpu=tpu, zone=tpu_zone, project=gcp_project)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+def set_seed(seed):
+    """Seeds Python, NumPy and TensorFlow (Keras) random generators."""
+    import keras
+
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+
+
+def _format_seconds(seconds):
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+class ProgressLogger:
+    """Logs `name: done/total unit, rate unit/s, ETA h:mm:ss` at most every `every_secs` seconds.
+
+    >>> progress = ProgressLogger(total=1000, unit="steps", name="pretrain")
+    >>> for step in range(1000):
+    ...     progress.update(1, loss=0.5)
+    """
+
+    def __init__(self, total=None, unit="steps", every_secs=10.0, name="", start=0):
+        self.total = total
+        self.unit = unit
+        self.every_secs = every_secs
+        self.name = name
+        self.done = start
+        self._start_done = start
+        self._start_time = time.perf_counter()
+        self._last_log = self._start_time
+
+    @property
+    def rate(self):
+        elapsed = time.perf_counter() - self._start_time
+        return (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
+
+    def update(self, n=1, force=False, **metrics):
+        self.done += n
+        now = time.perf_counter()
+        if force or now - self._last_log >= self.every_secs:
+            self._last_log = now
+            logging.info(self.line(**metrics))
+
+    def line(self, **metrics):
+        rate = self.rate
+        parts = [f"{self.name}: " if self.name else ""]
+        parts.append(f"{self.done}/{self.total} {self.unit}" if self.total else f"{self.done} {self.unit}")
+        parts.append(f", {rate:.1f} {self.unit}/s")
+        if self.total and rate > 0:
+            parts.append(f", ETA {_format_seconds(max(0, self.total - self.done) / rate)}")
+        for key, value in metrics.items():
+            parts.append(f", {key}={value:.4g}" if isinstance(value, float) else f", {key}={value}")
+        return "".join(parts)
