@@ -23,6 +23,7 @@ setup(
         "jieba>=0.42",
         "numpy",
         "absl-py",
+        "tensorboard",  # tf.summary.scalar needs it since TF 2.20
     ],
     extras_require={
         # torch is pinned by .ci/run / Makefile to the CPU build before this is resolved.

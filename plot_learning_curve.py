@@ -1,0 +1,130 @@
+r"""Turns the TensorBoard scalars of a training run into one PNG learning curve.
+
+    python plot_learning_curve.py --logdir=output/pretrain --output=learning_curve.png
+
+The left axis shows the MLM loss (and the eval loss when present), a second panel the MLM accuracy,
+and the learning rate is drawn on a second y axis of the loss panel. Event files are read with
+TensorFlow's own summary iterator, so neither TensorBoard nor a running server is needed.
+"""
+
+import glob
+import os
+
+from absl import app, flags
+
+LOSS_TAGS = ("loss", "masked_lm_loss", "train/loss")
+ACCURACY_TAGS = ("mlm_accuracy", "masked_lm_accuracy", "train/mlm_accuracy", "accuracy")
+LR_TAGS = ("learning_rate", "train/learning_rate", "lr")
+
+
+def read_scalars(logdir):
+    """Returns {run/tag: sorted [(step, value)]} for every scalar under `logdir` (recursively).
+
+    `run` is the event file's folder relative to `logdir` ("" for the top level), so train and
+    eval writers in sub-folders stay apart.
+    """
+    import tensorflow as tf
+
+    files = sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True))
+    if not files:
+        raise ValueError(f"no TensorBoard event files under --logdir={logdir}")
+    scalars = {}
+    for path in files:
+        run = os.path.relpath(os.path.dirname(path), logdir)
+        run = "" if run == "." else run
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    number = value.simple_value
+                elif value.HasField("tensor") and not value.tensor.tensor_shape.dim:
+                    number = float(tf.make_ndarray(value.tensor))
+                else:
+                    continue
+                key = f"{run}/{value.tag}" if run else value.tag
+                scalars.setdefault(key, {})[event.step] = number  # a rerun step overwrites
+    return {key: sorted(points.items()) for key, points in scalars.items()}
+
+
+def _find(scalars, candidates, runs=("", "train")):
+    for run in runs:
+        for tag in candidates:
+            key = f"{run}/{tag}" if run else tag
+            if key in scalars:
+                return key
+    return None
+
+
+def plot(scalars, output, title=""):
+    """Draws loss (+ learning rate on a twin axis) over MLM accuracy against step; writes `output`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss_key = _find(scalars, LOSS_TAGS)
+    if loss_key is None:
+        raise ValueError(f"no loss scalar ({', '.join(LOSS_TAGS)}) among tags {sorted(scalars)}")
+    accuracy_key = _find(scalars, ACCURACY_TAGS)
+    eval_loss_key = _find(scalars, LOSS_TAGS, runs=("eval",))
+    eval_accuracy_key = _find(scalars, ACCURACY_TAGS, runs=("eval",))
+    lr_key = _find(scalars, LR_TAGS)
+
+    fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    steps, values = zip(*scalars[loss_key])
+    ax_loss.plot(steps, values, color="tab:blue", label="train MLM loss")
+    if eval_loss_key:
+        steps, values = zip(*scalars[eval_loss_key])
+        ax_loss.plot(steps, values, "o-", color="tab:orange", label="eval MLM loss")
+    ax_loss.set_ylabel("MLM loss")
+    ax_loss.grid(alpha=0.3)
+    handles, labels = ax_loss.get_legend_handles_labels()
+    if lr_key:
+        ax_lr = ax_loss.twinx()
+        steps, values = zip(*scalars[lr_key])
+        ax_lr.plot(steps, values, "--", color="tab:gray", label="learning rate")
+        ax_lr.set_ylabel("learning rate")
+        lr_handles, lr_labels = ax_lr.get_legend_handles_labels()
+        handles, labels = handles + lr_handles, labels + lr_labels
+    ax_loss.legend(handles, labels, loc="upper right")
+
+    if accuracy_key:
+        steps, values = zip(*scalars[accuracy_key])
+        ax_acc.plot(steps, values, color="tab:green", label="train MLM accuracy")
+    if eval_accuracy_key:
+        steps, values = zip(*scalars[eval_accuracy_key])
+        ax_acc.plot(steps, values, "o-", color="tab:red", label="eval MLM accuracy")
+    ax_acc.set_ylabel("MLM accuracy")
+    ax_acc.set_xlabel("step")
+    ax_acc.grid(alpha=0.3)
+    if accuracy_key or eval_accuracy_key:
+        ax_acc.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("logdir", None, "A run's output_dir (or its TensorBoard folder); searched recursively.")
+flags.DEFINE_string("output", None, "PNG to write (default: <logdir>/learning_curve.png).")
+flags.DEFINE_string("title", "", "Figure title.")
+
+
+def main(argv):
+    del argv
+    if not FLAGS.logdir:
+        raise app.UsageError("--logdir is required, e.g. "
+                             "python plot_learning_curve.py --logdir=output/pretrain")
+    output = FLAGS.output or os.path.join(FLAGS.logdir, "learning_curve.png")
+    try:
+        path = plot(read_scalars(FLAGS.logdir), output, FLAGS.title)
+    except ValueError as e:
+        raise SystemExit(f"plot_learning_curve.py: {e}") from None
+    print(path)
+
+
+if __name__ == "__main__":
+    app.run(main)
