@@ -1,0 +1,602 @@
+"""BERT (post-LayerNorm, as in google-research/bert) for Chinese pretraining and fine-tuning, in Keras 3.
+
+Reading guide, top to bottom:
+  1. `BertConfig`     reads and writes Google's `bert_config.json`.
+  2. Layers           embeddings, self-attention, transformer layer, the encoder (`BertEncoder`).
+  3. Models           `BertPretrainer` (masked LM, decoder tied to the word embeddings) and the
+                      fine-tuning heads `BertClassifier`, `BertTokenClassifier`, `BertSpanQA`.
+  4. Names            `name_table`: every weight -> its Google TF1 name and its HuggingFace name.
+  5. Checkpoints      `make_checkpoint` (our TF2 format, keyed by Google names) and `load_pretrained`
+                      (our checkpoints and Google/brightmart TF1 `bert_model.ckpt`).
+
+Dimension legend used in shape comments:
+  B batch size       S sequence length     H hidden size        N attention heads
+  D size per head    I intermediate size   P masked positions   V vocabulary size   C labels
+
+Outputs of every model are float32, also under the "mixed_bfloat16" Keras policy (variables stay
+float32, matmuls run in bfloat16).
+"""
+
+import collections
+import json
+import math
+import os
+import re
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+# ------------------------------------------------------------------------------------------------
+# 1. Configuration
+# ------------------------------------------------------------------------------------------------
+
+# Google's field -> (type, default). `vocab_size` has no default: a config without it is a mistake.
+_CONFIG_FIELDS = collections.OrderedDict([
+    ("vocab_size", (int, None)),
+    ("hidden_size", (int, 768)),
+    ("num_hidden_layers", (int, 12)),
+    ("num_attention_heads", (int, 12)),
+    ("intermediate_size", (int, 3072)),
+    ("hidden_act", (str, "gelu")),
+    ("hidden_dropout_prob", (float, 0.1)),
+    ("attention_probs_dropout_prob", (float, 0.1)),
+    ("max_position_embeddings", (int, 512)),
+    ("type_vocab_size", (int, 2)),
+    ("initializer_range", (float, 0.02)),
+])
+
+# "gelu" is Google's tanh approximation, so Google checkpoints reproduce; HuggingFace calls it
+# "gelu_new" (accepted here as an alias) and uses "gelu" for the exact erf form, our "gelu_exact".
+_ACTIVATIONS = {
+    "gelu": lambda x: keras.activations.gelu(x, approximate=True),
+    "gelu_new": lambda x: keras.activations.gelu(x, approximate=True),
+    "gelu_exact": lambda x: keras.activations.gelu(x, approximate=False),
+    "relu": keras.activations.relu,
+}
+# Our hidden_act -> the HuggingFace `hidden_act` that computes the same function (for exporters).
+HF_HIDDEN_ACT = {"gelu": "gelu_new", "gelu_new": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
+
+
+class BertConfig:
+    """Hyper-parameters of a BERT model, in the fields and JSON layout of Google's `bert_config.json`.
+
+    Keys we do not know (e.g. `directionality`, `pooler_*` from Google's files) are kept in `.extra`
+    and written back unchanged. A missing or bad value raises ValueError naming the source and field.
+
+    >>> config = BertConfig(vocab_size=21128, hidden_size=128, num_hidden_layers=2,
+    ...                     num_attention_heads=2, intermediate_size=512)
+    """
+
+    def __init__(self, vocab_size=None, _source="BertConfig", **kwargs):
+        values = dict(kwargs, vocab_size=vocab_size)
+        for field, (kind, default) in _CONFIG_FIELDS.items():
+            value = values.pop(field, default)
+            if value is None:
+                raise ValueError(f"{_source}: field '{field}' is required")
+            setattr(self, field, _check_type(value, kind, field, _source))
+        self.extra = values
+        self._validate(_source)
+
+    def _validate(self, source):
+        def fail(field, why):
+            raise ValueError(f"{source}: field '{field}' = {getattr(self, field)!r} {why}")
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            if getattr(self, field) < 1:
+                fail(field, "must be a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            fail("hidden_size", f"must be a multiple of num_attention_heads ({self.num_attention_heads})")
+        if self.hidden_act not in _ACTIVATIONS:
+            fail("hidden_act", f"is not one of {sorted(_ACTIVATIONS)}")
+        for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                fail(field, "must be in [0, 1)")
+        if self.initializer_range <= 0:
+            fail("initializer_range", "must be > 0")
+
+    @classmethod
+    def from_dict(cls, d, source="<dict>"):
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        return cls(_source=source, **d)
+
+    @classmethod
+    def from_json_file(cls, path):
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read bert config ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        return cls.from_dict(d, source=path)
+
+    def to_dict(self):
+        d = {field: getattr(self, field) for field in _CONFIG_FIELDS}
+        d.update(self.extra)
+        return d
+
+    def to_json_string(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    def to_json_file(self, path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    def __eq__(self, other):
+        return isinstance(other, BertConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self):
+        return f"BertConfig({self.to_dict()})"
+
+
+def _check_type(value, kind, field, source):
+    # JSON has no int/float distinction we can trust (2 vs 2.0), but a bool or a string is a mistake.
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{source}: field '{field}' = {value!r} must be of type {kind.__name__}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Layers. Sub-layer names follow Google's variable scopes, so the table in section 4 reads easily.
+# ------------------------------------------------------------------------------------------------
+
+def _initializer(config):
+    return keras.initializers.TruncatedNormal(stddev=config.initializer_range)
+
+
+def _layer_norm(name):
+    return keras.layers.LayerNormalization(epsilon=1e-12, name=name)
+
+
+class Embeddings(keras.layers.Layer):
+    """word + position + token-type embeddings, then LayerNorm and dropout ("bert/embeddings")."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.layer_norm = _layer_norm("LayerNorm")
+        self.dropout = keras.layers.Dropout(config.hidden_dropout_prob)
+
+    def build(self, input_shape):
+        c, init = self.config, _initializer(self.config)
+        self.word_embeddings = self.add_weight(
+            name="word_embeddings", shape=(c.vocab_size, c.hidden_size), initializer=init)
+        self.token_type_embeddings = self.add_weight(
+            name="token_type_embeddings", shape=(c.type_vocab_size, c.hidden_size), initializer=init)
+        self.position_embeddings = self.add_weight(
+            name="position_embeddings", shape=(c.max_position_embeddings, c.hidden_size),
+            initializer=init)
+        self.layer_norm.build((None, None, c.hidden_size))
+
+    def call(self, input_ids, segment_ids, training=False):
+        seq_len = input_ids.shape[1]
+        if seq_len is not None and seq_len > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {seq_len} > max_position_embeddings "
+                             f"{self.config.max_position_embeddings} of the bert config")
+        seq_len = tf.shape(input_ids)[1]
+        x = (tf.gather(self.word_embeddings, input_ids)              # [B, S, H]
+             + tf.gather(self.token_type_embeddings, segment_ids)    # [B, S, H]
+             + self.position_embeddings[tf.newaxis, :seq_len])       # [1, S, H]
+        x = self.layer_norm(tf.cast(x, self.compute_dtype))
+        return self.dropout(x, training=training)
+
+
+class SelfAttention(keras.layers.Layer):
+    """Multi-head self-attention + output projection + residual + LayerNorm ("layer_i/attention")."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        c, init = config, _initializer(config)
+        self.num_heads = c.num_attention_heads
+        self.head_size = c.hidden_size // c.num_attention_heads
+        self.query = keras.layers.Dense(c.hidden_size, kernel_initializer=init, name="query")
+        self.key = keras.layers.Dense(c.hidden_size, kernel_initializer=init, name="key")
+        self.value = keras.layers.Dense(c.hidden_size, kernel_initializer=init, name="value")
+        self.probs_dropout = keras.layers.Dropout(c.attention_probs_dropout_prob)
+        self.output_dense = keras.layers.Dense(c.hidden_size, kernel_initializer=init, name="dense")
+        self.output_dropout = keras.layers.Dropout(c.hidden_dropout_prob)
+        self.output_norm = _layer_norm("LayerNorm")
+
+    def _split_heads(self, x):
+        b, s = tf.shape(x)[0], tf.shape(x)[1]
+        x = tf.reshape(x, [b, s, self.num_heads, self.head_size])   # [B, S, N, D]
+        return tf.transpose(x, [0, 2, 1, 3])                         # [B, N, S, D]
+
+    def call(self, x, attention_bias, training=False):
+        """x: [B, S, H]; attention_bias: [B, 1, 1, S], 0 for real tokens and -10000 for padding."""
+        q = self._split_heads(self.query(x))                          # [B, N, S, D]
+        k = self._split_heads(self.key(x))                            # [B, N, S, D]
+        v = self._split_heads(self.value(x))                          # [B, N, S, D]
+        scores = tf.matmul(q, k, transpose_b=True)                    # [B, N, S(from), S(to)]
+        # Softmax in float32: under bfloat16 the -10000 bias and large logits lose too much precision.
+        scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.head_size)) + attention_bias
+        probs = tf.cast(tf.nn.softmax(scores, axis=-1), self.compute_dtype)
+        probs = self.probs_dropout(probs, training=training)
+        context = tf.matmul(probs, v)                                 # [B, N, S, D]
+        context = tf.transpose(context, [0, 2, 1, 3])                 # [B, S, N, D]
+        context = tf.reshape(context, tf.shape(x))                    # [B, S, H]
+        out = self.output_dropout(self.output_dense(context), training=training)
+        return self.output_norm(x + out)                              # [B, S, H]
+
+
+class TransformerLayer(keras.layers.Layer):
+    """One post-LN encoder block: attention, then feed-forward H -> I -> H with residual + LayerNorm."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        c, init = config, _initializer(config)
+        self.attention = SelfAttention(c, name="attention")
+        self.intermediate = keras.layers.Dense(
+            c.intermediate_size, activation=_ACTIVATIONS[c.hidden_act], kernel_initializer=init,
+            name="intermediate")
+        self.output_dense = keras.layers.Dense(c.hidden_size, kernel_initializer=init, name="output")
+        self.output_dropout = keras.layers.Dropout(c.hidden_dropout_prob)
+        self.output_norm = _layer_norm("LayerNorm")
+
+    def call(self, x, attention_bias, training=False):
+        x = self.attention(x, attention_bias, training=training)      # [B, S, H]
+        h = self.intermediate(x)                                      # [B, S, I]
+        h = self.output_dropout(self.output_dense(h), training=training)  # [B, S, H]
+        return self.output_norm(x + h)                                # [B, S, H]
+
+
+class BertEncoder(keras.layers.Layer):
+    """The BERT backbone ("bert/..." in Google checkpoints).
+
+    call(dict(input_ids [B,S] int, input_mask [B,S] int (1 = real token, optional),
+              segment_ids [B,S] int (optional)), training)
+      -> dict(sequence_output [B,S,H] float32, pooled_output [B,H] float32 if add_pooler)
+
+    The pooler (dense + tanh over [CLS]) exists only when `add_pooler`; like HuggingFace's
+    BertForMaskedLM, the pretrainer has none, so it never holds untrained pooler weights.
+    """
+
+    def __init__(self, config, add_pooler=False, name="bert", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.config = config
+        self.embeddings = Embeddings(config, name="embeddings")
+        self.encoder_layers = [TransformerLayer(config, name=f"layer_{i}")
+                               for i in range(config.num_hidden_layers)]
+        self.pooler = None
+        if add_pooler:
+            self.pooler = keras.layers.Dense(config.hidden_size, activation="tanh",
+                                             kernel_initializer=_initializer(config), name="pooler")
+
+    @property
+    def word_embeddings(self):
+        """The [V, H] word embedding variable, shared with the masked-LM decoder."""
+        return self.embeddings.word_embeddings
+
+    def call(self, inputs, training=False):
+        input_ids = tf.cast(inputs["input_ids"], tf.int32)                           # [B, S]
+        input_mask = inputs.get("input_mask")
+        input_mask = tf.ones_like(input_ids) if input_mask is None else input_mask
+        segment_ids = inputs.get("segment_ids")
+        segment_ids = tf.zeros_like(input_ids) if segment_ids is None else segment_ids
+        # Additive mask: 0 where attending is allowed, -10000 on padding keys (Google's choice).
+        mask = tf.cast(input_mask, tf.float32)[:, tf.newaxis, tf.newaxis, :]         # [B, 1, 1, S]
+        attention_bias = (1.0 - mask) * -10000.0
+
+        x = self.embeddings(input_ids, tf.cast(segment_ids, tf.int32), training=training)
+        for layer in self.encoder_layers:
+            x = layer(x, attention_bias, training=training)                           # [B, S, H]
+        outputs = {"sequence_output": tf.cast(x, tf.float32)}
+        if self.pooler is not None:
+            outputs["pooled_output"] = tf.cast(self.pooler(x[:, 0]), tf.float32)     # [B, H]
+        return outputs
+
+
+class OutputProjection(keras.layers.Layer):
+    """x @ W^T + b with W stored [C, H], the layout of Google's `output_weights` and HF's Linear."""
+
+    def __init__(self, config, units, **kwargs):
+        super().__init__(**kwargs)
+        self.config, self.units = config, units
+
+    def build(self, input_shape):
+        self.output_weights = self.add_weight(
+            name="output_weights", shape=(self.units, self.config.hidden_size),
+            initializer=_initializer(self.config))
+        self.output_bias = self.add_weight(name="output_bias", shape=(self.units,),
+                                           initializer="zeros")
+
+    def call(self, x):
+        logits = tf.matmul(x, self.output_weights, transpose_b=True) + self.output_bias  # [..., C]
+        return tf.cast(logits, tf.float32)
+
+
+class MaskedLMHead(keras.layers.Layer):
+    """Google's "cls/predictions": dense + act + LayerNorm, then logits against the word embeddings."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.transform = keras.layers.Dense(
+            config.hidden_size, activation=_ACTIVATIONS[config.hidden_act],
+            kernel_initializer=_initializer(config), name="transform")
+        self.layer_norm = _layer_norm("LayerNorm")
+
+    def build(self, input_shape):
+        self.output_bias = self.add_weight(name="output_bias", shape=(self.config.vocab_size,),
+                                           initializer="zeros")
+
+    def call(self, sequence_output, positions, word_embeddings):
+        """sequence_output [B,S,H], positions [B,P] -> logits [B,P,V] float32."""
+        # Gather first: the V-wide matmul then costs P instead of S rows per sequence.
+        x = tf.gather(sequence_output, tf.cast(positions, tf.int32), batch_dims=1)   # [B, P, H]
+        x = self.layer_norm(self.transform(tf.cast(x, self.compute_dtype)))         # [B, P, H]
+        table = tf.cast(word_embeddings, self.compute_dtype)                       # [V, H]
+        logits = tf.matmul(x, table, transpose_b=True) + tf.cast(self.output_bias, self.compute_dtype)
+        return tf.cast(logits, tf.float32)                                         # [B, P, V]
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Models. Each has `.bert` (the encoder) and `.config`.
+# ------------------------------------------------------------------------------------------------
+
+class BertPretrainer(keras.Model):
+    """Masked LM only (no next-sentence head, as in RoBERTa).
+
+    call(dict(input_ids, input_mask, segment_ids, masked_lm_positions [B,P])) -> mlm_logits [B,P,V]
+    """
+
+    def __init__(self, config, name="bert_pretrainer", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.config = config
+        self.bert = BertEncoder(config, add_pooler=False)
+        self.mlm = MaskedLMHead(config, name="predictions")
+
+    def call(self, inputs, training=False):
+        sequence_output = self.bert(inputs, training=training)["sequence_output"]
+        return self.mlm(sequence_output, inputs["masked_lm_positions"],
+                        word_embeddings=self.bert.word_embeddings)
+
+
+class BertClassifier(keras.Model):
+    """Sequence (pair) classification on the pooled [CLS] vector -> logits [B, C] float32."""
+
+    def __init__(self, config, num_labels, name="bert_classifier", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.config, self.num_labels = config, num_labels
+        self.bert = BertEncoder(config, add_pooler=True)
+        self.dropout = keras.layers.Dropout(config.hidden_dropout_prob)
+        self.classifier = OutputProjection(config, num_labels, name="classifier")
+
+    def call(self, inputs, training=False):
+        pooled = self.bert(inputs, training=training)["pooled_output"]               # [B, H]
+        return self.classifier(self.dropout(pooled, training=training))              # [B, C]
+
+
+class BertTokenClassifier(keras.Model):
+    """Per-token classification (NER tags) -> logits [B, S, C] float32."""
+
+    def __init__(self, config, num_labels, name="bert_token_classifier", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.config, self.num_labels = config, num_labels
+        self.bert = BertEncoder(config, add_pooler=False)
+        self.dropout = keras.layers.Dropout(config.hidden_dropout_prob)
+        self.classifier = OutputProjection(config, num_labels, name="classifier")
+
+    def call(self, inputs, training=False):
+        x = self.bert(inputs, training=training)["sequence_output"]                  # [B, S, H]
+        return self.classifier(self.dropout(x, training=training))                   # [B, S, C]
+
+
+class BertSpanQA(keras.Model):
+    """Extractive QA (SQuAD / CMRC2018) -> (start_logits [B,S], end_logits [B,S]) float32."""
+
+    def __init__(self, config, name="bert_span_qa", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.config = config
+        self.bert = BertEncoder(config, add_pooler=False)
+        self.qa_outputs = OutputProjection(config, 2, name="qa_outputs")
+
+    def call(self, inputs, training=False):
+        x = self.bert(inputs, training=training)["sequence_output"]                  # [B, S, H]
+        logits = self.qa_outputs(x)                                                  # [B, S, 2]
+        return logits[..., 0], logits[..., 1]
+
+
+def build_model(model, seq_len=8):
+    """Creates all variables of `model` with one dummy call; returns the model."""
+    dummy = {
+        "input_ids": tf.zeros([1, seq_len], tf.int32),
+        "input_mask": tf.ones([1, seq_len], tf.int32),
+        "segment_ids": tf.zeros([1, seq_len], tf.int32),
+        "masked_lm_positions": tf.zeros([1, 1], tf.int32),
+    }
+    if not isinstance(model, BertPretrainer):
+        del dummy["masked_lm_positions"]
+    model(dummy, training=False)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. The one table of weight names: ours <-> Google TF1 <-> HuggingFace.
+# ------------------------------------------------------------------------------------------------
+
+# transpose=True where HuggingFace stores the matrix as [out, in] (torch Linear) and we as [in, out].
+WeightName = collections.namedtuple("WeightName", "variable google_name hf_name transpose")
+
+
+def _dense_rows(dense, google, hf, n_in, n_out):
+    return [(dense.kernel, f"{google}/kernel", f"{hf}.weight", True, (n_in, n_out)),
+            (dense.bias, f"{google}/bias", f"{hf}.bias", False, (n_out,))]
+
+
+def _norm_rows(norm, google, hf, h):
+    return [(norm.gamma, f"{google}/gamma", f"{hf}.weight", False, (h,)),
+            (norm.beta, f"{google}/beta", f"{hf}.bias", False, (h,))]
+
+
+def _encoder_rows(bert):
+    c = bert.config
+    h, i_size = c.hidden_size, c.intermediate_size
+    emb = bert.embeddings
+    rows = [
+        (emb.word_embeddings, "bert/embeddings/word_embeddings",
+         "bert.embeddings.word_embeddings.weight", False, (c.vocab_size, h)),
+        (emb.token_type_embeddings, "bert/embeddings/token_type_embeddings",
+         "bert.embeddings.token_type_embeddings.weight", False, (c.type_vocab_size, h)),
+        (emb.position_embeddings, "bert/embeddings/position_embeddings",
+         "bert.embeddings.position_embeddings.weight", False, (c.max_position_embeddings, h)),
+    ] + _norm_rows(emb.layer_norm, "bert/embeddings/LayerNorm", "bert.embeddings.LayerNorm", h)
+    for i, layer in enumerate(bert.encoder_layers):
+        g, f = f"bert/encoder/layer_{i}", f"bert.encoder.layer.{i}"
+        att = layer.attention
+        for part in ("query", "key", "value"):
+            rows += _dense_rows(getattr(att, part), f"{g}/attention/self/{part}",
+                                f"{f}.attention.self.{part}", h, h)
+        rows += _dense_rows(att.output_dense, f"{g}/attention/output/dense",
+                            f"{f}.attention.output.dense", h, h)
+        rows += _norm_rows(att.output_norm, f"{g}/attention/output/LayerNorm",
+                           f"{f}.attention.output.LayerNorm", h)
+        rows += _dense_rows(layer.intermediate, f"{g}/intermediate/dense",
+                            f"{f}.intermediate.dense", h, i_size)
+        rows += _dense_rows(layer.output_dense, f"{g}/output/dense", f"{f}.output.dense", i_size, h)
+        rows += _norm_rows(layer.output_norm, f"{g}/output/LayerNorm", f"{f}.output.LayerNorm", h)
+    if bert.pooler is not None:
+        rows += _dense_rows(bert.pooler, "bert/pooler/dense", "bert.pooler.dense", h, h)
+    return rows
+
+
+def name_table(model):
+    """[WeightName(variable, google_name, hf_name, transpose)] for every weight of a built model.
+
+    Accepts a BertEncoder or any of the models above. Each variable's shape is checked against the
+    shape the config implies, so a table that drifted from the layers fails here, naming the tensor.
+    """
+    bert = model if isinstance(model, BertEncoder) else model.bert
+    if not bert.built:
+        raise ValueError(f"{model.name} has no variables yet; call modeling.build_model(model) first")
+    c = bert.config
+    rows = _encoder_rows(bert)
+    if isinstance(model, BertPretrainer):
+        rows += _dense_rows(model.mlm.transform, "cls/predictions/transform/dense",
+                            "cls.predictions.transform.dense", c.hidden_size, c.hidden_size)
+        rows += _norm_rows(model.mlm.layer_norm, "cls/predictions/transform/LayerNorm",
+                           "cls.predictions.transform.LayerNorm", c.hidden_size)
+        # The decoder weight is the word embedding table; HF keeps only `cls.predictions.bias`.
+        rows.append((model.mlm.output_bias, "cls/predictions/output_bias", "cls.predictions.bias",
+                     False, (c.vocab_size,)))
+    elif isinstance(model, (BertClassifier, BertTokenClassifier, BertSpanQA)):
+        if isinstance(model, BertSpanQA):
+            head, google, hf, units = model.qa_outputs, "cls/squad/output", "qa_outputs", 2
+        else:
+            head, google, hf, units = model.classifier, "output", "classifier", model.num_labels
+        rows += [(head.output_weights, f"{google}_weights", f"{hf}.weight", False,
+                  (units, c.hidden_size)),
+                 (head.output_bias, f"{google}_bias", f"{hf}.bias", False, (units,))]
+    table = []
+    for variable, google_name, hf_name, transpose, shape in rows:
+        if tuple(variable.shape) != shape:
+            raise ValueError(f"weight '{google_name}' has shape {tuple(variable.shape)}, "
+                             f"but the bert config implies {shape}")
+        table.append(WeightName(variable, google_name, hf_name, transpose))
+    n_weights = len(model.weights)
+    if n_weights != len(table):
+        raise ValueError(f"{model.name} has {n_weights} weights but the name table maps "
+                         f"{len(table)}; update modeling.name_table")
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+LoadReport = collections.namedtuple("LoadReport", "loaded newly_initialized unused")
+
+# Names in a checkpoint that are training state, not model weights.
+_OPTIMIZER_STATE = re.compile(r"(^|/)(adam_[mv]|lamb_[mv]|Momentum)$|^global_step$")
+# Encoder weights must come from the checkpoint; anything else (pooler, heads) may start fresh.
+_REQUIRED = re.compile(r"^bert/(embeddings|encoder)/")
+# Model-weight names as they appear at the top of one of our TF2 checkpoints.
+_WEIGHT_NAME = re.compile(r"^(bert|cls)/|^output_(weights|bias)$")
+_TF2_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _tf2_key(name):
+    # tf.train.Checkpoint escapes object names this way: "." -> "..", "/" -> ".S".
+    return name.replace(".", "..").replace("/", ".S") + _TF2_SUFFIX
+
+
+def _tf2_name(key):
+    escaped = key[:-len(_TF2_SUFFIX)]
+    return re.sub(r"\.(.)", lambda m: "/" if m.group(1) == "S" else m.group(1), escaped)
+
+
+def make_checkpoint(model, **extra_trackables):
+    """tf.train.Checkpoint holding `model`'s weights under their Google names, plus the extras.
+
+    Keying by Google name (rather than Keras' object paths) lets a pretraining checkpoint restore into
+    a classifier and back, and keeps the file readable with tf.train.list_variables.
+    Use with tf.train.CheckpointManager, e.g. make_checkpoint(model, optimizer=opt, step=step).
+    """
+    weights = {w.google_name: w.variable for w in name_table(model)}
+    clash = set(weights) & set(extra_trackables)
+    if clash:
+        raise ValueError(f"extra trackable names clash with weight names: {sorted(clash)}")
+    return tf.train.Checkpoint(**weights, **extra_trackables)
+
+
+def _resolve_checkpoint(path):
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest:
+            return latest
+        if os.path.exists(os.path.join(path, "bert_model.ckpt.index")):
+            return os.path.join(path, "bert_model.ckpt")
+        raise ValueError(f"--init_checkpoint={path}: directory holds no ckpt-N and no bert_model.ckpt")
+    if os.path.exists(path + ".index"):
+        return path
+    raise ValueError(f"--init_checkpoint={path}: no checkpoint there (expected a directory, "
+                     "a TF2 prefix like out/ckpt-1000, or a TF1 prefix like .../bert_model.ckpt)")
+
+
+def load_pretrained(model, path):
+    """Copies weights from a checkpoint into a built `model`; returns LoadReport(loaded, newly_initialized, unused).
+
+    `path`: a directory (its latest ckpt-N, else its bert_model.ckpt), one of our TF2 checkpoint
+    prefixes, or a Google/brightmart TF1 checkpoint prefix. Optimizer slots and global_step are
+    skipped. A missing encoder tensor or any shape mismatch raises ValueError naming the tensor;
+    missing pooler/head weights keep their fresh initialisation and are logged.
+    """
+    prefix = _resolve_checkpoint(path)
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    if "_CHECKPOINTABLE_OBJECT_GRAPH" in shapes:  # ours: top-level objects named by Google names
+        available = {_tf2_name(k): k for k in shapes if k.endswith(_TF2_SUFFIX) and
+                     "/" not in k[:-len(_TF2_SUFFIX)]}
+        available = {n: k for n, k in available.items() if _WEIGHT_NAME.search(n)}
+    else:  # TF1 name-based: the key is the variable name
+        available = {k: k for k in shapes if not _OPTIMIZER_STATE.search(k)}
+
+    loaded, fresh = [], []
+    for w in name_table(model):
+        key = available.pop(w.google_name, None)
+        if key is None:
+            if _REQUIRED.search(w.google_name):
+                raise ValueError(f"{prefix}: tensor '{w.google_name}' is missing from the checkpoint")
+            fresh.append(w.google_name)
+            continue
+        if tuple(shapes[key]) != tuple(w.variable.shape):
+            raise ValueError(f"{prefix}: tensor '{w.google_name}' has shape {tuple(shapes[key])} "
+                             f"in the checkpoint, but the model expects {tuple(w.variable.shape)}")
+        w.variable.assign(reader.get_tensor(key))
+        loaded.append(w.google_name)
+    unused = sorted(available)
+    logging.info("Loaded %d tensors from %s", len(loaded), prefix)
+    if fresh:
+        logging.info("Newly initialised (not in the checkpoint): %s", ", ".join(fresh))
+    if unused:
+        logging.info("In the checkpoint but unused by %s: %s", model.name, ", ".join(unused))
+    return LoadReport(loaded, fresh, unused)
