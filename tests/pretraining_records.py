@@ -1,0 +1,141 @@
+"""Writes small pretraining TFRecords (google-research/bert schema + our `.meta.json`) for tests.
+
+Deliberately simpler than create_pretraining_data.py (character-level random masking, no jieba,
+no dupe factor), so the training tests do not depend on the data generator: they need records
+that are valid, deterministic and made from real text, not the generator's exact masking.
+"""
+
+import glob
+import json
+import lzma
+import os
+import random
+
+import numpy as np
+import tensorflow as tf
+
+import tokenization
+
+
+def corpus_sentences(shared_data_dir, resources_dir, max_chars=200_000):
+    """Returns up to `max_chars` characters of real text as a list of non-empty lines.
+
+    Prefers the shared zhwiki corpus (Google's one-sentence-per-line format), falling back to a
+    text corpus in resources/ (anything there but the vocab).
+    """
+    shard = os.path.join(shared_data_dir, "corpus", "zhwiki", "zhwiki_00.txt.xz")
+    if os.path.isfile(shard):
+        opener, path = lzma.open, shard
+    else:
+        candidates = sorted(p for p in glob.glob(os.path.join(resources_dir, "*.txt"))
+                            if "vocab" not in os.path.basename(p))
+        if not candidates:
+            raise FileNotFoundError(f"no corpus: neither {shard} nor a text file in {resources_dir}")
+        opener, path = open, candidates[0]
+    lines, total = [], 0
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                lines.append(line)
+                total += len(line)
+                if total >= max_chars:
+                    break
+    return lines
+
+
+def make_instances(tokenizer, lines, max_seq_length, max_predictions_per_seq,
+                   masked_lm_prob=0.15, seed=0):
+    """Packs tokenized lines into `[CLS] ... [SEP]` sequences and masks 15% of the tokens.
+
+    Returns a list of dicts of numpy arrays with the record features (zero padded).
+    """
+    rng = random.Random(seed)
+    vocab = tokenizer.vocab
+    cls_id, sep_id, mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
+    # Random replacements from ordinary tokens only (ids after [MASK], no ## pieces, no [unused]).
+    ordinary = [i for t, i in vocab.items() if i > mask_id and not t.startswith(("##", "[")) ]
+
+    sequences, current = [], []
+    budget = max_seq_length - 2
+    for line in lines:
+        ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(line))
+        while ids:
+            room = budget - len(current)
+            current.extend(ids[:room])
+            ids = ids[room:]
+            if len(current) == budget:
+                sequences.append(current)
+                current = []
+    if current:
+        sequences.append(current)
+
+    instances = []
+    for body in sequences:
+        tokens = [cls_id] + body + [sep_id]
+        n = len(tokens)
+        candidates = list(range(1, n - 1))
+        rng.shuffle(candidates)
+        num_to_predict = min(max_predictions_per_seq, max(1, round(len(body) * masked_lm_prob)))
+        positions = sorted(candidates[:num_to_predict])
+        input_ids = list(tokens)
+        for p in positions:
+            r = rng.random()
+            if r < 0.8:
+                input_ids[p] = mask_id
+            elif r < 0.9:
+                input_ids[p] = rng.choice(ordinary)
+        pad = max_seq_length - n
+        pad_p = max_predictions_per_seq - len(positions)
+        instances.append({
+            "input_ids": np.array(input_ids + [0] * pad, np.int64),
+            "input_mask": np.array([1] * n + [0] * pad, np.int64),
+            "segment_ids": np.zeros(max_seq_length, np.int64),
+            "masked_lm_positions": np.array(positions + [0] * pad_p, np.int64),
+            "masked_lm_ids": np.array([tokens[p] for p in positions] + [0] * pad_p, np.int64),
+            "masked_lm_weights": np.array([1.0] * len(positions) + [0.0] * pad_p, np.float32),
+            "next_sentence_labels": np.zeros(1, np.int64),
+        })
+    return instances
+
+
+def serialize(instance):
+    """One instance dict -> a serialized tf.train.Example (Google's feature names and types)."""
+    feature = {}
+    for name, values in instance.items():
+        if values.dtype == np.float32:
+            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=values.tolist()))
+        else:
+            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=values.tolist()))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_records(path, instances, vocab_file, max_seq_length, max_predictions_per_seq,
+                  **meta_overrides):
+    """Writes `path` (TFRecord) and `path.meta.json` (the sidecar) and returns the meta dict.
+
+    `meta_overrides` replace sidecar fields, to build records that disagree with a config.
+    """
+    with tf.io.TFRecordWriter(path) as writer:
+        for instance in instances:
+            writer.write(serialize(instance))
+    meta = {
+        "format_version": 1,
+        "max_seq_length": max_seq_length,
+        "max_predictions_per_seq": max_predictions_per_seq,
+        "num_instances": len(instances),
+        "vocab_size": len(tokenization.load_vocab(vocab_file)),
+        "vocab_sha256": tokenization.vocab_sha256(vocab_file),
+        "do_lower_case": True,
+        "do_whole_word_mask": False,
+        "masked_lm_prob": 0.15,
+        "dupe_factor": 1,
+        "short_seq_prob": 0.0,
+        "random_seed": 0,
+        "segmenter": "none (tests/pretraining_records.py)",
+        "input_files": [],
+    }
+    meta.update(meta_overrides)
+    with open(path + ".meta.json", "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    return meta
