@@ -1,0 +1,218 @@
+"""Exports one of our checkpoints as a HuggingFace transformers (PyTorch) BERT folder.
+
+    python export_to_pytorch.py --checkpoint=finetune_out/best --bert_config_file=bert_config.json \
+        --vocab_file=vocab.txt --task=classifier --labels=0,1 --output_dir=hf_lcqmc/
+
+The folder holds `config.json` (model_type bert, the task's `architectures`, id2label/label2id,
+the hidden_act that computes our GELU), `model.safetensors` (written with numpy: torch is not
+needed), `vocab.txt`, `tokenizer_config.json` and `special_tokens_map.json`, so that offline
+
+    transformers.pipeline("fill-mask" | "text-classification" | "token-classification" |
+                          "question-answering", model="hf_lcqmc/")
+
+runs and gives our logits. `--pytorch_bin` also writes `pytorch_model.bin` (needs torch) for
+tools that predate safetensors. The tensors written are exactly those `save_pretrained` writes for
+the task class: the tied MLM decoder (`cls.predictions.decoder.*`) is left out, and BertForMaskedLM,
+token classification and QA have no pooler.
+"""
+
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+from absl import app, flags, logging
+
+import convert_checkpoint
+import modeling
+import tokenization
+
+# safetensors dtype codes of the numpy dtypes we write.
+_NP_TO_ST = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",
+             np.dtype("int32"): "I32"}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Writes a safetensors file, pulling one tensor at a time.
+
+    The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}} (+ "__metadata__"), then the tensors' raw little-endian bytes back to back.
+
+    Args:
+      path: output file.
+      tensors: list of (name, shape, numpy dtype, fetch) with fetch() -> np.ndarray of that shape;
+        each fetch is called once while writing, so at most one extra tensor is in memory.
+      metadata: str -> str dict for "__metadata__" (transformers expects {"format": "pt"}).
+    """
+    header, offset = {}, 0
+    for name, shape, dtype, _ in tensors:
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _NP_TO_ST[dtype], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, fetch in tensors:
+            array = np.ascontiguousarray(fetch(), dtype=np.dtype(dtype).newbyteorder("<"))
+            if array.shape != tuple(shape):
+                raise ValueError(f"{path}: tensor {name} has shape {array.shape}, header says {shape}")
+            f.write(array.data)
+
+
+def hf_config_dict(config, task, labels=None, pad_token_id=0):
+    """config.json for transformers' BERT class of `task`, computing what our model computes.
+
+    Args:
+      config: a modeling.BertConfig.
+      task: mlm | classifier | ner | qa.
+      labels: label names in id order (classifier, ner).
+    """
+    hf = {
+        "architectures": [convert_checkpoint.TASK_ARCHITECTURES[task]],
+        "model_type": "bert",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "intermediate_size": config.intermediate_size,
+        # Our "gelu" is Google's tanh approximation = HF "gelu_new"; HF "gelu" is exact erf.
+        "hidden_act": modeling.HF_HIDDEN_ACT[config.hidden_act],
+        "hidden_dropout_prob": config.hidden_dropout_prob,
+        "attention_probs_dropout_prob": config.attention_probs_dropout_prob,
+        "max_position_embeddings": config.max_position_embeddings,
+        "type_vocab_size": config.type_vocab_size,
+        "initializer_range": config.initializer_range,
+        "layer_norm_eps": convert_checkpoint.LAYER_NORM_EPS,
+        "position_embedding_type": "absolute",
+        "pad_token_id": pad_token_id,
+        "tie_word_embeddings": True,
+        "dtype": "float32",
+    }
+    if labels:
+        hf["id2label"] = {str(i): label for i, label in enumerate(labels)}
+        hf["label2id"] = {label: i for i, label in enumerate(labels)}
+    return hf
+
+
+def write_tokenizer_files(vocab_file, output_dir, do_lower_case, model_max_length):
+    """vocab.txt + tokenizer_config.json + special_tokens_map.json for transformers' BertTokenizer.
+
+    transformers 5's BertTokenizer writes no vocab.txt from save_pretrained, so we copy ours; it
+    builds the same WordPiece tokenizer as tokenization.FullTokenizer from it.
+    """
+    shutil.copyfile(vocab_file, os.path.join(output_dir, "vocab.txt"))
+    special = {"unk_token": tokenization.UNK, "sep_token": tokenization.SEP,
+               "pad_token": tokenization.PAD, "cls_token": tokenization.CLS,
+               "mask_token": tokenization.MASK}
+    tokenizer_config = dict(special, tokenizer_class="BertTokenizer", do_lower_case=do_lower_case,
+                            tokenize_chinese_chars=True, strip_accents=None,
+                            model_max_length=model_max_length)
+    for name, content in (("tokenizer_config.json", tokenizer_config),
+                          ("special_tokens_map.json", special)):
+        with open(os.path.join(output_dir, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, ensure_ascii=False)
+
+
+def hf_tensors(model):
+    """[(hf_name, shape, dtype, fetch)] of `model` in transformers' names and layouts, sorted."""
+    entries = []
+    for w in modeling.name_table(model):
+        shape = tuple(w.variable.shape)[::-1] if w.transpose else tuple(w.variable.shape)
+
+        def fetch(w=w):
+            value = w.variable.numpy()                 # Google layout, e.g. kernel [in, out]
+            return value.T if w.transpose else value   # torch Linear weight [out, in]
+
+        entries.append((w.hf_name, shape, np.float32, fetch))
+    return sorted(entries)
+
+
+def export_model(model, task, vocab_file, output_dir, labels=None, do_lower_case=True,
+                 pytorch_bin=False, overwrite=False):
+    """Writes the HF folder for a built, loaded `model` (see the module docstring)."""
+    config = model.config
+    convert_checkpoint.check_vocab_size(vocab_file, config, "the bert config")
+    if task in ("classifier", "ner") and len(labels or ()) != model.num_labels:
+        raise ValueError(f"--labels has {len(labels or ())} labels, the model has {model.num_labels}")
+    vocab = tokenization.load_vocab(vocab_file)
+    entries = hf_tensors(model)
+    with convert_checkpoint.atomic_output_dir(output_dir, overwrite) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config_dict(config, task, labels, vocab.get(tokenization.PAD, 0)), f,
+                      indent=2, ensure_ascii=False)
+        write_safetensors(os.path.join(tmp, "model.safetensors"), entries, {"format": "pt"})
+        if pytorch_bin:
+            try:
+                import torch  # pylint: disable=import-outside-toplevel
+            except ImportError:
+                raise ValueError("--pytorch_bin needs torch (pip install torch==2.13.0)") from None
+            state = {name: torch.from_numpy(np.ascontiguousarray(fetch()))
+                     for name, _, _, fetch in entries}
+            torch.save(state, os.path.join(tmp, "pytorch_model.bin"))
+        write_tokenizer_files(vocab_file, tmp, do_lower_case, config.max_position_embeddings)
+    logging.info("Wrote %s: %d tensors, %s", output_dir, len(entries), task)
+    return output_dir
+
+
+def export_checkpoint(checkpoint, bert_config_file, vocab_file, output_dir, task="mlm",
+                      labels=None, do_lower_case=True, pytorch_bin=False, overwrite=False):
+    """Loads our (or a TF1) checkpoint fully for `task` and exports it; returns output_dir."""
+    convert_checkpoint.check_output_dir(output_dir, overwrite)
+    config = modeling.BertConfig.from_json_file(bert_config_file)
+    convert_checkpoint.check_vocab_size(vocab_file, config, bert_config_file)
+    if task in ("classifier", "ner") and not labels:
+        raise ValueError(f"--task={task} needs --labels (the label names in id order)")
+    model, _ = convert_checkpoint.load_checkpoint_fully(
+        checkpoint, config, task, len(labels) if labels else None)
+    return export_model(model, task, vocab_file, output_dir, labels, do_lower_case, pytorch_bin,
+                        overwrite)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    flags.DEFINE_string("checkpoint", None, "Our checkpoint: a folder (its latest ckpt-N) or a "
+                        "prefix like out/ckpt-1000; a Google TF1 bert_model.ckpt prefix also works.")
+    flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --checkpoint).")
+    flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --checkpoint).")
+    flags.DEFINE_string("output_dir", None, "HuggingFace folder to create (written atomically).")
+    flags.DEFINE_enum("task", "mlm", list(convert_checkpoint.TASK_ARCHITECTURES),
+                      "Head to export: mlm (fill-mask), classifier (text-classification), "
+                      "ner (token-classification), qa (question-answering).")
+    flags.DEFINE_string("labels", None, "classifier/ner: label names in id order, comma-separated "
+                        "or a file with one per line (default: labels.txt beside --checkpoint).")
+    flags.DEFINE_bool("do_lower_case", True, "Written to tokenizer_config.json; keep as in training.")
+    flags.DEFINE_bool("pytorch_bin", False, "Also write pytorch_model.bin (needs torch).")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.")
+    flags.mark_flags_as_required(["checkpoint", "output_dir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    beside = convert_checkpoint.beside
+    config = FLAGS.bert_config_file or beside(FLAGS.checkpoint, "bert_config.json", "bert_config_file")
+    vocab = FLAGS.vocab_file or beside(FLAGS.checkpoint, "vocab.txt", "vocab_file")
+    labels_flag = FLAGS.labels
+    if labels_flag is None and FLAGS.task in ("classifier", "ner"):
+        labels_flag = beside(FLAGS.checkpoint, "labels.txt", "labels")
+    try:
+        export_checkpoint(FLAGS.checkpoint, config, vocab, FLAGS.output_dir, FLAGS.task,
+                          convert_checkpoint.parse_labels(labels_flag), FLAGS.do_lower_case,
+                          FLAGS.pytorch_bin, FLAGS.overwrite)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(FLAGS.output_dir)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

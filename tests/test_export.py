@@ -1,0 +1,281 @@
+"""export_to_pytorch.py: our checkpoints -> HuggingFace folders that transformers loads offline.
+
+Tiny models (L=2, H=64, 4 heads, a 40-token vocab written here) with random weights, so every
+tensor matters; transformers models are built from the exported folder only (no hub access).
+"""
+
+import json
+import re
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import convert_checkpoint  # noqa: E402
+import export_to_pytorch  # noqa: E402
+import fill_mask  # noqa: E402
+import modeling  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("中国的首都是北京。上海南天津我爱你他们好人大学生问题答案")
+         + ["a", "b", "##c", "hello"])
+LABELS = {"classifier": ["negative", "positive", "neutral"], "ner": ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]}
+HF_CLASSES = {"mlm": "BertForMaskedLM", "classifier": "BertForSequenceClassification",
+              "ner": "BertForTokenClassification", "qa": "BertForQuestionAnswering"}
+# Both GELU variants are exercised: our "gelu" (tanh) must become HF "gelu_new", "gelu_exact" HF "gelu".
+HIDDEN_ACT = {"mlm": "gelu", "classifier": "gelu_exact", "ner": "gelu", "qa": "gelu_exact"}
+
+
+# ---- helpers shared with the other interop tests (plain functions, imported there) ----
+
+def write_vocab(folder, tokens=VOCAB):
+    path = os.path.join(folder, "vocab.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(t + "\n" for t in tokens))
+    return path
+
+
+def tiny_config(hidden_act="gelu", vocab_size=len(VOCAB)):
+    return modeling.BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=128,
+                               max_position_embeddings=40, hidden_act=hidden_act)
+
+
+def randomize(model, seed):
+    """Random values for every weight (LayerNorm gammas around 1), so no tensor can be skipped."""
+    rng = np.random.default_rng(seed)
+    for w in modeling.name_table(model):
+        value = rng.normal(0.0, 0.2, tuple(w.variable.shape))
+        w.variable.assign((value + 1.0 if w.google_name.endswith("gamma") else value).astype(np.float32))
+    return model
+
+
+def make_checkpoint_dir(folder, task, seed=0, hidden_act="gelu"):
+    """Our checkpoint folder (ckpt-1 + bert_config.json + vocab.txt [+ labels.txt]) with random weights."""
+    os.makedirs(folder, exist_ok=True)
+    config = tiny_config(hidden_act)
+    labels = LABELS.get(task)
+    model = randomize(convert_checkpoint.build_task_model(config, task, len(labels) if labels else None), seed)
+    vocab = write_vocab(os.path.dirname(os.path.abspath(folder)))
+    convert_checkpoint.save_tf2_checkpoint(model, config, vocab, folder, labels=labels)
+    return model
+
+
+def padded_batch():
+    """Two sequences, the second padded: ids [2, 12], mask, segments (a sentence pair in row 0)."""
+    ids = np.zeros([2, 12], np.int32)
+    ids[0, :10] = [2, 5, 6, 7, 4, 3, 12, 13, 14, 3]
+    ids[1, :6] = [2, 21, 22, 23, 24, 3]
+    mask = (ids > 0).astype(np.int32)
+    segments = np.zeros_like(ids)
+    segments[0, 6:10] = 1
+    return ids, mask, segments
+
+
+def our_logits(model, task, ids, mask, segments):
+    """Our model's outputs in transformers' layout: mlm [B,S,V] (all positions), classifier [B,C],
+    ner [B,S,C], qa [2,B,S]."""
+    inputs = {"input_ids": ids, "input_mask": mask, "segment_ids": segments}
+    if task == "mlm":
+        positions = np.tile(np.arange(ids.shape[1], dtype=np.int32), [ids.shape[0], 1])
+        return model(dict(inputs, masked_lm_positions=positions)).numpy()
+    if task == "qa":
+        return np.stack([t.numpy() for t in model(inputs)])
+    return model(inputs).numpy()
+
+
+def hf_logits(hf_model, task, ids, mask, segments):
+    with torch.no_grad():
+        out = hf_model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                       token_type_ids=torch.from_numpy(segments).long())
+    if task == "qa":
+        return np.stack([out.start_logits.numpy(), out.end_logits.numpy()])
+    return out.logits.numpy()
+
+
+def leftovers(parent, name):
+    """Temp folders a conversion left beside `parent/name`."""
+    return [e for e in os.listdir(parent) if e.startswith(f".{name}.")]
+
+
+# ---- fixtures ----
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{task: (our model, checkpoint dir, exported HF dir)} for the four heads."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for seed, task in enumerate(HF_CLASSES):
+        ckpt = str(root / f"ckpt_{task}")
+        model = make_checkpoint_dir(ckpt, task, seed, HIDDEN_ACT[task])
+        hf_dir = str(root / f"hf_{task}")
+        export_to_pytorch.export_checkpoint(ckpt, os.path.join(ckpt, "bert_config.json"),
+                                            os.path.join(ckpt, "vocab.txt"), hf_dir, task,
+                                            LABELS.get(task), pytorch_bin=(task == "classifier"))
+        out[task] = (model, ckpt, hf_dir)
+    return out
+
+
+# ---- tests ----
+
+@pytest.mark.parametrize("task", list(HF_CLASSES))
+def test_config_json_names_bert_architecture_labels_and_gelu_variant(exported, task):
+    with open(os.path.join(exported[task][2], "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["model_type"] == "bert"
+    assert config["architectures"] == [HF_CLASSES[task]]
+    assert config["hidden_act"] == {"gelu": "gelu_new", "gelu_exact": "gelu"}[HIDDEN_ACT[task]]
+    if task in LABELS:
+        assert config["id2label"] == {str(i): label for i, label in enumerate(LABELS[task])}
+        assert config["label2id"] == {label: i for i, label in enumerate(LABELS[task])}
+    else:
+        assert "id2label" not in config
+    files = set(os.listdir(exported[task][2]))
+    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json",
+            "special_tokens_map.json"} <= files
+
+
+@pytest.mark.parametrize("task", list(HF_CLASSES))
+def test_safetensors_holds_exactly_what_save_pretrained_writes(exported, task, tmp_path):
+    from safetensors import safe_open
+    hf_dir = exported[task][2]
+    reference = getattr(transformers, HF_CLASSES[task])(transformers.AutoConfig.from_pretrained(hf_dir))
+    reference.save_pretrained(tmp_path)
+    with safe_open(os.path.join(hf_dir, "model.safetensors"), "np") as ours, \
+            safe_open(os.path.join(tmp_path, "model.safetensors"), "np") as theirs:
+        assert ours.metadata() == {"format": "pt"}
+        names = sorted(ours.keys())
+        assert names == sorted(theirs.keys())
+        for name in names:
+            assert ours.get_slice(name).get_shape() == theirs.get_slice(name).get_shape(), name
+    if task == "mlm":  # L=2: 5 embedding + 2 x 16 layer + 5 head tensors; the tied decoder left out
+        assert len(names) == 42 and not any("decoder" in k for k in names)
+
+
+@pytest.mark.parametrize("task", list(HF_CLASSES))
+def test_logits_match_transformers_on_a_padded_batch(exported, task):
+    model, _, hf_dir = exported[task]
+    hf_model = getattr(transformers, HF_CLASSES[task]).from_pretrained(hf_dir).eval()
+    ids, mask, segments = padded_batch()
+    ours, theirs = our_logits(model, task, ids, mask, segments), hf_logits(hf_model, task, ids, mask, segments)
+    assert ours.shape == theirs.shape
+    if task in ("ner", "qa"):  # per-token outputs: compare the real tokens
+        real = mask.astype(bool)
+        ours, theirs = (ours[real], theirs[real]) if task == "ner" else (ours[:, real], theirs[:, real])
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_fill_mask_pipeline_top_token_equals_ours(exported):
+    model, ckpt, hf_dir = exported["mlm"]
+    tokenizer = fill_mask.load_masked_lm(ckpt)[1]
+    pipe = transformers.pipeline("fill-mask", model=hf_dir, top_k=3)
+    for text in ("中国的首都是[MASK]京。", "我爱[MASK]们"):
+        theirs = pipe(text)
+        ours = fill_mask.fill_masks(model, tokenizer, text, top_k=3)[0]
+        assert theirs[0]["token_str"] == ours[0][0]
+        np.testing.assert_allclose([c["score"] for c in theirs], [s for _, s in ours], atol=1e-4)
+
+
+def test_classification_pipelines_run_offline_with_our_label_names(exported):
+    text_pipe = transformers.pipeline("text-classification", model=exported["classifier"][2])
+    assert text_pipe("我爱北京")[0]["label"] in LABELS["classifier"]
+    token_pipe = transformers.pipeline("token-classification", model=exported["ner"][2])
+    entities = token_pipe("我爱北京")
+    assert [e["word"] for e in entities if e["entity"] != "O"] == [e["word"] for e in entities]
+    assert {e["entity"] for e in entities} <= set(LABELS["ner"])
+    assert all(len(e["word"]) == 1 and e["end"] - e["start"] == 1 for e in entities)  # per character
+
+
+def test_question_answering_runs_from_the_folder(exported):
+    hf_dir = exported["qa"][2]
+    if "question-answering" in transformers.pipelines.get_supported_tasks():
+        answer = transformers.pipeline("question-answering", model=hf_dir)(question="首都", context="中国的首都是北京。")
+        assert answer["answer"] in "中国的首都是北京。"
+        return
+    # transformers 5 removed the question-answering pipeline; do what it did with the folder's
+    # tokenizer and model: encode the pair, pick the best span in the context.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf_model = transformers.AutoModelForQuestionAnswering.from_pretrained(hf_dir).eval()
+    context = "中国的首都是北京。"
+    enc = tokenizer("首都", context, return_tensors="pt", return_offsets_mapping=True)
+    offsets = enc.pop("offset_mapping")[0]
+    with torch.no_grad():
+        out = hf_model(**enc)
+    in_context = torch.tensor([s == 1 for s in enc.sequence_ids(0)])
+    start = int(torch.where(in_context, out.start_logits[0], -1e9).argmax())
+    end = start + int(torch.where(in_context, out.end_logits[0], -1e9)[start:start + 5].argmax())
+    assert context[int(offsets[start][0]):int(offsets[end][1])] in context
+    assert tokenizer.convert_ids_to_tokens(enc["input_ids"][0])[:4] == ["[CLS]", "首", "都", "[SEP]"]
+
+
+def test_pytorch_bin_holds_the_same_tensors_as_safetensors(exported):
+    from safetensors.numpy import load_file
+    hf_dir = exported["classifier"][2]
+    bin_state = torch.load(os.path.join(hf_dir, "pytorch_model.bin"), weights_only=True)
+    st_state = load_file(os.path.join(hf_dir, "model.safetensors"))
+    assert sorted(bin_state) == sorted(st_state)
+    for name, value in st_state.items():
+        assert np.array_equal(bin_state[name].numpy(), value), name
+
+
+def test_exporting_a_head_the_checkpoint_lacks_fails_and_leaves_nothing(exported, tmp_path):
+    _, ckpt, _ = exported["mlm"]
+    out = str(tmp_path / "hf")
+    with pytest.raises(ValueError, match="output_weights"):
+        export_to_pytorch.export_checkpoint(ckpt, os.path.join(ckpt, "bert_config.json"),
+                                            os.path.join(ckpt, "vocab.txt"), out, "classifier", ["x", "y"])
+    assert not os.path.exists(out) and not leftovers(str(tmp_path), "hf")
+
+
+def test_vocab_that_disagrees_with_the_config_is_refused(exported, tmp_path):
+    _, ckpt, _ = exported["mlm"]
+    short_vocab = write_vocab(str(tmp_path), VOCAB[:-1])
+    with pytest.raises(ValueError, match=re.escape(short_vocab) + f".*{len(VOCAB) - 1} tokens.*vocab_size={len(VOCAB)}"):
+        export_to_pytorch.export_checkpoint(ckpt, os.path.join(ckpt, "bert_config.json"), short_vocab,
+                                            str(tmp_path / "hf"), "mlm")
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_a_failure_while_writing_removes_the_temp_folder(exported, tmp_path, monkeypatch):
+    model, ckpt, _ = exported["classifier"]
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_to_pytorch, "write_tokenizer_files", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_to_pytorch.export_model(model, "classifier", os.path.join(ckpt, "vocab.txt"),
+                                       str(tmp_path / "hf"), LABELS["classifier"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_dir_is_kept_unless_overwrite(exported, tmp_path):
+    model, ckpt, _ = exported["qa"]
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    vocab = os.path.join(ckpt, "vocab.txt")
+    with pytest.raises(ValueError, match="--overwrite"):
+        export_to_pytorch.export_model(model, "qa", vocab, str(out))
+    assert (out / "keep.txt").read_text() == "mine"
+    export_to_pytorch.export_model(model, "qa", vocab, str(out), overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not leftovers(str(tmp_path), "hf")
+
+
+def test_command_line_finds_config_vocab_and_labels_beside_the_checkpoint(exported, tmp_path):
+    """The flags' defaults: bert_config.json, vocab.txt and labels.txt beside --checkpoint."""
+    _, ckpt, reference_dir = exported["classifier"]
+    out = str(tmp_path / "hf")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "export_to_pytorch.py"), f"--checkpoint={ckpt}",
+                             "--task=classifier", f"--output_dir={out}"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(os.path.join(out, "model.safetensors"), "rb") as a, \
+            open(os.path.join(reference_dir, "model.safetensors"), "rb") as b:
+        assert a.read() == b.read()
