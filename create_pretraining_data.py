@@ -1,0 +1,926 @@
+# coding=utf-8
+"""Turns a Chinese text corpus into masked-LM pretraining TFRecords with whole-word masking.
+
+Input (Google's corpus format): UTF-8 text, one sentence per line, a blank line between documents
+(`--input_format=sentence_per_line`), or one document per line (`doc_per_line`, split into sentences
+after 。！？!?；…). Plain, `.gz`, `.bz2` and `.xz` files are read as streams.
+
+Pipeline for each document (DESIGN.md section 3):
+  1. BERT-tokenize every sentence (ids identical to `tokenization.FullTokenizer`, via a cached fast
+     path) and segment the document once with jieba (or rjieba).
+  2. Align: the tokens of one jieba word form one masking group, whatever the word's length;
+     `##` WordPiece continuations join their word's group.
+  3. DOC-SENTENCES, `dupe_factor` times: pack `[CLS] sentences... [SEP]` up to a target length
+     (`max_seq_length`, or a random shorter one with probability `short_seq_prob`), never across a
+     document boundary. Sentences longer than the budget are split at word boundaries, never dropped.
+  4. Mask min(max_predictions_per_seq, max(1, round(n_tokens * masked_lm_prob))) tokens as whole
+     groups: per group 80% [MASK] / 10% keep / 10% random ordinary tokens. Labels are the original ids.
+
+Determinism: every (document, dupe copy) has its own RNG seeded from (random_seed, document index,
+copy index), documents are processed in fixed chunks whose instances are shuffled with an RNG seeded
+from (random_seed, chunk index), and the parent writes chunks in input order. The output bytes therefore
+depend only on (input, flags), not on `--num_workers`.
+
+Output: Google's TFRecord schema (input_ids, input_mask, segment_ids, masked_lm_positions,
+masked_lm_ids, masked_lm_weights, next_sentence_labels) plus `<output>.meta.json`. Files are written
+under a temporary name and renamed when complete; the sidecar is written last, and a re-run whose
+sidecar matches the current settings skips the file.
+
+Example:
+    python create_pretraining_data.py --input_file=resources/corpus/*.txt \
+        --output_file=/tmp/demo.tfrecord --vocab_file=resources/vocab.txt \
+        --max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5
+"""
+
+import bz2
+import dataclasses
+import glob
+import itertools
+import gzip
+import json
+import lzma
+import os
+import random
+import re
+import sys
+import time
+import unicodedata
+
+import tokenization
+
+FORMAT_VERSION = 1
+SEGMENTERS = ("jieba", "rjieba")
+INPUT_FORMATS = ("sentence_per_line", "doc_per_line")
+# A chunk is the unit of work sent to a worker and the unit of output shuffling. Its size depends only
+# on the input (never on the worker count), which keeps the output identical for any --num_workers.
+DOCS_PER_CHUNK = 256
+CHARS_PER_CHUNK = 1 << 20
+_RUN_CACHE_LIMIT = 200_000
+_WORD_START_TABLE = [b"\x01" + bytes(n - 1) if n else b"" for n in range(64)]
+
+
+@dataclasses.dataclass
+class Options:
+    """Generator settings; field names are the command-line flag names."""
+    input_file: str
+    output_file: str
+    vocab_file: str
+    do_lower_case: bool = True
+    do_whole_word_mask: bool = True
+    max_seq_length: int = 128
+    max_predictions_per_seq: int = 20
+    random_seed: int = 12345
+    dupe_factor: int = 10
+    masked_lm_prob: float = 0.10
+    short_seq_prob: float = 0.1
+    input_format: str = "sentence_per_line"
+    segmenter: str = "jieba"
+    jieba_user_dict: str = ""
+    num_workers: int = 1
+    num_output_shards: int = 1
+    progress_every_secs: float = 10.0
+
+
+def validate_options(o):
+    """Raises ValueError naming the flag for settings that cannot produce valid records."""
+    if o.max_seq_length < 4:
+        raise ValueError(f"--max_seq_length={o.max_seq_length} must be >= 4 ([CLS] [SEP] + 2 tokens)")
+    if not 1 <= o.max_predictions_per_seq <= o.max_seq_length - 2:
+        raise ValueError(f"--max_predictions_per_seq={o.max_predictions_per_seq} must be in "
+                         f"[1, max_seq_length - 2 = {o.max_seq_length - 2}]")
+    if not 0.0 < o.masked_lm_prob <= 1.0:
+        raise ValueError(f"--masked_lm_prob={o.masked_lm_prob} must be in (0, 1]")
+    if not 0.0 <= o.short_seq_prob <= 1.0:
+        raise ValueError(f"--short_seq_prob={o.short_seq_prob} must be in [0, 1]")
+    if o.dupe_factor < 1:
+        raise ValueError(f"--dupe_factor={o.dupe_factor} must be >= 1")
+    if o.num_workers < 1:
+        raise ValueError(f"--num_workers={o.num_workers} must be >= 1")
+    if o.num_output_shards < 1:
+        raise ValueError(f"--num_output_shards={o.num_output_shards} must be >= 1")
+    if o.input_format not in INPUT_FORMATS:
+        raise ValueError(f"--input_format={o.input_format!r} must be one of {INPUT_FORMATS}")
+    if o.segmenter not in SEGMENTERS:
+        raise ValueError(f"--segmenter={o.segmenter!r} must be one of {SEGMENTERS}")
+    if o.jieba_user_dict and not os.path.isfile(o.jieba_user_dict):
+        raise ValueError(f"--jieba_user_dict: file not found: {o.jieba_user_dict}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input: files -> documents -> chunks (parent process, streaming)
+# ----------------------------------------------------------------------------------------------------
+
+def resolve_input_files(spec):
+    """`--input_file` comma list with globs -> sorted, de-duplicated list of existing, non-empty files."""
+    paths = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise ValueError(f"--input_file: pattern {item!r} matched no files")
+        else:
+            matches = [item]
+        for path in matches:
+            if not os.path.exists(path):
+                raise ValueError(f"--input_file: file not found: {path}")
+            if os.path.isdir(path):
+                raise ValueError(f"--input_file: {path} is a directory (give files or a glob)")
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"--input_file: {path} is empty")
+            if path not in paths:
+                paths.append(path)
+    if not paths:
+        raise ValueError("--input_file is required")
+    return paths
+
+
+def _open_binary(path):
+    """Returns (raw file, decompressed binary stream); raw.tell() measures progress in input bytes."""
+    raw = open(path, "rb")
+    if path.endswith(".xz"):
+        return raw, lzma.open(raw)
+    if path.endswith(".gz"):
+        return raw, gzip.open(raw)
+    if path.endswith(".bz2"):
+        return raw, bz2.open(raw)
+    return raw, raw
+
+
+# A sentence ends after a run of end marks plus any closing quotes/brackets.
+_SENTENCE_RE = re.compile(r".*?(?:[。！？!?；…]+[”’」』）)\]\"']*|$)", re.S)
+
+
+def split_sentences(text):
+    """'他来了。你呢？好' -> ['他来了。', '你呢？', '好']; the pieces concatenate back to `text`."""
+    return [s for s in _SENTENCE_RE.findall(text) if s.strip()]
+
+
+class InputReader:
+    """Streams documents out of the input files; counts bytes read and invalid UTF-8 replaced.
+
+    A document is `(path_index, [(line_number, sentence), ...])`. Documents never span files.
+    """
+
+    def __init__(self, paths, input_format):
+        self.paths = paths
+        self.input_format = input_format
+        self.bytes_done_in_closed_files = 0
+        self._raw = None
+        self.replaced_chars = 0
+        self.first_replacement = None  # "file:line"
+        self.docs_per_file = [0] * len(paths)
+
+    @property
+    def bytes_done(self):
+        return self.bytes_done_in_closed_files + (self._raw.tell() if self._raw else 0)
+
+    def _decode(self, line, path, line_no):
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = line.decode("utf-8", "replace")
+            # Count only the replacements we made, not U+FFFD characters that were in the file.
+            self.replaced_chars += text.count("\ufffd") - line.count("\ufffd".encode("utf-8"))
+            if self.first_replacement is None:
+                self.first_replacement = f"{path}:{line_no}"
+            return text
+
+    def documents(self):
+        for path_index, path in enumerate(self.paths):
+            raw, stream = _open_binary(path)
+            self._raw = raw
+            try:
+                sentences = []
+                for line_no, line in enumerate(stream, 1):
+                    text = self._decode(line, path, line_no).strip()
+                    if self.input_format == "doc_per_line":
+                        if text:
+                            self.docs_per_file[path_index] += 1
+                            yield path_index, [(line_no, s) for s in split_sentences(text)]
+                    elif text:
+                        sentences.append((line_no, text))
+                    elif sentences:
+                        self.docs_per_file[path_index] += 1
+                        yield path_index, sentences
+                        sentences = []
+                if sentences:
+                    self.docs_per_file[path_index] += 1
+                    yield path_index, sentences
+            except (OSError, EOFError, lzma.LZMAError) as e:
+                raise ValueError(f"--input_file: cannot read {path}: {e}") from None
+            finally:
+                self.bytes_done_in_closed_files += os.path.getsize(path)
+                self._raw = None
+                stream.close()
+                raw.close()
+
+    def chunks(self):
+        """Yields (chunk_index, first_doc_index, [document, ...]) in input order."""
+        chunk, chars, chunk_index, doc_index = [], 0, 0, 0
+        for doc in self.documents():
+            chunk.append(doc)
+            chars += sum(len(s) for _, s in doc[1])
+            if len(chunk) >= DOCS_PER_CHUNK or chars >= CHARS_PER_CHUNK:
+                yield chunk_index, doc_index, chunk
+                doc_index += len(chunk)
+                chunk_index += 1
+                chunk, chars = [], 0
+        if chunk:
+            yield chunk_index, doc_index, chunk
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenization with character spans (a fast path with ids identical to FullTokenizer)
+# ----------------------------------------------------------------------------------------------------
+
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF),
+               (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0x2F800, 0x2FA1F))
+
+
+def _is_cjk_char(ch):
+    cp = ord(ch)
+    return any(a <= cp <= b for a, b in _CJK_RANGES)
+
+
+def _is_punctuation(ch):
+    """The BERT tokenizer's punctuation: ASCII non-alphanumerics and Unicode category P*."""
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def _simple_char_class(do_lower_case):
+    """Regex class of "simple" characters: each is always exactly one token on its own.
+
+    CJK ideographs get spaces put around them by the tokenizer; punctuation that lower-casing and
+    accent stripping leave unchanged is split off as a one-character word. Either way the token does
+    not depend on the neighbours, so these characters are looked up one by one (cached), and only
+    the remaining runs (letters, digits, spaces, ...) go through the full tokenizer.
+    """
+    singles = []
+    for cp in range(0x10000):
+        ch = chr(cp)
+        if _is_punctuation(ch) and not (
+                do_lower_case and unicodedata.normalize("NFD", ch.lower()) != ch):
+            singles.append(cp)
+    ranges = list(_CJK_RANGES)
+    for cp in singles:  # merge consecutive code points into ranges to keep the class short
+        if ranges and ranges[-1][1] == cp - 1 and ranges[-1][0] >= 0x20 and ranges[-1][1] < 0x4E00:
+            ranges[-1] = (ranges[-1][0], cp)
+        else:
+            ranges.append((cp, cp))
+    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
+                   for a, b in ranges)
+
+
+def _is_split_char(ch):
+    """Where the basic tokenizer splits words (whitespace, punctuation); used only to find spans."""
+    return ch.isspace() or _is_punctuation(ch)
+
+
+class SpanTokenizer:
+    """Wraps `tokenization.FullTokenizer`: the same ids, plus the masking groups of the tokens.
+
+    "Simple" characters (CJK, punctuation) map to one id each through a per-character cache. Other
+    runs ("iPhone 12", "3.5") are tokenized once per distinct string with the full tokenizer and
+    cached with the character span each token came from. Tokens never cross a simple character
+    (the tokenizer separates them), so the concatenation equals FullTokenizer on the whole sentence.
+    """
+
+    def __init__(self, vocab_file, do_lower_case):
+        self.full = tokenization.FullTokenizer(vocab_file, do_lower_case=do_lower_case)
+        self.vocab = self.full.vocab
+        self._complex_re = re.compile(f"[^{_simple_char_class(do_lower_case)}]+")
+        self._char_ids = {}  # simple char -> id
+        self._runs = {}  # complex run -> (ids, rel_starts, rel_ends, joins_previous)
+
+    def _ids(self, text):
+        return self.full.convert_tokens_to_ids(self.full.tokenize(text))
+
+    def _char_id(self, ch):
+        ids = self._ids(ch)
+        if len(ids) != 1:
+            raise AssertionError(f"simple character {ch!r} gave {len(ids)} tokens")
+        self._char_ids[ch] = ids[0]
+        return ids[0]
+
+    def _analyze_run(self, run):
+        """Tokens of a complex run with the span [start, end) of the piece each came from."""
+        tokens = self.full.tokenize(run)
+        pieces, start = [], None
+        for i, ch in enumerate(run):
+            if _is_split_char(ch):
+                if start is not None:
+                    pieces.append((start, i))
+                    start = None
+                if not ch.isspace():
+                    pieces.append((i, i + 1))
+            elif start is None:
+                start = i
+        if start is not None:
+            pieces.append((start, len(run)))
+        piece_tokens, starts, ends, joins = [], [], [], []
+        for a, b in pieces:
+            for k, tok in enumerate(self.full.tokenize(run[a:b])):
+                piece_tokens.append(tok)
+                starts.append(a)
+                ends.append(b)
+                # WordPiece pieces of one word (and anything else one piece yields) stay together.
+                joins.append(k > 0 or tok.startswith("##"))
+        if piece_tokens != tokens:
+            # Rare (e.g. accent stripping that creates punctuation): keep the exact tokens and give
+            # them the whole run as span, so they form one group.
+            starts, ends = [0] * len(tokens), [len(run)] * len(tokens)
+            joins = [i > 0 for i in range(len(tokens))]
+        entry = (tuple(self.full.convert_tokens_to_ids(tokens)), tuple(starts), tuple(ends),
+                 tuple(joins))
+        if len(self._runs) >= _RUN_CACHE_LIMIT:
+            self._runs.clear()
+        self._runs[run] = entry
+        return entry
+
+    def tokenize_grouped(self, sentence, base, word_of, word_start):
+        """Token ids of `sentence` and the indices of the tokens that start a masking group.
+
+        A token joins the previous token's group when it is a WordPiece continuation or when its
+        first character lies in the jieba word of the previous token's last character.
+
+        Args:
+          sentence: str, one sentence of the document.
+          base: offset of `sentence` in the document text that was segmented.
+          word_of: list[int], jieba word number of every character of the document text.
+          word_start: bytes, 1 where a jieba word starts in the document text.
+        Returns:
+          (ids [n] list[int], group_starts list[int] ascending, first is 0 when n > 0)
+        """
+        ids, group_starts = [], []
+        prev_word = -1  # jieba word of the previous token's last character
+        pos = 0
+        for m in itertools.chain(self._complex_re.finditer(sentence), (None,)):
+            a, b = m.span() if m else (len(sentence), len(sentence))
+            if a > pos:  # simple characters [pos, a): one token each, contiguous
+                cache, off, n0 = self._char_ids, base + pos, len(ids)
+                try:
+                    ids.extend(list(map(cache.__getitem__, sentence[pos:a])))
+                except KeyError:  # first sight of a character: fill the cache, then look up again
+                    ids.extend([cache[ch] if ch in cache else self._char_id(ch) for ch in sentence[pos:a]])
+                if word_of[off] != prev_word:
+                    group_starts.append(n0)
+                group_starts.extend(itertools.compress(range(n0 + 1, len(ids)),
+                                                       word_start[off + 1:off + a - pos]))
+                prev_word = word_of[off + a - pos - 1]
+            if m:
+                run = m.group()
+                off = base + a
+                for tid, s, e, join in zip(*(self._runs.get(run) or self._analyze_run(run))):
+                    if not (join or word_of[off + s] == prev_word):
+                        group_starts.append(len(ids))
+                    ids.append(tid)
+                    prev_word = word_of[off + e - 1]
+            pos = b
+        return ids, group_starts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Segmentation
+# ----------------------------------------------------------------------------------------------------
+
+def make_segmenter(name, user_dict=""):
+    """Returns a function str -> list[str] whose pieces concatenate back to the input."""
+    if name == "rjieba":
+        try:
+            import rjieba
+        except ImportError:
+            raise ValueError("--segmenter=rjieba needs the rjieba package: pip install rjieba") from None
+        seg = rjieba.Jieba()
+        if user_dict:
+            for word, freq, tag in _read_user_dict(user_dict):
+                seg.add_word(word, freq, tag)
+        return seg.cut
+    import jieba
+    jieba.setLogLevel(60)  # silence "Building prefix dict..." on every worker
+    if not user_dict:
+        jieba.initialize()
+        return jieba.lcut
+    tok = jieba.Tokenizer()
+    tok.load_userdict(user_dict)
+    return tok.lcut
+
+
+def _read_user_dict(path):
+    """jieba user-dict lines: `word [freq] [tag]`."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                freq = int(parts[1]) if len(parts) > 1 else None
+            except ValueError:
+                raise ValueError(f"--jieba_user_dict: {path}:{line_no}: frequency is not an integer")
+            yield parts[0], freq, parts[2] if len(parts) > 2 else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# tf.train.Example serialization, written by hand (cheap, and workers need no TensorFlow)
+# ----------------------------------------------------------------------------------------------------
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        bits = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def _field(tag, payload):
+    """A length-delimited protobuf field: tag byte, varint length, payload."""
+    return bytes([tag]) + _varint(len(payload)) + payload
+
+
+def _feature_entry(name, feature):
+    """One entry of Features.feature (map<string, Feature>, field 1)."""
+    return _field(0x0A, _field(0x0A, name.encode()) + _field(0x12, feature))
+
+
+def _int64_feature(packed):
+    return _field(0x1A, _field(0x0A, packed))  # Feature.int64_list(3) { value(1) packed }
+
+
+def _float_feature(packed):
+    return _field(0x12, _field(0x0A, packed))  # Feature.float_list(2) { value(1) packed }
+
+
+class ExampleEncoder:
+    """Encodes one instance as a serialized tf.train.Example with Google's pretraining features.
+
+    The bytes are assembled from cached pieces: a varint table for ids/positions/lengths, and whole
+    feature entries for the parts that depend only on lengths (input_mask, masked_lm_weights) or on
+    nothing (segment_ids, next_sentence_labels). tests/ parse the result with tf.data.
+    """
+
+    def __init__(self, max_seq_length, max_predictions, vocab_size):
+        self.seq, self.preds = max_seq_length, max_predictions
+        # Every id, position and protobuf length we can meet is < this bound.
+        self.varints = [_varint(i) for i in range(max(vocab_size, 8 * max_seq_length + 64) + 1)]
+        self.keys = {name: _field(0x0A, name.encode()) + b"\x12" for name in (
+            "input_ids", "masked_lm_ids", "masked_lm_positions")}
+        self.mask_entries = [_feature_entry("input_mask", _int64_feature(
+            b"\x01" * n + b"\x00" * (max_seq_length - n))) for n in range(max_seq_length + 1)]
+        self.weight_entries = [_feature_entry("masked_lm_weights", _float_feature(
+            b"\x00\x00\x80\x3f" * k + b"\x00" * 4 * (max_predictions - k))) for k in range(max_predictions + 1)]
+        self.segment_entry = _feature_entry("segment_ids", _int64_feature(b"\x00" * max_seq_length))
+        self.nsp_entry = _feature_entry("next_sentence_labels", _int64_feature(b"\x00"))
+
+    def _int64_entry(self, key, values, size):
+        """Features.feature map entry {key, Feature{int64_list{packed values, zero padded}}}."""
+        v = self.varints
+        packed = b"".join(map(v.__getitem__, values)) + bytes(size - len(values))
+        int64_list = b"\x0a" + v[len(packed)] + packed
+        feature = b"\x1a" + v[len(int64_list)] + int64_list
+        entry = self.keys[key] + v[len(feature)] + feature
+        return b"\x0a" + v[len(entry)] + entry
+
+    def encode(self, input_ids, positions, labels):
+        """input_ids: [n <= seq] ids with [CLS]/[SEP]; positions, labels: [k <= preds]. -> bytes."""
+        features = b"".join((
+            self._int64_entry("input_ids", input_ids, self.seq),
+            self.mask_entries[len(input_ids)],
+            self._int64_entry("masked_lm_ids", labels, self.preds),
+            self._int64_entry("masked_lm_positions", positions, self.preds),
+            self.weight_entries[len(positions)],
+            self.nsp_entry,
+            self.segment_entry,
+        ))
+        return b"\x0a" + _varint(len(features)) + features  # Example.features(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Documents -> instances -> records (worker side)
+# ----------------------------------------------------------------------------------------------------
+
+class InstanceMaker:
+    """Everything a worker needs: tokenizer, segmenter, masking settings, encoder."""
+
+    def __init__(self, o):
+        self.o = o
+        self.tok = SpanTokenizer(o.vocab_file, o.do_lower_case)
+        self.segment = make_segmenter(o.segmenter, o.jieba_user_dict)
+        vocab = self.tok.vocab
+        self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
+        # Random replacements: ordinary tokens only (no [PAD]/[UNK]/[CLS]/[SEP]/[MASK]/[unusedN], no ##).
+        self.ordinary_ids = [i for t, i in vocab.items()
+                             if t and not (t.startswith("[") and t.endswith("]")) and not t.startswith("##")]
+        if not self.ordinary_ids:
+            raise ValueError(f"--vocab_file: {o.vocab_file} has no ordinary tokens to sample from")
+        self.max_tokens = o.max_seq_length - 2
+        self.encoder = ExampleEncoder(o.max_seq_length, o.max_predictions_per_seq, len(vocab))
+
+    def featurize(self, sentences, path):
+        """Tokenizes and segments one document.
+
+        Returns (pieces, stats): pieces = [(ids, group_starts)] with len(ids) <= max_seq_length - 2
+        (long sentences split at group starts), stats = counters and split-line warnings.
+        """
+        text = "\n".join(s for _, s in sentences)
+        words = self.segment(text)
+        # word_start[c] = 1 where a word starts; word_of[c] = number of the word holding character c.
+        table = _WORD_START_TABLE
+        word_start = b"".join([table[len(w)] if len(w) < 64 else b"\x01" + bytes(len(w) - 1)
+                               for w in words])
+        if len(word_start) != len(text):
+            raise ValueError(f"{path}:{sentences[0][0]}: segmenter {self.o.segmenter} lost characters")
+        word_of = list(itertools.accumulate(word_start))
+        pieces, split_lines, base = [], [], 0
+        for line_no, sentence in sentences:
+            ids, starts = self.tok.tokenize_grouped(sentence, base, word_of, word_start)
+            base += len(sentence) + 1
+            if not self.o.do_whole_word_mask:
+                starts = list(range(len(ids)))
+            if len(ids) > self.max_tokens:
+                split_lines.append(f"{path}:{line_no} ({len(ids)} tokens)")
+                pieces.extend(self._split_long(ids, starts))
+            elif ids:
+                pieces.append((ids, starts))
+        return pieces, split_lines
+
+    def _split_long(self, ids, starts):
+        """Cuts a too-long sentence into pieces of <= max_tokens at group starts (hard cut if none)."""
+        out, begin, si = [], 0, 0
+        while begin < len(ids):
+            end = min(begin + self.max_tokens, len(ids))
+            while si < len(starts) and starts[si] < begin:
+                si += 1
+            sj = si
+            while sj < len(starts) and starts[sj] <= end:
+                sj += 1
+            # starts[si:sj] are group starts inside [begin, end]; cut at the last one > begin.
+            if end < len(ids) and sj - 1 > si and starts[sj - 1] > begin:
+                end = starts[sj - 1]
+            piece_starts = [s - begin for s in starts[si:sj] if s < end]
+            if not piece_starts or piece_starts[0] != 0:
+                piece_starts.insert(0, 0)  # a hard cut inside a group starts a new group
+            out.append((ids[begin:end], piece_starts))
+            begin = end
+        return out
+
+    def instances(self, pieces, rng):
+        """DOC-SENTENCES packing of one document copy. Yields (ids, group_starts), n <= max_tokens."""
+        max_tokens, short_prob = self.max_tokens, self.o.short_seq_prob
+
+        def target():
+            return rng.randint(2, max_tokens) if rng.random() < short_prob else max_tokens
+
+        chunk, length, goal = [], 0, target()
+        for i, (ids, _) in enumerate(pieces):
+            if chunk and length + len(ids) > max_tokens:
+                yield self._join(chunk)
+                chunk, length, goal = [], 0, target()
+            chunk.append(pieces[i])
+            length += len(ids)
+            if length >= goal:
+                yield self._join(chunk)
+                chunk, length, goal = [], 0, target()
+        if chunk:  # the document's tail, however short
+            yield self._join(chunk)
+
+    @staticmethod
+    def _join(chunk):
+        if len(chunk) == 1:
+            return chunk[0]
+        ids, starts = [], []
+        for piece_ids, piece_starts in chunk:
+            off = len(ids)
+            starts.extend([off + s for s in piece_starts])
+            ids.extend(piece_ids)
+        return ids, starts
+
+    def mask(self, ids, starts, rng):
+        """Whole-word masking of one instance.
+
+        Args:
+          ids: [n] token ids without [CLS]/[SEP]; starts: group start indices into ids.
+        Returns:
+          (input_ids [n + 2], positions [k] ascending, labels [k]) with positions counting [CLS].
+        """
+        o, n = self.o, len(ids)
+        num_to_predict = min(o.max_predictions_per_seq, max(1, int(round(n * o.masked_lm_prob))))
+        groups = len(starts)
+        order = list(range(groups))
+        input_ids = [self.cls_id] + ids + [self.sep_id]
+        chosen, count = [], 0
+        # Lazy Fisher-Yates: visit groups in random order, take each whole group that still fits.
+        for i in range(groups):
+            if count >= num_to_predict:
+                break
+            j = i + int(rng.random() * (groups - i))
+            order[i], order[j] = order[j], order[i]
+            g = order[i]
+            begin = starts[g]
+            end = starts[g + 1] if g + 1 < groups else n
+            if count + end - begin > num_to_predict:
+                continue
+            count += end - begin
+            chosen.append((begin, end))
+            # One decision per word: 80% [MASK], 10% keep, 10% random ordinary tokens.
+            r = rng.random()
+            if r < 0.8:
+                input_ids[begin + 1:end + 1] = [self.mask_id] * (end - begin)
+            elif r >= 0.9:
+                pool = self.ordinary_ids
+                input_ids[begin + 1:end + 1] = [pool[int(rng.random() * len(pool))]
+                                                for _ in range(end - begin)]
+        chosen.sort()
+        positions = [p + 1 for begin, end in chosen for p in range(begin, end)]
+        labels = [ids[p - 1] for p in positions]
+        return input_ids, positions, labels
+
+
+_MAKER = None
+
+
+def _init_worker(options):
+    global _MAKER
+    _MAKER = InstanceMaker(options)
+
+
+def process_chunk(job):
+    """Worker entry: (chunk_index, first_doc_index, docs, paths) -> (records, stats).
+
+    Records are serialized tf.train.Example bytes in this chunk's deterministic shuffled order.
+    """
+    chunk_index, first_doc, docs, paths = job
+    maker, o = _MAKER, _MAKER.o
+    records, split_lines = [], []
+    stats = {"documents": len(docs), "empty_documents": 0, "sentences": 0, "tokens": 0,
+             "instances": 0, "predictions": 0}
+    for d, (path_index, sentences) in enumerate(docs):
+        pieces, split = maker.featurize(sentences, paths[path_index])
+        split_lines += split
+        stats["sentences"] += len(sentences)
+        if not pieces:
+            stats["empty_documents"] += 1
+            continue
+        stats["tokens"] += sum(len(ids) for ids, _ in pieces)
+        for dupe in range(o.dupe_factor):
+            # Seeded from (seed, document, copy) only: independent of chunking and worker count.
+            rng = random.Random((o.random_seed << 64) | ((first_doc + d) << 16) | dupe)
+            for ids, starts in maker.instances(pieces, rng):
+                input_ids, positions, labels = maker.mask(ids, starts, rng)
+                stats["predictions"] += len(positions)
+                records.append(maker.encoder.encode(input_ids, positions, labels))
+    # Mix documents and copies inside the chunk (Google shuffles all instances; we stream).
+    random.Random((o.random_seed << 64) | (1 << 63) | chunk_index).shuffle(records)
+    stats["instances"] = len(records)
+    stats["split_lines"] = split_lines
+    return records, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output: shard names, atomic writes, sidecar, skip-if-complete
+# ----------------------------------------------------------------------------------------------------
+
+def output_paths(o):
+    names = [s.strip() for s in o.output_file.split(",") if s.strip()]
+    if not names:
+        raise ValueError("--output_file is required")
+    if o.num_output_shards > 1:
+        if len(names) > 1:
+            raise ValueError("--output_file: give one name with --num_output_shards, or a comma list")
+        n = o.num_output_shards
+        names = [f"{names[0]}-{i:05d}-of-{n:05d}" for i in range(n)]
+    return names
+
+
+def _tmp_name(path):
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.tmp-{os.getpid()}")
+
+
+def _check_writable(paths):
+    for path in paths:
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            probe = _tmp_name(path) + ".probe"
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"--output_file: cannot write to {directory}: {e.strerror or e}") from None
+
+
+def _remove_stale_tmp(path):
+    head, tail = os.path.split(os.path.abspath(path))
+    for stale in glob.glob(os.path.join(head, glob.escape(f".{tail}.tmp-") + "*")):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
+
+
+def _write_json_atomic(path, obj):
+    tmp = _tmp_name(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _settings(o, vocab_size, vocab_sha, input_paths):
+    """The sidecar fields that identify how a file was made (compared to skip finished outputs)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "max_seq_length": o.max_seq_length,
+        "max_predictions_per_seq": o.max_predictions_per_seq,
+        "vocab_size": vocab_size,
+        "vocab_sha256": vocab_sha,
+        "do_lower_case": o.do_lower_case,
+        "do_whole_word_mask": o.do_whole_word_mask,
+        "masked_lm_prob": o.masked_lm_prob,
+        "dupe_factor": o.dupe_factor,
+        "short_seq_prob": o.short_seq_prob,
+        "random_seed": o.random_seed,
+        "segmenter": o.segmenter,
+        "jieba_user_dict": o.jieba_user_dict,
+        "input_format": o.input_format,
+        "input_files": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in input_paths],
+    }
+
+
+def _is_complete(path, settings, num_shards):
+    try:
+        with open(path + ".meta.json", encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    same = all(meta.get(k) == v for k, v in settings.items()) and meta.get("num_output_shards") == num_shards
+    return same and os.path.isfile(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------
+
+def _results(o, reader, paths):
+    """Yields each chunk's (records, stats) in input order, computed inline or by worker processes."""
+    jobs = ((ci, first, docs, paths) for ci, first, docs in reader.chunks())
+    if o.num_workers == 1:
+        _init_worker(o)
+        for job in jobs:
+            yield process_chunk(job)
+        return
+    import collections
+    import multiprocessing
+    # spawn: the parent has TensorFlow loaded (for the record writer); forking it is unsafe.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(o.num_workers, initializer=_init_worker, initargs=(o,)) as pool:
+        pending = collections.deque()
+        for job in jobs:
+            pending.append(pool.apply_async(process_chunk, (job,)))
+            # Bounded look-ahead keeps memory proportional to workers, not to the corpus.
+            while len(pending) >= 2 * o.num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def generate(o, log=print):
+    """Runs the generator; returns a summary dict. Raises ValueError (one line) on bad input."""
+    validate_options(o)
+    try:
+        vocab = tokenization.load_vocab(o.vocab_file)
+    except ValueError as e:
+        raise ValueError(f"--vocab_file: {e}") from None
+    outputs = output_paths(o)
+    input_paths = resolve_input_files(o.input_file)
+    settings = _settings(o, len(vocab), tokenization.vocab_sha256(o.vocab_file), input_paths)
+    if all(_is_complete(p, settings, len(outputs)) for p in outputs):
+        log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
+        return {"skipped": True, "outputs": outputs}
+    _check_writable(outputs)
+    for p in outputs:
+        _remove_stale_tmp(p)
+    if o.segmenter == "rjieba":
+        make_segmenter("rjieba")  # fail fast in the parent when it is not installed
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf  # only the parent needs it: TFRecord framing with CRC32C
+    from train_utils import ProgressLogger
+
+    tmps = [_tmp_name(p) for p in outputs]
+    writers = [tf.io.TFRecordWriter(t) for t in tmps]
+    counts = [0] * len(outputs)
+    totals = {"documents": 0, "empty_documents": 0, "sentences": 0, "tokens": 0, "instances": 0,
+              "predictions": 0}
+    split_lines = []
+    reader = InputReader(input_paths, o.input_format)
+    total_kb = sum(os.path.getsize(p) for p in input_paths) // 1024 + 1
+    progress = ProgressLogger(total=total_kb, unit="KB", every_secs=o.progress_every_secs,
+                              name="create_pretraining_data")
+    start = time.perf_counter()
+    try:
+        record_index = 0
+        for records, stats in _results(o, reader, input_paths):
+            for rec in records:
+                writers[record_index % len(writers)].write(rec)
+                counts[record_index % len(writers)] += 1
+                record_index += 1
+            split_lines += stats.pop("split_lines")
+            for k, v in stats.items():
+                totals[k] += v
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            progress.update(reader.bytes_done // 1024 - progress.done,
+                            docs_per_s=round(totals["documents"] / elapsed, 1),
+                            instances_per_s=round(totals["instances"] / elapsed, 1))
+        for w in writers:
+            w.close()
+        for path, n_docs in zip(input_paths, reader.docs_per_file):
+            if n_docs == 0:
+                raise ValueError(f"--input_file: {path} contains no text (only blank lines)")
+        if totals["instances"] == 0:
+            raise ValueError("--input_file: no instance produced (every document was empty)")
+        for tmp, path in zip(tmps, outputs):
+            os.replace(tmp, path)
+    except BaseException:
+        for w in writers:
+            w.close()
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    elapsed = time.perf_counter() - start
+    for path, n in zip(outputs, counts):
+        meta = dict(settings, num_instances=n, num_output_shards=len(outputs),
+                    total_instances=totals["instances"], num_documents=totals["documents"],
+                    replaced_invalid_utf8_chars=reader.replaced_chars, split_long_lines=len(split_lines))
+        _write_json_atomic(path + ".meta.json", meta)
+
+    mb = sum(os.path.getsize(p) for p in input_paths) / 1e6
+    for line in split_lines[:5]:
+        log(f"create_pretraining_data: warning: long line split into several instances: {line}")
+    summary = dict(totals, outputs=outputs, seconds=round(elapsed, 2), input_mb=round(mb, 3),
+                   replaced_chars=reader.replaced_chars, split_lines=len(split_lines), skipped=False)
+    bad = (f"; replaced {reader.replaced_chars} invalid UTF-8 characters with U+FFFD "
+           f"(first at {reader.first_replacement})" if reader.replaced_chars else "")
+    log(f"create_pretraining_data: wrote {totals['instances']} instances from {totals['documents']} "
+        f"documents ({totals['tokens']} tokens, {totals['predictions']} predictions, "
+        f"{totals['empty_documents']} empty documents, {len(split_lines)} long lines split) to "
+        f"{', '.join(outputs)} in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.2f} MB/s){bad}")
+    return summary
+
+
+def _define_flags():
+    """Flags are defined only when run as a script, so importing this module never clashes."""
+    from absl import flags
+    d = Options.__dataclass_fields__
+    flags.DEFINE_string("input_file", None, "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
+    flags.DEFINE_string("output_file", None, "Output TFRecord file (or comma list of shards).")
+    flags.DEFINE_string("vocab_file", None, "WordPiece vocab the model will use.")
+    flags.DEFINE_bool("do_lower_case", d["do_lower_case"].default, "Lower-case and strip accents.")
+    flags.DEFINE_bool("do_whole_word_mask", d["do_whole_word_mask"].default,
+                      "Mask whole jieba words (else single tokens).")
+    flags.DEFINE_integer("max_seq_length", d["max_seq_length"].default, "Tokens per instance incl. [CLS]/[SEP].")
+    flags.DEFINE_integer("max_predictions_per_seq", d["max_predictions_per_seq"].default,
+                         "Maximum masked tokens per instance.")
+    flags.DEFINE_integer("random_seed", d["random_seed"].default, "Seed; output depends only on it and input.")
+    flags.DEFINE_integer("dupe_factor", d["dupe_factor"].default, "Copies of each document with fresh masks.")
+    flags.DEFINE_float("masked_lm_prob", d["masked_lm_prob"].default, "Share of tokens to predict.")
+    flags.DEFINE_float("short_seq_prob", d["short_seq_prob"].default,
+                       "Probability of a random shorter target length.")
+    flags.DEFINE_enum("input_format", d["input_format"].default, list(INPUT_FORMATS),
+                      "sentence_per_line (blank line between documents) or doc_per_line.")
+    flags.DEFINE_enum("segmenter", d["segmenter"].default, list(SEGMENTERS),
+                      "Word segmenter for whole-word masking (rjieba is ~4x faster, pip install rjieba).")
+    flags.DEFINE_string("jieba_user_dict", "", "Optional jieba user dictionary (word [freq] [tag] lines).")
+    flags.DEFINE_integer("num_workers", d["num_workers"].default, "Worker processes (output is identical).")
+    flags.DEFINE_integer("num_output_shards", d["num_output_shards"].default,
+                         "Split output into N files <output_file>-0000i-of-0000N.")
+    flags.DEFINE_float("progress_every_secs", d["progress_every_secs"].default, "Seconds between progress lines.")
+    for name in ("input_file", "output_file", "vocab_file"):
+        flags.mark_flag_as_required(name)
+
+
+def main(argv):
+    from absl import flags
+    if len(argv) > 1:
+        sys.exit(f"create_pretraining_data.py: error: unexpected arguments {argv[1:]}")
+    fv = flags.FLAGS
+    o = Options(**{name: fv[name].value for name in Options.__dataclass_fields__})
+    try:
+        generate(o)
+    except ValueError as e:
+        sys.exit(f"create_pretraining_data.py: error: {e}")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)
