@@ -217,7 +217,8 @@ class SelfAttention(keras.layers.Layer):
         v = self._split_heads(self.value(x))                          # [B, N, S, D]
         scores = tf.matmul(q, k, transpose_b=True)                    # [B, N, S(from), S(to)]
         # Softmax in float32: under bfloat16 the -10000 bias and large logits lose too much precision.
-        scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.head_size)) + attention_bias
+        scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.head_size))
+        scores += tf.cast(attention_bias, tf.float32)  # Keras casts float inputs to the policy dtype
         probs = tf.cast(tf.nn.softmax(scores, axis=-1), self.compute_dtype)
         probs = self.probs_dropout(probs, training=training)
         context = tf.matmul(probs, v)                                 # [B, N, S, D]
