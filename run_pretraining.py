@@ -522,7 +522,7 @@ def run(opts):
     if opts.eval_batch_size % replicas:
         raise UsageError(f"--eval_batch_size={opts.eval_batch_size} is not divisible by the "
                          f"{replicas} replicas")
-    for path in sorted(set(train_files + eval_files)):
+    for path in dict.fromkeys(train_files + eval_files):  # unique, training files first
         check_records(path, opts.max_seq_length, opts.max_predictions_per_seq, config.vocab_size,
                       full_scan=opts.check_input_files)
     _check_output_dir(opts.output_dir, config)

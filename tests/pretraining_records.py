@@ -45,8 +45,9 @@ def corpus_sentences(shared_data_dir, resources_dir, max_chars=200_000):
 
 
 def make_instances(tokenizer, lines, max_seq_length, max_predictions_per_seq,
-                   masked_lm_prob=0.15, seed=0):
-    """Packs tokenized lines into `[CLS] ... [SEP]` sequences and masks 15% of the tokens.
+                   masked_lm_prob=0.15, seed=0, mask_prob=0.8, random_prob=0.1):
+    """Packs tokenized lines into `[CLS] ... [SEP]` sequences and picks 15% of the tokens to predict:
+    `mask_prob` of them become [MASK], `random_prob` a random token, the rest stay as they are.
 
     Returns a list of dicts of numpy arrays with the record features (zero padded).
     """
@@ -81,9 +82,9 @@ def make_instances(tokenizer, lines, max_seq_length, max_predictions_per_seq,
         input_ids = list(tokens)
         for p in positions:
             r = rng.random()
-            if r < 0.8:
+            if r < mask_prob:
                 input_ids[p] = mask_id
-            elif r < 0.9:
+            elif r < mask_prob + random_prob:
                 input_ids[p] = rng.choice(ordinary)
         pad = max_seq_length - n
         pad_p = max_predictions_per_seq - len(positions)

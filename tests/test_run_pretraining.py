@@ -1,0 +1,366 @@
+"""run_pretraining.py on CPU with a tiny model: learning, multi-replica equivalence, kill-and-resume,
+early and clear errors on bad input, NaN handling.
+
+Records are built from real text (the shared zhwiki corpus when present, else resources/) with the
+Google vocab when present (else resources/vocab.txt), by tests/pretraining_records.py.
+"""
+
+import glob
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
+
+SEQ, PRED = 64, 10
+
+
+def _vocab_file():
+    google = SHARED_DATA / "vocab" / "vocab.txt"
+    return str(google if google.is_file() else RESOURCES / "vocab.txt")
+
+
+def _config(vocab_size, dropout=0.0, **overrides):
+    config = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=256, hidden_act="gelu", hidden_dropout_prob=dropout,
+                  attention_probs_dropout_prob=dropout, max_position_embeddings=SEQ,
+                  type_vocab_size=2, initializer_range=0.02)
+    config.update(overrides)
+    return config
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """train/eval records, configs (with and without dropout) and the vocab size."""
+    import pretraining_records as records
+    import tokenization
+
+    root = tmp_path_factory.mktemp("pretraining_data")
+    vocab_file = _vocab_file()
+    tokenizer = tokenization.FullTokenizer(vocab_file)
+    lines = records.corpus_sentences(str(SHARED_DATA), str(RESOURCES), max_chars=70_000)
+    instances = records.make_instances(tokenizer, lines, SEQ, PRED, seed=1)
+    assert len(instances) > 300, "too little text for the training tests"
+    train, evaluation = str(root / "train.tfrecord"), str(root / "eval.tfrecord")
+    records.write_records(train, instances[:-64], vocab_file, SEQ, PRED)
+    records.write_records(evaluation, instances[-64:], vocab_file, SEQ, PRED)
+    vocab_size = len(tokenizer.vocab)
+    return {
+        "root": root, "train": train, "eval": evaluation, "vocab_file": vocab_file,
+        "vocab_size": vocab_size, "instances": instances,
+        "config": _write_json(root / "config.json", _config(vocab_size)),
+        "config_dropout": _write_json(root / "config_dropout.json", _config(vocab_size, dropout=0.1)),
+    }
+
+
+def _argv(data, output_dir, *extra, config=None):
+    return [f"--input_file={data['train']}", f"--eval_input_file={data['eval']}",
+            f"--output_dir={output_dir}", f"--bert_config_file={config or data['config']}",
+            f"--max_seq_length={SEQ}", f"--max_predictions_per_seq={PRED}",
+            "--train_batch_size=16", "--eval_batch_size=32", "--learning_rate=2e-3",
+            "--num_warmup_steps=2", "--shuffle_buffer_size=200", *extra]
+
+
+def _run(data, output_dir, *extra, config=None):
+    import run_pretraining
+    return run_pretraining.run(run_pretraining.parse_flags(_argv(data, output_dir, *extra, config=config)))
+
+
+def _scalars(output_dir):
+    """TensorBoard scalars -> {name: [(step, value), ...]} (sorted by step)."""
+    import tensorflow as tf
+    out = {}
+    for path in sorted(glob.glob(os.path.join(output_dir, "train", "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _weights(checkpoint_prefix):
+    """Model weights (Google names) of one of our checkpoints -> {name: array}."""
+    import tensorflow as tf
+    reader = tf.train.load_checkpoint(checkpoint_prefix)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith(("bert", "cls")) and "OPTIMIZER_SLOT" not in k}
+
+
+def _snapshot(directory):
+    """Every file under `directory` -> (size, mtime, sha256); None if it does not exist."""
+    if not os.path.exists(directory):
+        return None
+    out = {}
+    for path in sorted(glob.glob(os.path.join(directory, "**"), recursive=True)):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[path] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
+                             hashlib.sha256(f.read()).hexdigest())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning
+# ------------------------------------------------------------------------------------------------
+
+def test_training_lowers_mlm_loss_and_raises_accuracy(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    result = _run(data, out, "--do_train", "--do_eval", "--num_train_steps=100",
+                  "--iterations_per_loop=20", "--save_checkpoints_steps=60", "--learning_rate=3e-3",
+                  "--num_warmup_steps=10", "--train_batch_size=32")
+
+    scalars = _scalars(out)
+    assert {"loss", "masked_lm_accuracy", "learning_rate", "grad_norm",
+            "sequences_per_second"} <= set(scalars)
+    assert [s for s, _ in scalars["loss"]] == [20, 40, 60, 80, 100]
+    losses = [v for _, v in scalars["loss"]]
+    accuracies = [v for _, v in scalars["masked_lm_accuracy"]]
+    # A random model starts at ln(V) ~ 10 nats and ~0 accuracy.
+    assert losses[-1] < losses[0] - 1.5 and losses[-1] < math.log(data["vocab_size"]) - 3, losses
+    assert accuracies[-1] > max(0.03, accuracies[0]), accuracies
+    assert all(math.isfinite(v) and v > 0 for _, v in scalars["grad_norm"])
+
+    # --do_eval: one JSON line with Google's keys, on held-out records.
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == result
+    assert set(printed) == {"masked_lm_loss", "masked_lm_accuracy", "perplexity", "global_step"}
+    assert printed["global_step"] == 100
+    assert printed["masked_lm_loss"] < math.log(data["vocab_size"]) - 2.0
+    assert printed["perplexity"] == pytest.approx(math.exp(printed["masked_lm_loss"]), rel=1e-6)
+    assert printed["masked_lm_accuracy"] > 0.02
+
+    # Checkpoints follow tf.train.CheckpointManager naming; the config used is written beside them.
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "ckpt-*.index"))) == [
+        "ckpt-100.index", "ckpt-60.index"]
+    with open(os.path.join(out, "bert_config.json"), encoding="utf-8") as f:
+        assert json.load(f)["vocab_size"] == data["vocab_size"]
+
+
+def test_masked_positions_line_up_with_their_labels(data, tmp_path):
+    """Records whose chosen tokens stay visible: predicting them is copying the input at the
+    gathered position, learnt within ~100 steps only if positions, ids and weights line up."""
+    import pretraining_records as records
+    import tokenization
+    tokenizer = tokenization.FullTokenizer(data["vocab_file"])
+    lines = records.corpus_sentences(str(SHARED_DATA), str(RESOURCES), max_chars=30_000)
+    copy = str(tmp_path / "copy.tfrecord")
+    records.write_records(copy, records.make_instances(tokenizer, lines, SEQ, PRED, mask_prob=0.0,
+                                                       random_prob=0.0), data["vocab_file"], SEQ, PRED)
+    out = str(tmp_path / "run")
+    _run(data, out, f"--input_file={copy}", "--do_train", "--num_train_steps=100",
+         "--iterations_per_loop=20", "--save_checkpoints_steps=100", "--learning_rate=3e-3",
+         "--num_warmup_steps=10", "--train_batch_size=32")
+    accuracies = [v for _, v in _scalars(out)["masked_lm_accuracy"]]
+    assert accuracies[-1] > 0.5, accuracies  # the token-frequency plateau of real MLM is ~0.04
+
+
+# ------------------------------------------------------------------------------------------------
+# One device vs MirroredStrategy over two logical CPUs
+# ------------------------------------------------------------------------------------------------
+
+_MIRRORED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+    from absl import logging
+    logging.set_verbosity(logging.INFO)
+    import run_pretraining, test_run_pretraining as t
+    opts = run_pretraining.parse_flags(json.loads(sys.argv[2]))
+    run_pretraining.run(opts)
+    scalars = t._scalars(opts.output_dir)
+    print("RESULT " + json.dumps({"loss": scalars["loss"], "grad_norm": scalars["grad_norm"]}))
+""")
+
+
+def _run_in_two_cpu_process(argv):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT, str(REPO_ROOT), json.dumps(argv)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):]), proc.stderr
+
+
+def test_mirrored_two_cpus_with_accumulation_matches_one_device(data, tmp_path):
+    common = ["--do_train", "--num_train_steps=6", "--iterations_per_loop=1",
+              "--save_checkpoints_steps=6", "--jit_compile=true"]
+    one = _argv(data, tmp_path / "one", *common, "--strategy=one_device")
+    # Same global batch of 16: 2 replicas x 2 micro-batches x 4 sequences.
+    two = _argv(data, tmp_path / "two", *common, "--strategy=mirrored",
+                "--gradient_accumulation_steps=2")
+    import run_pretraining  # in-process: the one-device reference
+    run_pretraining.run(run_pretraining.parse_flags(one))
+    reference = _scalars(str(tmp_path / "one"))
+    mirrored, log = _run_in_two_cpu_process(two)
+    assert "2 replica(s)" in log and "2 accumulation steps" in log
+
+    np.testing.assert_allclose([v for _, v in mirrored["loss"]],
+                               [v for _, v in reference["loss"]], rtol=2e-4)
+    np.testing.assert_allclose([v for _, v in mirrored["grad_norm"]],
+                               [v for _, v in reference["grad_norm"]], rtol=2e-3)
+    a, b = _weights(str(tmp_path / "one" / "ckpt-6")), _weights(str(tmp_path / "two" / "ckpt-6"))
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], atol=2e-5, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kill and resume
+# ------------------------------------------------------------------------------------------------
+
+def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
+    import tensorflow as tf
+    common = ["--do_train", "--num_train_steps=10", "--iterations_per_loop=1",
+              "--save_checkpoints_steps=2"]
+    config = data["config_dropout"]  # dropout on: the seed states must resume too
+    killed = str(tmp_path / "killed")
+    argv = [sys.executable, str(REPO_ROOT / "run_pretraining.py")] + _argv(data, killed, *common,
+                                                                            config=config)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(killed, "ckpt-4.index")) and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed_from = int(tf.train.latest_checkpoint(killed).rsplit("-", 1)[1])
+    assert 4 <= resumed_from < 10
+
+    _run(data, killed, *common, config=config)  # the same command again: resumes
+    uninterrupted = str(tmp_path / "uninterrupted")
+    _run(data, uninterrupted, *common, config=config)
+
+    # The rerun went on from the checkpoint (its first step is the one after it) ...
+    events = sorted(glob.glob(os.path.join(killed, "train", "events.*")), key=os.path.getmtime)
+    rerun_steps = [e.step for e in tf.compat.v1.train.summary_iterator(events[-1]) if e.summary.value]
+    assert rerun_steps[0] == resumed_from + 1 and rerun_steps[-1] == 10
+    # ... and read exactly the batches (and dropout masks) the uninterrupted run read: a repeated
+    # or skipped batch would move the weights far more than this.
+    resumed, reference = _weights(os.path.join(killed, "ckpt-10")), _weights(
+        os.path.join(uninterrupted, "ckpt-10"))
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_allclose(resumed[name], reference[name], atol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error before any training step, nothing in output_dir overwritten
+# ------------------------------------------------------------------------------------------------
+
+def _bad_records(data, tmp_path, kind):
+    import pretraining_records as records
+    path = str(tmp_path / f"{kind}.tfrecord")
+    if kind in ("truncated", "corrupt"):
+        records.write_records(path, data["instances"][:50], data["vocab_file"], SEQ, PRED)
+        with open(path, "rb") as f:
+            raw = bytearray(f.read())
+        if kind == "truncated":
+            raw = raw[:-100]
+        else:
+            raw[len(raw) // 2] ^= 0xFF
+        with open(path, "wb") as f:
+            f.write(raw)
+    elif kind == "seq_len":
+        import tokenization
+        tokenizer = tokenization.FullTokenizer(data["vocab_file"])
+        short = records.make_instances(tokenizer, ["这是一个句子。"] * 20, 32, PRED)
+        records.write_records(path, short, data["vocab_file"], 32, PRED)
+    elif kind == "seq_len_no_meta":
+        _bad_records(data, tmp_path, "seq_len")
+        os.rename(path.replace("_no_meta", ""), path)
+        os.remove(path.replace("_no_meta", "") + ".meta.json")
+    return path
+
+
+_BAD_INPUT_CASES = {  # case -> the error message (regex)
+    "truncated": r"truncated\.tfrecord: corrupt or truncated",
+    "corrupt": r"corrupt\.tfrecord: corrupt or truncated",
+    "seq_len": r"seq_len\.tfrecord: records have max_seq_length=32 .* --max_seq_length is 64",
+    "seq_len_no_meta": r"seq_len_no_meta\.tfrecord: record 0 has input_ids of length 32",
+    "vocab": r"train\.tfrecord: records have vocab_size=\d+ .* vocab_size of --bert_config_file is 500",
+    "config_missing_field": r"config_missing\.json: field 'num_hidden_layers' is missing",
+    "batch_not_divisible": (r"--train_batch_size=16 is not divisible by replicas \(1\) x "
+                            r"--gradient_accumulation_steps \(3\)"),
+}
+
+
+@pytest.mark.parametrize("existing_output", [False, True], ids=["fresh_dir", "previous_run"])
+@pytest.mark.parametrize("case", sorted(_BAD_INPUT_CASES))
+def test_bad_input_fails_before_training_and_leaves_output_dir_alone(
+        data, tmp_path, case, existing_output):
+    import run_pretraining
+    out = str(tmp_path / "out")
+    if existing_output:  # a previous run's directory of the same model must come through untouched
+        os.makedirs(out)
+        with open(data["config"], encoding="utf-8") as f:
+            config_text = f.read()
+        with open(os.path.join(out, "bert_config.json"), "w", encoding="utf-8") as f:
+            f.write(config_text)
+        with open(os.path.join(out, "notes.txt"), "w", encoding="utf-8") as f:
+            f.write("keep me")
+    before = _snapshot(out)
+
+    argv = _argv(data, out, "--do_train", "--do_eval", "--num_train_steps=5")
+    if case in ("truncated", "corrupt", "seq_len", "seq_len_no_meta"):
+        argv[0] = f"--input_file={_bad_records(data, tmp_path, case)}"
+    elif case == "vocab":
+        argv[3] = f"--bert_config_file={_write_json(tmp_path / 'small_vocab.json', _config(500))}"
+    elif case == "config_missing_field":
+        config = _config(data["vocab_size"])
+        del config["num_hidden_layers"]
+        argv[3] = f"--bert_config_file={_write_json(tmp_path / 'config_missing.json', config)}"
+    elif case == "batch_not_divisible":
+        argv.append("--gradient_accumulation_steps=3")
+
+    with pytest.raises(run_pretraining.UsageError, match=_BAD_INPUT_CASES[case]):
+        run_pretraining.run(run_pretraining.parse_flags(argv))
+    assert _snapshot(out) == before
+
+
+def test_command_line_error_is_one_line_without_traceback(data, tmp_path):
+    config = _config(data["vocab_size"])
+    del config["hidden_size"]
+    argv = _argv(data, tmp_path / "out", "--do_train",
+                 config=_write_json(tmp_path / "c.json", config))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "run_pretraining.py")] + argv,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 1
+    assert "run_pretraining.py: error:" in proc.stderr and "field 'hidden_size' is missing" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------
+# Divergence
+# ------------------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    import run_pretraining
+    out = str(tmp_path / "run")
+    # An absurd learning rate: step 1 (finite loss) blows the weights up, step 2's loss is NaN/inf.
+    with pytest.raises(run_pretraining.TrainingDivergedError,
+                       match=r"NaN/inf at step 2; stopped without saving\. Last good checkpoint: .*ckpt-1"):
+        _run(data, out, "--do_train", "--num_train_steps=8", "--iterations_per_loop=4",
+             "--save_checkpoints_steps=1", "--num_warmup_steps=0", "--learning_rate=1e38")
+    assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "ckpt-*"))) == [
+        "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
+    import tensorflow as tf
+    assert tf.train.latest_checkpoint(out).endswith("ckpt-1")
