@@ -73,10 +73,13 @@ class _BertOptimizer(keras.optimizers.Optimizer):
             return
         super().build(var_list)
         self._m, self._v = self.add_optimizer_variables(var_list, ["m", "v"])
+        # Decided here on the Keras variables: update_step sees the backing tf.Variables, whose
+        # names lack the layer path.
+        self._decay_flags = [self.weight_decay_rate > 0 and
+                             not any(p in v.path for p in self.no_decay_patterns) for v in var_list]
 
     def _decays(self, variable):
-        path = getattr(variable, "path", variable.name)
-        return self.weight_decay_rate > 0 and not any(p in path for p in self.no_decay_patterns)
+        return self._decay_flags[self._get_variable_index(variable)]
 
     def _get_current_learning_rate(self):
         # Keras evaluates schedules at the micro-batch counter; the schedule is in update steps.
