@@ -1,0 +1,170 @@
+"""Pretraining throughput: our compiled MLM train step vs transformers' PyTorch BertForMaskedLM.
+
+    python benchmarks/bench_pretraining.py                     # L4/H256 and base, seq 128
+    python benchmarks/bench_pretraining.py --sizes=small --rounds=5
+
+Prints sequences/s and MFU (model FLOPs / the fp32 matmul peak measured here, on this machine) for
+our step (run_pretraining.MaskedLMTrainer: forward+backward under XLA or not, then the optimizer)
+and for the peer (PyTorch eager BertForMaskedLM with the masked positions gathered before the head,
+AdamW, clip 1.0), dropout 0.1 in both, fp32, random token ids. Variants run in alternating rounds so
+that load from other processes hits them alike; figures are medians. Not a test: asserts nothing.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+SIZES = {  # name -> (layers, hidden, batch)
+    "small": (4, 256, 32),
+    "base": (12, 768, 8),
+}
+VOCAB, SEQ, PRED = 21128, 128, 20
+
+
+def train_flops_per_sequence(layers, hidden, seq=SEQ, pred=PRED, vocab=VOCAB):
+    """Matmul FLOPs of one training sequence (backward = 2x forward), as in MFU papers."""
+    intermediate = 4 * hidden
+    per_token_layer = 2 * (4 * hidden * hidden + 2 * hidden * intermediate) + 4 * seq * hidden
+    head = pred * (2 * hidden * hidden + 2 * hidden * vocab)
+    return 3 * (layers * seq * per_token_layer + head)
+
+
+def measure_matmul_peak(n=2048, repeats=10):
+    """Best fp32 GFLOP/s of an n x n matmul (TensorFlow, all cores)."""
+    import tensorflow as tf
+    a = tf.random.normal([n, n])
+    b = tf.random.normal([n, n])
+    mm = tf.function(lambda a, b: tf.matmul(a, b))
+    mm(a, b).numpy()
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(a, b).numpy()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def _random_batch(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "input_ids": rng.integers(1000, VOCAB, size=(batch, SEQ)).astype(np.int32),
+        "input_mask": np.ones((batch, SEQ), np.int32),
+        "segment_ids": np.zeros((batch, SEQ), np.int32),
+        "masked_lm_positions": np.sort(rng.integers(1, SEQ, size=(batch, PRED)), 1).astype(np.int32),
+        "masked_lm_ids": rng.integers(1000, VOCAB, size=(batch, PRED)).astype(np.int32),
+        "masked_lm_weights": np.ones((batch, PRED), np.float32),
+    }
+
+
+def make_ours(layers, hidden, batch, jit_compile, grads_only=False):
+    """-> step(n): runs n training steps of our pipeline (one compiled host call).
+
+    grads_only: only the compiled forward+backward (no optimizer update), to see what the update
+    outside XLA costs.
+    """
+    import tensorflow as tf
+
+    import modeling
+    import optimization
+    import run_pretraining
+    config = modeling.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=hidden // 64, intermediate_size=4 * hidden,
+                                 max_position_embeddings=512)
+    strategy = tf.distribute.get_strategy()
+    model = modeling.build_model(modeling.BertPretrainer(config))
+    optimizer = optimization.create_optimizer(1e-4, 10_000, 100)
+    optimizer.build(model.trainable_variables)
+    trainer = run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=batch,
+                                              jit_compile=jit_compile)
+    iterator = iter(tf.data.Dataset.from_tensors(_random_batch(batch)).repeat())
+
+    def step(n):
+        _, _, ran, finite = trainer.train_loop(iterator, tf.constant(n))
+        assert bool(finite) and int(ran) == n
+
+    def grads_step(n):
+        values = ([v.value for v in model.trainable_variables],
+                  [v.value for v in model.non_trainable_variables])
+        batch_k = {k: v[tf.newaxis] for k, v in next(iterator).items()}   # [k=1, B, ...]
+        for _ in range(n):
+            grads, _, _ = trainer._loss_and_grads_fn(*values, batch_k)
+        float(grads[0][0, 0])
+    return grads_step if grads_only else step
+
+
+def make_peer(layers, hidden, batch):
+    """-> step(n): n steps of transformers' BertForMaskedLM, positions gathered before the head."""
+    import torch
+    import transformers
+    torch.set_num_threads(os.cpu_count())
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=hidden // 64, intermediate_size=4 * hidden,
+                                     hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                                     max_position_embeddings=512)
+    model = transformers.BertForMaskedLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01)
+    b = {k: torch.from_numpy(v).long() if v.dtype == np.int32 else torch.from_numpy(v)
+         for k, v in _random_batch(batch).items()}
+    rows = torch.arange(batch)[:, None]
+
+    def step(n):
+        for _ in range(n):
+            sequence = model.bert(input_ids=b["input_ids"], attention_mask=b["input_mask"],
+                                  token_type_ids=b["segment_ids"]).last_hidden_state   # [B, S, H]
+            logits = model.cls(sequence[rows, b["masked_lm_positions"]])              # [B, P, V]
+            losses = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, VOCAB), b["masked_lm_ids"].reshape(-1), reduction="none")
+            weights = b["masked_lm_weights"].reshape(-1)
+            loss = (losses * weights).sum() / (weights.sum() + 1e-5)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="small,base")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=0, help="steps per timing (default: by size)")
+    args = parser.parse_args()
+
+    peak = measure_matmul_peak()
+    print(f"fp32 matmul peak (TF, 2048^2, {os.cpu_count()} cores): {peak:.1f} GFLOP/s")
+    for size in args.sizes.split(","):
+        layers, hidden, batch = SIZES[size]
+        steps = args.steps or (6 if size == "small" else 2)
+        flops = train_flops_per_sequence(layers, hidden)
+        variants = {"ours_xla": make_ours(layers, hidden, batch, True),
+                    "ours_no_xla": make_ours(layers, hidden, batch, False),
+                    "ours_xla_fwd_bwd_only": make_ours(layers, hidden, batch, True, grads_only=True),
+                    "peer_torch": make_peer(layers, hidden, batch)}
+        for step in variants.values():
+            step(1)  # compile / warm up
+        times = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, step in variants.items():
+                start = time.perf_counter()
+                step(steps)
+                times[name].append(batch * steps / (time.perf_counter() - start))
+        print(f"\nL={layers} H={hidden} seq={SEQ} batch={batch} predictions={PRED} dropout=0.1 fp32, "
+              f"{flops / 1e9:.2f} GFLOP/sequence")
+        rates = {name: statistics.median(v) for name, v in times.items()}
+        for name, rate in rates.items():
+            spread = f"{min(times[name]):.1f}-{max(times[name]):.1f}"
+            print(f"  {name:21s} {rate:7.2f} seq/s  (rounds {spread})  MFU {rate * flops / 1e9 / peak:6.1%}")
+        print(f"  ours_xla / peer_torch = {rates['ours_xla'] / rates['peer_torch']:.2f}x, "
+              f"ours_no_xla / peer_torch = {rates['ours_no_xla'] / rates['peer_torch']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
