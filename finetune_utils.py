@@ -348,7 +348,7 @@ def train_and_keep_best(model, opts, strategy, train_ds, num_examples, loss, eva
                 best.update(metrics)
                 manager.save()
 
-    model.fit(train_ds.repeat(), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0,
+    model.fit(train_ds.repeat(), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,
               callbacks=[ProgressCallback(total_steps), KeepBest()])
     modeling.make_checkpoint(model).restore(manager.latest_checkpoint).expect_partial()
     with open(os.path.join(opts.output_dir, "train_history.json"), "w", encoding="utf-8") as f:

@@ -1,0 +1,156 @@
+"""run_cmrc.py: the official CMRC2018 metric on hand-worked cases, SQuAD reading and its errors,
+sliding windows + answer selection, and an end-to-end run on a slice of CMRC2018."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+import run_cmrc
+from run_cmrc import cmrc_em, cmrc_f1, cmrc_segments
+
+# ------------------------------------------------------------------------------------------ metric
+
+
+def test_segments_split_chinese_chars_and_keep_latin_words_and_numbers_whole():
+    assert cmrc_segments("2019年，Apple Inc.") == ["2019", "年", "apple", "inc", "."]
+    assert cmrc_segments(" 3.5 亿 ") == ["3.5", "亿"]
+
+
+def test_f1_partial_answer_by_hand():
+    # ref 北/京/市, pred 北/京: common run 2 -> P = 1, R = 2/3, F1 = 0.8
+    assert cmrc_f1(["北京市"], "北京") == pytest.approx(0.8)
+
+
+def test_f1_counts_the_longest_common_contiguous_run_not_a_subsequence():
+    # 甲乙丙丁 vs 甲丙: the longest shared *run* is 1 char -> P = 1/2, R = 1/4, F1 = 1/3
+    assert cmrc_f1(["甲乙丙丁"], "甲丙") == pytest.approx(1 / 3)
+
+
+def test_f1_and_em_take_the_max_over_all_reference_answers():
+    # vs 天安门广场: run 天安门 = 3, P = R = 3/5 -> 0.6; vs 北京: P = 2/5, R = 1 -> 4/7. Max = 0.6.
+    assert cmrc_f1(["天安门广场", "北京"], "北京天安门") == pytest.approx(0.6)
+    assert cmrc_f1(["北京", "天安门广场"], "北京天安门") == pytest.approx(0.6)
+    assert cmrc_em(["北京市", "北京"], "北京") == 1.0
+    assert cmrc_em(["北京市"], "北京") == 0.0
+
+
+def test_punctuation_from_the_official_list_is_ignored_and_case_folded():
+    assert cmrc_em(["《红楼梦》"], "红楼梦") == 1.0
+    assert cmrc_f1(["《红楼梦》"], "红楼梦。") == 1.0
+    assert cmrc_em(["NBA"], "nba") == 1.0
+    # A number next to a unit: ref 1990/年, pred 1990 -> P = 1, R = 1/2
+    assert cmrc_f1(["1990年"], "1990") == pytest.approx(2 / 3)
+
+
+def test_punctuation_outside_the_official_list_still_counts_like_the_official_scorer():
+    # The official list has the two-character "……" but not a lone "…" (nor "‘"): they are kept.
+    assert cmrc_em(["好…"], "好") == 0.0
+    assert cmrc_em(["‘好"], "好") == 0.0
+
+
+def test_empty_prediction_scores_zero_and_missing_predictions_are_counted_in_the_total():
+    assert cmrc_f1(["北京"], "") == 0.0 and cmrc_em(["北京"], "") == 0.0
+    examples = [run_cmrc.QAExample("q1", "", "", ["北京"], 0, "北京"),
+                run_cmrc.QAExample("q2", "", "", ["上海"], 0, "上海")]
+    m = run_cmrc.cmrc_metrics(examples, {"q1": "北京"})
+    assert m["em"] == 50.0 and m["f1"] == 50.0 and m["skip"] == 1 and m["total"] == 2
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _squad(tmp_path, answers, name="data.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"version": "v1.0", "data": [{"paragraphs": [{
+        "context": "范廷颂是越南罗马天主教枢机。1963年被任为主教。",
+        "qas": [{"id": f"Q{i}", "question": "问题？", "answers": a} for i, a in enumerate(answers)]}]}]},
+        ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def test_mismatched_answer_offsets_are_counted_and_skipped_for_training(tmp_path):
+    path = _squad(tmp_path, [[{"text": "范廷颂", "answer_start": 0}],
+                             [{"text": "1963年", "answer_start": 3}]])  # really at 14
+    examples, mismatched = run_cmrc.read_squad(path)
+    assert mismatched == 1
+    assert [e.answer_start for e in examples] == [0, -1]
+    assert examples[1].answers == ["1963年"]  # still a reference for the metric
+
+
+def test_bad_squad_files_name_the_file_and_question(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.json"):
+        run_cmrc.read_squad(str(empty))
+    (tmp_path / "nodata.json").write_text('{"data": []}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"nodata.json: no questions"):
+        run_cmrc.read_squad(str(tmp_path / "nodata.json"))
+    path = _squad(tmp_path, [[{"text": "范廷颂"}]], name="nostart.json")
+    with pytest.raises(ValueError, match=r"nostart.json: question Q0: answer has no integer answer_start"):
+        run_cmrc.read_squad(path)
+
+
+# --------------------------------------------------------------------------------- windows / decode
+
+
+def _opts(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), bert_config_file="", vocab_file="",
+                max_seq_length=32, doc_stride=8, max_query_length=8, max_answer_length=10, n_best_size=5)
+    base.update(kw)
+    return run_cmrc.QAOptions(**base)
+
+
+def test_every_window_of_a_long_context_is_scored_and_the_answer_maps_to_exact_chars(tmp_path, google_vocab):
+    import tokenization
+
+    tokenizer = tokenization.FullTokenizer(str(google_vocab))
+    context = "甲" * 40 + "答案是NBA球队" + "乙" * 40
+    start = context.index("NBA")
+    ex = run_cmrc.QAExample("q", "问什么", context, ["NBA球队"], start, "NBA球队")
+    opts = _opts(tmp_path)
+    features, (starts, ends), infos = run_cmrc.convert_examples([ex], tokenizer, opts, training=True)
+    assert len(infos) > 3  # 87 context tokens in windows of 32 - 3 - 3 = 26
+    inside = [f for f in range(len(infos)) if starts[f] > 0]
+    assert inside and all(ends[f] - starts[f] == 2 for f in inside)  # nba, 球, 队
+    # Decoding: the answer's logits peak in the window where its start has the most context.
+    _, _, infos = run_cmrc.convert_examples([ex], tokenizer, opts, training=False)
+    f = next(f for f in inside if infos[f].max_context[starts[f] - infos[f].doc_offset])
+    start_logits = np.zeros((len(infos), 32), np.float32)
+    end_logits = np.zeros_like(start_logits)
+    start_logits[f, starts[f]] = end_logits[f, ends[f]] = 5.0
+    start_logits[f, 1] = 9.0  # a higher score inside the question must be ignored
+    got = run_cmrc.best_answers([ex], infos, start_logits, end_logits, 5, 10)
+    assert got == {"q": "NBA球队"}
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_cmrc_trains_end_to_end_and_beats_the_trivial_baseline(tmp_path, shared_data, google_vocab):
+    import modeling
+
+    t0 = time.time()
+    data = json.loads((shared_data / "cmrc2018" / "train.json").read_text(encoding="utf-8"))
+    paragraphs = [p for a in data["data"] for p in a["paragraphs"] if len(p["context"]) < 400]
+    rng = np.random.default_rng(0)
+    rng.shuffle(paragraphs)
+    for name, part in (("train.json", paragraphs[:200]), ("dev.json", paragraphs[200:240])):
+        (tmp_path / name).write_text(json.dumps({"data": [{"paragraphs": part}]}, ensure_ascii=False),
+                                     encoding="utf-8")
+    config = tmp_path / "bert_config.json"
+    modeling.BertConfig(vocab_size=21128, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=512).to_json_file(str(config))
+    opts = _opts(tmp_path, data_dir=str(tmp_path), train_file="train.json", dev_file="dev.json",
+                 vocab_file=str(google_vocab), bert_config_file=str(config), do_train=True, do_eval=True,
+                 max_seq_length=128, doc_stride=96, max_query_length=24, max_answer_length=16,
+                 n_best_size=10, train_batch_size=32, learning_rate=1e-3, num_train_epochs=4)
+    metrics = run_cmrc.run(opts)
+    dev, _ = run_cmrc.read_squad(str(tmp_path / "dev.json"))
+    # Trivial baseline: the first 4 characters of the context (answers are often near the start).
+    baseline = run_cmrc.cmrc_metrics(dev, {e.qid: e.context[:4] for e in dev})
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text(encoding="utf-8"))
+    assert set(predictions) == {e.qid for e in dev}
+    print(f"cmrc slice: {metrics}, baseline f1 {baseline['f1']:.1f}, {time.time() - t0:.0f}s")
+    assert metrics["f1"] > baseline["f1"] + 5.0
