@@ -2,9 +2,8 @@
 
     # HuggingFace / UER-converted folder (config.json, model.safetensors or pytorch_model.bin, vocab.txt)
     python convert_checkpoint.py --mode=hf_to_tf2 --input=chinese_roberta_hf/ --output_dir=imported/
-    # Google / brightmart TF1 checkpoint -> ours (init_checkpoint also reads TF1 directly; this converts once)
-    python convert_checkpoint.py --mode=google_to_tf2 --input=chinese_L-12_H-768_A-12/bert_model.ckpt \
-        --bert_config_file=.../bert_config.json --vocab_file=.../vocab.txt --output_dir=imported/
+    # Google / brightmart TF1 checkpoint -> ours (bert_config.json, vocab.txt found beside it)
+    python convert_checkpoint.py --mode=google_to_tf2 --input=chinese_L-12_H-768_A-12/ --output_dir=imported/
     # ours -> Google TF1 (bert_model.ckpt.{index,data-*} + bert_config.json + vocab.txt)
     python convert_checkpoint.py --mode=tf2_to_google --input=pretrain_out/ --bert_config_file=... \
         --vocab_file=... --output_dir=google_export/
@@ -16,9 +15,14 @@ Every name mapping comes from `modeling.name_table(model)`, the one table of
 our variable <-> Google TF1 name <-> HuggingFace name. Outputs are written to a temporary folder
 next to `--output_dir` and renamed at the end, so a failed conversion leaves nothing behind.
 
-The safetensors reader/writer is plain numpy (the format is an 8-byte header length, a JSON header
-of {name: {dtype, shape, data_offsets}}, then raw little-endian bytes), so neither torch nor the
-safetensors package is needed, and tensors are read one at a time to keep peak memory near one model.
+The safetensors reader is plain numpy (the format is an 8-byte header length, a JSON header of
+{name: {dtype, shape, data_offsets}}, then raw little-endian bytes; the writer is in
+export_to_pytorch.py), so neither torch nor the safetensors package is needed, and tensors are read
+one at a time to keep peak memory near one model. pytorch_model.bin needs torch.
+
+Google folders also work without converting: --init_checkpoint reads bert_model.ckpt directly.
+A pooler present in the source but absent from our model (MLM, NER, QA) is kept in the converted
+checkpoint under its Google name, so a classifier initialised from it gets the pretrained pooler.
 """
 
 import contextlib
@@ -500,10 +504,10 @@ def hf_to_tf2(input_dir, output_dir, task=None, overwrite=False):
     check_output_dir(output_dir, overwrite)
     folder = HFFolder(input_dir)
     config = modeling.BertConfig.from_dict(folder.bert_config, source=folder.config_path)
-    task = task or folder.task
-    if task != folder.task and folder.task != "mlm":
-        raise ValueError(f"{folder.config_path}: holds a {folder.task} model, not --task={task}")
-    labels = folder.labels if task == folder.task else None
+    if task and task != folder.task:
+        raise ValueError(f"{folder.config_path}: holds a {folder.task} model "
+                         f"({folder.hf_config.get('architectures')}), not --task={task}")
+    task, labels = folder.task, folder.labels
     model = build_task_model(config, task, len(labels) if labels else None)
     extras, _ = assign_from_hf(model, folder)
     with atomic_output_dir(output_dir, overwrite) as tmp:
@@ -532,6 +536,8 @@ def google_to_tf2(prefix, bert_config_file, vocab_file, output_dir, task=None, l
     check_output_dir(output_dir, overwrite)
     config = modeling.BertConfig.from_json_file(bert_config_file)
     check_vocab_size(vocab_file, config, bert_config_file)
+    if os.path.isdir(prefix):  # a released folder like chinese_L-12_H-768_A-12/
+        prefix = os.path.join(prefix, "bert_model.ckpt")
     if not os.path.exists(prefix + ".index"):
         raise ValueError(f"--input={prefix}: no TF1 checkpoint there (expected {prefix}.index)")
     task, num_labels = _google_task(prefix, task)
@@ -575,14 +581,16 @@ FLAGS = flags.FLAGS
 def define_flags():
     flags.DEFINE_enum("mode", None, ["hf_to_tf2", "google_to_tf2", "tf2_to_google"], "Conversion.")
     flags.DEFINE_string("input", None, "hf_to_tf2: a HuggingFace/UER folder; google_to_tf2: a TF1 "
-                        "prefix (.../bert_model.ckpt); tf2_to_google: our checkpoint dir or prefix.")
+                        "prefix (.../bert_model.ckpt) or its folder; tf2_to_google: our checkpoint dir or prefix.")
     flags.DEFINE_string("output_dir", None, "Folder to create (written atomically).")
     flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --input).")
     flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --input).")
-    flags.DEFINE_enum("task", None, list(TASK_ARCHITECTURES), "Model head; default: from the input "
-                      "(tf2_to_google: mlm).")
-    flags.DEFINE_string("labels", None, "classifier/ner: labels in id order, comma-separated or a "
-                        "file with one per line (default: labels.txt beside --input).")
+    flags.DEFINE_enum("task", None, list(TASK_ARCHITECTURES), "Model head. hf_to_tf2: checked "
+                      "against config.json; google_to_tf2: read from the tensor names (use it to "
+                      "tell ner from classifier); tf2_to_google: default mlm.")
+    flags.DEFINE_string("labels", None, "classifier/ner label names in id order, comma-separated "
+                        "or a file with one per line; written to labels.txt on import. "
+                        "tf2_to_google default: labels.txt beside --input.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.")
     flags.mark_flags_as_required(["mode", "input", "output_dir"])
 
@@ -605,14 +613,13 @@ def main(argv):
         else:
             config = FLAGS.bert_config_file or beside(FLAGS.input, "bert_config.json", "bert_config_file")
             vocab = FLAGS.vocab_file or beside(FLAGS.input, "vocab.txt", "vocab_file")
-            labels_flag = FLAGS.labels
-            if labels_flag is None and FLAGS.task in ("classifier", "ner"):
-                labels_flag = beside(FLAGS.input, "labels.txt", "labels")
-            labels = parse_labels(labels_flag)
-            if FLAGS.mode == "google_to_tf2":
+            labels = parse_labels(FLAGS.labels)
+            if FLAGS.mode == "google_to_tf2":  # the number of labels is in the checkpoint
                 google_to_tf2(FLAGS.input, config, vocab, FLAGS.output_dir, FLAGS.task, labels,
                               FLAGS.overwrite)
             else:
+                if not labels and FLAGS.task in ("classifier", "ner"):
+                    labels = parse_labels(beside(FLAGS.input, "labels.txt", "labels"))
                 tf2_to_google(FLAGS.input, config, vocab, FLAGS.output_dir, FLAGS.task or "mlm",
                               labels, FLAGS.overwrite)
     except ValueError as e:

@@ -95,7 +95,7 @@ def test_ours_to_google_tf1_to_ours_is_bit_identical_with_google_names(tmp_path,
         assert json.load(f) == tiny_config().to_dict()
 
     back_dir = str(tmp_path / "back")
-    convert_checkpoint.google_to_tf2(os.path.join(google, "bert_model.ckpt"),
+    convert_checkpoint.google_to_tf2(google,  # the released-folder form: .../bert_model.ckpt inside
                                      os.path.join(google, "bert_config.json"),
                                      os.path.join(google, "vocab.txt"), back_dir)
     got = weights_of(load_ours(back_dir, task))
