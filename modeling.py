@@ -524,12 +524,8 @@ _WEIGHT_NAME = re.compile(r"^(bert|cls)/|^output_(weights|bias)$")
 _TF2_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 
-def _tf2_key(name):
-    # tf.train.Checkpoint escapes object names this way: "." -> "..", "/" -> ".S".
-    return name.replace(".", "..").replace("/", ".S") + _TF2_SUFFIX
-
-
 def _tf2_name(key):
+    # tf.train.Checkpoint escapes object names: "." -> "..", "/" -> ".S"; undo that.
     escaped = key[:-len(_TF2_SUFFIX)]
     return re.sub(r"\.(.)", lambda m: "/" if m.group(1) == "S" else m.group(1), escaped)
 
@@ -564,7 +560,7 @@ def _resolve_checkpoint(path):
 
 
 def load_pretrained(model, path):
-    """Copies weights from a checkpoint into a built `model`; returns LoadReport(loaded, newly_initialized, unused).
+    """Copies checkpoint weights into a built `model` -> LoadReport(loaded, newly_initialized, unused).
 
     `path`: a directory (its latest ckpt-N, else its bert_model.ckpt), one of our TF2 checkpoint
     prefixes, or a Google/brightmart TF1 checkpoint prefix. Optimizer slots and global_step are
