@@ -58,7 +58,6 @@ INPUT_FORMATS = ("sentence_per_line", "doc_per_line")
 DOCS_PER_CHUNK = 256
 CHARS_PER_CHUNK = 1 << 20
 _RUN_CACHE_LIMIT = 200_000
-_WORD_START_TABLE = [b"\x01" + bytes(n - 1) if n else b"" for n in range(64)]
 
 
 @dataclasses.dataclass
@@ -254,28 +253,16 @@ def _is_punctuation(ch):
     return unicodedata.category(ch).startswith("P")
 
 
-def _simple_char_class(do_lower_case):
-    """Regex class of "simple" characters: each is always exactly one token on its own.
+def _is_simple_char(ch, do_lower_case):
+    """True for characters that always become exactly one token of their own.
 
-    CJK ideographs get spaces put around them by the tokenizer; punctuation that lower-casing and
-    accent stripping leave unchanged is split off as a one-character word. Either way the token does
-    not depend on the neighbours, so these characters are looked up one by one (cached), and only
-    the remaining runs (letters, digits, spaces, ...) go through the full tokenizer.
+    The tokenizer puts spaces around CJK ideographs, and splits off punctuation as a one-character
+    word (we only count punctuation that lower-casing and accent stripping leave unchanged). Either
+    way the token does not depend on the neighbours, so these characters are looked up one by one.
     """
-    singles = []
-    for cp in range(0x10000):
-        ch = chr(cp)
-        if _is_punctuation(ch) and not (
-                do_lower_case and unicodedata.normalize("NFD", ch.lower()) != ch):
-            singles.append(cp)
-    ranges = list(_CJK_RANGES)
-    for cp in singles:  # merge consecutive code points into ranges to keep the class short
-        if ranges and ranges[-1][1] == cp - 1 and ranges[-1][0] >= 0x20 and ranges[-1][1] < 0x4E00:
-            ranges[-1] = (ranges[-1][0], cp)
-        else:
-            ranges.append((cp, cp))
-    return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}"
-                   for a, b in ranges)
+    if _is_cjk_char(ch):
+        return True
+    return _is_punctuation(ch) and not (do_lower_case and unicodedata.normalize("NFD", ch.lower()) != ch)
 
 
 def _is_split_char(ch):
@@ -283,31 +270,45 @@ def _is_split_char(ch):
     return ch.isspace() or _is_punctuation(ch)
 
 
+_ID_BASE = 0x100000  # simple characters are translated to chr(_ID_BASE + token id)
+
+
+class _CharTable(dict):
+    """str.translate table: simple char -> chr(_ID_BASE + id); other chars -> a char below _ID_BASE."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def __missing__(self, cp):
+        ch = chr(cp)
+        if _is_simple_char(ch, self.tokenizer.do_lower_case):
+            ids = self.tokenizer.full.convert_tokens_to_ids(self.tokenizer.full.tokenize(ch))
+            if len(ids) != 1:
+                raise AssertionError(f"character {ch!r} gave {len(ids)} tokens")
+            value = chr(_ID_BASE + ids[0])
+        else:  # private-use planes 15/16 are dropped by the tokenizer; "\0" is dropped the same way
+            value = ch if cp < _ID_BASE else "\0"
+        self[cp] = value
+        return value
+
+
 class SpanTokenizer:
     """Wraps `tokenization.FullTokenizer`: the same ids, plus the masking groups of the tokens.
 
-    "Simple" characters (CJK, punctuation) map to one id each through a per-character cache. Other
-    runs ("iPhone 12", "3.5") are tokenized once per distinct string with the full tokenizer and
-    cached with the character span each token came from. Tokens never cross a simple character
-    (the tokenizer separates them), so the concatenation equals FullTokenizer on the whole sentence.
+    A whole document is handled at once with NumPy. Simple characters (CJK, punctuation) map to one
+    id each through a `str.translate` table. The other runs ("iPhone 12", "3.5", "\n") are tokenized
+    once per distinct string with the full tokenizer and cached with the character span each token
+    came from. Tokens never cross a simple character (the tokenizer separates them), so the result
+    equals FullTokenizer on every sentence; tests/ check this on the corpora.
     """
 
     def __init__(self, vocab_file, do_lower_case):
         self.full = tokenization.FullTokenizer(vocab_file, do_lower_case=do_lower_case)
         self.vocab = self.full.vocab
-        self._complex_re = re.compile(f"[^{_simple_char_class(do_lower_case)}]+")
-        self._char_ids = {}  # simple char -> id
+        self.do_lower_case = do_lower_case
+        self._table = _CharTable(self)
         self._runs = {}  # complex run -> (ids, rel_starts, rel_ends, joins_previous)
-
-    def _ids(self, text):
-        return self.full.convert_tokens_to_ids(self.full.tokenize(text))
-
-    def _char_id(self, ch):
-        ids = self._ids(ch)
-        if len(ids) != 1:
-            raise AssertionError(f"simple character {ch!r} gave {len(ids)} tokens")
-        self._char_ids[ch] = ids[0]
-        return ids[0]
 
     def _analyze_run(self, run):
         """Tokens of a complex run with the span [start, end) of the piece each came from."""
@@ -337,53 +338,63 @@ class SpanTokenizer:
             # them the whole run as span, so they form one group.
             starts, ends = [0] * len(tokens), [len(run)] * len(tokens)
             joins = [i > 0 for i in range(len(tokens))]
-        entry = (tuple(self.full.convert_tokens_to_ids(tokens)), tuple(starts), tuple(ends),
-                 tuple(joins))
+        entry = (self.full.convert_tokens_to_ids(tokens), starts, ends, joins)
         if len(self._runs) >= _RUN_CACHE_LIMIT:
             self._runs.clear()
         self._runs[run] = entry
         return entry
 
-    def tokenize_grouped(self, sentence, base, word_of, word_start):
-        """Token ids of `sentence` and the indices of the tokens that start a masking group.
+    def tokenize_sentences(self, sentences, word_start):
+        """Token ids and masking groups of every sentence (of one or many documents, in one go).
 
         A token joins the previous token's group when it is a WordPiece continuation or when its
         first character lies in the jieba word of the previous token's last character.
 
         Args:
-          sentence: str, one sentence of the document.
-          base: offset of `sentence` in the document text that was segmented.
-          word_of: list[int], jieba word number of every character of the document text.
-          word_start: bytes, 1 where a jieba word starts in the document text.
+          sentences: list[str]; the text is "\n".join(sentences).
+          word_start: bytes [len(text)], 1 where a jieba word starts.
         Returns:
-          (ids [n] list[int], group_starts list[int] ascending, first is 0 when n > 0)
+          [(ids list[int], group_starts list[int])] per sentence; group_starts ascending, [0] first.
         """
-        ids, group_starts = [], []
-        prev_word = -1  # jieba word of the previous token's last character
-        pos = 0
-        for m in itertools.chain(self._complex_re.finditer(sentence), (None,)):
-            a, b = m.span() if m else (len(sentence), len(sentence))
-            if a > pos:  # simple characters [pos, a): one token each, contiguous
-                cache, off, n0 = self._char_ids, base + pos, len(ids)
-                try:
-                    ids.extend(list(map(cache.__getitem__, sentence[pos:a])))
-                except KeyError:  # first sight of a character: fill the cache, then look up again
-                    ids.extend([cache[ch] if ch in cache else self._char_id(ch) for ch in sentence[pos:a]])
-                if word_of[off] != prev_word:
-                    group_starts.append(n0)
-                group_starts.extend(itertools.compress(range(n0 + 1, len(ids)),
-                                                       word_start[off + 1:off + a - pos]))
-                prev_word = word_of[off + a - pos - 1]
-            if m:
-                run = m.group()
-                off = base + a
-                for tid, s, e, join in zip(*(self._runs.get(run) or self._analyze_run(run))):
-                    if not (join or word_of[off + s] == prev_word):
-                        group_starts.append(len(ids))
-                    ids.append(tid)
-                    prev_word = word_of[off + e - 1]
-            pos = b
-        return ids, group_starts
+        text = "\n".join(sentences)
+        codes = np.frombuffer(text.translate(self._table).encode("utf-32-le"), np.uint32)  # [C]
+        simple = codes >= _ID_BASE
+        # Complex runs: maximal stretches of non-simple characters, as (start, end) pairs.
+        edges = np.flatnonzero(np.diff(np.concatenate(([1], simple, [1])).astype(np.int8)))
+        bounds = edges.reshape(-1, 2)  # [R, 2]
+        runs, analyze = self._runs, self._analyze_run
+        found = [runs.get(text[a:b]) or analyze(text[a:b]) for a, b in bounds.tolist()]
+        per_run = np.fromiter(map(len, (f[0] for f in found)), np.int64, len(found))  # tokens per run
+        chain = itertools.chain.from_iterable
+        run_start = np.repeat(bounds[:, 0], per_run)
+        n = int(per_run.sum())
+        c_pos = run_start + np.fromiter(chain(f[1] for f in found), np.int64, n)
+        c_end = run_start + np.fromiter(chain(f[2] for f in found), np.int64, n)
+        c_ids = np.fromiter(chain(f[0] for f in found), np.int64, n)
+        c_join = np.fromiter(chain(f[3] for f in found), bool, n)
+        s_pos = np.flatnonzero(simple)
+        pos = np.concatenate([s_pos, c_pos])  # [T] first character of each token
+        order = np.argsort(pos, kind="stable")
+        pos = pos[order]
+        ids = np.concatenate([codes[simple].astype(np.int64) - _ID_BASE, c_ids])[order]
+        end = np.concatenate([s_pos + 1, c_end])[order]
+        join = np.concatenate([np.zeros(len(s_pos), bool), c_join])[order]
+        # word_of[c]: number of the jieba word holding character c.
+        word_of = np.cumsum(np.frombuffer(word_start, np.uint8), dtype=np.int64)
+        new_group = ~join
+        new_group[1:] &= word_of[pos[1:]] != word_of[end[:-1] - 1]
+        # Split tokens by sentence (sentence k starts at character offset[k]); each starts a group.
+        offset = np.cumsum([0] + [len(x) + 1 for x in sentences[:-1]])
+        cut = np.searchsorted(pos, offset)
+        new_group[cut[cut < len(pos)]] = True
+        group_starts = np.flatnonzero(new_group)
+        gcut = np.searchsorted(group_starts, cut).tolist() + [len(group_starts)]
+        # Group starts relative to their sentence's first token, converted to Python once.
+        sentence_of_group = np.searchsorted(cut, group_starts, side="right") - 1
+        rel = (group_starts - cut[sentence_of_group]).tolist()
+        ids = ids.tolist()
+        bounds = cut.tolist() + [len(ids)]
+        return [(ids[bounds[k]:bounds[k + 1]], rel[gcut[k]:gcut[k + 1]]) for k in range(len(sentences))]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -593,34 +604,48 @@ class InstanceMaker:
         self.max_tokens = o.max_seq_length - 2
         self.encoder = ExampleEncoder(o.max_seq_length, o.max_predictions_per_seq, len(vocab))
         self.framer = TFRecordFramer()
+        self._word_start_table = [b""]  # [n] -> b"\x01" + n-1 zero bytes
 
     def featurize(self, sentences, path):
-        """Tokenizes and segments one document.
+        """One document: [(line_number, sentence)] -> (pieces, split_lines); see featurize_many."""
+        pieces, split_lines = self.featurize_many([(path, sentences)])
+        return pieces[0], split_lines
 
-        Returns (pieces, stats): pieces = [(ids, group_starts)] with len(ids) <= max_seq_length - 2
-        (long sentences split at group starts), stats = counters and split-line warnings.
+    def featurize_many(self, docs):
+        """Segments and tokenizes documents, all in one go (NumPy calls amortized over the chunk).
+
+        Args:
+          docs: [(path, [(line_number, sentence), ...])].
+        Returns:
+          (pieces per document: [[(ids, group_starts)]] with len(ids) <= max_seq_length - 2 (long
+           sentences split at group starts), split_lines: ["file:line (n tokens)"]).
         """
-        text = "\n".join(s for _, s in sentences)
-        words = self.segment(text)
-        # word_start[c] = 1 where a word starts; word_of[c] = number of the word holding character c.
-        table = _WORD_START_TABLE
-        word_start = b"".join([table[len(w)] if len(w) < 64 else b"\x01" + bytes(len(w) - 1)
-                               for w in words])
+        sentences = [x for _, doc in docs for _, x in doc]
+        # Documents are joined by "\n" like sentences; jieba never joins words across a newline,
+        # so this is the same segmentation as one document at a time, in one call.
+        text = "\n".join(sentences)
+        lengths = list(map(len, self.segment(text)))
+        table = self._word_start_table
+        if max(lengths) >= len(table):
+            table += [b"\x01" + bytes(n - 1) for n in range(len(table), max(lengths) + 1)]
+        word_start = b"".join(map(table.__getitem__, lengths))  # 1 where a jieba word starts
         if len(word_start) != len(text):
-            raise ValueError(f"{path}:{sentences[0][0]}: segmenter {self.o.segmenter} lost characters")
-        word_of = list(itertools.accumulate(word_start))
-        pieces, split_lines, base = [], [], 0
-        for line_no, sentence in sentences:
-            ids, starts = self.tok.tokenize_grouped(sentence, base, word_of, word_start)
-            base += len(sentence) + 1
-            if not self.o.do_whole_word_mask:
-                starts = list(range(len(ids)))
-            if len(ids) > self.max_tokens:
-                split_lines.append(f"{path}:{line_no} ({len(ids)} tokens)")
-                pieces.extend(self._split_long(ids, starts))
-            elif ids:
-                pieces.append((ids, starts))
-        return pieces, split_lines
+            path, doc = docs[0]
+            raise ValueError(f"{path}:{doc[0][0]}: segmenter {self.o.segmenter} lost characters")
+        tokenized = iter(self.tok.tokenize_sentences(sentences, word_start))
+        out, split_lines = [], []
+        for path, doc in docs:
+            pieces = []
+            for (line_no, _), (ids, starts) in zip(doc, tokenized):
+                if not self.o.do_whole_word_mask:
+                    starts = list(range(len(ids)))
+                if len(ids) > self.max_tokens:
+                    split_lines.append(f"{path}:{line_no} ({len(ids)} tokens)")
+                    pieces.extend(self._split_long(ids, starts))
+                elif ids:
+                    pieces.append((ids, starts))
+            out.append(pieces)
+        return out, split_lines
 
     def _split_long(self, ids, starts):
         """Cuts a too-long sentence into pieces of <= max_tokens at group starts (hard cut if none)."""
@@ -729,12 +754,11 @@ def process_chunk(job):
     """
     chunk_index, first_doc, docs, paths = job
     maker, o = _MAKER, _MAKER.o
-    records, split_lines = [], []
+    records = []
     stats = {"documents": len(docs), "empty_documents": 0, "sentences": 0, "tokens": 0,
              "instances": 0, "predictions": 0}
-    for d, (path_index, sentences) in enumerate(docs):
-        pieces, split = maker.featurize(sentences, paths[path_index])
-        split_lines += split
+    doc_pieces, split_lines = maker.featurize_many([(paths[p], sentences) for p, sentences in docs])
+    for d, ((_, sentences), pieces) in enumerate(zip(docs, doc_pieces)):
         stats["sentences"] += len(sentences)
         if not pieces:
             stats["empty_documents"] += 1

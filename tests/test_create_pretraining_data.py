@@ -141,7 +141,7 @@ def test_fast_tokenizer_gives_identical_ids_to_full_tokenizer(lower):
     full = tokenization.FullTokenizer(VOCAB, do_lower_case=lower)
     sentences = [s for doc in _corpus_sentences(CORPUS) for s in doc] + TRICKY
     for s in sentences:
-        ids, starts = span_tok.tokenize_grouped(s, 0, list(range(len(s))), b"\x01" * len(s))
+        (ids, starts), = span_tok.tokenize_sentences([s], b"\x01" * len(s))
         assert ids == full.convert_tokens_to_ids(full.tokenize(s)), s
         assert not ids or starts[0] == 0
 
@@ -155,7 +155,7 @@ def test_fast_tokenizer_matches_on_wikipedia_with_google_vocab(google_vocab):
     span_tok = cpd.SpanTokenizer(str(google_vocab), True)
     full = tokenization.FullTokenizer(str(google_vocab))
     for s in lines:
-        ids, _ = span_tok.tokenize_grouped(s, 0, list(range(len(s))), b"\x01" * len(s))
+        (ids, _), = span_tok.tokenize_sentences([s], b"\x01" * len(s))
         assert ids == full.convert_tokens_to_ids(full.tokenize(s)), s
 
 
