@@ -410,6 +410,26 @@ def test_classifier_checkpoint_restores_into_encoder_of_token_classifier(tmp_pat
     assert set(report.unused) == {"bert/pooler/dense/kernel", "bert/pooler/dense/bias"}
 
 
+def test_stateless_call_under_xla_matches_eager_call():
+    # run_pretraining compiles a pure function of the variable values (XLA cannot touch mirrored
+    # variables), so the model must honour Keras' stateless_call.
+    c = small_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = randomize(modeling.build_model(modeling.BertPretrainer(c)))
+    batch = random_batch(c)
+    shifted = [v.value + 0.01 for v in model.trainable_variables]
+
+    @tf.function(jit_compile=True)
+    def logits_from_values(trainable, batch):
+        logits, _ = model.stateless_call(trainable, [], batch, training=False)
+        return logits
+
+    expected = model(batch).numpy()
+    np.testing.assert_allclose(logits_from_values(model.trainable_variables, batch), expected, atol=1e-4)
+    moved = logits_from_values(shifted, batch).numpy()
+    assert np.abs(moved - expected).max() > 1e-3  # the values passed in are the ones used
+    np.testing.assert_array_equal(model(batch).numpy(), expected)  # and the variables are untouched
+
+
 # ---------------------------------------------------------------------------------------------
 # tf.function, XLA and MirroredStrategy (a subprocess: logical devices must be set before TF starts)
 # ---------------------------------------------------------------------------------------------
