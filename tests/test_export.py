@@ -283,3 +283,17 @@ def test_command_line_finds_config_vocab_and_labels_beside_the_checkpoint(export
     with open(os.path.join(out, "model.safetensors"), "rb") as a, \
             open(os.path.join(reference_dir, "model.safetensors"), "rb") as b:
         assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("do_lower_case", [True, False])
+def test_exported_tokenizer_gives_our_token_ids(exported, tmp_path, do_lower_case):
+    import tokenization
+    model, ckpt, _ = exported["ner"]
+    vocab = os.path.join(ckpt, "vocab.txt")
+    out = export_to_pytorch.export_model(model, "ner", vocab, str(tmp_path / "hf"), LABELS["ner"],
+                                         do_lower_case=do_lower_case)
+    ours = tokenization.FullTokenizer(vocab, do_lower_case=do_lower_case)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    for text in ("我爱Hello北京abc", "HELLO 大学生，a b"):
+        expected = ours.convert_tokens_to_ids(["[CLS]"] + ours.tokenize(text) + ["[SEP]"])
+        assert theirs(text)["input_ids"] == expected, text
