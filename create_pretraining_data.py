@@ -533,6 +533,9 @@ class TFRecordFramer:
         for _ in range(8):  # reflected Castagnoli polynomial
             table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1).astype(np.uint32)
         self.table = table
+        # table16[x]: register x (< 2**16) after two zero bytes, to consume two bytes per step.
+        x = np.arange(1 << 16, dtype=np.uint32)
+        self.table16 = self._zero_bytes(x, 2)
         # shift[m, i, b]: register b << 8i after 64*m zero bytes (the CRC is linear in the register).
         self.shift = (np.arange(256, dtype=np.uint32)[None, None, :] << (8 * np.arange(4, dtype=np.uint32))[None, :, None])
         # init_after[n]: the 0xFFFFFFFF initial register after n zero bytes (the affine part).
@@ -558,10 +561,10 @@ class TFRecordFramer:
         self._grow(int(blocks.max()), int(lens.max()))
         padded = b"".join([bytes(self.BLOCK * k - n) + b
                            for b, n, k in zip(blobs, lens.tolist(), blocks.tolist())])
-        data = np.frombuffer(padded, np.uint8).reshape(-1, self.BLOCK)  # [total_blocks, 64]
+        data = np.frombuffer(padded, "<u2").reshape(-1, self.BLOCK // 2)  # [total_blocks, 32]
         reg = np.zeros(len(data), np.uint32)
-        for j in range(self.BLOCK):
-            reg = (reg >> 8) ^ self.table[(reg ^ data[:, j]) & 0xFF]
+        for j in range(self.BLOCK // 2):  # two bytes per step
+            reg = (reg >> 16) ^ self.table16[(reg ^ data[:, j]) & 0xFFFF]
         first = np.cumsum(blocks) - blocks  # [n] index of each record's first block
         after = np.repeat(first + blocks - 1, blocks) - np.arange(len(data))  # blocks that follow
         s = self.shift
@@ -667,75 +670,85 @@ class InstanceMaker:
             begin = end
         return out
 
-    def instances(self, pieces, rng):
-        """DOC-SENTENCES packing of one document copy. Yields (ids, group_starts), n <= max_tokens."""
+    @staticmethod
+    def flatten(pieces):
+        """[(ids, group_starts)] of one document -> (ids, starts, bounds) over the whole document.
+
+        ids: [T] token ids; starts: [G] ascending token index of each group's first token;
+        bounds: [(token_begin, token_end, group_begin, group_end)] per piece (sentence or part of one).
+        Instances are then just index ranges: no per-copy list building.
+        """
+        ids, starts, bounds = [], [], []
+        for piece_ids, piece_starts in pieces:
+            off, g = len(ids), len(starts)
+            ids += piece_ids
+            starts += [off + x for x in piece_starts]
+            bounds.append((off, len(ids), g, len(starts)))
+        return ids, starts, bounds
+
+    def instances(self, bounds, rng):
+        """DOC-SENTENCES packing of one document copy.
+
+        Yields (token_begin, token_end, group_begin, group_end): whole pieces, at most
+        max_seq_length - 2 tokens, filled up to a target length (shorter with short_seq_prob);
+        the document's tail is kept however short.
+        """
         max_tokens, short_prob = self.max_tokens, self.o.short_seq_prob
 
         def target():
             return rng.randint(2, max_tokens) if rng.random() < short_prob else max_tokens
 
-        chunk, length, goal = [], 0, target()
-        for i, (ids, _) in enumerate(pieces):
-            if chunk and length + len(ids) > max_tokens:
-                yield self._join(chunk)
-                chunk, length, goal = [], 0, target()
-            chunk.append(pieces[i])
-            length += len(ids)
-            if length >= goal:
-                yield self._join(chunk)
-                chunk, length, goal = [], 0, target()
-        if chunk:  # the document's tail, however short
-            yield self._join(chunk)
+        begin, goal = None, target()
+        for a, b, g, g_end in bounds:
+            if begin is not None and b - begin > max_tokens:
+                yield begin, a, g_begin, g
+                begin, goal = None, target()
+            if begin is None:
+                begin, g_begin = a, g
+            if b - begin >= goal:
+                yield begin, b, g_begin, g_end
+                begin, goal = None, target()
+        if begin is not None:
+            yield begin, b, g_begin, g_end
 
-    @staticmethod
-    def _join(chunk):
-        if len(chunk) == 1:
-            return chunk[0]
-        ids, starts = [], []
-        for piece_ids, piece_starts in chunk:
-            off = len(ids)
-            starts.extend([off + s for s in piece_starts])
-            ids.extend(piece_ids)
-        return ids, starts
-
-    def mask(self, ids, starts, rng):
+    def mask(self, ids, starts, instance, rng):
         """Whole-word masking of one instance.
 
         Args:
-          ids: [n] token ids without [CLS]/[SEP]; starts: group start indices into ids.
+          ids, starts: the document's tokens and group starts (see `flatten`).
+          instance: (token_begin, token_end, group_begin, group_end) from `instances`.
         Returns:
-          (input_ids [n + 2], positions [k] ascending, labels [k]) with positions counting [CLS].
+          (input_ids [n + 2] with [CLS]/[SEP], positions [k] ascending (counting [CLS]), labels [k]).
         """
-        o, n = self.o, len(ids)
+        a, b, g0, g1 = instance
+        o, n, groups = self.o, b - a, g1 - g0
         num_to_predict = min(o.max_predictions_per_seq, max(1, int(round(n * o.masked_lm_prob))))
-        groups = len(starts)
-        order = list(range(groups))
-        input_ids = [self.cls_id] + ids + [self.sep_id]
-        chosen, count = [], 0
-        # Lazy Fisher-Yates: visit groups in random order, take each whole group that still fits.
+        input_ids = [self.cls_id] + ids[a:b] + [self.sep_id]
+        positions, count, swapped = [], 0, {}
+        # Lazy Fisher-Yates over the groups (a dict holds the few swapped slots): visit groups in
+        # random order and take each whole group that still fits.
         for i in range(groups):
             if count >= num_to_predict:
                 break
             j = i + int(rng.random() * (groups - i))
-            order[i], order[j] = order[j], order[i]
-            g = order[i]
-            begin = starts[g]
-            end = starts[g + 1] if g + 1 < groups else n
+            g = swapped.get(j, j)
+            swapped[j] = swapped.get(i, i)
+            begin = starts[g0 + g]
+            end = starts[g0 + g + 1] if g + 1 < groups else b
             if count + end - begin > num_to_predict:
                 continue
             count += end - begin
-            chosen.append((begin, end))
+            lo, hi = begin - a + 1, end - a + 1  # positions in input_ids
+            positions.extend(range(lo, hi))
             # One decision per word: 80% [MASK], 10% keep, 10% random ordinary tokens.
             r = rng.random()
             if r < 0.8:
-                input_ids[begin + 1:end + 1] = [self.mask_id] * (end - begin)
+                input_ids[lo:hi] = [self.mask_id] * (hi - lo)
             elif r >= 0.9:
                 pool = self.ordinary_ids
-                input_ids[begin + 1:end + 1] = [pool[int(rng.random() * len(pool))]
-                                                for _ in range(end - begin)]
-        chosen.sort()
-        positions = [p + 1 for begin, end in chosen for p in range(begin, end)]
-        labels = [ids[p - 1] for p in positions]
+                input_ids[lo:hi] = [pool[int(rng.random() * len(pool))] for _ in range(hi - lo)]
+        positions.sort()
+        labels = [ids[a + p - 1] for p in positions]
         return input_ids, positions, labels
 
 
@@ -763,12 +776,13 @@ def process_chunk(job):
         if not pieces:
             stats["empty_documents"] += 1
             continue
-        stats["tokens"] += sum(len(ids) for ids, _ in pieces)
+        ids, starts, bounds = maker.flatten(pieces)
+        stats["tokens"] += len(ids)
         for dupe in range(o.dupe_factor):
             # Seeded from (seed, document, copy) only: independent of chunking and worker count.
             rng = random.Random((o.random_seed << 64) | ((first_doc + d) << 16) | dupe)
-            for ids, starts in maker.instances(pieces, rng):
-                input_ids, positions, labels = maker.mask(ids, starts, rng)
+            for instance in maker.instances(bounds, rng):
+                input_ids, positions, labels = maker.mask(ids, starts, instance, rng)
                 stats["predictions"] += len(positions)
                 records.append(maker.encoder.encode(input_ids, positions, labels))
     # Mix documents and copies inside the chunk (Google shuffles all instances; we stream).

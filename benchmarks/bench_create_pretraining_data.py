@@ -105,9 +105,10 @@ def profile_stages(corpus, args):
     rows.append(("tokenize + align to words, cold caches", t_cold))
     rows.append(("tokenize + align to words, warm caches", t))
     rng = random.Random(0)
-    t, inst = best(lambda: [x for p in pieces for x in maker.instances(p, rng)])
+    flat = [maker.flatten(p) for p in pieces]
+    t, inst = best(lambda: [(f, x) for f in flat for x in maker.instances(f[2], rng)])
     rows.append(("pack DOC-SENTENCES, per dupe copy", t))
-    t, masked = best(lambda: [maker.mask(ids, starts, rng) for ids, starts in inst])
+    t, masked = best(lambda: [maker.mask(f[0], f[1], x, rng) for f, x in inst])
     rows.append(("whole-word masking, per dupe copy", t))
     t, records = best(lambda: [maker.encoder.encode(*m) for m in masked])
     rows.append(("tf.train.Example encoding, per dupe copy", t))
