@@ -26,8 +26,8 @@ import fill_mask  # noqa: E402
 import modeling  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("中国的首都是北京。上海南天津我爱你他们好人大学生问题答案")
-         + ["a", "b", "##c", "hello"])
+VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+         + list("中国的首都是北京。上海南天津我爱你他们好人大学生问题答案") + ["a", "b", "##c", "hello"])
 LABELS = {"classifier": ["negative", "positive", "neutral"], "ner": ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]}
 HF_CLASSES = {"mlm": "BertForMaskedLM", "classifier": "BertForSequenceClassification",
               "ner": "BertForTokenClassification", "qa": "BertForQuestionAnswering"}
@@ -198,7 +198,8 @@ def test_classification_pipelines_run_offline_with_our_label_names(exported):
 def test_question_answering_runs_from_the_folder(exported):
     hf_dir = exported["qa"][2]
     if "question-answering" in transformers.pipelines.get_supported_tasks():
-        answer = transformers.pipeline("question-answering", model=hf_dir)(question="首都", context="中国的首都是北京。")
+        pipe = transformers.pipeline("question-answering", model=hf_dir)
+        answer = pipe(question="首都", context="中国的首都是北京。")
         assert answer["answer"] in "中国的首都是北京。"
         return
     # transformers 5 removed the question-answering pipeline; do what it did with the folder's
