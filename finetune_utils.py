@@ -21,6 +21,8 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
+import modeling
+import optimization
 import train_utils
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,9 +248,8 @@ def build_task_model(opts, strategy, make_model):
     The init checkpoint is --init_checkpoint, else output_dir/best/ from an earlier --do_train run
     (so `--do_predict` alone reuses the fine-tuned model), else random init.
     """
-    import modeling
-
     config = modeling.BertConfig.from_json_file(opts.bert_config_file)
+    config.to_json_file(os.path.join(opts.output_dir, "bert_config.json"))  # beside best/, for exporters
     with strategy.scope():
         model = make_model(config)
         modeling.build_model(model, seq_len=8)
@@ -257,9 +258,7 @@ def build_task_model(opts, strategy, make_model):
     if not init and not opts.do_train and os.path.isdir(best_dir):
         init = best_dir
     if init:
-        report = modeling.load_pretrained(model, init)
-        logging.info("loaded %d tensors from %s; newly initialised: %s", len(report.loaded), init,
-                     [str(n) for n in report.newly_initialized])
+        modeling.load_pretrained(model, init)  # logs what it loaded and which heads are new
     else:
         logging.warning("no --init_checkpoint: training from a RANDOM initialisation")
     return model
@@ -292,7 +291,13 @@ def masked_sparse_ce(y_true, y_pred):
     weights = tf.cast(y_true >= 0, tf.float32)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=tf.maximum(y_true, 0), logits=tf.cast(y_pred, tf.float32))
-    return tf.reduce_sum(ce * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+    loss = tf.reduce_sum(ce * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+    # Under a multi-replica strategy Keras sums the replicas' gradients; its built-in losses divide by
+    # the replica count for that (scale_loss_for_distribution), so this one does too.
+    replica = tf.distribute.get_replica_context()
+    if replica is not None and replica.num_replicas_in_sync > 1:
+        loss /= replica.num_replicas_in_sync
+    return loss
 
 
 def make_dataset(features, labels=None, batch_size=32, shuffle=False, seed=0, drop_remainder=False):
@@ -316,9 +321,6 @@ def train_and_keep_best(model, opts, strategy, train_ds, num_examples, loss, eva
       key: the metric that decides "best" (higher is better).
     Returns the best dev metrics (or {}), after restoring the best weights into `model`.
     """
-    import modeling
-    import optimization
-
     steps_per_epoch = max(1, num_examples // opts.train_batch_size)
     total_steps = max(1, int(math.ceil(steps_per_epoch * opts.num_train_epochs)))
     if opts.max_train_steps > 0:

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import finetune_utils
+import modeling
 import tokenization
 
 
@@ -241,8 +242,6 @@ def write_predictions(path, examples, probs, labels):
 
 def run(opts):
     """Runs train/eval/predict as asked by `opts` (ClassifierOptions). Returns the dev metrics dict."""
-    import modeling
-
     finetune_utils.check_options(opts)
     spec = task_spec(opts)
     paths = {name: finetune_utils.resolve_path(opts, name) for name in ("train_file", "dev_file", "test_file")}

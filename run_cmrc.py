@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import finetune_utils
+import modeling
 import tokenization
 
 
@@ -57,9 +58,12 @@ def read_squad(path):
     Raises ValueError naming the file and question id for missing fields, and for a file without
     questions.
     """
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"{path}: empty file")
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
@@ -260,8 +264,6 @@ def cmrc_metrics(examples, predictions):
 
 def run(opts):
     """Runs train/eval/predict as asked by `opts` (QAOptions). Returns the dev metrics dict."""
-    import modeling
-
     finetune_utils.check_options(opts)
     if opts.max_seq_length - opts.max_query_length - 3 <= 0:
         raise ValueError(f"--max_seq_length={opts.max_seq_length} leaves no room after "

@@ -24,6 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import finetune_utils
+import modeling
 import tokenization
 
 
@@ -276,8 +277,6 @@ def ner_metrics(gold, pred):
 
 def run(opts):
     """Runs train/eval/predict as asked by `opts` (NerOptions). Returns the dev metrics dict."""
-    import modeling
-
     finetune_utils.check_options(opts)
     paths = {name: finetune_utils.resolve_path(opts, name) for name in ("train_file", "dev_file", "test_file")}
     os.makedirs(opts.output_dir, exist_ok=True)

@@ -1,6 +1,7 @@
 """run_classifier.py: readers for every task layout and their errors, metrics on a hand-worked case,
 the predictions file, the command line's one-line errors, and an end-to-end run on THUCNews titles."""
 
+import json
 import os
 import subprocess
 import sys
@@ -139,3 +140,5 @@ def test_classifier_trains_end_to_end_and_beats_the_majority_class(tmp_path, sha
     assert rows[0].split("\t") == ["id", "label"] + [f"prob_{i}" for i in range(10)]
     assert len(rows) == 101 and [r.split("\t")[0] for r in rows[1:3]] == ["0", "1"]
     assert os.path.isfile(tmp_path / "out" / "best" / "checkpoint")
+    history = json.loads((tmp_path / "out" / "train_history.json").read_text(encoding="utf-8"))
+    assert metrics["accuracy"] == pytest.approx(max(h["accuracy"] for h in history))
