@@ -35,8 +35,8 @@ Example:
 import bz2
 import dataclasses
 import glob
-import itertools
 import gzip
+import itertools
 import json
 import lzma
 import os
@@ -193,7 +193,7 @@ class InputReader:
             raw, stream = _open_binary(path)
             self._raw = raw
             try:
-                sentences = []
+                sentences, chars = [], 0
                 for line_no, line in enumerate(stream, 1):
                     text = self._decode(line, path, line_no).strip()
                     if self.input_format == "doc_per_line":
@@ -202,10 +202,17 @@ class InputReader:
                             yield path_index, [(line_no, s) for s in split_sentences(text)]
                     elif text:
                         sentences.append((line_no, text))
+                        chars += len(text)
+                        # A giant "document" (e.g. a file without blank lines) is cut into parts
+                        # so that memory stays bounded; parts are packed like documents.
+                        if chars >= CHARS_PER_CHUNK:
+                            self.docs_per_file[path_index] += 1
+                            yield path_index, sentences
+                            sentences, chars = [], 0
                     elif sentences:
                         self.docs_per_file[path_index] += 1
                         yield path_index, sentences
-                        sentences = []
+                        sentences, chars = [], 0
                 if sentences:
                     self.docs_per_file[path_index] += 1
                     yield path_index, sentences
@@ -959,6 +966,8 @@ def generate(o, log=print):
         if totals["instances"] == 0:
             raise ValueError("--input_file: no instance produced (every document was empty)")
         for tmp, path in zip(tmps, outputs):
+            if os.path.exists(path + ".meta.json"):  # an old sidecar must never describe new records
+                os.remove(path + ".meta.json")
             os.replace(tmp, path)
     except BaseException:
         for f in files:
