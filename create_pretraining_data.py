@@ -27,7 +27,7 @@ under a temporary name and renamed when complete; the sidecar is written last, a
 sidecar matches the current settings skips the file.
 
 Example:
-    python create_pretraining_data.py --input_file=resources/corpus/*.txt \
+    python create_pretraining_data.py --input_file='resources/corpus/*.txt' \
         --output_file=/tmp/demo.tfrecord --vocab_file=resources/vocab.txt \
         --max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5
 """

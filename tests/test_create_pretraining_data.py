@@ -303,6 +303,27 @@ def test_no_instance_mixes_two_documents(tmp_path, tokenizer):
     assert len(rec["input_ids"]) >= 3 * len(docs)  # every short document kept, in every copy
 
 
+def test_giant_document_is_cut_into_parts_without_loss(tmp_path, monkeypatch, tokenizer):
+    # A file without blank lines is one document; it is read in bounded parts, nothing dropped.
+    monkeypatch.setattr(cpd, "CHARS_PER_CHUNK", 300)
+    sentences = [s for doc in _corpus_sentences(CORPUS[:2]) for s in doc]
+    path = tmp_path / "no_blank_lines.txt"
+    path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    o = _options(tmp_path, input_file=str(path), short_seq_prob=0.0)
+    summary = _generate(o)
+    assert summary["documents"] > 10
+    rec = _read_records(o.output_file, 64, 10)
+    got = collections.Counter(t for i in range(len(rec["input_ids"])) for t in _original_ids(rec, i).tolist())
+    want = collections.Counter(t for s in sentences for t in tokenizer.convert_tokens_to_ids(tokenizer.tokenize(s)))
+    assert got == want
+
+
+def test_without_whole_word_mask_every_token_is_its_own_group(tmp_path):
+    maker = cpd.InstanceMaker(_options(tmp_path, do_whole_word_mask=False))
+    (ids, starts), = maker.featurize([(1, "人工智能是一门研究如何让机器模仿人类思维的学科。")], "x")[0]
+    assert starts == list(range(len(ids)))
+
+
 def test_doc_per_line_input_splits_sentences_without_loss(tmp_path, tokenizer):
     docs = _corpus_sentences(CORPUS[:2])
     path = tmp_path / "docs.txt"
