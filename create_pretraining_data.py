@@ -319,7 +319,6 @@ class SpanTokenizer:
 
     def _analyze_run(self, run):
         """Tokens of a complex run with the span [start, end) of the piece each came from."""
-        tokens = self.full.tokenize(run)
         pieces, start = [], None
         for i, ch in enumerate(run):
             if _is_split_char(ch):
@@ -332,6 +331,8 @@ class SpanTokenizer:
                 start = i
         if start is not None:
             pieces.append((start, len(run)))
+        # One piece (most runs: "2019", "iPhone", "\n") is its own reference tokenization.
+        tokens = None if len(pieces) == 1 and pieces[0] == (0, len(run)) else self.full.tokenize(run)
         piece_tokens, starts, ends, joins = [], [], [], []
         for a, b in pieces:
             for k, tok in enumerate(self.full.tokenize(run[a:b])):
@@ -340,7 +341,9 @@ class SpanTokenizer:
                 ends.append(b)
                 # WordPiece pieces of one word (and anything else one piece yields) stay together.
                 joins.append(k > 0 or tok.startswith("##"))
-        if piece_tokens != tokens:
+        if tokens is None:
+            tokens = piece_tokens
+        elif piece_tokens != tokens:
             # Rare (e.g. accent stripping that creates punctuation): keep the exact tokens and give
             # them the whole run as span, so they form one group.
             starts, ends = [0] * len(tokens), [len(run)] * len(tokens)

@@ -9,7 +9,8 @@ with lzma) when present, else the embedded resources/corpus. Prints
      packing, masking, Example encoding, TFRecord framing), measured in-process, best of --repeats;
   2. end-to-end runs of the script (seq 128/512 x dupe 1/10 x 1/2 workers with jieba, and
      seq 128 dupe 2 with jieba and rjieba): input MB/s by wall clock and per CPU second,
-     instances/s, and peak RSS of the process tree (sum) and of its largest process.
+     instances/s, the parent process's share of the CPU time (the part that does not run in
+     workers), and peak RSS of the process tree (sum) and of its largest process.
 
 CPU seconds are the steadier figure on a shared machine; wall-clock MB/s depends on the load.
 This is a benchmark, not a test: it asserts nothing about time.
@@ -152,10 +153,16 @@ def run_once(corpus, out_dir, args, seq, dupe, workers, segmenter):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak_sum = peak_one = 0
+    peak_sum = peak_one = parent_cpu = 0
     while proc.poll() is None:
         total, largest = _tree_rss_kb(proc.pid)
         peak_sum, peak_one = max(peak_sum, total), max(peak_one, largest)
+        try:  # the parent's own CPU time (utime + stime), to see what does not parallelize
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parent_cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
         time.sleep(0.05)
     output = proc.stdout.read()
     wall = time.perf_counter() - start
@@ -169,7 +176,8 @@ def run_once(corpus, out_dir, args, seq, dupe, workers, segmenter):
     mb = os.path.getsize(corpus) / 1e6
     print(f"  seq {seq:3d}  dupe {dupe:2d}  workers {workers}  {segmenter:6s}  "
           f"{mb / gen_s:5.2f} MB/s  {mb / cpu_s:5.2f} MB/CPU-s  {instances / gen_s:7.0f} inst/s  "
-          f"{instances:7d} inst  wall {wall:5.1f}s (generator {gen_s:5.1f}s)  "
+          f"{instances:7d} inst  wall {wall:5.1f}s (generator {gen_s:5.1f}s)  CPU {cpu_s:5.1f}s "
+          f"(parent {100 * parent_cpu / cpu_s:3.0f}%)  "
           f"peak RSS tree {peak_sum / 1024:4.0f} MB, largest {peak_one / 1024:4.0f} MB")
     os.remove(out)
 
@@ -182,6 +190,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip_profile", action="store_true")
     parser.add_argument("--skip_e2e", action="store_true")
+    parser.add_argument("--only", default="", help="e.g. s128_d2_w1_rjieba,s128_d2_w2_rjieba")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -195,6 +204,8 @@ def main():
         print("\nEnd to end (MB/s = input MB per generator wall second; MB/CPU-s counts all processes):")
         runs = [(seq, dupe, workers, "jieba") for seq in (128, 512) for dupe in (1, 10) for workers in (1, 2)]
         runs += [(128, 2, workers, seg) for seg in ("jieba", "rjieba") for workers in (1, 2)]
+        if args.only:
+            runs = [r for r in runs if "s{}_d{}_w{}_{}".format(*r) in args.only.split(",")]
         for run in runs:
             run_once(corpus, workdir, args, *run)
 

@@ -132,6 +132,7 @@ TRICKY = [
     "emoji 😀 and 𠀀𪚥 rare ideographs, 豈更 compat",
     "UNAFFABLE unaffable 123,456.78 3.5% 1990-2020 www.example.com user@mail.cn",
     "x" * 150 + " 长单词" + "y" * 99,
+    "a\u2028b 中\u2028文 x\x1cy\x85z Ａ１２ａｂ ｸﾞ Ⅻ ² ½ \ue000私用\U00100000",
 ]
 
 
