@@ -356,6 +356,19 @@ def test_output_bytes_do_not_depend_on_worker_count(tmp_path, monkeypatch):
     assert open(o.output_file, "rb").read() != outputs[0]
 
 
+def test_compressed_inputs_give_the_same_records(tmp_path):
+    import gzip
+    text = open(CORPUS[0], "rb").read()
+    (tmp_path / "c.txt.xz").write_bytes(lzma.compress(text))
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(text))
+    outputs = []
+    for name in (CORPUS[0], str(tmp_path / "c.txt.xz"), str(tmp_path / "c.txt.gz")):
+        o = _options(tmp_path, name=os.path.basename(name) + ".tfrecord", input_file=name)
+        _generate(o)
+        outputs.append(open(o.output_file, "rb").read())
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
 def test_records_parse_with_google_schema_via_tf_data(tmp_path, tokenizer):
     import tensorflow as tf
     o = _options(tmp_path, num_output_shards=2, dupe_factor=2)
