@@ -341,10 +341,16 @@ class MaskedLMTrainer:
         batch = {name: tf.reshape(t, [k, micro] + t.shape[1:])                     # [k, B_micro, ...]
                  for name, t in self._my_rows(batch, self.per_replica_batch).items()}
         trainable, non_trainable = self._values()
-        grads, sums, new_non_trainable = self._loss_and_grads_fn(trainable, non_trainable, batch)
-
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync
+        # Mirrored seed states would give every replica the same dropout masks; shift each
+        # replica's counter into its own range for the call, and back before storing the state.
+        offsets = [self._seed_offset(v, context.replica_id_in_sync_group)
+                   for v in self.model.non_trainable_variables]
+        non_trainable = [v + o for v, o in zip(non_trainable, offsets)]
+        grads, sums, new_non_trainable = self._loss_and_grads_fn(trainable, non_trainable, batch)
+        new_non_trainable = [v - o for v, o in zip(new_non_trainable, offsets)]
+
         if replicas > 1:
             grads, sums = context.all_reduce(tf.distribute.ReduceOp.SUM, (grads, sums))
         denominator = sums[2] + _EPSILON
@@ -358,6 +364,15 @@ class MaskedLMTrainer:
         self._assign_non_trainable(new_non_trainable)
         return {"loss": sums[0] / denominator, "masked_lm_accuracy": sums[1] / denominator,
                 "grad_norm": grad_norm, "learning_rate": tf.cast(learning_rate, tf.float32)}
+
+    @staticmethod
+    def _seed_offset(variable, replica_id):
+        """[0, replica_id * 2^31] for a Keras seed-generator state [seed, counter], else 0."""
+        import tensorflow as tf
+        if "seed_generator" not in variable.path or tuple(variable.shape) != (2,):
+            return tf.zeros((), variable.dtype)
+        step = tf.cast(replica_id, variable.dtype) * tf.constant(1 << 31, variable.dtype)
+        return tf.stack([tf.zeros((), variable.dtype), step])
 
     def _assign_non_trainable(self, values):
         """Writes back the dropout seed states (their aggregation is NONE: update per replica)."""
@@ -607,8 +622,11 @@ def _train(opts, trainer, iterator, manager, is_chief):
         start = time.perf_counter()
         try:
             means, learning_rate, ran, finite = trainer.train_loop(iterator, tf.constant(n))
-        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-            raise UsageError(f"bad input record near step {step}: {e.message.splitlines()[0]}") from None
+        except tf.errors.OpError as e:
+            if isinstance(e, tf.errors.DataLossError) or "Key: " in e.message:  # not our records
+                raise UsageError(f"bad input record near step {step}: "
+                                 f"{e.message.splitlines()[0]}") from None
+            raise
         ran, elapsed = int(ran), time.perf_counter() - start
         if not bool(finite):
             last = manager.latest_checkpoint or "none written yet"

@@ -152,7 +152,7 @@ def test_training_lowers_mlm_loss_and_raises_accuracy(data, tmp_path, capsys):
 
 def test_masked_positions_line_up_with_their_labels(data, tmp_path):
     """Records whose chosen tokens stay visible: predicting them is copying the input at the
-    gathered position, learnt within ~100 steps only if positions, ids and weights line up."""
+    gathered position, learnt within ~50 steps only if positions, ids and weights line up."""
     import pretraining_records as records
     import tokenization
     tokenizer = tokenization.FullTokenizer(data["vocab_file"])
@@ -161,11 +161,11 @@ def test_masked_positions_line_up_with_their_labels(data, tmp_path):
     records.write_records(copy, records.make_instances(tokenizer, lines, SEQ, PRED, mask_prob=0.0,
                                                        random_prob=0.0), data["vocab_file"], SEQ, PRED)
     out = str(tmp_path / "run")
-    _run(data, out, f"--input_file={copy}", "--do_train", "--num_train_steps=100",
-         "--iterations_per_loop=20", "--save_checkpoints_steps=100", "--learning_rate=3e-3",
+    _run(data, out, f"--input_file={copy}", "--do_train", "--num_train_steps=60",
+         "--iterations_per_loop=20", "--save_checkpoints_steps=60", "--learning_rate=3e-3",
          "--num_warmup_steps=10", "--train_batch_size=32")
     accuracies = [v for _, v in _scalars(out)["masked_lm_accuracy"]]
-    assert accuracies[-1] > 0.5, accuracies  # the token-frequency plateau of real MLM is ~0.04
+    assert accuracies[-1] > 0.25, accuracies  # misaligned labels stay at the ~0.04 token-frequency plateau
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,9 +182,10 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
     logging.set_verbosity(logging.INFO)
     import run_pretraining, test_run_pretraining as t
     opts = run_pretraining.parse_flags(json.loads(sys.argv[2]))
-    run_pretraining.run(opts)
+    evaluation = run_pretraining.run(opts)
     scalars = t._scalars(opts.output_dir)
-    print("RESULT " + json.dumps({"loss": scalars["loss"], "grad_norm": scalars["grad_norm"]}))
+    print("RESULT " + json.dumps({"loss": scalars["loss"], "grad_norm": scalars["grad_norm"],
+                                  "eval": evaluation}))
 """)
 
 
@@ -197,14 +198,14 @@ def _run_in_two_cpu_process(argv):
 
 
 def test_mirrored_two_cpus_with_accumulation_matches_one_device(data, tmp_path):
-    common = ["--do_train", "--num_train_steps=6", "--iterations_per_loop=1",
-              "--save_checkpoints_steps=6", "--jit_compile=true"]
+    common = ["--do_train", "--do_eval", "--num_train_steps=6", "--iterations_per_loop=1",
+              "--save_checkpoints_steps=6", "--jit_compile=true", "--max_eval_steps=2"]
     one = _argv(data, tmp_path / "one", *common, "--strategy=one_device")
     # Same global batch of 16: 2 replicas x 2 micro-batches x 4 sequences.
     two = _argv(data, tmp_path / "two", *common, "--strategy=mirrored",
                 "--gradient_accumulation_steps=2")
     import run_pretraining  # in-process: the one-device reference
-    run_pretraining.run(run_pretraining.parse_flags(one))
+    reference_eval = run_pretraining.run(run_pretraining.parse_flags(one))
     reference = _scalars(str(tmp_path / "one"))
     mirrored, log = _run_in_two_cpu_process(two)
     assert "2 replica(s)" in log and "2 accumulation steps" in log
@@ -213,6 +214,9 @@ def test_mirrored_two_cpus_with_accumulation_matches_one_device(data, tmp_path):
                                [v for _, v in reference["loss"]], rtol=2e-4)
     np.testing.assert_allclose([v for _, v in mirrored["grad_norm"]],
                                [v for _, v in reference["grad_norm"]], rtol=2e-3)
+    assert mirrored["eval"]["global_step"] == reference_eval["global_step"] == 6
+    for key in ("masked_lm_loss", "masked_lm_accuracy"):
+        assert mirrored["eval"][key] == pytest.approx(reference_eval[key], rel=1e-4, abs=1e-6)
     a, b = _weights(str(tmp_path / "one" / "ckpt-6")), _weights(str(tmp_path / "two" / "ckpt-6"))
     assert a.keys() == b.keys() and len(a) > 10
     for name in a:
@@ -225,8 +229,9 @@ def test_mirrored_two_cpus_with_accumulation_matches_one_device(data, tmp_path):
 
 def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
     import tensorflow as tf
+    # No XLA here: resuming does not depend on it, and compiling three times costs test time.
     common = ["--do_train", "--num_train_steps=10", "--iterations_per_loop=1",
-              "--save_checkpoints_steps=2"]
+              "--save_checkpoints_steps=2", "--jit_compile=false"]
     config = data["config_dropout"]  # dropout on: the seed states must resume too
     killed = str(tmp_path / "killed")
     argv = [sys.executable, str(REPO_ROOT / "run_pretraining.py")] + _argv(data, killed, *common,
@@ -359,7 +364,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_pat
     with pytest.raises(run_pretraining.TrainingDivergedError,
                        match=r"NaN/inf at step 2; stopped without saving\. Last good checkpoint: .*ckpt-1"):
         _run(data, out, "--do_train", "--num_train_steps=8", "--iterations_per_loop=4",
-             "--save_checkpoints_steps=1", "--num_warmup_steps=0", "--learning_rate=1e38")
+             "--save_checkpoints_steps=1", "--num_warmup_steps=0", "--learning_rate=1e38",
+             "--jit_compile=false")
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "ckpt-*"))) == [
         "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
     import tensorflow as tf
