@@ -80,17 +80,22 @@ def task_spec(opts):
     spec = TASKS[opts.task_name]
     header = spec.header if not opts.has_header else opts.has_header.lower() in ("true", "1", "yes")
 
-    def column(value, default):
+    def column(flag, default):
+        value = getattr(opts, flag)
         if value == "":
             return default
         if value.lower() == "none":
             return None
-        return value if header else int(value)
+        if header:
+            return value
+        if not value.isdigit():
+            raise ValueError(f"--{flag}={value!r}: files without a header take 0-based column numbers")
+        return int(value)
 
     labels = tuple(opts.labels.split(",")) if opts.labels else spec.labels
     return dataclasses.replace(
-        spec, header=header, labels=labels, text_a=column(opts.text_a_column, spec.text_a),
-        text_b=column(opts.text_b_column, spec.text_b), label=column(opts.label_column, spec.label))
+        spec, header=header, labels=labels, text_a=column("text_a_column", spec.text_a),
+        text_b=column("text_b_column", spec.text_b), label=column("label_column", spec.label))
 
 
 # ---------------------------------------------------------------------------------------------------
