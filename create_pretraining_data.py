@@ -767,7 +767,10 @@ _MAKER = None
 
 def _init_worker(options):
     global _MAKER
-    _MAKER = InstanceMaker(options)
+    try:
+        _MAKER = InstanceMaker(options)
+    except Exception as e:  # noqa: BLE001 -- a failing Pool initializer would respawn forever;
+        _MAKER = e  # report it from the first task instead, where the parent sees it.
 
 
 def process_chunk(job):
@@ -776,6 +779,8 @@ def process_chunk(job):
     shard_bytes[s] is the TFRecord-framed bytes this chunk appends to output shard s.
     """
     chunk_index, first_doc, docs, paths = job
+    if isinstance(_MAKER, Exception):
+        raise _MAKER
     maker, o = _MAKER, _MAKER.o
     records = []
     stats = {"documents": len(docs), "empty_documents": 0, "sentences": 0, "tokens": 0,

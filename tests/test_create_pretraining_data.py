@@ -460,6 +460,14 @@ def test_rjieba_segmenter_gives_the_same_groups_on_most_sentences(tmp_path):
     assert same / total > 0.9
 
 
+def test_worker_start_error_is_reported_not_hung(tmp_path):
+    pytest.importorskip("rjieba")
+    bad = tmp_path / "bad_dict.txt"
+    bad.write_text("词 notanumber\n", encoding="utf-8")
+    _assert_fails(tmp_path, f"--jieba_user_dict: .*bad_dict.txt:1: frequency is not an integer",
+                  segmenter="rjieba", jieba_user_dict=str(bad), num_workers=2)
+
+
 def test_missing_rjieba_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "rjieba", None)
     with pytest.raises(ValueError, match="--segmenter=rjieba needs the rjieba package"):
