@@ -297,7 +297,8 @@ class HFFolder:
 
     Weights: model.safetensors, pytorch_model.bin, or their sharded `*.index.json` forms.
     Attributes: path, config_path, hf_config (dict), bert_config (dict of Google fields),
-    vocab_file, task (mlm|classifier|ner|qa), labels (list or None).
+    vocab_file, weights_path (the weights file or index), task (mlm|classifier|ner|qa),
+    labels (list or None).
     """
 
     def __init__(self, path):
@@ -335,7 +336,9 @@ class HFFolder:
             if os.path.isfile(single):
                 files[single] = reader_cls(single)
                 names = {n: single for n in files[single].keys()}
+                self.weights_path = single
             elif os.path.isfile(index):
+                self.weights_path = index
                 try:
                     with open(index, encoding="utf-8") as f:
                         weight_map = json.load(f)["weight_map"]
@@ -411,7 +414,10 @@ def save_tf2_checkpoint(model, config, vocab_file, output_dir, extra_weights=Non
 
 def _read_extra_weights(path, names_and_shapes):
     """Reads weights the model does not hold (the pooler) from our TF2 or a TF1 checkpoint."""
-    prefix = modeling._resolve_checkpoint(path)  # pylint: disable=protected-access
+    if os.path.isdir(path):  # as modeling.load_pretrained: the latest ckpt-N, else bert_model.ckpt
+        prefix = tf.train.latest_checkpoint(path) or os.path.join(path, "bert_model.ckpt")
+    else:
+        prefix = path
     reader = tf.train.load_checkpoint(prefix)
     if "_CHECKPOINTABLE_OBJECT_GRAPH" not in reader.get_variable_to_shape_map():
         return {name: reader.get_tensor(name) for name in names_and_shapes}
@@ -455,7 +461,6 @@ def assign_from_hf(model, folder):
     tensor. Only a folder that declares no head at all (architecture BertModel) may lack the MLM head,
     which then keeps its fresh initialisation (logged).
     """
-    weights_file = folder.file_of(next(iter(folder.names())))
     headless = (folder.hf_config.get("architectures") or ["BertModel"])[0] == "BertModel"
     table = modeling.name_table(model)
     used, fresh = set(), []
@@ -469,8 +474,8 @@ def assign_from_hf(model, folder):
             if headless and not name.startswith("bert."):
                 fresh.append(w.google_name)
                 continue
-            raise ValueError(f"{weights_file}: tensor {name} is missing (needed for {w.google_name}); "
-                             f"the folder does not hold a complete {folder.task} BERT")
+            raise ValueError(f"{folder.weights_path}: tensor {name} is missing (needed for "
+                             f"{w.google_name}); the folder does not hold a complete {folder.task} BERT")
         value = folder.get(name)
         _assign(w, value.T if w.transpose else value, folder.file_of(name), name)
         used.add(name)
