@@ -26,62 +26,70 @@ import math
 import os
 import time
 
+import keras
 import numpy as np
+import tensorflow as tf
 from absl import app, flags, logging
 
+import modeling
+import optimization
 import train_utils
 
 
 def define_flags(fv=flags.FLAGS):
     """Defines the flags on `fv` (a FlagValues); separate so tests can parse an argv of their own."""
-    # Google's flags.
-    flags.DEFINE_string("bert_config_file", None, "bert_config.json of the model to train.", flag_values=fv)
-    flags.DEFINE_string("input_file", None, "Comma-separated globs of pretraining TFRecords.", flag_values=fv)
-    flags.DEFINE_string("output_dir", None, "Checkpoints (ckpt-N), bert_config.json, TensorBoard logs.",
-                        flag_values=fv)
-    flags.DEFINE_string("init_checkpoint", None, "Starting weights (ours or a Google TF1 bert_model.ckpt); "
-                        "ignored when output_dir already holds a checkpoint to resume.", flag_values=fv)
-    flags.DEFINE_integer("max_seq_length", 128, "Sequence length of the records.", flag_values=fv)
-    flags.DEFINE_integer("max_predictions_per_seq", 20, "Masked positions per sequence in the records.",
-                         flag_values=fv)
-    flags.DEFINE_bool("do_train", False, "Train.", flag_values=fv)
-    flags.DEFINE_bool("do_eval", False, "Evaluate masked-LM loss/accuracy; prints one JSON line.", flag_values=fv)
-    flags.DEFINE_integer("train_batch_size", 32, "Global batch (all replicas x accumulation steps).",
-                         flag_values=fv)
-    flags.DEFINE_integer("eval_batch_size", 8, "Global eval batch.", flag_values=fv)
-    flags.DEFINE_float("learning_rate", 5e-5, "Peak learning rate.", flag_values=fv)
-    flags.DEFINE_integer("num_train_steps", 100000, "Optimizer updates in total.", flag_values=fv)
-    flags.DEFINE_integer("num_warmup_steps", 10000, "Linear warmup updates.", flag_values=fv)
-    flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every this many steps.", flag_values=fv)
-    flags.DEFINE_integer("iterations_per_loop", 1000, "Steps per host call (one compiled loop).",
-                         flag_values=fv)
-    flags.DEFINE_integer("max_eval_steps", 100, "Maximum eval batches.", flag_values=fv)
-    flags.DEFINE_bool("use_tpu", False, "Same as --strategy=tpu.", flag_values=fv)
-    flags.DEFINE_string("tpu_name", None, "TPU name or grpc:// address.", flag_values=fv)
-    flags.DEFINE_string("tpu_zone", None, "GCE zone of the TPU (optional).", flag_values=fv)
-    flags.DEFINE_string("gcp_project", None, "GCP project of the TPU (optional).", flag_values=fv)
+    def string(name, default, text):
+        flags.DEFINE_string(name, default, text, flag_values=fv)
+
+    def integer(name, default, text):
+        flags.DEFINE_integer(name, default, text, flag_values=fv)
+
+    def boolean(name, default, text):
+        flags.DEFINE_bool(name, default, text, flag_values=fv)
+
+    def number(name, default, text):
+        flags.DEFINE_float(name, default, text, flag_values=fv)
+
+    # Google's flags, names and defaults.
+    string("bert_config_file", None, "bert_config.json of the model to train.")
+    string("input_file", None, "Comma-separated globs of pretraining TFRecords.")
+    string("output_dir", None, "Checkpoints (ckpt-N), bert_config.json, TensorBoard logs.")
+    string("init_checkpoint", None, "Starting weights (ours or a Google TF1 bert_model.ckpt); "
+           "ignored when output_dir already holds a checkpoint to resume.")
+    integer("max_seq_length", 128, "Sequence length of the records.")
+    integer("max_predictions_per_seq", 20, "Masked positions per sequence in the records.")
+    boolean("do_train", False, "Train.")
+    boolean("do_eval", False, "Evaluate masked-LM loss/accuracy; prints one JSON line.")
+    integer("train_batch_size", 32, "Global batch (all replicas x accumulation steps).")
+    integer("eval_batch_size", 8, "Global eval batch.")
+    number("learning_rate", 5e-5, "Peak learning rate.")
+    integer("num_train_steps", 100000, "Optimizer updates in total.")
+    integer("num_warmup_steps", 10000, "Linear warmup updates.")
+    integer("save_checkpoints_steps", 1000, "Checkpoint every this many steps.")
+    integer("iterations_per_loop", 1000, "Steps per host call (one compiled loop).")
+    integer("max_eval_steps", 100, "Maximum eval batches.")
+    boolean("use_tpu", False, "Same as --strategy=tpu.")
+    string("tpu_name", None, "TPU name or grpc:// address.")
+    string("tpu_zone", None, "GCE zone of the TPU (optional).")
+    string("gcp_project", None, "GCP project of the TPU (optional).")
     # Ours.
     flags.DEFINE_enum("strategy", "auto", list(train_utils.STRATEGIES),
-                      "auto: TPU if --tpu_name, multi-worker from TF_CONFIG, all GPUs, else one device.",
-                      flag_values=fv)
+                      "auto: TPU if --tpu_name, multi-worker from TF_CONFIG, all GPUs, else one "
+                      "device.", flag_values=fv)
     flags.DEFINE_enum("optimizer", "adamw", ["adamw", "lamb"], "LAMB for very large batches.",
                       flag_values=fv)
-    flags.DEFINE_float("beta_2", 0.98, "Adam/LAMB beta_2 (0.98 as in roberta_zh).", flag_values=fv)
-    flags.DEFINE_float("weight_decay", 0.01, "Decoupled weight decay (not on LayerNorm/bias).",
-                       flag_values=fv)
-    flags.DEFINE_integer("gradient_accumulation_steps", 1, "Micro-batches per optimizer update.",
-                         flag_values=fv)
-    flags.DEFINE_bool("mixed_precision", False, "bfloat16 compute on TPUs and GPUs that support it "
-                      "(compute capability >= 8.0); ignored with a warning elsewhere.", flag_values=fv)
-    flags.DEFINE_bool("jit_compile", True, "Compile the forward/backward pass with XLA.", flag_values=fv)
-    flags.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints to keep.", flag_values=fv)
-    flags.DEFINE_string("eval_input_file", None, "Records for --do_eval (default: --input_file, as Google).",
-                        flag_values=fv)
-    flags.DEFINE_integer("shuffle_buffer_size", 1000, "Records in the shuffle buffer (saved in checkpoints).",
-                         flag_values=fv)
-    flags.DEFINE_integer("seed", 12345, "Seed for initialisation, shuffling and dropout.", flag_values=fv)
-    flags.DEFINE_bool("check_input_files", True, "Read every record once before training (CRC, count "
-                      "against the .meta.json) so bad data fails before step 1.", flag_values=fv)
+    number("beta_2", 0.98, "Adam/LAMB beta_2 (0.98 as in roberta_zh).")
+    number("weight_decay", 0.01, "Decoupled weight decay (not on LayerNorm/bias).")
+    integer("gradient_accumulation_steps", 1, "Micro-batches per optimizer update.")
+    boolean("mixed_precision", False, "bfloat16 compute on TPUs and on GPUs that support it "
+            "(compute capability >= 8.0); ignored with a warning elsewhere.")
+    boolean("jit_compile", True, "Compile the forward/backward pass with XLA.")
+    integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
+    string("eval_input_file", None, "Records for --do_eval (default: --input_file, as Google).")
+    integer("shuffle_buffer_size", 1000, "Records in the shuffle buffer (saved in checkpoints).")
+    integer("seed", 12345, "Seed for initialisation, shuffling and dropout.")
+    boolean("check_input_files", True, "Read every record once before training (CRC, count "
+            "against the .meta.json) so bad data fails before step 1.")
 
 
 def parse_flags(argv):
@@ -108,7 +116,6 @@ _INT_FEATURES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions"
 
 
 def _feature_spec(seq_len, max_pred):
-    import tensorflow as tf
     return {
         "input_ids": tf.io.FixedLenFeature([seq_len], tf.int64),
         "input_mask": tf.io.FixedLenFeature([seq_len], tf.int64),
@@ -121,7 +128,6 @@ def _feature_spec(seq_len, max_pred):
 
 def expand_input_files(patterns, flag="--input_file"):
     """Comma-separated globs -> sorted list of files; UsageError if one matches nothing."""
-    import tensorflow as tf
     files = []
     for pattern in filter(None, (p.strip() for p in (patterns or "").split(","))):
         matched = sorted(tf.io.gfile.glob(pattern))
@@ -140,7 +146,6 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
     checks the shapes and id range of its first record, and with `full_scan` reads every record
     (TFRecord CRCs catch corruption and truncation). Raises UsageError naming the file.
     """
-    import tensorflow as tf
     meta_path = path + ".meta.json"
     meta = None
     if tf.io.gfile.exists(meta_path):
@@ -205,7 +210,6 @@ def make_dataset(files, batch_size, seq_len, max_pred, is_training, seed,
     Eval: files in order, once; the last batch is padded with zero-weight rows so every batch has
     the same shape and the padding does not count.
     """
-    import tensorflow as tf
     shard_records = num_workers > 1 and len(files) < num_workers
     if num_workers > 1 and not shard_records:
         files = files[worker_index::num_workers]
@@ -247,7 +251,6 @@ def mlm_sums(logits, masked_lm_ids, masked_lm_weights):
     Sums rather than means, so micro-batches and replicas combine exactly into the mean over the
     global batch: loss = sum(loss_sum) / sum(weight_sum), as in Google's masked_lm loss.
     """
-    import tensorflow as tf
     cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=masked_lm_ids, logits=logits)                                      # [B, P]
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), masked_lm_ids),
@@ -270,7 +273,6 @@ class MaskedLMTrainer:
 
     def __init__(self, model, optimizer, strategy, per_replica_batch, accumulation_steps=1,
                  per_replica_eval_batch=1, local_replicas=1, jit_compile=True):
-        import tensorflow as tf
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
         self.per_replica_batch = per_replica_batch
         self.accumulation_steps = accumulation_steps
@@ -289,42 +291,43 @@ class MaskedLMTrainer:
         Returns (grads of loss_sum per trainable variable, [loss_sum, correct_sum, weight_sum],
         new non-trainable values (the dropout seed states)).
         """
-        import tensorflow as tf
 
-        def micro_step(i, grads, sums, non_trainable):
-            micro = {name: t[i] for name, t in batch.items()}
+        def micro_batch(i, non_trainable):
+            micro = {name: t[i] for name, t in batch.items()}                    # [B_micro, ...]
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
                 logits, non_trainable = self.model.stateless_call(
                     trainable, non_trainable, {k: micro[k] for k in _MODEL_INPUTS}, training=True)
                 loss_sum, correct, weight = mlm_sums(
                     logits, micro["masked_lm_ids"], micro["masked_lm_weights"])
-            new = tape.gradient(loss_sum, trainable)
-            new = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-                   for g, v in zip(new, trainable)]
-            grads = [a + b for a, b in zip(grads, new)]
-            return i + 1, grads, sums + tf.stack([loss_sum, correct, weight]), list(non_trainable)
+            grads = tape.gradient(loss_sum, trainable)
+            grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                     for g, v in zip(grads, trainable)]
+            return grads, tf.stack([loss_sum, correct, weight]), list(non_trainable)
 
-        zeros = [tf.zeros_like(v) for v in trainable]
-        loop_vars = (tf.constant(0), zeros, tf.zeros([3]), list(non_trainable))
         if self.accumulation_steps == 1:
-            _, grads, sums, non_trainable = micro_step(*loop_vars)
-        else:
-            _, grads, sums, non_trainable = tf.while_loop(
-                lambda i, *_: i < self.accumulation_steps, micro_step, loop_vars)
+            return micro_batch(0, non_trainable)
+
+        def accumulate(i, grads, sums, non_trainable):
+            new_grads, new_sums, non_trainable = micro_batch(i, non_trainable)
+            return (i + 1, [a + b for a, b in zip(grads, new_grads)], sums + new_sums,
+                    non_trainable)
+
+        _, grads, sums, non_trainable = tf.while_loop(
+            lambda i, *_: i < self.accumulation_steps, accumulate,
+            (tf.constant(0), [tf.zeros_like(v) for v in trainable], tf.zeros([3]),
+             list(non_trainable)))
         return grads, sums, non_trainable
 
     def _eval_sums(self, trainable, non_trainable, batch):
         logits, _ = self.model.stateless_call(
             trainable, non_trainable, {k: batch[k] for k in _MODEL_INPUTS}, training=False)
-        import tensorflow as tf
         return tf.stack(mlm_sums(logits, batch["masked_lm_ids"], batch["masked_lm_weights"]))
 
     # -- replica functions ----------------------------------------------------------------------
 
     def _my_rows(self, batch, rows):
         """This replica's `rows` rows of the worker batch."""
-        import tensorflow as tf
         context = tf.distribute.get_replica_context()
         start = (context.replica_id_in_sync_group % self.local_replicas) * rows
         return {k: tf.ensure_shape(v[start:start + rows], [rows] + v.shape[1:])
@@ -335,7 +338,6 @@ class MaskedLMTrainer:
                 [v.value for v in self.model.non_trainable_variables])
 
     def _replica_train_step(self, batch):
-        import tensorflow as tf
         k = self.accumulation_steps
         micro = self.per_replica_batch // k
         batch = {name: tf.reshape(t, [k, micro] + t.shape[1:])                     # [k, B_micro, ...]
@@ -368,7 +370,6 @@ class MaskedLMTrainer:
     @staticmethod
     def _seed_offset(variable, replica_id):
         """[0, replica_id * 2^31] for a Keras seed-generator state [seed, counter], else 0."""
-        import tensorflow as tf
         if "seed_generator" not in variable.path or tuple(variable.shape) != (2,):
             return tf.zeros((), variable.dtype)
         step = tf.cast(replica_id, variable.dtype) * tf.constant(1 << 31, variable.dtype)
@@ -376,7 +377,6 @@ class MaskedLMTrainer:
 
     def _assign_non_trainable(self, values):
         """Writes back the dropout seed states (their aggregation is NONE: update per replica)."""
-        import tensorflow as tf
         variables = [v.value for v in self.model.non_trainable_variables]
         if not variables:
             return
@@ -389,7 +389,6 @@ class MaskedLMTrainer:
         tf.distribute.get_replica_context().merge_call(update, args=(values,))
 
     def _replica_eval_step(self, batch):
-        import tensorflow as tf
         trainable, non_trainable = self._values()
         sums = self._eval_sums_fn(trainable, non_trainable,
                                   self._my_rows(batch, self.per_replica_eval_batch))
@@ -408,7 +407,6 @@ class MaskedLMTrainer:
 
         Returns (mean metrics over the steps run, last learning rate, steps run, all finite).
         """
-        import tensorflow as tf
         totals = {k: tf.constant(0.0) for k in ("loss", "masked_lm_accuracy", "grad_norm")}
         learning_rate = tf.constant(0.0)
         steps, finite = tf.constant(0), tf.constant(True)
@@ -441,7 +439,6 @@ CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
 
 def load_config(path):
     """--bert_config_file -> modeling.BertConfig; UsageError naming the file and field."""
-    import modeling
     if not path:
         raise UsageError("--bert_config_file is required")
     try:
@@ -452,8 +449,8 @@ def load_config(path):
         raise UsageError(str(e)) from None
     missing = [field for field in CONFIG_FIELDS if field not in raw]
     if missing:
-        raise UsageError(f"{path}: field '{missing[0]}' is missing (a pretraining config must set all of "
-                         f"{', '.join(CONFIG_FIELDS)})")
+        raise UsageError(f"{path}: field '{missing[0]}' is missing (a pretraining config must set "
+                         f"all of {', '.join(CONFIG_FIELDS)})")
     return config
 
 
@@ -471,24 +468,22 @@ def _worker_info(strategy):
 
 
 def _set_precision(use_bf16, strategy):
-    import keras
-    import tensorflow as tf
     if not use_bf16:
         return
     supported = isinstance(strategy, tf.distribute.TPUStrategy)
     for gpu in tf.config.list_physical_devices("GPU"):
-        supported |= tf.config.experimental.get_device_details(gpu).get("compute_capability", (0,))[0] >= 8
+        details = tf.config.experimental.get_device_details(gpu)
+        supported |= details.get("compute_capability", (0,))[0] >= 8
     if supported:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
         logging.info("mixed precision: bfloat16 compute, float32 variables")
     else:
-        logging.warning("--mixed_precision ignored: no TPU or bf16-capable GPU (bf16 is slower on CPUs)")
+        logging.warning("--mixed_precision ignored: no TPU or bf16-capable GPU "
+                        "(bf16 is slower than fp32 on CPUs)")
 
 
 def _check_output_dir(output_dir, config):
     """UsageError if output_dir holds a run of a different model (never overwrite it)."""
-    import modeling
-    import tensorflow as tf
     path = os.path.join(output_dir, "bert_config.json")
     if tf.io.gfile.exists(path):
         existing = modeling.BertConfig.from_json_file(path)
@@ -501,11 +496,7 @@ def _check_output_dir(output_dir, config):
 
 def run(opts):
     """Trains and/or evaluates as the flags in `opts` say; returns the eval metrics (or {})."""
-    import keras
-    import tensorflow as tf
 
-    import modeling
-    import optimization
 
     # 1. Everything that can be checked is checked before anything is built or written.
     if not (opts.do_train or opts.do_eval):
@@ -591,7 +582,8 @@ def run(opts):
         except ValueError as e:
             raise UsageError(str(e)) from None
     elif opts.do_eval and not opts.do_train:
-        raise UsageError(f"--do_eval alone: no checkpoint in {opts.output_dir} and no --init_checkpoint")
+        raise UsageError(f"--do_eval alone: no checkpoint in {opts.output_dir} "
+                         "and no --init_checkpoint")
 
     tf.io.gfile.makedirs(opts.output_dir)
     config_path = os.path.join(opts.output_dir, "bert_config.json")
@@ -606,7 +598,6 @@ def run(opts):
 
 
 def _train(opts, trainer, iterator, manager, is_chief):
-    import tensorflow as tf
     step = int(trainer.optimizer.iterations.numpy())
     if step >= opts.num_train_steps:
         logging.info("already trained to step %d >= --num_train_steps=%d", step, opts.num_train_steps)

@@ -161,7 +161,8 @@ def main():
         rates = {name: statistics.median(v) for name, v in times.items()}
         for name, rate in rates.items():
             spread = f"{min(times[name]):.1f}-{max(times[name]):.1f}"
-            print(f"  {name:21s} {rate:7.2f} seq/s  (rounds {spread})  MFU {rate * flops / 1e9 / peak:6.1%}")
+            mfu = rate * flops / 1e9 / peak
+            print(f"  {name:21s} {rate:7.2f} seq/s  (rounds {spread})  MFU {mfu:6.1%}")
         print(f"  ours_xla / peer_torch = {rates['ours_xla'] / rates['peer_torch']:.2f}x, "
               f"ours_no_xla / peer_torch = {rates['ours_no_xla'] / rates['peer_torch']:.2f}x")
 

@@ -20,27 +20,28 @@ import tokenization
 def corpus_sentences(shared_data_dir, resources_dir, max_chars=200_000):
     """Returns up to `max_chars` characters of real text as a list of non-empty lines.
 
-    Prefers the shared zhwiki corpus (Google's one-sentence-per-line format), falling back to a
-    text corpus in resources/ (anything there but the vocab).
+    Prefers the shared zhwiki corpus (Google's one-sentence-per-line format), falling back to the
+    small corpus in resources/ (its .txt files, the vocab excepted).
     """
     shard = os.path.join(shared_data_dir, "corpus", "zhwiki", "zhwiki_00.txt.xz")
     if os.path.isfile(shard):
-        opener, path = lzma.open, shard
+        sources = [(lzma.open, shard)]
     else:
-        candidates = sorted(p for p in glob.glob(os.path.join(resources_dir, "*.txt"))
-                            if "vocab" not in os.path.basename(p))
-        if not candidates:
-            raise FileNotFoundError(f"no corpus: neither {shard} nor a text file in {resources_dir}")
-        opener, path = open, candidates[0]
+        sources = [(open, p) for p in sorted(glob.glob(os.path.join(resources_dir, "*.txt")) +
+                                             glob.glob(os.path.join(resources_dir, "corpus", "*.txt")))
+                   if "vocab" not in os.path.basename(p)]
+        if not sources:
+            raise FileNotFoundError(f"no corpus: neither {shard} nor text files in {resources_dir}")
     lines, total = [], 0
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                lines.append(line)
-                total += len(line)
-                if total >= max_chars:
-                    break
+    for opener, path in sources:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    lines.append(line)
+                    total += len(line)
+                    if total >= max_chars:
+                        return lines
     return lines
 
 
