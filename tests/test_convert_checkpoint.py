@@ -264,3 +264,20 @@ def test_command_line_imports_a_folder_and_reports_errors_without_traceback(tmp_
                           f"--output_dir={tmp_path / 'ours'}"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "config.json: model_type 'gpt2' is not BERT" in bad.stderr
+
+
+def test_a_separate_decoder_bias_is_the_one_used_as_in_transformers(tmp_path):
+    """Old files carry cls.predictions.decoder.bias; if it differs, transformers unties and uses it."""
+    from safetensors.numpy import load_file, save_file
+    folder = str(tmp_path / "hf")
+    hf_folder(folder, "BertForMaskedLM", seed=10)
+    path = os.path.join(folder, "model.safetensors")
+    state = load_file(path)
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"] + 1.5
+    save_file(state, path, metadata={"format": "pt"})
+    hf_model = transformers.BertForMaskedLM.from_pretrained(folder).eval()
+    convert_checkpoint.hf_to_tf2(folder, str(tmp_path / "ours"))
+    ours = load_ours(str(tmp_path / "ours"), "mlm", hidden_act="gelu_exact")
+    ids, mask, segments = padded_batch()
+    np.testing.assert_allclose(our_logits(ours, "mlm", ids, mask, segments),
+                               hf_logits(hf_model, "mlm", ids, mask, segments), atol=1e-4, rtol=0)
