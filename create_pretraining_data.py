@@ -172,6 +172,7 @@ class InputReader:
         self.replaced_chars = 0
         self.first_replacement = None  # "file:line"
         self.docs_per_file = [0] * len(paths)
+        self.text_bytes = 0  # decompressed
 
     @property
     def bytes_done(self):
@@ -195,6 +196,7 @@ class InputReader:
             try:
                 sentences, chars = [], 0
                 for line_no, line in enumerate(stream, 1):
+                    self.text_bytes += len(line)
                     text = self._decode(line, path, line_no).strip()
                     if self.input_format == "doc_per_line":
                         if text:
@@ -991,7 +993,7 @@ def generate(o, log=print):
                     replaced_invalid_utf8_chars=reader.replaced_chars, split_long_lines=len(split_lines))
         _write_json_atomic(path + ".meta.json", meta)
 
-    mb = sum(os.path.getsize(p) for p in input_paths) / 1e6
+    mb = reader.text_bytes / 1e6
     for line in split_lines[:5]:
         log(f"create_pretraining_data: warning: long line split into several instances: {line}")
     summary = dict(totals, outputs=outputs, seconds=round(elapsed, 2), input_mb=round(mb, 3),
@@ -1001,7 +1003,7 @@ def generate(o, log=print):
     log(f"create_pretraining_data: wrote {totals['instances']} instances from {totals['documents']} "
         f"documents ({totals['tokens']} tokens, {totals['predictions']} predictions, "
         f"{totals['empty_documents']} empty documents, {len(split_lines)} long lines split) to "
-        f"{', '.join(outputs)} in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.2f} MB/s){bad}")
+        f"{', '.join(outputs)} in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.2f} MB of text/s){bad}")
     return summary
 
 
