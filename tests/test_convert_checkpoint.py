@@ -7,7 +7,6 @@ output folder behind.
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -250,20 +249,16 @@ def test_google_checkpoint_with_a_missing_tensor_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_command_line_imports_a_folder_and_reports_errors_without_traceback(tmp_path):
+def test_command_line_reports_a_bad_folder_in_one_line_without_traceback(tmp_path):
     folder = str(tmp_path / "hf")
     hf_folder(folder, "BertForMaskedLM", seed=9)
-    script = os.path.join(REPO, "convert_checkpoint.py")
-    ok = subprocess.run([sys.executable, script, "--mode=hf_to_tf2", f"--input={folder}",
-                         f"--output_dir={tmp_path / 'ours'}"], capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert tf.train.latest_checkpoint(str(tmp_path / "ours")).endswith("ckpt-1")
-    shutil.rmtree(tmp_path / "ours")
     _gpt2_config(folder)
-    bad = subprocess.run([sys.executable, script, "--mode=hf_to_tf2", f"--input={folder}",
-                          f"--output_dir={tmp_path / 'ours'}"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "convert_checkpoint.py"), "--mode=hf_to_tf2",
+                          f"--input={folder}", f"--output_dir={tmp_path / 'ours'}"],
+                         capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "config.json: model_type 'gpt2' is not BERT" in bad.stderr
+    assert not os.path.exists(tmp_path / "ours")
 
 
 def test_a_separate_decoder_bias_is_the_one_used_as_in_transformers(tmp_path):
