@@ -37,6 +37,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 import modeling
+import train_utils
 
 # The HF task class each of our task names maps to (config.json "architectures").
 TASK_ARCHITECTURES = {
@@ -584,20 +585,22 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_enum("mode", None, ["hf_to_tf2", "google_to_tf2", "tf2_to_google"], "Conversion.")
-    flags.DEFINE_string("input", None, "hf_to_tf2: a HuggingFace/UER folder; google_to_tf2: a TF1 "
-                        "prefix (.../bert_model.ckpt) or its folder; tf2_to_google: our checkpoint dir or prefix.")
-    flags.DEFINE_string("output_dir", None, "Folder to create (written atomically).")
-    flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --input).")
-    flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --input).")
-    flags.DEFINE_enum("task", None, list(TASK_ARCHITECTURES), "Model head. hf_to_tf2: checked "
-                      "against config.json; google_to_tf2: read from the tensor names (use it to "
-                      "tell ner from classifier); tf2_to_google: default mlm.")
-    flags.DEFINE_string("labels", None, "classifier/ner label names in id order, comma-separated "
-                        "or a file with one per line; written to labels.txt on import. "
-                        "tf2_to_google default: labels.txt beside --input.")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.")
-    flags.mark_flags_as_required(["mode", "input", "output_dir"])
+    with train_utils.flag_group("Conversion"):
+        flags.DEFINE_enum("mode", None, ["hf_to_tf2", "google_to_tf2", "tf2_to_google"], "Conversion.")
+        flags.DEFINE_string("input", None, "hf_to_tf2: a HuggingFace/UER folder; google_to_tf2: a TF1 "
+                            "prefix (.../bert_model.ckpt) or its folder; tf2_to_google: our checkpoint dir or prefix.")
+        flags.DEFINE_string("output_dir", None, "Folder to create (written atomically).")
+        flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.")
+    with train_utils.flag_group("Model (default: files beside --input)"):
+        flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --input).")
+        flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --input).")
+        flags.DEFINE_enum("task", None, list(TASK_ARCHITECTURES), "Model head. hf_to_tf2: checked "
+                          "against config.json; google_to_tf2: read from the tensor names (use it to "
+                          "tell ner from classifier); tf2_to_google: default mlm.")
+        flags.DEFINE_string("labels", None, "classifier/ner label names in id order, comma-separated "
+                            "or a file with one per line; written to labels.txt on import. "
+                            "tf2_to_google default: labels.txt beside --input.")
+    train_utils.require_flags("mode", "input", "output_dir")
 
 
 def beside(path, name, flag):
@@ -634,4 +637,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    train_utils.run_script(main, __doc__, "python convert_checkpoint.py --mode=hf_to_tf2 "
+                           "--input=chinese_roberta_hf/ --output_dir=imported/")

@@ -1010,32 +1010,37 @@ def generate(o, log=print):
 def _define_flags():
     """Flags are defined only when run as a script, so importing this module never clashes."""
     from absl import flags
+
+    import train_utils
     d = Options.__dataclass_fields__
-    flags.DEFINE_string("input_file", None, "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
-    flags.DEFINE_string("output_file", None, "Output TFRecord file (or comma list of shards).")
-    flags.DEFINE_string("vocab_file", None, "WordPiece vocab the model will use.")
-    flags.DEFINE_bool("do_lower_case", d["do_lower_case"].default, "Lower-case and strip accents.")
-    flags.DEFINE_bool("do_whole_word_mask", d["do_whole_word_mask"].default,
-                      "Mask whole jieba words (else single tokens).")
-    flags.DEFINE_integer("max_seq_length", d["max_seq_length"].default, "Tokens per instance incl. [CLS]/[SEP].")
-    flags.DEFINE_integer("max_predictions_per_seq", d["max_predictions_per_seq"].default,
-                         "Maximum masked tokens per instance.")
-    flags.DEFINE_integer("random_seed", d["random_seed"].default, "Seed; output depends only on it and input.")
-    flags.DEFINE_integer("dupe_factor", d["dupe_factor"].default, "Copies of each document with fresh masks.")
-    flags.DEFINE_float("masked_lm_prob", d["masked_lm_prob"].default, "Share of tokens to predict.")
-    flags.DEFINE_float("short_seq_prob", d["short_seq_prob"].default,
-                       "Probability of a random shorter target length.")
-    flags.DEFINE_enum("input_format", d["input_format"].default, list(INPUT_FORMATS),
-                      "sentence_per_line (blank line between documents) or doc_per_line.")
-    flags.DEFINE_enum("segmenter", d["segmenter"].default, list(SEGMENTERS),
-                      "Word segmenter for whole-word masking (rjieba is ~4x faster, pip install rjieba).")
-    flags.DEFINE_string("jieba_user_dict", "", "Optional jieba user dictionary (word [freq] [tag] lines).")
-    flags.DEFINE_integer("num_workers", d["num_workers"].default, "Worker processes (output is identical).")
-    flags.DEFINE_integer("num_output_shards", d["num_output_shards"].default,
-                         "Split output into N files <output_file>-0000i-of-0000N.")
-    flags.DEFINE_float("progress_every_secs", d["progress_every_secs"].default, "Seconds between progress lines.")
-    for name in ("input_file", "output_file", "vocab_file"):
-        flags.mark_flag_as_required(name)
+    with train_utils.flag_group("Input and output"):
+        flags.DEFINE_string("input_file", None, "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
+        flags.DEFINE_enum("input_format", d["input_format"].default, list(INPUT_FORMATS),
+                          "sentence_per_line (blank line between documents) or doc_per_line.")
+        flags.DEFINE_string("output_file", None, "Output TFRecord file (or comma list of shards).")
+        flags.DEFINE_integer("num_output_shards", d["num_output_shards"].default,
+                             "Split output into N files <output_file>-0000i-of-0000N.")
+        flags.DEFINE_string("vocab_file", None, "WordPiece vocab the model will use.")
+        flags.DEFINE_bool("do_lower_case", d["do_lower_case"].default, "Lower-case and strip accents.")
+    with train_utils.flag_group("Instances"):
+        flags.DEFINE_integer("max_seq_length", d["max_seq_length"].default, "Tokens per instance incl. [CLS]/[SEP].")
+        flags.DEFINE_float("short_seq_prob", d["short_seq_prob"].default,
+                           "Probability of a random shorter target length.")
+        flags.DEFINE_integer("dupe_factor", d["dupe_factor"].default, "Copies of each document with fresh masks.")
+        flags.DEFINE_integer("random_seed", d["random_seed"].default, "Seed; output depends only on it and input.")
+    with train_utils.flag_group("Whole-word masking"):
+        flags.DEFINE_bool("do_whole_word_mask", d["do_whole_word_mask"].default,
+                          "Mask whole jieba words (else single tokens).")
+        flags.DEFINE_float("masked_lm_prob", d["masked_lm_prob"].default, "Share of tokens to predict.")
+        flags.DEFINE_integer("max_predictions_per_seq", d["max_predictions_per_seq"].default,
+                             "Maximum masked tokens per instance.")
+        flags.DEFINE_enum("segmenter", d["segmenter"].default, list(SEGMENTERS),
+                          "Word segmenter for whole-word masking (rjieba is much faster, pip install rjieba).")
+        flags.DEFINE_string("jieba_user_dict", "", "Optional jieba user dictionary (word [freq] [tag] lines).")
+    with train_utils.flag_group("Speed and progress"):
+        flags.DEFINE_integer("num_workers", d["num_workers"].default, "Worker processes (output is identical).")
+        flags.DEFINE_float("progress_every_secs", d["progress_every_secs"].default, "Seconds between progress lines.")
+    train_utils.require_flags("input_file", "output_file", "vocab_file")
 
 
 def main(argv):
@@ -1050,7 +1055,11 @@ def main(argv):
         sys.exit(f"create_pretraining_data.py: error: {e}")
 
 
+EXAMPLE = ("python create_pretraining_data.py --input_file=resources/corpus/*.txt "
+           "--output_file=/tmp/records/train.tfrecord --vocab_file=resources/vocab.txt "
+           "--max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5 --num_workers=2")
+
 if __name__ == "__main__":
-    from absl import app
+    import train_utils
     _define_flags()
-    app.run(main)
+    train_utils.run_script(main, __doc__, EXAMPLE)

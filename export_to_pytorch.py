@@ -27,6 +27,7 @@ from absl import app, flags, logging
 import convert_checkpoint
 import modeling
 import tokenization
+import train_utils
 
 # safetensors dtype codes of the numpy dtypes we write.
 _NP_TO_ST = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",
@@ -179,20 +180,23 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("checkpoint", None, "Our checkpoint: a folder (its latest ckpt-N) or a "
-                        "prefix like out/ckpt-1000; a Google TF1 bert_model.ckpt prefix also works.")
-    flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --checkpoint).")
-    flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --checkpoint).")
-    flags.DEFINE_string("output_dir", None, "HuggingFace folder to create (written atomically).")
-    flags.DEFINE_enum("task", "mlm", list(convert_checkpoint.TASK_ARCHITECTURES),
-                      "Head to export: mlm (fill-mask), classifier (text-classification), "
-                      "ner (token-classification), qa (question-answering).")
-    flags.DEFINE_string("labels", None, "classifier/ner: label names in id order, comma-separated "
-                        "or a file with one per line (default: labels.txt beside --checkpoint).")
-    flags.DEFINE_bool("do_lower_case", True, "Written to tokenizer_config.json; keep as in training.")
-    flags.DEFINE_bool("pytorch_bin", False, "Also write pytorch_model.bin (needs torch).")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.")
-    flags.mark_flags_as_required(["checkpoint", "output_dir"])
+    with train_utils.flag_group("Checkpoint to export"):
+        flags.DEFINE_string("checkpoint", None, "Our checkpoint: a folder (its latest ckpt-N) or a "
+                            "prefix like out/ckpt-1000; a Google TF1 bert_model.ckpt prefix also works.")
+        flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --checkpoint).")
+        flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --checkpoint).")
+    with train_utils.flag_group("Task head"):
+        flags.DEFINE_enum("task", "mlm", list(convert_checkpoint.TASK_ARCHITECTURES),
+                          "Head to export: mlm (fill-mask), classifier (text-classification), "
+                          "ner (token-classification), qa (question-answering).")
+        flags.DEFINE_string("labels", None, "classifier/ner: label names in id order, comma-separated "
+                            "or a file with one per line (default: labels.txt beside --checkpoint).")
+    with train_utils.flag_group("Output"):
+        flags.DEFINE_string("output_dir", None, "HuggingFace folder to create (written atomically).")
+        flags.DEFINE_bool("do_lower_case", True, "Written to tokenizer_config.json; keep as in training.")
+        flags.DEFINE_bool("pytorch_bin", False, "Also write pytorch_model.bin (needs torch).")
+        flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.")
+    train_utils.require_flags("checkpoint", "output_dir")
 
 
 def main(argv):
@@ -215,4 +219,6 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    train_utils.run_script(main, __doc__, "python export_to_pytorch.py --checkpoint=demo_output/pretrain "
+                           "--bert_config_file=resources/bert_config_tiny.json "
+                           "--vocab_file=resources/vocab.txt --task=mlm --output_dir=/tmp/hf_mlm")

@@ -22,11 +22,12 @@ import sys
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 
 import convert_checkpoint
 import modeling
 import tokenization
+import train_utils
 
 
 def load_masked_lm(checkpoint, bert_config_file=None, vocab_file=None, do_lower_case=True):
@@ -134,13 +135,15 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-    flags.DEFINE_string("checkpoint", None, "Our checkpoint folder or prefix, a TF1 bert_model.ckpt "
-                        "prefix, or a HuggingFace folder.")
-    flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --checkpoint).")
-    flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --checkpoint).")
-    flags.DEFINE_bool("do_lower_case", True, "As in pretraining.")
-    flags.DEFINE_integer("top_k", 5, "Candidates per [MASK] run.", lower_bound=1)
-    flags.mark_flag_as_required("checkpoint")
+    with train_utils.flag_group("Model"):
+        flags.DEFINE_string("checkpoint", None, "Our checkpoint folder or prefix, a TF1 bert_model.ckpt "
+                            "prefix, or a HuggingFace folder.")
+        flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --checkpoint).")
+        flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --checkpoint).")
+        flags.DEFINE_bool("do_lower_case", True, "As in pretraining.")
+    with train_utils.flag_group("Output"):
+        flags.DEFINE_integer("top_k", 5, "Candidates per [MASK] run.", lower_bound=1)
+    train_utils.require_flags("checkpoint")
 
 
 def main(argv):
@@ -156,4 +159,5 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    train_utils.run_script(main, __doc__, "python fill_mask.py --checkpoint=demo_output/pretrain "
+                           "--vocab_file=resources/vocab.txt '这本书的内容很[MASK]。'")
