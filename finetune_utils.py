@@ -192,15 +192,30 @@ def define_common_flags(defaults=None):
         "strategy": "auto|tpu|mirrored|multi_worker|one_device.", "seed": "Random seed.",
         "mixed_precision": "Keras mixed_bfloat16 policy.", "jit_compile": "XLA-compile train/eval steps.",
     }
-    for field in dataclasses.fields(FinetuneOptions):
-        default = defaults.get(field.name, field.default)
-        if default is dataclasses.MISSING:
-            default = None
-        define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-                  str: flags.DEFINE_string}[field.type]
-        define(field.name, default, helps[field.name])
-    for name in ("output_dir", "bert_config_file", "vocab_file"):
-        flags.mark_flag_as_required(name)
+    fields = {field.name: field for field in dataclasses.fields(FinetuneOptions)}
+    assert sorted(n for names in FLAG_GROUPS.values() for n in names) == sorted(fields)
+    for title, names in FLAG_GROUPS.items():
+        with train_utils.flag_group(title):
+            for name in names:
+                field = fields[name]
+                default = defaults.get(name, field.default)
+                if default is dataclasses.MISSING:
+                    default = None
+                define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+                          float: flags.DEFINE_float, str: flags.DEFINE_string}[field.type]
+                define(name, default, helps[name])
+    train_utils.require_flags("output_dir", "bert_config_file", "vocab_file")
+
+
+# --help headings of the FinetuneOptions flags.
+FLAG_GROUPS = {
+    "Data": ("data_dir", "train_file", "dev_file", "test_file", "max_seq_length", "do_lower_case"),
+    "Model and checkpoints": ("bert_config_file", "vocab_file", "init_checkpoint", "output_dir"),
+    "What to run": ("do_train", "do_eval", "do_predict"),
+    "Training": ("train_batch_size", "eval_batch_size", "learning_rate", "num_train_epochs",
+                 "max_train_steps", "warmup_proportion", "weight_decay", "seed"),
+    "Hardware": ("strategy", "mixed_precision", "jit_compile"),
+}
 
 
 def options_from_flags(cls):

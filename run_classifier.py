@@ -20,11 +20,12 @@ import os
 from typing import Optional
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import finetune_utils
 import modeling
 import tokenization
+import train_utils
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,10 +316,15 @@ def main(argv):
 
 if __name__ == "__main__":
     finetune_utils.define_common_flags()
-    flags.DEFINE_string("task_name", "generic", f"One of: {', '.join(TASKS)}.")
-    flags.DEFINE_string("text_a_column", "", "Column (header name / JSON key / 0-based index) of text_a.")
-    flags.DEFINE_string("text_b_column", "", "Column of text_b; 'none' for single-sentence data.")
-    flags.DEFINE_string("label_column", "", "Column of the label.")
-    flags.DEFINE_string("has_header", "", "true/false; default: the task's.")
-    flags.DEFINE_string("labels", "", "Comma-separated labels; default: the task's or the train file's.")
-    app.run(main)
+    with train_utils.flag_group("Task and columns"):
+        flags.DEFINE_string("task_name", "generic", f"One of: {', '.join(TASKS)}.")
+        flags.DEFINE_string("text_a_column", "", "Column (header name / JSON key / 0-based index) of text_a.")
+        flags.DEFINE_string("text_b_column", "", "Column of text_b; 'none' for single-sentence data.")
+        flags.DEFINE_string("label_column", "", "Column of the label.")
+        flags.DEFINE_string("has_header", "", "true/false; default: the task's.")
+        flags.DEFINE_string("labels", "", "Comma-separated labels; default: the task's or the train file's.")
+    train_utils.run_script(main, __doc__, ("python run_classifier.py --task_name=chnsenticorp "
+                           "--data_dir=../shared/data/chnsenticorp --train_file=train.tsv --dev_file=dev.tsv "
+                           "--vocab_file=../shared/data/vocab/vocab.txt "
+                           "--bert_config_file=resources/bert_config_L2_H128.json --do_train --do_eval "
+                           "--output_dir=/tmp/chnsenticorp"))

@@ -19,11 +19,12 @@ import os
 import re
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import finetune_utils
 import modeling
 import tokenization
+import train_utils
 
 
 @dataclasses.dataclass
@@ -323,8 +324,12 @@ def main(argv):
 
 if __name__ == "__main__":
     finetune_utils.define_common_flags(defaults={"max_seq_length": 384})
-    flags.DEFINE_integer("doc_stride", 128, "Tokens between the starts of consecutive context windows.")
-    flags.DEFINE_integer("max_query_length", 64, "Question tokens kept.")
-    flags.DEFINE_integer("max_answer_length", 30, "Longest answer, in tokens.")
-    flags.DEFINE_integer("n_best_size", 20, "Start/end candidates per window.")
-    app.run(main)
+    with train_utils.flag_group("Question answering"):
+        flags.DEFINE_integer("doc_stride", 128, "Tokens between the starts of consecutive context windows.")
+        flags.DEFINE_integer("max_query_length", 64, "Question tokens kept.")
+        flags.DEFINE_integer("max_answer_length", 30, "Longest answer, in tokens.")
+        flags.DEFINE_integer("n_best_size", 20, "Start/end candidates per window.")
+    train_utils.run_script(main, __doc__, ("python run_cmrc.py --data_dir=../shared/data/cmrc2018 --train_file=train.json "
+                           "--dev_file=trial.json --vocab_file=../shared/data/vocab/vocab.txt "
+                           "--bert_config_file=resources/bert_config_L2_H128.json --do_train --do_eval "
+                           "--output_dir=/tmp/cmrc"))

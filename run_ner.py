@@ -21,11 +21,12 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import finetune_utils
 import modeling
 import tokenization
+import train_utils
 
 
 @dataclasses.dataclass
@@ -350,5 +351,9 @@ def main(argv):
 
 if __name__ == "__main__":
     finetune_utils.define_common_flags()
-    flags.DEFINE_enum("tag_scheme", "BIO", ["BIO", "BIOES"], "Token tagging scheme.")
-    app.run(main)
+    with train_utils.flag_group("Tagging"):
+        flags.DEFINE_enum("tag_scheme", "BIO", ["BIO", "BIOES"], "Token tagging scheme.")
+    train_utils.run_script(main, __doc__, ("python run_ner.py --data_dir=../shared/data/cluener2020 --train_file=train.json "
+                           "--dev_file=train.json --vocab_file=../shared/data/vocab/vocab.txt "
+                           "--bert_config_file=resources/bert_config_L2_H128.json --do_train --do_eval "
+                           "--output_dir=/tmp/cluener"))

@@ -50,46 +50,52 @@ def define_flags(fv=flags.FLAGS):
     def number(name, default, text):
         flags.DEFINE_float(name, default, text, flag_values=fv)
 
-    # Google's flags, names and defaults.
-    string("bert_config_file", None, "bert_config.json of the model to train.")
-    string("input_file", None, "Comma-separated globs of pretraining TFRecords.")
-    string("output_dir", None, "Checkpoints (ckpt-N), bert_config.json, TensorBoard logs.")
-    string("init_checkpoint", None, "Starting weights (ours or a Google TF1 bert_model.ckpt); "
-           "ignored when output_dir already holds a checkpoint to resume.")
-    integer("max_seq_length", 128, "Sequence length of the records.")
-    integer("max_predictions_per_seq", 20, "Masked positions per sequence in the records.")
-    boolean("do_train", False, "Train.")
-    boolean("do_eval", False, "Evaluate masked-LM loss/accuracy; prints one JSON line.")
-    integer("train_batch_size", 32, "Global batch (all replicas x accumulation steps).")
-    integer("eval_batch_size", 8, "Global eval batch.")
-    number("learning_rate", 5e-5, "Peak learning rate.")
-    integer("num_train_steps", 100000, "Optimizer updates in total.")
-    integer("num_warmup_steps", 10000, "Linear warmup updates.")
-    integer("save_checkpoints_steps", 1000, "Checkpoint every this many steps.")
-    integer("iterations_per_loop", 1000, "Steps per host call (one compiled loop).")
-    integer("max_eval_steps", 100, "Maximum eval batches.")
-    boolean("use_tpu", False, "Same as --strategy=tpu.")
-    string("tpu_name", None, "TPU name or grpc:// address.")
-    string("tpu_zone", None, "GCE zone of the TPU (optional).")
-    string("gcp_project", None, "GCP project of the TPU (optional).")
-    # Ours.
-    flags.DEFINE_enum("strategy", "auto", list(train_utils.STRATEGIES),
-                      "auto: TPU if --tpu_name, multi-worker from TF_CONFIG, all GPUs, else one "
-                      "device.", flag_values=fv)
-    flags.DEFINE_enum("optimizer", "adamw", ["adamw", "lamb"], "LAMB for very large batches.",
-                      flag_values=fv)
-    number("beta_2", 0.98, "Adam/LAMB beta_2 (0.98 as in roberta_zh).")
-    number("weight_decay", 0.01, "Decoupled weight decay (not on LayerNorm/bias).")
-    integer("gradient_accumulation_steps", 1, "Micro-batches per optimizer update.")
-    boolean("mixed_precision", False, "bfloat16 compute on TPUs and on GPUs that support it "
-            "(compute capability >= 8.0); ignored with a warning elsewhere.")
-    boolean("jit_compile", True, "Compile the forward/backward pass with XLA.")
-    integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
-    string("eval_input_file", None, "Records for --do_eval (default: --input_file, as Google).")
-    integer("shuffle_buffer_size", 1000, "Records in the shuffle buffer (saved in checkpoints).")
-    integer("seed", 12345, "Seed for initialisation, shuffling and dropout.")
-    boolean("check_input_files", True, "Read every record once before training (CRC, count "
-            "against the .meta.json) so bad data fails before step 1.")
+    # Google's flag names and defaults where Google had the flag.
+    with train_utils.flag_group("Data", fv):
+        string("input_file", None, "Comma-separated globs of pretraining TFRecords.")
+        string("eval_input_file", None, "Records for --do_eval (default: --input_file, as Google).")
+        integer("max_seq_length", 128, "Sequence length of the records.")
+        integer("max_predictions_per_seq", 20, "Masked positions per sequence in the records.")
+        integer("shuffle_buffer_size", 1000, "Records in the shuffle buffer (saved in checkpoints).")
+        boolean("check_input_files", True, "Read every record once before training (CRC, count "
+                "against the .meta.json) so bad data fails before step 1.")
+    with train_utils.flag_group("Model and checkpoints", fv):
+        string("bert_config_file", None, "bert_config.json of the model to train.")
+        string("init_checkpoint", None, "Starting weights (ours or a Google TF1 bert_model.ckpt); "
+               "ignored when output_dir already holds a checkpoint to resume.")
+        string("output_dir", None, "Checkpoints (ckpt-N), bert_config.json, TensorBoard logs.")
+        integer("save_checkpoints_steps", 1000, "Checkpoint every this many steps.")
+        integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
+    with train_utils.flag_group("Training", fv):
+        boolean("do_train", False, "Train.")
+        integer("train_batch_size", 32, "Global batch (all replicas x accumulation steps).")
+        integer("gradient_accumulation_steps", 1, "Micro-batches per optimizer update.")
+        number("learning_rate", 5e-5, "Peak learning rate.")
+        integer("num_train_steps", 100000, "Optimizer updates in total.")
+        integer("num_warmup_steps", 10000, "Linear warmup updates.")
+        flags.DEFINE_enum("optimizer", "adamw", ["adamw", "lamb"], "LAMB for very large batches.",
+                          flag_values=fv)
+        number("beta_2", 0.98, "Adam/LAMB beta_2 (0.98 as in roberta_zh).")
+        number("weight_decay", 0.01, "Decoupled weight decay (not on LayerNorm/bias).")
+        integer("seed", 12345, "Seed for initialisation, shuffling and dropout.")
+    with train_utils.flag_group("Evaluation", fv):
+        boolean("do_eval", False, "Evaluate masked-LM loss/accuracy; prints one JSON line.")
+        integer("eval_batch_size", 8, "Global eval batch.")
+        integer("max_eval_steps", 100, "Maximum eval batches.")
+    with train_utils.flag_group("Hardware: TPU, GPUs, CPU", fv):
+        flags.DEFINE_enum("strategy", "auto", list(train_utils.STRATEGIES),
+                          "auto: TPU if --tpu_name, multi-worker from TF_CONFIG, all GPUs, else one "
+                          "device.", flag_values=fv)
+        boolean("use_tpu", False, "Same as --strategy=tpu.")
+        string("tpu_name", None, "TPU name or grpc:// address.")
+        string("tpu_zone", None, "GCE zone of the TPU (optional).")
+        string("gcp_project", None, "GCP project of the TPU (optional).")
+        integer("iterations_per_loop", 1000, "Steps per host call (one compiled loop).")
+        boolean("mixed_precision", False, "bfloat16 compute on TPUs and on GPUs that support it "
+                "(compute capability >= 8.0); ignored with a warning elsewhere.")
+        boolean("jit_compile", True, "Compile the forward/backward pass with XLA.")
+    if fv is flags.FLAGS:
+        train_utils.require_flags("input_file", "bert_config_file", "output_dir")
 
 
 def parse_flags(argv):
@@ -655,6 +661,11 @@ def _evaluate(opts, trainer, files, num_workers, worker_index):
     return result
 
 
+EXAMPLE = ("python run_pretraining.py --do_train --do_eval --input_file=/tmp/records/train.tfrecord "
+           "--bert_config_file=resources/bert_config_tiny.json --output_dir=/tmp/pretrain "
+           "--train_batch_size=32 --num_train_steps=1000 --num_warmup_steps=100 --learning_rate=1e-3")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -666,4 +677,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    train_utils.run_script(main, __doc__, EXAMPLE)

@@ -134,8 +134,10 @@ class flag_group:
         return self
 
     def __exit__(self, *exc):
-        new = [name for name in self._fv if name not in self._before]
-        _FLAG_GROUPS.append((self.title, new))
+        from absl import flags
+
+        if self._fv is flags.FLAGS:  # tests parse private FlagValues; only the script's own count
+            _FLAG_GROUPS.append((self.title, [n for n in self._fv if n not in self._before]))
         return False
 
 
