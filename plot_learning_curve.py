@@ -25,6 +25,7 @@ def read_scalars(logdir):
     """
     import tensorflow as tf
 
+    tf.get_logger().setLevel("ERROR")  # summary_iterator logs a deprecation notice on every call
     files = sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True))
     if not files:
         raise ValueError(f"no TensorBoard event files under --logdir={logdir}")
