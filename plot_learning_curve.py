@@ -70,34 +70,33 @@ def plot(scalars, output, title=""):
     eval_accuracy_key = _find(scalars, ACCURACY_TAGS, runs=("eval",))
     lr_key = _find(scalars, LR_TAGS)
 
+    def draw(ax, key, style, color, label):
+        """Plots one scalar series if the run has it; returns whether it did."""
+        if key:
+            steps, values = zip(*scalars[key])
+            ax.plot(steps, values, style, color=color, label=label)
+        return bool(key)
+
     fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
-    steps, values = zip(*scalars[loss_key])
-    ax_loss.plot(steps, values, color="tab:blue", label="train MLM loss")
-    if eval_loss_key:
-        steps, values = zip(*scalars[eval_loss_key])
-        ax_loss.plot(steps, values, "o-", color="tab:orange", label="eval MLM loss")
+    draw(ax_loss, loss_key, "-", "tab:blue", "train MLM loss")
+    draw(ax_loss, eval_loss_key, "o-", "tab:orange", "eval MLM loss")
     ax_loss.set_ylabel("MLM loss")
     ax_loss.grid(alpha=0.3)
     handles, labels = ax_loss.get_legend_handles_labels()
     if lr_key:
         ax_lr = ax_loss.twinx()
-        steps, values = zip(*scalars[lr_key])
-        ax_lr.plot(steps, values, "--", color="tab:gray", label="learning rate")
+        draw(ax_lr, lr_key, "--", "tab:gray", "learning rate")
         ax_lr.set_ylabel("learning rate")
         lr_handles, lr_labels = ax_lr.get_legend_handles_labels()
         handles, labels = handles + lr_handles, labels + lr_labels
     ax_loss.legend(handles, labels, loc="upper right")
 
-    if accuracy_key:
-        steps, values = zip(*scalars[accuracy_key])
-        ax_acc.plot(steps, values, color="tab:green", label="train MLM accuracy")
-    if eval_accuracy_key:
-        steps, values = zip(*scalars[eval_accuracy_key])
-        ax_acc.plot(steps, values, "o-", color="tab:red", label="eval MLM accuracy")
+    has_train_accuracy = draw(ax_acc, accuracy_key, "-", "tab:green", "train MLM accuracy")
+    has_eval_accuracy = draw(ax_acc, eval_accuracy_key, "o-", "tab:red", "eval MLM accuracy")
     ax_acc.set_ylabel("MLM accuracy")
     ax_acc.set_xlabel("step")
     ax_acc.grid(alpha=0.3)
-    if accuracy_key or eval_accuracy_key:
+    if has_train_accuracy or has_eval_accuracy:
         ax_acc.legend(loc="lower right")
     if title:
         fig.suptitle(title)
