@@ -163,16 +163,30 @@ def grouped_help(prog, doc, flag_values=None):
     return "\n".join(lines)
 
 
-def run_script(main, doc, example):
-    """`app.run(main)` with grouped --help and one clear message listing every missing flag.
+class UsageError(ValueError):
+    """Bad flags, config or data: `run_script` prints it as one line (`prog: error: ...`), exit 2.
 
-    `example` is a full command line that works, shown when required flags are missing.
+    Every script raises this (never a bare traceback) for anything the user can fix, naming the
+    flag, file, line or tensor and what to do.
+    """
+
+
+def run_script(main, doc, example, define_flags=None):
+    """The one command-line convention of every script.
+
+    Each script declares its flags once, in `define_flags(fv=flags.FLAGS)` (grouped with
+    `flag_group`, required ones marked with `require_flags`), and ends with
+    `train_utils.run_script(main, __doc__, EXAMPLE, define_flags)`. This gives a grouped --help, one
+    message listing every missing flag with `example` (a full command line that works), and turns a
+    `UsageError` raised anywhere in `main` into one line `prog: error: ...` with exit status 2.
     """
     import sys
 
     from absl import app, flags
 
     prog = os.path.basename(sys.argv[0])
+    if define_flags is not None:
+        define_flags()
 
     def parse(argv):
         if any(arg in ("-h", "--help", "-?", "--helpshort") for arg in argv[1:]):
@@ -188,4 +202,11 @@ def run_script(main, doc, example):
                      f"example:\n  {example}\nSee `python {prog} --help` for every flag.")
         return rest
 
-    app.run(main, flags_parser=parse)
+    def guarded_main(argv):
+        try:
+            return main(argv)
+        except UsageError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(guarded_main, flags_parser=parse)
