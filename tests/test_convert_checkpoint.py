@@ -34,7 +34,7 @@ def weights_of(model):
 def load_ours(path, task, num_labels=None, hidden_act="gelu"):
     config = modeling.BertConfig.from_json_file(os.path.join(path, "bert_config.json"))
     assert config.hidden_act == hidden_act
-    return convert_checkpoint.load_checkpoint_fully(path, config, task, num_labels)[0]
+    return convert_checkpoint.load_checkpoint_fully(path, config, task, num_labels)
 
 
 def hf_folder(path, hf_class, seed, **config_overrides):
@@ -67,9 +67,8 @@ def test_ours_to_hf_to_ours_is_bit_identical(tmp_path, task):
     assert sorted(expected) == sorted(got)
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
-    if labels:
-        with open(tmp_path / "back" / "labels.txt", encoding="utf-8") as f:
-            assert f.read().split() == labels
+    with open(tmp_path / "back" / "model_info.json", encoding="utf-8") as f:
+        assert json.load(f) == {"do_lower_case": True, "task": task, "labels": labels}
     with open(tmp_path / "back" / "vocab.txt", encoding="utf-8") as f:
         assert f.read().split("\n")[:-1] == VOCAB
 
@@ -82,7 +81,7 @@ def test_ours_to_google_tf1_to_ours_is_bit_identical_with_google_names(tmp_path,
     convert_checkpoint.tf2_to_google(ckpt, os.path.join(ckpt, "bert_config.json"),
                                      os.path.join(ckpt, "vocab.txt"), google, task)
     assert sorted(os.listdir(google)) == ["bert_config.json", "bert_model.ckpt.data-00000-of-00001",
-                                          "bert_model.ckpt.index", "vocab.txt"]
+                                          "bert_model.ckpt.index", "model_info.json", "vocab.txt"]
     # Read back as TF1 code would: a plain name -> tensor bundle with exactly the table's names.
     reader = tf.train.load_checkpoint(os.path.join(google, "bert_model.ckpt"))
     table = weights_of(original)
@@ -134,11 +133,17 @@ def test_pooler_of_a_pretraining_folder_reaches_a_classifier(tmp_path):
     pooler = hf_model.bert.pooler.dense
     assert np.array_equal(classifier.bert.pooler.kernel.numpy(), pooler.weight.detach().numpy().T)
     assert np.array_equal(classifier.bert.pooler.bias.numpy(), pooler.bias.detach().numpy())
-    # ... and goes back out to Google's format with it.
-    convert_checkpoint.tf2_to_google(str(tmp_path / "ours"), str(tmp_path / "ours" / "bert_config.json"),
-                                     str(tmp_path / "ours" / "vocab.txt"), str(tmp_path / "google"))
+    # ... and goes back out to Google's format with it (an erf-GELU model: only when approximating).
+    args = (str(tmp_path / "ours"), str(tmp_path / "ours" / "bert_config.json"),
+            str(tmp_path / "ours" / "vocab.txt"), str(tmp_path / "google"))
+    with pytest.raises(ValueError, match="hidden_act 'gelu_exact' .* pass --approximate_gelu"):
+        convert_checkpoint.tf2_to_google(*args)
+    assert not os.path.exists(tmp_path / "google")
+    convert_checkpoint.tf2_to_google(*args, approximate_gelu=True)
     reader = tf.train.load_checkpoint(str(tmp_path / "google" / "bert_model.ckpt"))
     assert np.array_equal(reader.get_tensor("bert/pooler/dense/bias"), pooler.bias.detach().numpy())
+    with open(tmp_path / "google" / "bert_config.json", encoding="utf-8") as f:
+        assert json.load(f)["hidden_act"] == "gelu"  # the one Google's modeling.py accepts
 
 
 def test_old_spellings_gamma_beta_and_no_bert_prefix_are_understood(tmp_path):
