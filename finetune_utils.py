@@ -519,37 +519,28 @@ def masked_sparse_ce(y_true, y_pred):
     return loss
 
 
-def prior_loss(y):
-    """Cross-entropy of always predicting the label frequencies of `y` (entries < 0 ignored): what a
-    model that learned nothing from the text reaches. A tuple of label arrays (QA's start and end)
-    sums, as their losses do."""
-    if isinstance(y, tuple):
-        return sum(prior_loss(part) for part in y)
-    counts = np.bincount(np.asarray(y)[np.asarray(y) >= 0].ravel())
-    p = counts[counts > 0] / max(1, counts.sum())
-    return float(-(p * np.log(p)).sum())
-
-
-def stall_warning(losses, reference, learning_rate):
+def stall_warning(losses, learning_rate):
     """The warning for a first epoch whose loss did not move, or None.
 
-    losses: the per-step training losses of epoch 1. Stalled when the mean of its last quarter is
-    not below 95% of `reference` (prior_loss of the labels: ln(num_classes) for balanced classes).
+    losses: the per-step training losses of epoch 1. Its starting value (the mean of its first few
+    steps; ~ln(num_classes) for a classifier) against the mean of its last quarter: stalled when that
+    is not 5% lower, or not finite. Fewer than 4 steps tell nothing.
     """
-    if not losses:
+    if len(losses) < 4:
         return None
-    late = float(np.mean(losses[-max(1, len(losses) // 4):]))
-    if math.isfinite(late) and late < 0.95 * reference:
+    start = float(np.mean(losses[:min(3, len(losses) // 4)]))
+    late = float(np.mean(losses[-(len(losses) // 4):]))
+    if math.isfinite(late) and late < 0.95 * start:
         return None
     if learning_rate > 1e-4:
-        cause = f"--learning_rate={learning_rate:g} is likely too high for fine-tuning; try 5e-5"
+        cause = f"--learning_rate={learning_rate:g} is likely too high for fine-tuning: try 5e-5"
     elif learning_rate < 1e-5:
-        cause = f"--learning_rate={learning_rate:g} is likely too low; try 5e-5"
+        cause = f"--learning_rate={learning_rate:g} is likely too low: try 5e-5"
     else:
-        cause = "likely too few steps (raise --num_train_epochs), or labels unrelated to the text"
-    return (f"training loss {late:.4f} after epoch 1 has not moved below {reference:.4f}, the loss of "
-            f"predicting the label frequencies: the model is not learning. {cause} (Google's range "
-            f"for a pretrained --init_checkpoint is 2e-5..5e-5)")
+        cause = "Likely too few steps (raise --num_train_epochs), or labels unrelated to the text"
+    return (f"training loss {late:.4f} at the end of epoch 1 has not moved from its starting value "
+            f"{start:.4f}: the model is not learning. {cause} (Google's range for a pretrained "
+            f"--init_checkpoint is 2e-5..5e-5)")
 
 
 class _Progress(keras.callbacks.Callback):
@@ -616,14 +607,13 @@ def train(task, strategy, features, y, dev, config, resolved, do_lower_case, ski
     manager = tf.train.CheckpointManager(checkpoint, best_dir, max_to_keep=1)
     progress = _Progress(total_steps)
     history, best = [], {}
-    reference = prior_loss(y)
 
     class KeepBest(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             metrics = task.evaluate(dev) if dev is not None else {}
             metrics = dict(metrics, epoch=epoch + 1, train_loss=float((logs or {}).get("loss", 0.0)))
             if epoch == 0:
-                warning = stall_warning(progress.first_epoch_losses, reference, opts.learning_rate)
+                warning = stall_warning(progress.first_epoch_losses, opts.learning_rate)
                 metrics["loss_stalled"] = warning is not None
                 if warning:
                     logging.warning("%s", warning)
