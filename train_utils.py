@@ -98,6 +98,28 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
 
 
+def set_precision(use_bf16, strategy):
+    """`--mixed_precision`, decided the same way by every script: bfloat16 compute (float32 variables)
+    on TPUs and on GPUs of compute capability >= 8.0; elsewhere a warning and float32, because bf16 is
+    slower than fp32 on CPUs."""
+    import keras
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy("float32")
+    if not use_bf16:
+        return
+    supported = isinstance(strategy, tf.distribute.TPUStrategy)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        supported |= details.get("compute_capability", (0,))[0] >= 8
+    if supported:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        logging.info("mixed precision: bfloat16 compute, float32 variables")
+    else:
+        logging.warning("--mixed_precision ignored: no TPU or bf16-capable GPU "
+                        "(bf16 is slower than fp32 on CPUs)")
+
+
 def set_seed(seed):
     """Seeds Python, NumPy and TensorFlow (Keras) random generators."""
     import keras
