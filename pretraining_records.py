@@ -94,32 +94,15 @@ def sidecar_path(path):
     return path + SIDECAR_SUFFIX
 
 
-def generator_settings(*, kind=STATIC, max_seq_length, max_predictions_per_seq, vocab_size,
-                       vocab_sha256, do_lower_case, do_whole_word_mask, masked_lm_prob, dupe_factor,
-                       short_seq_prob, random_seed, segmenter, jieba_user_dict, input_format,
-                       input_files):
-    """The sidecar keys that say how a file was made; a re-run with equal settings skips the file.
-
-    input_files: [(path, size in bytes)].
-    """
-    return {
-        "kind": kind,
-        "format_version": FORMAT_VERSION,
-        "max_seq_length": max_seq_length,
-        "max_predictions_per_seq": max_predictions_per_seq,
-        "vocab_size": vocab_size,
-        "vocab_sha256": vocab_sha256,
-        "do_lower_case": do_lower_case,
-        "do_whole_word_mask": do_whole_word_mask,
-        "masked_lm_prob": masked_lm_prob,
-        "dupe_factor": dupe_factor,
-        "short_seq_prob": short_seq_prob,
-        "random_seed": random_seed,
-        "segmenter": segmenter,
-        "jieba_user_dict": jieba_user_dict,
-        "input_format": input_format,
-        "input_files": [{"path": p, "bytes": n} for p, n in input_files],
-    }
+# Sidecar keys. Readers check the first group; writers add how the file was made (the generator
+# compares those to skip a finished output on a re-run), and the counts of what was written.
+READ_KEYS = ("kind", "format_version", "max_seq_length", "max_predictions_per_seq", "vocab_size",
+             "num_instances")
+SETTINGS_KEYS = ("vocab_sha256", "do_lower_case", "do_whole_word_mask", "masked_lm_prob",
+                 "dupe_factor", "short_seq_prob", "random_seed", "segmenter", "jieba_user_dict",
+                 "input_format", "input_files")  # input_files: [{"path": absolute, "bytes": size}]
+COUNT_KEYS = ("num_output_shards", "total_instances", "num_documents",
+              "replaced_invalid_utf8_chars", "split_long_lines")
 
 
 def _gfile():
