@@ -632,3 +632,17 @@ def test_failing_run_leaves_the_previous_output_byte_identical(tmp_path):
     with pytest.raises(ValueError, match="blank.txt contains no text"):
         cpd.generate(o, log=lambda s: None)
     assert {k: v for k, v in _files(tmp_path).items() if k != "blank.txt"} == before
+
+
+def test_remote_output_is_written_through_tf_gfile(tmp_path):
+    """gs:// outputs are written locally and copied at the end; TF's ram:// stands in for GCS."""
+    import tensorflow as tf
+    local = _options(tmp_path)
+    _generate(local)
+    remote = _options(tmp_path, name="unused")
+    remote.output_file = "ram://generator_test/out.tfrecord"
+    _generate(remote)
+    assert sorted(tf.io.gfile.listdir("ram://generator_test/")) == ["out.tfrecord", "out.tfrecord.meta.json"]
+    with tf.io.gfile.GFile(remote.output_file, "rb") as f:
+        assert f.read() == open(local.output_file, "rb").read()
+    assert _generate(remote)["skipped"]
