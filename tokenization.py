@@ -134,7 +134,7 @@ def whitespace_tokenize(text):
 # ---------------------------------------------------------------------------------------------------
 
 # The fast path translates each "simple" character (see FullTokenizer._is_simple) to a code point at or
-# above _SIMPLE_BASE that numbers it. Planes 15-16 are private use, which the tokenizer drops anyway.
+# above _SIMPLE_BASE that numbers it (131,072 numbers; CJK and punctuation are about 90,000 characters).
 _SIMPLE_BASE = 0xF0000
 _RUN_CACHE_LIMIT = 200_000
 
@@ -249,7 +249,7 @@ def _chain_field(entries, k):
 
 
 class _CharTable(dict):
-    """str.translate table: simple char -> chr(_SIMPLE_BASE + its number); others map to themselves."""
+    """str.translate table: simple char -> chr(_SIMPLE_BASE + its number); any other char -> NUL."""
 
     def __init__(self, tokenizer):
         super().__init__()
@@ -263,8 +263,8 @@ class _CharTable(dict):
                 raise AssertionError(f"character {ch!r} gave {len(tokens)} tokens")
             value = chr(_SIMPLE_BASE + len(tok._simple_ids))
             tok._simple_ids.append(tok.convert_tokens_to_ids(tokens)[0])
-        else:  # planes 15/16 are private use and dropped by the tokenizer, like NUL
-            value = ch if cp < _SIMPLE_BASE else "\0"
+        else:  # only the runs' bounds matter here (their text is read from the original)
+            value = "\0"
         self[cp] = value
         return value
 
