@@ -522,13 +522,13 @@ def masked_sparse_ce(y_true, y_pred):
 def stall_warning(losses, learning_rate):
     """The warning for a first epoch whose loss did not move, or None.
 
-    losses: the per-step training losses of epoch 1. Its starting value (the mean of its first few
-    steps; ~ln(num_classes) for a classifier) against the mean of its last quarter: stalled when that
-    is not 5% lower, or not finite. Fewer than 4 steps tell nothing.
+    losses: the per-step training losses of epoch 1. Its starting value (step 1's, before any update;
+    ~ln(num_classes) for a classifier) against the mean of its last quarter: stalled when that is not
+    5% lower, or not finite. Fewer than 4 steps tell nothing.
     """
     if len(losses) < 4:
         return None
-    start = float(np.mean(losses[:min(3, len(losses) // 4)]))
+    start = float(losses[0])  # before any update: ~ln(num_classes) with a fresh head
     late = float(np.mean(losses[-(len(losses) // 4):]))
     if math.isfinite(late) and late < 0.95 * start:
         return None
