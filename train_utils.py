@@ -1,13 +1,60 @@
-"""Small pieces every training script shares: device strategy, progress lines, seeding."""
+"""Small pieces every script shares: the command line, device strategy, progress lines, seeding.
 
+Import this module before TensorFlow: on machines without an NVIDIA GPU it hides the C++ lines
+TensorFlow prints while it loads (oneDNN, "Could not find cuda drivers", "failed call to cuInit"),
+which absl's logging flags cannot reach because they are written before logging starts.
+"""
+
+import importlib.abc
+import importlib.util
 import os
 import random
+import sys
 import time
 
 import numpy as np
 from absl import logging
 
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker", "one_device")
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Loads `tensorflow` (once) with file descriptor 2 pointed at /dev/null, GPU probe included.
+
+    Only the C++ start-up lines are lost; a Python exception from the import still reaches the user
+    because stderr is restored before it propagates. Set ROBERTA_ZH_TF_STARTUP_LOG=1 to see them.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # one shot: the real finders locate the package
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            loader = spec.loader
+
+            class QuietLoader(importlib.abc.Loader):
+                def create_module(self, spec):
+                    return loader.create_module(spec)
+
+                def exec_module(self, module):
+                    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 2)
+                    try:
+                        loader.exec_module(module)
+                        module.config.list_physical_devices("GPU")  # prints cuInit's error here
+                    finally:
+                        os.dup2(saved, 2)
+                        os.close(saved)
+                        os.close(devnull)
+
+            spec.loader = QuietLoader()
+        return spec
+
+
+if ("tensorflow" not in sys.modules and not os.environ.get("ROBERTA_ZH_TF_STARTUP_LOG")
+        and not os.path.exists("/proc/driver/nvidia")):
+    sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
 def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
