@@ -372,8 +372,13 @@ def test_roberta_zh_lcqmc_command_runs_verbatim_with_only_paths_and_sizes_change
     assert "Loaded" in proc.stderr and "roberta_zh_large_model.ckpt" in proc.stderr
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert metrics["n"] == 48 and metrics["split"] == "dev.txt"
-    best = tmp_path / "checkpoint_lcqmc" / "best"
-    assert json.loads((best / "model_info.json").read_text())["labels"] == ["0", "1"]
+    # best/ describes itself: what export_to_pytorch.py --checkpoint=.../best reads, with no other flag.
+    import model_folder
+
+    folder = model_folder.resolve(str(tmp_path / "checkpoint_lcqmc" / "best"))
+    assert (folder.task, folder.labels, folder.do_lower_case) == ("classifier", ["0", "1"], True)
+    assert folder.checkpoint.endswith("ckpt-1") and os.path.dirname(folder.vocab_file) == os.path.dirname(
+        folder.bert_config_file) == str(tmp_path / "checkpoint_lcqmc" / "best")
 
 
 def _write_tf1_checkpoint(config, prefix):
