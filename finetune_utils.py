@@ -349,9 +349,9 @@ def run(opts, task):
     do_lower_case = (opts.do_lower_case if opts["do_lower_case"].present or resolved.do_lower_case is None
                      else resolved.do_lower_case)
     task.tokenizer = make_tokenizer(resolved.vocab_file, do_lower_case)
-    if len(task.tokenizer.vocab) > config.vocab_size:
-        raise UsageError(f"vocab {resolved.vocab_file} has {len(task.tokenizer.vocab)} tokens, more than "
-                         f"vocab_size={config.vocab_size} of {resolved.bert_config_file}: they do not match")
+    if len(task.tokenizer.vocab) != config.vocab_size:
+        raise UsageError(f"vocab {resolved.vocab_file} has {len(task.tokenizer.vocab)} tokens but "
+                         f"vocab_size={config.vocab_size} in {resolved.bert_config_file}: they do not match")
 
     data, skipped = {}, {}
     for split, path in paths.items():
@@ -405,7 +405,8 @@ def resolve_model(opts):
     if not init and not opts.do_train and opts.output_dir and tf.io.gfile.exists(os.path.join(best, "checkpoint")):
         init = best
     if init:
-        return model_folder.resolve(init, bert_config_file=opts.bert_config_file, vocab_file=opts.vocab_file)
+        return model_folder.resolve(init, bert_config_file=opts.bert_config_file, vocab_file=opts.vocab_file,
+                                    flag="--init_checkpoint")
     missing = [f"--{n}" for n in ("bert_config_file", "vocab_file") if not opts[n].value]
     if missing:
         raise UsageError(f"{' and '.join(missing)} needed: no --init_checkpoint folder to take them from")
@@ -460,13 +461,13 @@ def masked_sparse_ce(y_true, y_pred):
 def stall_warning(losses, learning_rate):
     """The warning for a first epoch whose loss did not move, or None.
 
-    losses: the per-step training losses of epoch 1. Its starting value (the mean of its first few
-    steps; ~ln(num_classes) for a classifier) against the mean of its last quarter: stalled when that
-    is not 5% lower, or not finite. Fewer than 4 steps tell nothing.
+    losses: the per-step training losses of epoch 1. Its starting value (step 1's, before any update;
+    ~ln(num_classes) for a classifier) against the mean of its last quarter: stalled when that is not
+    5% lower, or not finite. Fewer than 4 steps tell nothing.
     """
     if len(losses) < 4:
         return None
-    start = float(np.mean(losses[:min(3, len(losses) // 4)]))
+    start = float(losses[0])  # before any update: ~ln(num_classes) with a fresh head
     late = float(np.mean(losses[-(len(losses) // 4):]))
     if math.isfinite(late) and late < 0.95 * start:
         return None
@@ -541,6 +542,10 @@ def train(task, strategy, features, y, dev, config, resolved, do_lower_case, ski
         model.compile(optimizer=optimizer, loss=loss, jit_compile=opts.jit_compile)
 
     best_dir = os.path.join(opts.output_dir, "best")
+    # The folder describes itself before the first weights land in it (export_to_pytorch,
+    # --init_checkpoint and --do_predict read it alone).
+    model_folder.write(best_dir, config=config, vocab_file=resolved.vocab_file, do_lower_case=do_lower_case,
+                       task=task.kind, labels=task.labels)
     checkpoint = modeling.make_checkpoint(model)
     manager = tf.train.CheckpointManager(checkpoint, best_dir, max_to_keep=1)
     progress = _Progress(total_steps)
@@ -561,9 +566,6 @@ def train(task, strategy, features, y, dev, config, resolved, do_lower_case, ski
                 best.clear()
                 best.update(metrics)
                 manager.save()
-                if len(history) == 1 or not tf.io.gfile.exists(os.path.join(best_dir, "model_info.json")):
-                    model_folder.write(best_dir, config=config, vocab_file=resolved.vocab_file,
-                                       do_lower_case=do_lower_case, task=task.kind, labels=task.labels)
 
     model.fit(ds.repeat(), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,
               callbacks=[progress, KeepBest()])

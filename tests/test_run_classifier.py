@@ -203,7 +203,7 @@ def test_prediction_file_has_one_row_per_example_in_order():
 def test_stall_warning_names_the_cause_and_google_s_learning_rate_range():
     flat = [0.70, 0.69, 0.70, 0.69, 0.70, 0.69, 0.70, 0.69]
     warning = finetune_utils.stall_warning(flat, learning_rate=2e-4)
-    assert "has not moved from its starting value 0.6950" in warning
+    assert "has not moved from its starting value 0.7000" in warning
     assert "--learning_rate=0.0002 is likely too high" in warning and "2e-5..5e-5" in warning
     assert "too low" in finetune_utils.stall_warning(flat, learning_rate=1e-7)
     assert finetune_utils.stall_warning(flat[:4] + [float("nan")] * 4, 1.0)  # diverged counts too
@@ -215,14 +215,14 @@ def test_stall_warning_names_the_cause_and_google_s_learning_rate_range():
 
 
 def _pair_data(folder, n=64, seed=0):
-    """A pair task a tiny model learns in one epoch: label 1 iff both texts contain 好."""
+    """A pair task a tiny random-init model learns within one epoch: label 1 iff the texts are made
+    of 好 (else of 坏), with a few noise characters."""
     rng = np.random.default_rng(seed)
     chars = list("我你他天地人山水风雨花草书车")
     rows = []
     for i in range(n):
-        a = "".join(rng.choice(chars, 6))
         label = i % 2
-        b = ("好" if label else "坏") + "".join(rng.choice(chars, 5))
+        a, b = ("".join(rng.choice(chars + ["好坏"[1 - label]] * 8, 6)) for _ in range(2))
         rows.append(f"{a}\t{b}\t{label}")
     _write(folder, "train.txt", "\n".join(rows) + "\n")
     _write(folder, "dev.txt", "\n".join(rows[: n // 2]) + "\n")
@@ -330,12 +330,11 @@ def test_tfds_xnli_chinese_fields_fine_tune_offline(tmp_path, google_vocab):
 @pytest.mark.parametrize("learning_rate, stalls", [(50.0, True), (1e-3, False)])
 def test_a_stalled_first_epoch_is_reported_with_a_learning_rate(tmp_path, google_vocab, caplog,
                                                                  learning_rate, stalls):
-    _pair_data(tmp_path / "data", n=256)
-    run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, do_train=True, learning_rate=learning_rate,
-                                         train_batch_size=16)))
+    _pair_data(tmp_path / "data", n=512)  # 64 steps of 8
+    run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, do_train=True, learning_rate=learning_rate)))
     history = json.loads((tmp_path / "out" / "train_history.json").read_text(encoding="utf-8"))
     assert history["epochs"][0]["loss_stalled"] is stalls
-    logged = "has not moved below" in caplog.text
+    logged = "has not moved from its starting value" in caplog.text
     assert logged is stalls and (not stalls or "is likely too high" in caplog.text)
 
 
@@ -373,8 +372,13 @@ def test_roberta_zh_lcqmc_command_runs_verbatim_with_only_paths_and_sizes_change
     assert "Loaded" in proc.stderr and "roberta_zh_large_model.ckpt" in proc.stderr
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert metrics["n"] == 48 and metrics["split"] == "dev.txt"
-    best = tmp_path / "checkpoint_lcqmc" / "best"
-    assert json.loads((best / "model_info.json").read_text())["labels"] == ["0", "1"]
+    # best/ describes itself: what export_to_pytorch.py --checkpoint=.../best reads, with no other flag.
+    import model_folder
+
+    folder = model_folder.resolve(str(tmp_path / "checkpoint_lcqmc" / "best"))
+    assert (folder.task, folder.labels, folder.do_lower_case) == ("classifier", ["0", "1"], True)
+    assert folder.checkpoint.endswith("ckpt-1") and os.path.dirname(folder.vocab_file) == os.path.dirname(
+        folder.bert_config_file) == str(tmp_path / "checkpoint_lcqmc" / "best")
 
 
 def _write_tf1_checkpoint(config, prefix):
@@ -384,9 +388,9 @@ def _write_tf1_checkpoint(config, prefix):
     import modeling
 
     model = modeling.build_model(modeling.BertPretrainer(config), seq_len=8)
+    values = {w.google_name: w.variable.numpy() for w in modeling.name_table(model)}
     with tf.compat.v1.Graph().as_default(), tf.compat.v1.Session() as session:
-        variables = [tf.compat.v1.Variable(w.variable.numpy(), name=w.google_name)
-                     for w in modeling.name_table(model)]
+        variables = [tf.compat.v1.Variable(value, name=name) for name, value in values.items()]
         session.run(tf.compat.v1.global_variables_initializer())
         tf.compat.v1.train.Saver(variables).save(session, prefix, write_meta_graph=False)
 
