@@ -729,6 +729,8 @@ def make_parser(info, seq_len, max_pred, **options):
 #   The words are put in a random order and laid end to end on a circle of n token slots; a window of
 #   k slots starting at a random offset picks every word whose first token falls inside it. Each word
 #   is then chosen with probability k / n whatever its length, and k tokens are chosen on average.
+#   When the window lies inside one long word (k small), it reaches on to the next word start, so
+#   at least one word is chosen; which word that is does not depend on its own length either.
 #   (Google's rule, used by the static generator, takes whole words "while they fit", which passes
 #   over long words: at seq 128 / 20 predictions a 6+-token word is masked at a third of the rate of
 #   a 1-token word.) A chosen word that would end past P slots is dropped, so at most P are chosen.
@@ -838,8 +840,10 @@ def mask_whole_words(ids, num_tokens, word_start, uniform, *, max_pred, masked_l
     budget = tf.minimum(max_pred, tf.maximum(1, tf.cast(tf.round(
         tf.cast(num_tokens, tf.float64) * masked_lm_prob), tf.int32)))[:, None]         # [B, 1]
     offset = tf.minimum(tf.cast(uniform[:, -1:] * tf.cast(n, tf.float32), tf.int32), n - 1)
-    slot = tf.math.floormod(slot - offset, n)  # the window starts at slot 0
-    chosen = is_word & (slot < budget) & (slot + length <= max_pred)                    # [B, W]
+    slot = tf.where(is_word, tf.math.floormod(slot - offset, n), seq)  # the window starts at slot 0
+    # A window inside one long word would choose nothing: it then reaches to the next word's start.
+    window = tf.maximum(budget, tf.reduce_min(slot, axis=1, keepdims=True) + 1)         # [B, 1]
+    chosen = (slot < window) & (slot + length <= max_pred)                              # [B, W]
     token_chosen = tf.gather(chosen, word, batch_dims=1) & body                         # [B, S]
     token_decision = tf.gather(decision, word, batch_dims=1)                            # [B, S]
     pool_size = pool.shape[0]
