@@ -1,35 +1,25 @@
 # coding=utf-8
 """Turns a Chinese text corpus into masked-LM pretraining TFRecords with whole-word masking.
 
-Input (Google's corpus format): UTF-8 text, one sentence per line, a blank line between documents
-(`--input_format=sentence_per_line`), or one document per line (`doc_per_line`, split into sentences
-after 。！？!?；…). Plain, `.gz`, `.bz2` and `.xz` files are read as streams.
+The stage, in the order of this file (DESIGN.md section 3):
+  read     Google's corpus format (one sentence per line, a blank line between documents) or one
+           document per line (`--input_format=doc_per_line`); plain, .gz, .bz2 or .xz, streamed in
+           chunks of documents.
+  segment  each document once with jieba (or rjieba); BERT-tokenize its sentences (ids equal to
+           `tokenization.FullTokenizer`). The tokens of one jieba word form one masking group,
+           whatever its length; `##` continuations join their word's group.
+  pack     DOC-SENTENCES, `dupe_factor` times: `[CLS] sentences... [SEP]` up to `max_seq_length`
+           (a random shorter target with `short_seq_prob`), never across documents. Sentences over
+           the budget are split at word boundaries, never dropped.
+  mask     min(max_predictions_per_seq, max(1, round(n_tokens * masked_lm_prob))) tokens as whole
+           groups, per group 80% [MASK] / 10% keep / 10% random ordinary tokens; labels are the
+           original ids.
+  write    Google's record schema plus `<output>.meta.json`, through `pretraining_records` (exclusive
+           temp files, sidecar last; a re-run whose sidecar matches the settings skips the file).
 
-Pipeline for each document (DESIGN.md section 3):
-  1. BERT-tokenize every sentence (ids identical to `tokenization.FullTokenizer`, via a cached fast
-     path) and segment the document once with jieba (or rjieba).
-  2. Align: the tokens of one jieba word form one masking group, whatever the word's length;
-     `##` WordPiece continuations join their word's group.
-  3. DOC-SENTENCES, `dupe_factor` times: pack `[CLS] sentences... [SEP]` up to a target length
-     (`max_seq_length`, or a random shorter one with probability `short_seq_prob`), never across a
-     document boundary. Sentences longer than the budget are split at word boundaries, never dropped.
-  4. Mask min(max_predictions_per_seq, max(1, round(n_tokens * masked_lm_prob))) tokens as whole
-     groups: per group 80% [MASK] / 10% keep / 10% random ordinary tokens. Labels are the original ids.
-
-Determinism: every (document, dupe copy) has its own RNG seeded from (random_seed, document index,
-copy index), documents are processed in fixed chunks whose instances are shuffled with an RNG seeded
-from (random_seed, chunk index), and the parent writes chunks in input order. The output bytes therefore
-depend only on (input, flags), not on `--num_workers`.
-
-Output: Google's TFRecord schema (input_ids, input_mask, segment_ids, masked_lm_positions,
-masked_lm_ids, masked_lm_weights, next_sentence_labels) plus `<output>.meta.json`. Files are written
-under a temporary name and renamed when complete; the sidecar is written last, and a re-run whose
-sidecar matches the current settings skips the file.
-
-Example:
-    python create_pretraining_data.py --input_file='resources/corpus/*.txt' \
-        --output_file=/tmp/demo.tfrecord --vocab_file=resources/vocab.txt \
-        --max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5
+Determinism: each (document, dupe copy) has an RNG seeded from (random_seed, document index, copy),
+each chunk's instances are shuffled with an RNG seeded from (random_seed, chunk index), and chunks
+are written in input order: the bytes depend only on (input, flags), not on `--num_workers`.
 """
 
 import bz2
@@ -41,7 +31,6 @@ import lzma
 import os
 import random
 import re
-import sys
 import time
 import unicodedata
 
@@ -62,27 +51,38 @@ CHARS_PER_CHUNK = 1 << 20
 _RUN_CACHE_LIMIT = 200_000
 
 
+def _flag(default, group, help_text, enum=None):
+    return dataclasses.field(default=default, metadata={"group": group, "help": help_text, "enum": enum})
+
+
+_IO, _INST, _WWM, _RUN = "Input and output", "Instances", "Whole-word masking", "Speed and progress"
+
+
 @dataclasses.dataclass
 class Options:
-    """Generator settings; field names are the command-line flag names."""
-    input_file: str
-    output_file: str
-    vocab_file: str
-    do_lower_case: bool = True
-    do_whole_word_mask: bool = True
-    max_seq_length: int = 128
-    max_predictions_per_seq: int = 20
-    random_seed: int = 12345
-    dupe_factor: int = 10
-    masked_lm_prob: float = 0.10
-    short_seq_prob: float = 0.1
-    input_format: str = "sentence_per_line"
-    segmenter: str = "jieba"
-    jieba_user_dict: str = ""
-    num_workers: int = 1
-    num_output_shards: int = 1
-    progress_every_secs: float = 10.0
-    dynamic_masking: bool = False
+    """Generator settings; each field is the command-line flag of the same name (`define_flags`)."""
+    input_file: str = _flag(None, _IO, "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
+    input_format: str = _flag("sentence_per_line", _IO, "sentence_per_line (blank line between "
+                              "documents) or doc_per_line.", INPUT_FORMATS)
+    output_file: str = _flag(None, _IO, "Output TFRecord file (or comma list of shards).")
+    num_output_shards: int = _flag(1, _IO, "Split output into N files <output_file>-0000i-of-0000N.")
+    vocab_file: str = _flag(None, _IO, "WordPiece vocab the model will use.")
+    do_lower_case: bool = _flag(True, _IO, "Lower-case and strip accents.")
+    max_seq_length: int = _flag(128, _INST, "Tokens per instance incl. [CLS]/[SEP].")
+    short_seq_prob: float = _flag(0.1, _INST, "Probability of a random shorter target length.")
+    dupe_factor: int = _flag(10, _INST, "Copies of each document with fresh masks.")
+    dynamic_masking: bool = _flag(False, _INST, "Write each instance once, unmasked (token ids + word "
+                                  "starts); run_pretraining.py draws fresh whole-word masks every "
+                                  "epoch. Ignores --dupe_factor.")
+    random_seed: int = _flag(12345, _INST, "Seed; output depends only on it and input.")
+    do_whole_word_mask: bool = _flag(True, _WWM, "Mask whole jieba words (else single tokens).")
+    masked_lm_prob: float = _flag(0.10, _WWM, "Share of tokens to predict.")
+    max_predictions_per_seq: int = _flag(20, _WWM, "Maximum masked tokens per instance.")
+    segmenter: str = _flag("jieba", _WWM, "Word segmenter for whole-word masking (rjieba is much "
+                           "faster, pip install rjieba).", SEGMENTERS)
+    jieba_user_dict: str = _flag("", _WWM, "Optional jieba user dictionary (word [freq] [tag] lines).")
+    num_workers: int = _flag(1, _RUN, "Worker processes (output is identical).")
+    progress_every_secs: float = _flag(10.0, _RUN, "Seconds between progress lines.")
 
 
 def validate_options(o):
@@ -737,16 +737,12 @@ def generate(o, log=print):
         raise UsageError(f"--vocab_file: {e}") from None
     outputs = records.shard_paths(o.output_file, o.num_output_shards)
     input_paths = resolve_input_files(o.input_file)
-    settings = records.generator_settings(
-        kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
-        max_seq_length=o.max_seq_length, max_predictions_per_seq=o.max_predictions_per_seq,
-        vocab_size=len(vocab), vocab_sha256=tokenization.vocab_sha256(o.vocab_file),
-        do_lower_case=o.do_lower_case, do_whole_word_mask=o.do_whole_word_mask,
-        masked_lm_prob=o.masked_lm_prob, dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
-        short_seq_prob=o.short_seq_prob,
-        random_seed=o.random_seed, segmenter=o.segmenter, jieba_user_dict=o.jieba_user_dict,
-        input_format=o.input_format,
-        input_files=[(os.path.abspath(p), os.path.getsize(p)) for p in input_paths])
+    settings = {k: getattr(o, k) for k in records.READ_KEYS + records.SETTINGS_KEYS if hasattr(o, k)}
+    settings.update(kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
+                    dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
+                    format_version=records.FORMAT_VERSION, vocab_size=len(vocab),
+                    vocab_sha256=tokenization.vocab_sha256(o.vocab_file), input_files=[
+                        {"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in input_paths])
     if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
         log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
         return {"skipped": True, "outputs": outputs}
@@ -797,39 +793,18 @@ def generate(o, log=print):
 
 
 def define_flags(fv=flags.FLAGS):
-    """Declares the flags on `fv`; their names are the fields of `Options`."""
-    d = Options.__dataclass_fields__
-
-    def define(kind, name, help_text, *args):
-        default = d[name].default if d[name].default is not dataclasses.MISSING else None
-        getattr(flags, f"DEFINE_{kind}")(name, default, *args, help_text, flag_values=fv)
-
-    with train_utils.flag_group("Input and output", fv):
-        define("string", "input_file", "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
-        define("enum", "input_format", "sentence_per_line (blank line between documents) or doc_per_line.",
-               list(INPUT_FORMATS))
-        define("string", "output_file", "Output TFRecord file (or comma list of shards).")
-        define("integer", "num_output_shards", "Split output into N files <output_file>-0000i-of-0000N.")
-        define("string", "vocab_file", "WordPiece vocab the model will use.")
-        define("bool", "do_lower_case", "Lower-case and strip accents.")
-    with train_utils.flag_group("Instances", fv):
-        define("integer", "max_seq_length", "Tokens per instance incl. [CLS]/[SEP].")
-        define("float", "short_seq_prob", "Probability of a random shorter target length.")
-        define("integer", "dupe_factor", "Copies of each document with fresh masks.")
-        define("bool", "dynamic_masking", "Write each instance once, unmasked (token ids + word "
-               "starts); run_pretraining.py draws fresh whole-word masks every epoch. Ignores "
-               "--dupe_factor.")
-        define("integer", "random_seed", "Seed; output depends only on it and input.")
-    with train_utils.flag_group("Whole-word masking", fv):
-        define("bool", "do_whole_word_mask", "Mask whole jieba words (else single tokens).")
-        define("float", "masked_lm_prob", "Share of tokens to predict.")
-        define("integer", "max_predictions_per_seq", "Maximum masked tokens per instance.")
-        define("enum", "segmenter", "Word segmenter for whole-word masking (rjieba is much faster, "
-               "pip install rjieba).", list(SEGMENTERS))
-        define("string", "jieba_user_dict", "Optional jieba user dictionary (word [freq] [tag] lines).")
-    with train_utils.flag_group("Speed and progress", fv):
-        define("integer", "num_workers", "Worker processes (output is identical).")
-        define("float", "progress_every_secs", "Seconds between progress lines.")
+    """Declares one flag per `Options` field, under its group's heading in --help."""
+    kinds = {str: "string", int: "integer", float: "float", bool: "bool"}
+    fields = dataclasses.fields(Options)
+    for group in dict.fromkeys(f.metadata["group"] for f in fields):
+        with train_utils.flag_group(group, fv):
+            for f in (f for f in fields if f.metadata["group"] == group):
+                if f.metadata["enum"]:
+                    flags.DEFINE_enum(f.name, f.default, list(f.metadata["enum"]), f.metadata["help"],
+                                      flag_values=fv)
+                else:
+                    getattr(flags, f"DEFINE_{kinds[f.type]}")(f.name, f.default, f.metadata["help"],
+                                                              flag_values=fv)
     if fv is flags.FLAGS:
         train_utils.require_flags("input_file", "output_file", "vocab_file")
 
@@ -837,7 +812,7 @@ def define_flags(fv=flags.FLAGS):
 def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}")
-    generate(Options(**{name: flags.FLAGS[name].value for name in Options.__dataclass_fields__}))
+    generate(Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)}))
 
 
 EXAMPLE = ("python create_pretraining_data.py --input_file=resources/corpus/*.txt "

@@ -269,6 +269,26 @@ def test_check_records_accepts_unmasked_records_and_rejects_a_wrong_length(data)
         records.check_records(data["unmasked"], 128, PRED, len(tokenization.load_vocab(VOCAB)))
 
 
+def test_full_scan_names_an_unmasked_record_with_a_bad_id_or_length(data, tmp_path):
+    import tensorflow as tf
+    vocab_size = len(tokenization.load_vocab(VOCAB))
+    meta = _meta(data["unmasked"])
+    for bad_ids in ([5, vocab_size], list(range(5, 5 + SEQ))):
+        path = str(tmp_path / "bad.tfrecord")
+        raws = list(tf.data.TFRecordDataset(data["unmasked"]).take(3).as_numpy_iterator())
+        raws[2] = tf.train.Example(features=tf.train.Features(feature={
+            "token_ids": tf.train.Feature(int64_list=tf.train.Int64List(value=bad_ids)),
+            "word_starts": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"\x01"]))}
+        )).SerializeToString()
+        with tf.io.TFRecordWriter(path) as w:
+            for raw in raws:
+                w.write(raw)
+        with open(path + ".meta.json", "w", encoding="utf-8") as f:
+            json.dump(dict(meta, num_instances=3), f)
+        with pytest.raises(records.UsageError, match="record 2"):
+            records.check_records(path, SEQ, PRED, vocab_size)
+
+
 def test_sidecar_without_masking_keys_is_a_clear_error(data, tmp_path):
     path = str(tmp_path / "r.tfrecord")
     with open(data["unmasked"], "rb") as f, open(path, "wb") as g:
