@@ -173,6 +173,38 @@ def test_masked_positions_line_up_with_their_labels(data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# The trainer owns the gradients: accumulation, one all-reduce, scaling, clipping
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer,jit", [("adamw", "true"), ("lamb", "false")])
+def test_accumulated_micro_batches_equal_one_large_batch(data, tmp_path, optimizer, jit):
+    common = ["--do_train", "--num_train_steps=3", "--iterations_per_loop=3",
+              "--save_checkpoints_steps=3", f"--optimizer={optimizer}", f"--jit_compile={jit}"]
+    _run(data, tmp_path / "large", *common)
+    _run(data, tmp_path / "micro", *common, "--gradient_accumulation_steps=4")  # 4 x 4 sequences
+    large, micro = _weights(str(tmp_path / "large" / "ckpt-3")), _weights(str(tmp_path / "micro" / "ckpt-3"))
+    initial = _weights_of_fresh_model(data, str(tmp_path / "initial"))
+    assert large.keys() == micro.keys() == initial.keys() and len(large) > 10
+    for name in large:
+        np.testing.assert_allclose(micro[name], large[name], atol=3e-6, err_msg=name)
+        assert np.abs(large[name] - initial[name]).max() > 0, f"{name} did not move"
+    # Same schedule position, same losses: the schedule counts updates, not micro-batches.
+    a, b = _scalars(str(tmp_path / "large")), _scalars(str(tmp_path / "micro"))
+    np.testing.assert_allclose([v for _, v in b["loss"]], [v for _, v in a["loss"]], rtol=1e-5)
+    np.testing.assert_allclose([v for _, v in b["grad_norm"]], [v for _, v in a["grad_norm"]],
+                               rtol=1e-4)
+
+
+def _weights_of_fresh_model(data, prefix):
+    import modeling
+    import train_utils
+    train_utils.set_seed(12345)  # run_pretraining's default --seed
+    model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig.from_json_file(
+        data["config"])))
+    return _weights(modeling.make_checkpoint(model).write(prefix))
+
+
+# ------------------------------------------------------------------------------------------------
 # One device vs MirroredStrategy over two logical CPUs
 # ------------------------------------------------------------------------------------------------
 
