@@ -38,6 +38,7 @@ from absl import flags, logging
 
 import modeling
 import optimization
+import pretraining_records
 import train_utils
 
 UsageError = train_utils.UsageError
@@ -131,113 +132,10 @@ class TrainingDivergedError(UsageError):
 # Input: records -> checks -> tf.data pipeline
 # ------------------------------------------------------------------------------------------------
 
-_INT_FEATURES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")
-
-
-def _feature_spec(seq_len, max_pred):
-    return {
-        "input_ids": tf.io.FixedLenFeature([seq_len], tf.int64),
-        "input_mask": tf.io.FixedLenFeature([seq_len], tf.int64),
-        "segment_ids": tf.io.FixedLenFeature([seq_len], tf.int64),
-        "masked_lm_positions": tf.io.FixedLenFeature([max_pred], tf.int64),
-        "masked_lm_ids": tf.io.FixedLenFeature([max_pred], tf.int64),
-        "masked_lm_weights": tf.io.FixedLenFeature([max_pred], tf.float32),
-    }
-
-
-def expand_input_files(patterns, flag="--input_file"):
-    """Comma-separated globs -> sorted list of files; UsageError if one matches nothing."""
-    files = []
-    for pattern in filter(None, (p.strip() for p in (patterns or "").split(","))):
-        matched = sorted(tf.io.gfile.glob(pattern))
-        if not matched:
-            raise UsageError(f"{flag}: '{pattern}' matches no file")
-        files.extend(matched)
-    if not files:
-        raise UsageError(f"{flag} is required")
-    return files
-
-
-def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
-    """Checks one record file against the flags and the config before any training step.
-
-    Compares its `.meta.json` sidecar (sequence length, predictions, vocab size, instance count),
-    checks the shapes and id range of its first record, and with `full_scan` reads every record
-    (TFRecord CRCs catch corruption and truncation). Raises UsageError naming the file.
-    Returns the number of records (scanned, else the sidecar's), or None when neither is known.
-    """
-    meta_path = path + ".meta.json"
-    meta = None
-    if tf.io.gfile.exists(meta_path):
-        try:
-            with tf.io.gfile.GFile(meta_path) as f:
-                meta = json.load(f)
-        except (ValueError, OSError) as e:
-            raise UsageError(f"{meta_path}: unreadable sidecar ({e})") from None
-        expected = {"max_seq_length": (seq_len, "--max_seq_length"),
-                    "max_predictions_per_seq": (max_pred, "--max_predictions_per_seq"),
-                    "vocab_size": (vocab_size, "vocab_size of --bert_config_file")}
-        for key, (want, source) in expected.items():
-            if key in meta and meta[key] != want:
-                raise UsageError(f"{path}: records have {key}={meta[key]} (from {meta_path}) but "
-                                 f"{source} is {want}")
-    else:
-        logging.warning("%s has no .meta.json sidecar; checking its records only", path)
-
-    try:
-        first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
-        if first is None:
-            raise UsageError(f"{path}: no records")
-        example = tf.train.Example.FromString(first.numpy())
-        features = example.features.feature
-        lengths = {"input_ids": seq_len, "input_mask": seq_len, "segment_ids": seq_len,
-                   "masked_lm_positions": max_pred, "masked_lm_ids": max_pred,
-                   "masked_lm_weights": max_pred}
-        for name, want in lengths.items():
-            if name not in features:
-                raise UsageError(f"{path}: record 0 has no feature '{name}' (not pretraining records?)")
-            kind = features[name].WhichOneof("kind")
-            got = len(getattr(features[name], kind).value)
-            if got != want:
-                flag = "--max_seq_length" if want == seq_len else "--max_predictions_per_seq"
-                raise UsageError(f"{path}: record 0 has {name} of length {got}, but {flag} is {want}")
-        max_id = max(features["input_ids"].int64_list.value)
-        if max_id >= vocab_size:
-            raise UsageError(f"{path}: record 0 has token id {max_id} >= vocab_size {vocab_size} "
-                             "of --bert_config_file (records made with another vocab?)")
-        count = meta.get("num_instances") if meta else None
-        if full_scan:
-            count = int(tf.data.TFRecordDataset(path, buffer_size=1 << 20).reduce(
-                np.int64(0), lambda n, _: n + 1))
-            if meta is not None and "num_instances" in meta and count != meta["num_instances"]:
-                raise UsageError(f"{path}: {count} records, but {meta_path} says "
-                                 f"num_instances={meta['num_instances']} (incomplete file?)")
-        return count
-    except tf.errors.DataLossError as e:
-        raise UsageError(f"{path}: corrupt or truncated TFRecord file ({e.message.strip()})") from None
-    except tf.errors.OpError as e:
-        raise UsageError(f"{path}: unreadable ({e.message.strip()})") from None
-    except Exception as e:  # a protobuf DecodeError: bytes with valid framing that are no Example
-        if isinstance(e, UsageError):
-            raise
-        raise UsageError(f"{path}: record 0 is not a tf.train.Example ({e})") from None
-
-
 def count_records(path):
     """Records in one file, by reading it (for files neither a scan nor a sidecar has counted)."""
     return int(tf.data.TFRecordDataset(path, buffer_size=1 << 20).reduce(
         np.int64(0), lambda n, _: n + 1))
-
-
-def parse_batch(positions, serialized, seq_len, max_pred):
-    """[B] stream positions and [B] serialized records -> the model's tensors, dict of [B, ...].
-
-    `positions` (each record's place in the input stream) are what per-record randomness such as
-    dynamic masking is a function of, so a resumed run draws exactly what the first run drew.
-    """
-    del positions  # static masking: the masks are in the records
-    features = tf.io.parse_example(serialized, _feature_spec(seq_len, max_pred))
-    return {k: tf.cast(v, tf.int32) if k in _INT_FEATURES else v for k, v in features.items()}
 
 
 def pipeline_files(files, counts, num_pipelines, pipeline_id):
@@ -659,8 +557,9 @@ def restore(checkpoint, prefix):
 def _fingerprint(path):
     """Identity of one record file: its name and size, and its sidecar's sha256 when it has one."""
     entry = {"file": os.path.basename(path), "bytes": tf.io.gfile.stat(path).length}
-    if tf.io.gfile.exists(path + ".meta.json"):
-        with tf.io.gfile.GFile(path + ".meta.json", "rb") as f:
+    sidecar = pretraining_records.sidecar_path(path)
+    if tf.io.gfile.exists(sidecar):
+        with tf.io.gfile.GFile(sidecar, "rb") as f:
             entry["meta_sha256"] = hashlib.sha256(f.read()).hexdigest()
     return entry
 
@@ -707,11 +606,7 @@ def _write_json(path, obj):
 
 def _vocab_and_casing(opts, files):
     """-> (vocab file or None, do_lower_case) for the run folder, checked against the sidecars."""
-    metas = []
-    for path in files:
-        if tf.io.gfile.exists(path + ".meta.json"):
-            with tf.io.gfile.GFile(path + ".meta.json") as f:
-                metas.append((path, json.load(f)))
+    metas = [(p, m) for p, m in pretraining_records.read_info(files).metas if m]
     vocab_file = opts.vocab_file
     if not vocab_file:  # the sidecar may name the vocab it was made with
         named = [m.get("vocab_file") for _, m in metas if m.get("vocab_file")]
@@ -757,10 +652,10 @@ def run(opts):
     if opts.max_seq_length > config.max_position_embeddings:
         raise UsageError(f"--max_seq_length={opts.max_seq_length} > max_position_embeddings="
                          f"{config.max_position_embeddings} of {opts.bert_config_file}")
-    train_files = expand_input_files(opts.input_file) if opts.do_train else []
-    eval_files = (expand_input_files(opts.eval_input_file or opts.input_file,
-                                     "--eval_input_file" if opts.eval_input_file else "--input_file")
-                  if opts.do_eval else [])
+    train_files = pretraining_records.record_files(opts.input_file) if opts.do_train else []
+    eval_files = (pretraining_records.record_files(
+        opts.eval_input_file or opts.input_file,
+        "--eval_input_file" if opts.eval_input_file else "--input_file") if opts.do_eval else [])
     _check_output_dir(opts.output_dir, config)
     resume_from = latest_checkpoint(opts.output_dir) if tf.io.gfile.isdir(opts.output_dir) else None
 
@@ -779,11 +674,12 @@ def run(opts):
     if opts.eval_batch_size % replicas:
         raise UsageError(f"--eval_batch_size={opts.eval_batch_size} is not divisible by the "
                          f"{replicas} replicas")
-    counts = {}
+    counts = {}  # records per file: the input position is counted in records
     for path in dict.fromkeys(train_files + eval_files):  # unique, training files first
-        counts[path] = check_records(path, opts.max_seq_length, opts.max_predictions_per_seq,
-                                     config.vocab_size, full_scan=opts.check_input_files)
-    counts = {p: count_records(p) if n is None else n for p, n in counts.items()}
+        info = pretraining_records.check_records(path, opts.max_seq_length,
+                                                 opts.max_predictions_per_seq, config.vocab_size,
+                                                 full_scan=opts.check_input_files)
+        counts[path] = info.meta.get("num_instances") or count_records(path)
     if opts.do_train:
         state = input_state(opts, train_files, num_workers)
         if resume_from:
@@ -847,7 +743,7 @@ def run(opts):
         step = int(optimizer.iterations.numpy())
         dataset_fn = train_dataset_fn(
             train_files, [counts[p] for p in train_files], opts.train_batch_size // replicas,
-            opts.seed, opts.shuffle_buffer_size, step, _parser(opts))
+            opts.seed, opts.shuffle_buffer_size, step, _parser(opts, train_files, training=True))
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
         _train(opts, trainer, iterator, manager, is_chief, steps_per_loop)
     if opts.do_eval:
@@ -855,9 +751,10 @@ def run(opts):
     return {}
 
 
-def _parser(opts):
-    return lambda positions, serialized: parse_batch(positions, serialized, opts.max_seq_length,
-                                                     opts.max_predictions_per_seq)
+def _parser(opts, files, training):
+    """(positions [B], serialized [B]) -> the model's tensors, by the records' own parser."""
+    return pretraining_records.make_parser(pretraining_records.read_info(files),
+                                           opts.max_seq_length, opts.max_predictions_per_seq)
 
 
 def _write_run_folder(output_dir, config, vocab_file, do_lower_case):
@@ -873,7 +770,7 @@ def _write_run_folder(output_dir, config, vocab_file, do_lower_case):
     import model_folder  # the run-folder contract's one owner
 
     model_folder.write(output_dir, config=config, vocab_file=vocab_file,
-                       do_lower_case=do_lower_case)
+                       do_lower_case=do_lower_case, task="mlm")
 
 
 def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
@@ -927,7 +824,7 @@ def _evaluate(opts, trainer, files, counts, num_workers):
         -(-pipeline_files(files, counts, num_workers, i)[2] // per_pipeline)
         for i in range(num_workers)))
     iterator = iter(strategy.distribute_datasets_from_function(
-        eval_dataset_fn(files, counts, per_replica, steps, _parser(opts))))
+        eval_dataset_fn(files, counts, per_replica, steps, _parser(opts, files, training=False))))
     sums = np.zeros(3)
     for _ in range(steps):
         sums += trainer.eval_step(iterator).numpy()

@@ -1,7 +1,15 @@
-"""Small pieces every training script shares: device strategy, progress lines, seeding."""
+"""Small pieces every script shares: the command line, device strategy, progress lines, seeding.
 
+Import this module before TensorFlow: on machines without an NVIDIA GPU it hides the C++ lines
+TensorFlow prints while it loads (oneDNN, "Could not find cuda drivers", "failed call to cuInit"),
+which absl's logging flags cannot reach because they are written before logging starts.
+"""
+
+import importlib.abc
+import importlib.util
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -10,11 +18,49 @@ from absl import logging
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker", "one_device")
 
 
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Loads `tensorflow` (once) with file descriptor 2 pointed at /dev/null, GPU probe included.
+
+    Only the C++ start-up lines are lost; a Python exception from the import still reaches the user
+    because stderr is restored before it propagates. Set ROBERTA_ZH_TF_STARTUP_LOG=1 to see them.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # one shot: the real finders locate the package
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            loader = spec.loader
+
+            class QuietLoader(importlib.abc.Loader):
+                def create_module(self, spec):
+                    return loader.create_module(spec)
+
+                def exec_module(self, module):
+                    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 2)
+                    try:
+                        loader.exec_module(module)
+                        module.config.list_physical_devices("GPU")  # prints cuInit's error here
+                    finally:
+                        os.dup2(saved, 2)
+                        os.close(saved)
+                        os.close(devnull)
+
+            spec.loader = QuietLoader()
+        return spec
+
+
+if ("tensorflow" not in sys.modules and not os.environ.get("ROBERTA_ZH_TF_STARTUP_LOG")
+        and not os.path.exists("/proc/driver/nvidia")):
+    sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
 def _on_tpu_vm():
     """True on a Cloud TPU VM: TPU chips on this host (/dev/accel* up to v4, /dev/vfio from v5e)
     and a TPU runtime (libtpu) installed."""
     import glob
-    import importlib.util
 
     chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
     return bool(chips) and importlib.util.find_spec("libtpu") is not None
@@ -66,27 +112,26 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
 
 
-def set_precision(mixed_precision, strategy):
-    """--mixed_precision: Keras' mixed_bfloat16 policy (bf16 compute, float32 variables) on TPUs and
-    on GPUs with compute capability >= 8.0; elsewhere a warning and float32 (bf16 is slower than
-    fp32 on CPUs without AMX). Returns the policy name set."""
+def set_precision(use_bf16, strategy):
+    """`--mixed_precision`, decided the same way by every script: bfloat16 compute (float32 variables)
+    on TPUs and on GPUs of compute capability >= 8.0; elsewhere a warning and float32, because bf16 is
+    slower than fp32 on CPUs."""
     import keras
     import tensorflow as tf
 
-    policy = "float32"
-    if mixed_precision:
-        supported = isinstance(strategy, tf.distribute.TPUStrategy)
-        for gpu in tf.config.list_physical_devices("GPU"):
-            details = tf.config.experimental.get_device_details(gpu)
-            supported |= details.get("compute_capability", (0,))[0] >= 8
-        if supported:
-            policy = "mixed_bfloat16"
-            logging.info("mixed precision: bfloat16 compute, float32 variables")
-        else:
-            logging.warning("--mixed_precision ignored: no TPU or bf16-capable GPU "
-                            "(bf16 is slower than fp32 on CPUs)")
-    keras.mixed_precision.set_global_policy(policy)
-    return policy
+    keras.mixed_precision.set_global_policy("float32")
+    if not use_bf16:
+        return
+    supported = isinstance(strategy, tf.distribute.TPUStrategy)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        supported |= details.get("compute_capability", (0,))[0] >= 8
+    if supported:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        logging.info("mixed precision: bfloat16 compute, float32 variables")
+    else:
+        logging.warning("--mixed_precision ignored: no TPU or bf16-capable GPU "
+                        "(bf16 is slower than fp32 on CPUs)")
 
 
 def set_seed(seed):
