@@ -64,6 +64,8 @@ def define_flags(fv=flags.FLAGS):
         string("eval_input_file", None, "Records for --do_eval (default: --input_file, as Google).")
         integer("max_seq_length", 128, "Sequence length of the records.")
         integer("max_predictions_per_seq", 20, "Masked positions per sequence in the records.")
+        number("masked_lm_prob", 0.10, "Share of tokens to predict, for records masked at training "
+               "time (create_pretraining_data.py --dynamic_masking); static records keep theirs.")
         integer("shuffle_buffer_size", 1000, "Records in the shuffle buffer.")
         boolean("check_input_files", True, "Read every record once before training (CRC, count "
                 "against the .meta.json) so bad data fails before step 1.")
@@ -753,8 +755,9 @@ def run(opts):
 
 def _parser(opts, files, training):
     """(positions [B], serialized [B]) -> the model's tensors, by the records' own parser."""
-    return pretraining_records.make_parser(pretraining_records.read_info(files),
-                                           opts.max_seq_length, opts.max_predictions_per_seq)
+    return pretraining_records.make_parser(
+        pretraining_records.read_info(files), opts.max_seq_length, opts.max_predictions_per_seq,
+        seed=opts.seed, masked_lm_prob=opts.masked_lm_prob, training=training)
 
 
 def _write_run_folder(output_dir, config, vocab_file, do_lower_case):
