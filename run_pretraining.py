@@ -32,6 +32,8 @@ import os
 import re
 import time
 
+import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
+
 import numpy as np
 import tensorflow as tf
 from absl import flags, logging
@@ -39,7 +41,6 @@ from absl import flags, logging
 import modeling
 import optimization
 import pretraining_records
-import train_utils
 
 UsageError = train_utils.UsageError
 
