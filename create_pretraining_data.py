@@ -68,6 +68,9 @@ class Options:
     max_seq_length: int = _flag(128, _INST, "Tokens per instance incl. [CLS]/[SEP].")
     short_seq_prob: float = _flag(0.1, _INST, "Probability of a random shorter target length.")
     dupe_factor: int = _flag(10, _INST, "Copies of each document with fresh masks.")
+    dynamic_masking: bool = _flag(False, _INST, "Write each instance once, unmasked (token ids + word "
+                                  "starts); run_pretraining.py draws fresh whole-word masks every "
+                                  "epoch. Ignores --dupe_factor.")
     random_seed: int = _flag(12345, _INST, "Seed; output depends only on it and input.")
     do_whole_word_mask: bool = _flag(True, _WWM, "Mask whole jieba words (else single tokens).")
     masked_lm_prob: float = _flag(0.10, _WWM, "Share of tokens to predict.")
@@ -339,12 +342,12 @@ class InstanceMaker:
         vocab = self.tok.vocab
         self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
         # Random replacements: ordinary tokens only (no [PAD]/[UNK]/[CLS]/[SEP]/[MASK]/[unusedN], no ##).
-        self.ordinary_ids = [i for t, i in vocab.items()
-                             if t and not (t.startswith("[") and t.endswith("]")) and not t.startswith("##")]
+        self.ordinary_ids = records.ordinary_ids(vocab)
         if not self.ordinary_ids:
             raise UsageError(f"--vocab_file: {o.vocab_file} has no ordinary tokens to sample from")
         self.max_tokens = o.max_seq_length - 2
         self.encoder = records.ExampleEncoder(o.max_seq_length, o.max_predictions_per_seq, len(vocab))
+        self.unmasked_encoder = records.UnmaskedEncoder(len(vocab))
         self._word_start_table = [b""]  # [n] -> b"\x01" + n-1 zero bytes
 
     def featurize(self, sentences, path):
@@ -530,11 +533,17 @@ def document_records(maker, docs, first_doc, stats):
             continue
         ids, starts, bounds = maker.flatten(pieces)
         stats["tokens"] += len(ids)
-        for dupe in range(o.dupe_factor):
+        for dupe in range(1 if o.dynamic_masking else o.dupe_factor):
             # Seeded from (seed, document, copy) only: independent of chunking and worker count.
             rng = random.Random((o.random_seed << 64) | ((first_doc + d) << 16) | dupe)
             for instance in maker.instances(bounds, rng):
                 input_ids, positions, labels = maker.mask(ids, starts, instance, rng)
+                if o.dynamic_masking:
+                    # The mask above only keeps `rng` in step with static copy 0, so both kinds
+                    # pack the same instances; training draws the masks (pretraining_records).
+                    a, b, g0, g1 = instance
+                    out.append(maker.unmasked_encoder.encode(ids[a:b], [x - a for x in starts[g0:g1]]))
+                    continue
                 stats["predictions"] += len(positions)
                 out.append(maker.encoder.encode(input_ids, positions, labels))
     stats["instances"] += len(out)
@@ -606,7 +615,9 @@ def generate(o, log=print):
     outputs = records.shard_paths(o.output_file, o.num_output_shards)
     input_paths = resolve_input_files(o.input_file)
     settings = {k: getattr(o, k) for k in records.READ_KEYS + records.SETTINGS_KEYS if hasattr(o, k)}
-    settings.update(kind=records.STATIC, format_version=records.FORMAT_VERSION, vocab_size=len(vocab),
+    settings.update(kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
+                    dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
+                    format_version=records.FORMAT_VERSION, vocab_size=len(vocab),
                     vocab_sha256=tokenization.vocab_sha256(o.vocab_file), input_files=[
                         {"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in input_paths])
     if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
@@ -638,7 +649,8 @@ def generate(o, log=print):
         if totals["instances"] == 0:
             raise UsageError("--input_file: no instance produced (every document was empty)")
         split_lines = totals.pop("split_lines")
-        out.commit([dict(settings, num_instances=n, num_output_shards=len(outputs),
+        kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
+        out.commit([dict(settings, **kind_keys, num_instances=n, num_output_shards=len(outputs),
                          total_instances=totals["instances"], num_documents=totals["documents"],
                          replaced_invalid_utf8_chars=reader.replaced_chars,
                          split_long_lines=len(split_lines)) for n in out.counts])
