@@ -130,7 +130,8 @@ def write(folder, *, config, vocab_file, do_lower_case, task=None, labels=None):
     else:
         config_json, vocab_size = config.to_json_string(), config.vocab_size
     vocab = _read_bytes(os.fspath(vocab_file), "--vocab_file")
-    n_tokens = len(vocab.decode("utf-8").splitlines())
+    # Lines end at "\n" only: Google's vocab holds tokens that str.splitlines() would split (\x1c, \x85).
+    n_tokens = len(vocab.decode("utf-8").rstrip("\n").split("\n"))
     if vocab_size is not None and n_tokens != vocab_size:
         raise train_utils.UsageError(f"--vocab_file={vocab_file}: {n_tokens} tokens, but the bert "
                                      f"config says vocab_size={vocab_size}")
