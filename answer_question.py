@@ -67,17 +67,10 @@ def answer(model, tokenizer, pairs, max_seq_length=384, doc_stride=128, max_quer
 def read_pairs(path):
     """JSON lines {"question", "context"} -> [(question, context)]; errors name the line."""
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("question", "context")):
-                raise ValueError(f"{path}:{n}: expected {{\"question\": str, \"context\": str}}")
-            pairs.append((row["question"], row["context"]))
+    for n, row in finetune_utils.json_lines(path):
+        if not all(isinstance(row.get(k), str) for k in ("question", "context")):
+            raise ValueError(f"{path}:{n}: expected {{\"question\": str, \"context\": str}}")
+        pairs.append((row["question"], row["context"]))
     if not pairs:
         raise ValueError(f"{path}: no questions")
     return pairs
