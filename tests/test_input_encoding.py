@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import create_pretraining_data as cpd
+import train_utils
 from conftest import REPO_ROOT, RESOURCES
 
 VOCAB = str(RESOURCES / "vocab.txt")
@@ -52,7 +53,7 @@ def test_corpus_in_another_encoding_is_refused_before_output_is_touched(
     corpus = tmp_path / f"corpus.{encoding}.txt"
     corpus.write_bytes(text.encode(encoding))
     before = _snapshot(earlier_output)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(train_utils.UsageError) as e:
         cpd.generate(_options(tmp_path, corpus), log=lambda line: None)
     message = str(e.value)
     assert "\n" not in message
@@ -66,7 +67,8 @@ def test_compressed_gbk_corpus_is_refused_too(tmp_path, earlier_output):
     with gzip.open(corpus, "wb") as f:
         f.write(_corpus_text().encode("gbk"))
     before = _snapshot(earlier_output)
-    with pytest.raises(ValueError, match=r"corpus\.txt\.gz is not UTF-8: line 1 .*likely encoding GB18030"):
+    expected = r"corpus\.txt\.gz is not UTF-8: line 1 .*likely encoding GB18030"
+    with pytest.raises(train_utils.UsageError, match=expected):
         cpd.generate(_options(tmp_path, corpus), log=lambda line: None)
     assert _snapshot(earlier_output) == before
 
@@ -80,7 +82,8 @@ def test_gbk_after_the_checked_head_fails_before_the_output_is_replaced(tmp_path
     corpus.write_bytes(head.encode() + "\n".encode() + _corpus_text(200).encode("gbk"))
     first_bad = head.count("\n") + 2
     before = _snapshot(earlier_output)
-    with pytest.raises(ValueError, match=rf"mixed\.txt is not UTF-8: line {first_bad} is the first"):
+    expected = rf"mixed\.txt is not UTF-8: line {first_bad} is the first"
+    with pytest.raises(train_utils.UsageError, match=expected):
         cpd.generate(_options(tmp_path, corpus), log=lambda line: None)
     assert _snapshot(earlier_output) == before  # no temp file left either
 
@@ -104,7 +107,7 @@ def test_share_rule_needs_two_bad_lines_above_one_percent_of_bytes(tmp_path):
         path.write_bytes(b"".join(lines))
         try:
             cpd.InputReader([str(path)], "sentence_per_line")
-        except ValueError:
+        except train_utils.UsageError:
             return "refused"
         return "read"
 
