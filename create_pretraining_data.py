@@ -205,8 +205,10 @@ class _Utf8Lines:
 
 
 def _guess_encoding(sample):
-    """The likeliest encoding of `sample` by charset_normalizer (a requests dependency, so TensorFlow
-    brings it), in the spelling iconv accepts."""
+    """The likeliest encoding of `sample` by charset_normalizer, in the spelling iconv accepts.
+
+    Short samples can be ambiguous (a few GBK characters also decode as Korean CP949), hence "likely".
+    """
     import charset_normalizer
 
     best = charset_normalizer.from_bytes(sample).best()
