@@ -176,7 +176,8 @@ class FullTokenizer:
             characters give the token (without "##"; after lower-casing and accent stripping). A
             [UNK] spans its whole word. Characters dropped inside a word (e.g. a soft hyphen) lie
             inside the span; when normalisation turns one character into several (a Hangul
-            syllable into jamo) the pieces made of it share it. Starts never decrease.
+            syllable into jamo) the pieces made of it share it. Starts never decrease (short of
+            NFD reordering two spacing marks inside a word that WordPiece then splits).
         """
         ids, starts, ends, _ = self.encode_with_spans(convert_to_unicode(text))
         return self.convert_ids_to_tokens(ids.tolist()), list(zip(starts.tolist(), ends.tolist()))
