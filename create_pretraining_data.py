@@ -196,23 +196,28 @@ class _Utf8Lines:
         """Raises UsageError (one line) when the file is evidently in another encoding."""
         if self.bad_lines < 2 or self.replaced <= MAX_INVALID_UTF8_SHARE * self.bytes:
             return
-        encoding = _guess_encoding(self.sample)
         raise UsageError(
             f"--input_file: {self.path} is not UTF-8: line {self.first_bad_line} is the first of "
             f"{self.bad_lines} lines with invalid bytes ({self.replaced / self.bytes:.0%} of the "
-            f"{self.bytes} bytes read), likely encoding {encoding}; convert it to UTF-8 first "
-            f"(e.g. iconv -f {encoding} -t UTF-8)")
+            f"{self.bytes} bytes read); {_guess_encoding(self.sample)}")
 
 
 def _guess_encoding(sample):
-    """The likeliest encoding of `sample` by charset_normalizer, in the spelling iconv accepts.
+    """What to tell the user about the encoding of `sample`, by charset_normalizer.
 
-    Short samples can be ambiguous (a few GBK characters also decode as Korean CP949), hence "likely".
+    Short samples can be ambiguous (a few GBK characters decode as Korean CP949 just as well); then
+    the equally likely encodings are all named. Names are spelled as iconv accepts them.
     """
     import charset_normalizer
 
-    best = charset_normalizer.from_bytes(sample).best()
-    return best.encoding.upper().replace("_", "-") if best else "unknown"
+    matches = list(charset_normalizer.from_bytes(sample))
+    if not matches:
+        return "its encoding is not recognised (binary or compressed data?)"
+    tied = [m.encoding.upper().replace("_", "-") for m in matches
+            if (m.chaos, m.coherence) == (matches[0].chaos, matches[0].coherence)][:3]
+    named = tied[0] if len(tied) == 1 else "one of " + ", ".join(tied)
+    return (f"likely encoding {named}; convert it to UTF-8 first "
+            f"(e.g. iconv -f {tied[0] if len(tied) == 1 else 'ENCODING'} -t UTF-8)")
 
 
 class InputReader:

@@ -73,6 +73,20 @@ def test_compressed_gbk_corpus_is_refused_too(tmp_path, earlier_output):
     assert _snapshot(earlier_output) == before
 
 
+def test_short_samples_name_every_equally_likely_encoding(tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_bytes("中国的首都是北京。\n我们爱北京。\n".encode("gbk"))
+    with pytest.raises(train_utils.UsageError, match=r"likely encoding one of .*GB18030"):
+        cpd.InputReader([str(corpus)], "sentence_per_line")
+
+
+def test_binary_data_is_not_given_an_encoding(tmp_path):
+    corpus = tmp_path / "corpus.txt"  # a compressed file without its .gz name
+    corpus.write_bytes(gzip.compress(_corpus_text().encode()))
+    with pytest.raises(train_utils.UsageError, match=r"not recognised \(binary or compressed data\?\)"):
+        cpd.InputReader([str(corpus)], "sentence_per_line")
+
+
 def test_gbk_after_the_checked_head_fails_before_the_output_is_replaced(tmp_path, earlier_output,
                                                                         monkeypatch):
     # A UTF-8 file with a GBK file appended: the head check passes, the end-of-file check fails.
