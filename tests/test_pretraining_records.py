@@ -157,7 +157,10 @@ def test_sidecar_disagreements_and_unknown_kinds_are_one_line_errors(tmp_path):
     with pytest.raises(UsageError, match=r"3 records, but .*meta\.json says num_instances=4"):
         records.check_records(path, SEQ, PRED, VOCAB)
     json.dump(dict(meta, kind="from_the_future"), open(path + ".meta.json", "w"))
-    with pytest.raises(UsageError, match=r"unknown record kind 'from_the_future'"):
+    with pytest.raises(UsageError, match=r"r\.tfrecord: unknown record kind .from_the_future."):
+        records.check_records(path, SEQ, PRED, VOCAB)
+    json.dump(dict(meta, format_version=2), open(path + ".meta.json", "w"))
+    with pytest.raises(UsageError, match=r"r\.tfrecord: format_version 2 .* newer than this version reads"):
         records.check_records(path, SEQ, PRED, VOCAB)
     open(path + ".meta.json", "w").write("{not json")
     with pytest.raises(UsageError, match=r"r\.tfrecord\.meta\.json: unreadable sidecar"):
