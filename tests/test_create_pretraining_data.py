@@ -117,7 +117,7 @@ def _masked_words(rec, i, tok):
     for word in jieba.lcut("".join(pieces)):
         positions = char_token[pos:pos + len(word)]
         pos += len(word)
-        if all(cpd._is_cjk_char(ch) for ch in word) and len(set(positions)) == len(word):
+        if all(tokenization.is_cjk(ch) for ch in word) and len(set(positions)) == len(word):
             yield word, positions, [p in masked for p in positions]
 
 
@@ -239,7 +239,7 @@ def test_mask_keep_random_split_is_80_10_10_per_word(many_instances, masked_word
 def test_labels_never_use_hash_chinese_ids(many_instances, tokenizer):
     _, rec = many_instances
     hash_cjk = {i for t, i in tokenizer.vocab.items() if t.startswith("##") and len(t) == 3
-                and cpd._is_cjk_char(t[2])}
+                and tokenization.is_cjk(t[2])}
     assert hash_cjk  # the demo vocab has them, like Google's
     labels = rec["masked_lm_ids"][rec["masked_lm_weights"] > 0]
     assert not hash_cjk & set(labels.tolist())
@@ -265,7 +265,7 @@ def test_random_replacements_are_never_special_or_hash_tokens(many_instances, to
 # ---------------------------------------------------------------------------------------------------
 
 def test_every_token_of_the_input_appears_once_with_dupe_factor_one(tmp_path, tokenizer):
-    long_line = "".join(ch for s in _corpus_sentences(CORPUS[:1])[0] for ch in s if cpd._is_cjk_char(ch)) * 3
+    long_line = "".join(ch for s in _corpus_sentences(CORPUS[:1])[0] for ch in s if tokenization.is_cjk(ch)) * 3
     path = tmp_path / "with_long_line.txt"
     path.write_text("短文档。\n\n" + long_line + "\n\n" + open(CORPUS[0], encoding="utf-8").read(),
                     encoding="utf-8")
@@ -531,7 +531,7 @@ def test_empty_documents_are_counted_not_fatal(tmp_path):
 
 def test_100k_character_line_without_punctuation_is_split_not_dropped(tmp_path):
     path = tmp_path / "long.txt"
-    text = "".join(ch for s in _corpus_sentences(CORPUS)[0] for ch in s if cpd._is_cjk_char(ch))
+    text = "".join(ch for s in _corpus_sentences(CORPUS)[0] for ch in s if tokenization.is_cjk(ch))
     line = (text * 1000)[:100_000]
     path.write_text(line + "\n", encoding="utf-8")
     o = _options(tmp_path, input_file=str(path), short_seq_prob=0.0, max_seq_length=128)
