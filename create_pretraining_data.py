@@ -219,7 +219,7 @@ class InputReader:
                     self.docs_per_file[path_index] += 1
                     yield path_index, sentences
             except (OSError, EOFError, lzma.LZMAError) as e:
-                raise ValueError(f"--input_file: cannot read {path}: {e}") from None
+                raise UsageError(f"--input_file: cannot read {path}: {e}") from None
             finally:
                 self.bytes_done_in_closed_files += os.path.getsize(path)
                 self._raw = None

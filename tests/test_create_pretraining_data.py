@@ -646,3 +646,15 @@ def test_remote_output_is_written_through_tf_gfile(tmp_path):
     with tf.io.gfile.GFile(remote.output_file, "rb") as f:
         assert f.read() == open(local.output_file, "rb").read()
     assert _generate(remote)["skipped"]
+
+
+def test_corrupt_compressed_input_is_one_line_and_keeps_the_previous_output(tmp_path):
+    o = _options(tmp_path)
+    _generate(o)
+    before = _files(tmp_path)
+    (tmp_path / "broken.txt.xz").write_bytes(lzma.compress(open(CORPUS[0], "rb").read())[:-40])
+    result = _cli(tmp_path, f"--input_file={tmp_path / 'broken.txt.xz'}", f"--output_file={o.output_file}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("create_pretraining_data.py: error: --input_file: cannot read ") and "broken.txt.xz" in last
+    assert {k: v for k, v in _files(tmp_path).items() if k != "broken.txt.xz"} == before
