@@ -708,7 +708,7 @@ def make_parser(info, seq_len, max_pred, **options):
 # Record: token_ids  int64 [n], the body of the instance (no [CLS]/[SEP]), 1 <= n <= max_seq_length - 2
 #         word_starts bytes [ceil(n / 8)], bit i % 8 of byte i // 8 is 1 where token i starts a
 #                     jieba word (its masking group); bit 0 is always 1
-# Sidecar, besides generator_settings: cls_id, sep_id, mask_id, and ordinary_ids, the ids random
+# Sidecar, besides SETTINGS_KEYS: cls_id, sep_id, mask_id, and ordinary_ids, the ids random
 # replacements are drawn from ("104-8117,8119-8128,...": not special, not [unused*], not ##), so
 # training needs no vocab file.
 #
