@@ -360,7 +360,7 @@ class RecordOutputs:
                 if path in self.inputs:
                     raise UsageError(f"{self.flag}: {path} is also an input file; choose another name")
                 continue
-            if os.path.isdir(path):
+            if os.path.isdir(path) or path.endswith(("/", os.sep)):
                 raise UsageError(f"{self.flag}: {path} is a directory; give a file name inside it")
             if os.path.realpath(path) in inputs:
                 raise UsageError(f"{self.flag}: {path} is also an input file; choose another name")
@@ -596,10 +596,17 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
                 raise UsageError(f"{path}: {count} records, but {meta_path} says "
                                  f"num_instances={meta['num_instances']} (incomplete file?)")
     except tf.errors.DataLossError as e:
-        raise UsageError(f"{path}: corrupt or truncated TFRecord file ({e.message.strip()})") from None
+        raise UsageError(f"{path}: corrupt or truncated TFRecord file ({_op_message(e)})") from None
     except tf.errors.OpError as e:
-        raise UsageError(f"{path}: unreadable ({e.message.strip()})") from None
+        raise UsageError(f"{path}: unreadable ({_op_message(e)})") from None
     return RecordInfo(kind, ((path, meta),))
+
+
+def _op_message(error):
+    """A TensorFlow op error's own words, without the function-node and op names around them."""
+    import re
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S).strip()
 
 
 def _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_values, values_of):

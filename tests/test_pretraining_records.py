@@ -262,13 +262,14 @@ def test_second_writer_of_the_same_output_fails_at_once(tmp_path):
     assert records.check_records(path, SEQ, PRED, VOCAB).meta["num_instances"] == 2
 
 
-@pytest.mark.parametrize("case", ["directory", "is_input", "parent_is_file"])
+@pytest.mark.parametrize("case", ["directory", "trailing_slash", "is_input", "parent_is_file"])
 def test_bad_output_paths_are_one_line_errors_before_anything_is_written(tmp_path, case):
     (tmp_path / "in.txt").write_text("text")
     (tmp_path / "blocker").write_text("a file")
     (tmp_path / "dir").mkdir()
     path, inputs, message = {
         "directory": (tmp_path / "dir", [], r"dir is a directory; give a file name inside it"),
+        "trailing_slash": (f"{tmp_path}/new/", [], r"new/ is a directory; give a file name inside it"),
         "is_input": (tmp_path / "sub" / ".." / "in.txt", [str(tmp_path / "in.txt")],
                      r"in\.txt is also an input file"),
         "parent_is_file": (tmp_path / "blocker" / "r.tfrecord", [], r"cannot write to .*blocker"),
