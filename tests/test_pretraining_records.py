@@ -279,3 +279,18 @@ def test_bad_output_paths_are_one_line_errors_before_anything_is_written(tmp_pat
         with records.RecordOutputs([str(path)], inputs=inputs):
             pass
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xe8\xbf\x99\xe4\xb8\x8d\xe6\x98\xaf\n" * 50, r"corrupt or truncated TFRecord file \(corrupted record at 0"),
+    (records.frame([b"\xff\xff\xff"]), r"record 0 is not a tf.train.Example"),
+    (records.frame([records.encode_example({"label": ("int64", [1])})]),
+     r"record 0 has no feature 'input_ids' \(not static pretraining records\?\)"),
+    (b"", r"no records"),
+])
+def test_files_that_are_not_pretraining_records_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "x.tfrecord"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=rf"^{path}: {message}") as err:
+        records.check_records(str(path), SEQ, PRED, VOCAB)
+    assert "function_node" not in str(err.value) and "\n" not in str(err.value)
