@@ -658,3 +658,29 @@ def test_corrupt_compressed_input_is_one_line_and_keeps_the_previous_output(tmp_
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("create_pretraining_data.py: error: --input_file: cannot read ") and "broken.txt.xz" in last
     assert {k: v for k, v in _files(tmp_path).items() if k != "broken.txt.xz"} == before
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_the_previous_output_and_the_rerun_cleans_up(tmp_path):
+    import signal
+    import time
+    o = _options(tmp_path)
+    _generate(o)
+    before = _files(tmp_path)
+    big = tmp_path / "big.txt"  # a few seconds of work, so the kill lands mid-run
+    big.write_bytes(b"\n".join(open(p, "rb").read() for p in CORPUS) * 40)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "create_pretraining_data.py"), f"--input_file={big}",
+         f"--output_file={o.output_file}", f"--vocab_file={VOCAB}", "--dupe_factor=1",
+         "--max_seq_length=64", "--max_predictions_per_seq=10"], cwd=tmp_path)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.tfrecord.tmp-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it was killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    visible = {k: v for k, v in _files(tmp_path).items() if not k.startswith(".") and k != "big.txt"}
+    assert visible == before  # records and sidecar as they were; only hidden temp/lock files left
+    o.input_file = str(big)
+    _generate(o)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "out.tfrecord", "out.tfrecord.meta.json"]
