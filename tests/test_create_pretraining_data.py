@@ -409,17 +409,6 @@ def test_records_parse_with_google_schema_via_tf_data(tmp_path, tokenizer):
     assert len(rebuilt.SerializeToString()) == len(raw)
 
 
-def test_tfrecord_framing_is_byte_identical_to_tensorflow_writer(tmp_path):
-    import tensorflow as tf
-    rng = np.random.default_rng(0)
-    records = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in rng.integers(0, 5000, 80)]
-    records += [b"", b"123456789", bytes(64), bytes(65)]
-    with tf.io.TFRecordWriter(str(tmp_path / "ref.tfrecord")) as writer:
-        for r in records:
-            writer.write(r)
-    assert pretraining_records.frame(records) == (tmp_path / "ref.tfrecord").read_bytes()
-
-
 def test_rerun_skips_complete_output_and_redoes_incomplete_one(tmp_path):
     o = _options(tmp_path)
     _generate(o)
@@ -612,7 +601,6 @@ def test_output_that_is_a_directory_is_refused(tmp_path):
 
 def test_concurrent_run_on_the_same_output_fails_and_harms_neither(tmp_path):
     """A second run must not delete the first run's temp file nor replace the finished output."""
-    import pretraining_records
     o = _options(tmp_path, name="out.tfrecord")
     _generate(o)
     with pretraining_records.RecordOutputs([o.output_file]) as first_run:
