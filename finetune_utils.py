@@ -339,54 +339,38 @@ def make_tokenizer(vocab_file, do_lower_case):
 
 
 class Task:
-    """What a task script gives `run`. The driver sets `opts`, `tokenizer`, `labels` and `model`
-    before calling the methods that need them.
+    """What a task script gives `run`; the driver sets `opts`, `tokenizer`, `labels` and `model`.
 
     kind: the model_folder task ("classifier", "ner", "qa"; export_to_pytorch's --task).
     key: the dev metric that picks the best epoch (higher is better).
-    file_names: {split: (usual file names in --data_dir, first found wins)}.
+    file_names: {split: usual file names in --data_dir, first found wins}.
+    prediction_files: files it writes into output_dir (checked before training).
+    loss: None for masked_sparse_ce, or a list (one per output).
+    Methods: check() flag checks; find_files() {split: path}; read(path, split) -> (examples, Counter
+    of skipped items by reason); label_list(train) label names in id order (None without labels);
+    validate(data) check the splits against self.labels; make_model(config); train_data(examples)
+    -> (features dict of [N, S] int32, y); evaluate(examples, output_dir=None) dev metrics (writing
+    the dev predictions when output_dir is given); predict(examples, output_dir) -> file written.
     """
-    kind = key = None
+    kind = key = loss = None
     file_names = {}
-    prediction_files = ()  # files the task writes into output_dir (checked before training)
+    prediction_files = ()
 
     def __init__(self, opts):
         self.opts = opts
         self.tokenizer = self.labels = self.model = None
 
     def check(self):
-        """Task-specific flag checks (raise UsageError)."""
+        pass
 
     def find_files(self):
         return find_files(self.opts, self.file_names)
 
-    def read(self, path, split):
-        """-> (examples, collections.Counter of skipped items by reason)."""
-        raise NotImplementedError
-
     def label_list(self, train):
-        """Label names in id order for a training run (None for tasks without labels)."""
         return None
 
     def validate(self, data):
-        """Checks the read splits against self.labels (raise UsageError naming file:line)."""
-
-    def make_model(self, config):
-        raise NotImplementedError
-
-    def train_data(self, examples):
-        """-> (features dict of [N, S] int32, y) for training."""
-        raise NotImplementedError
-
-    loss = None  # defaults to masked_sparse_ce
-
-    def evaluate(self, examples, output_dir=None):
-        """Dev metrics; with output_dir, also writes the dev predictions there."""
-        raise NotImplementedError
-
-    def predict(self, examples, output_dir):
-        """Writes predictions for the test examples into output_dir; returns the file written."""
-        raise NotImplementedError
+        pass
 
 
 def run(opts, task):
