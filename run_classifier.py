@@ -1,4 +1,4 @@
-"""Fine-tunes BERT/RoBERTa on sentence(-pair) classification: LCQMC, BQ, XNLI/OCNLI/CMNLI, AFQMC,
+r"""Fine-tunes BERT/RoBERTa on sentence(-pair) classification: LCQMC, BQ, XNLI/OCNLI/CMNLI, AFQMC,
 ChnSentiCorp, TNEWS, IFLYTEK, THUCNews titles, any TSV/CSV/JSON-lines file whose header names the
 text and label columns, or a TFDS dataset (--tfds_name=xnli).
 

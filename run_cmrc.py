@@ -1,4 +1,4 @@
-"""Fine-tunes BERT/RoBERTa for extractive QA on SQuAD-format JSON (CMRC2018, DRCD).
+r"""Fine-tunes BERT/RoBERTa for extractive QA on SQuAD-format JSON (CMRC2018, DRCD).
 
     python run_cmrc.py --data_dir=cmrc2018 --init_checkpoint=chinese_L-12_H-768_A-12 \
       --do_train=true --do_eval=true --max_seq_length=384 --doc_stride=128 --max_query_length=64 \

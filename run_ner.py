@@ -1,4 +1,4 @@
-"""Fine-tunes BERT/RoBERTa for named-entity recognition on CLUENER2020-style JSON lines.
+r"""Fine-tunes BERT/RoBERTa for named-entity recognition on CLUENER2020-style JSON lines.
 
     python run_ner.py --data_dir=cluener2020 --init_checkpoint=chinese_L-12_H-768_A-12 \
       --do_train=true --do_eval=true --do_predict=true --tag_scheme=BIO --max_seq_length=128 \
