@@ -409,8 +409,11 @@ def run(opts, task):
     task.labels = choose_labels(opts, task, data.get("train"), resolved)
     task.validate(data)
 
-    strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
-                                         tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
+    try:
+        strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
+                                             tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     train_utils.set_seed(opts.seed)
     train_utils.set_precision(opts.mixed_precision, strategy)
     with strategy.scope():
@@ -629,7 +632,10 @@ def predict_batches(model, features, batch_size):
     if pad:
         features = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in features.items()}
     out = model.predict(make_dataset(features, batch_size=batch_size), verbose=0)
-    return tuple(o[:n] for o in out) if isinstance(out, (tuple, list)) else out[:n]
+    # float32 also under --mixed_precision (bfloat16 logits lose ties and softmax precision).
+    if isinstance(out, (tuple, list)):
+        return tuple(np.asarray(o[:n], np.float32) for o in out)
+    return np.asarray(out[:n], np.float32)
 
 
 def pad_features(rows, max_seq_length):
