@@ -426,7 +426,10 @@ def run(opts, task):
     else:
         logging.warning("no --init_checkpoint: training from a RANDOM initialisation")
 
-    tf.io.gfile.makedirs(opts.output_dir)
+    try:
+        tf.io.gfile.makedirs(opts.output_dir)
+    except tf.errors.OpError as e:
+        raise UsageError(f"--output_dir={opts.output_dir}: cannot create it ({e.message})") from None
     dev = data.get("dev")
     if opts.do_train:
         features, y = task.train_data(data["train"])
@@ -481,6 +484,8 @@ def choose_labels(opts, task, train, resolved):
         labels = list(resolved.labels)
     if task.kind != "qa" and not labels:
         raise UsageError("no label list: pass --labels, or --init_checkpoint a fine-tuned model folder")
+    if labels and len(set(labels)) != len(labels):
+        raise UsageError(f"labels repeat: {','.join(labels)}; each label names one class")
     return labels
 
 

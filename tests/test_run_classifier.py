@@ -255,6 +255,8 @@ def test_a_failing_run_leaves_an_existing_output_dir_byte_identical(tmp_path, go
     ({"max_seq_length": 4}, r"--max_seq_length=4 must be in \[8, 512\]"),
     ({"bert_config_file": None}, r"--bert_config_file needed: no --init_checkpoint"),
     ({"strategy": "tpu"}, r"--strategy=tpu needs --tpu_name"),
+    ({"labels": "0,0"}, r"labels repeat: 0,0"),
+    ({"warmup_proportion": 1.5}, r"--warmup_proportion must be in \[0, 1\)"),
 ])
 def test_flags_that_cannot_be_right_are_one_line_errors_before_anything_is_written(
         tmp_path, google_vocab, change, message):
