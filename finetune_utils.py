@@ -654,7 +654,7 @@ def pad_features(rows, max_seq_length):
     return out
 
 
-def main(task_class, define):
+def main(task_class):
     """The `main(argv)` of a task script: runs the driver on the parsed command line."""
     def main_(argv):
         if len(argv) > 1:

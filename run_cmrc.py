@@ -345,4 +345,4 @@ EXAMPLE = ("python run_cmrc.py --data_dir=../shared/data/cmrc2018 --vocab_file=.
            "--output_dir=/tmp/cmrc")
 
 if __name__ == "__main__":
-    train_utils.run_script(finetune_utils.main(QATask, define_flags), __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(finetune_utils.main(QATask), __doc__, EXAMPLE, define_flags)

@@ -343,4 +343,4 @@ EXAMPLE = ("python run_ner.py --data_dir=../shared/data/cluener2020 --dev_file=t
            "--do_train=true --do_eval=true --output_dir=/tmp/cluener")
 
 if __name__ == "__main__":
-    train_utils.run_script(finetune_utils.main(NerTask, define_flags), __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(finetune_utils.main(NerTask), __doc__, EXAMPLE, define_flags)
