@@ -300,6 +300,12 @@ def test_train_eval_predict_on_ram_filesystem_and_best_is_a_model_folder(tmp_pat
     info = json.loads(tf.io.gfile.GFile(f"{ram}/out/best/model_info.json").read())
     assert info["task"] == "classifier" and info["labels"] == ["0", "1"] and info["do_lower_case"] is True
     assert tf.io.gfile.exists(f"{ram}/out/best/vocab.txt") and tf.io.gfile.exists(f"{ram}/out/best/bert_config.json")
+    # Training again into the same output_dir would replace the model in best/: refused.
+    before = tf.io.gfile.GFile(f"{ram}/out/best/checkpoint").read()
+    with pytest.raises(UsageError, match=r"best already holds a fine-tuned model"):
+        run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, data_dir=f"{ram}/data",
+                                             vocab_file=f"{ram}/vocab.txt", output_dir=f"{ram}/out", do_train=True)))
+    assert tf.io.gfile.GFile(f"{ram}/out/best/checkpoint").read() == before
 
 
 def _xnli_mock(builder, split=None, **kwargs):
