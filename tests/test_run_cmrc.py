@@ -178,3 +178,19 @@ def test_training_beats_the_untrained_model_on_the_same_data(tmp_path, shared_da
     history = json.loads((tmp_path / "out" / "train_history.json").read_text(encoding="utf-8"))["epochs"]
     assert trained["f1"] == pytest.approx(max(h["f1"] for h in history))  # best checkpoint restored
     assert trained["f1"] > untrained["f1"] + 8.0 and trained["em"] > untrained["em"] + 5.0
+
+
+@pytest.mark.slow
+def test_command_line_reports_a_string_answer_in_one_line(tmp_path, repo_root):
+    import os
+    import subprocess
+    import sys
+
+    path = _squad(tmp_path, [[{"text": "范廷颂", "answer_start": 0}], ["范廷颂"]], name="cmrc2018_train.json")
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "run_cmrc.py"), f"--data_dir={tmp_path}", "--do_train=true",
+         f"--vocab_file={repo_root / 'resources' / 'vocab.txt'}", f"--bert_config_file={repo_root / 'resources' / 'bert_config_tiny.json'}",
+         f"--output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    assert proc.stderr.splitlines()[-1].startswith(f"run_cmrc.py: error: {path}: question Q1: \"answers\" must")
