@@ -21,7 +21,6 @@ import math
 import os
 import tempfile
 import types
-import unicodedata
 
 import keras
 import numpy as np
@@ -40,73 +39,12 @@ from train_utils import UsageError
 # ---------------------------------------------------------------------------------------------------
 
 
-def _is_cjk(ch):
-    cp = ord(ch)
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
-            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
-            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
-
-
-def _is_punctuation(ch):
-    cp = ord(ch)
-    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-        return True
-    return unicodedata.category(ch).startswith("P")
-
-
-def _is_dropped(ch):
-    """Characters the BERT tokenizer removes: whitespace, NUL, U+FFFD and control characters."""
-    if ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
-        return True
-    return ord(ch) in (0, 0xFFFD) or unicodedata.category(ch).startswith("C")
-
-
-def _split_units(text):
-    """Splits `text` the way BasicTokenizer does, keeping offsets.
-
-    Returns a list of (start, end) character ranges (end exclusive): one per CJK character or
-    punctuation mark, one per run of other non-space characters. Whitespace/control chars are dropped.
-    """
-    units, start = [], None
-    for i, ch in enumerate(text):
-        if _is_dropped(ch) or _is_cjk(ch) or _is_punctuation(ch):
-            if start is not None:
-                units.append((start, i))
-                start = None
-            if not _is_dropped(ch):
-                units.append((i, i + 1))
-        elif start is None:
-            start = i
-    if start is not None:
-        units.append((start, len(text)))
-    return units
-
-
 def tokenize_with_offsets(tokenizer, text):
-    """Tokenizes `text` exactly like `tokenizer.tokenize(text)` and records where each token came from.
+    """`tokenizer.tokenize(text)` and each token's character span [start, end) in `text`.
 
-    Returns:
-      tokens: list[str] (equal to tokenizer.tokenize(text)).
-      spans: list[(start, end)], the characters text[start:end] token i covers. WordPieces of one word
-        split its characters by piece length; when lower-casing/accent stripping changed the length (or
-        the word became [UNK]) the pieces share the word's range proportionally, the last one ending
-        at the word's end.
+    The spans follow tokenization.FullTokenizer.tokenize_with_offsets, the one owner of this rule.
     """
-    tokens, spans = [], []
-    for u_start, u_end in _split_units(text):
-        pieces = tokenizer.tokenize(text[u_start:u_end])
-        lengths = [len(p[2:]) if p.startswith("##") else len(p) for p in pieces]
-        n_chars = u_end - u_start
-        if sum(lengths) != n_chars:  # [UNK], or normalisation changed the length
-            total = sum(lengths) or 1
-            lengths = [max(1, round(n_chars * length / total)) for length in lengths]
-        pos = u_start
-        for i, piece in enumerate(pieces):
-            end = u_end if i == len(pieces) - 1 else min(u_end, pos + lengths[i])
-            tokens.append(piece)
-            spans.append((pos, max(end, pos + 1) if pos < u_end else u_end))
-            pos = min(end, u_end)
-    return tokens, spans
+    return tokenizer.tokenize_with_offsets(text)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -57,12 +57,23 @@ if ("tensorflow" not in sys.modules and not os.environ.get("ROBERTA_ZH_TF_STARTU
     sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
+def _on_tpu_vm():
+    """True on a Cloud TPU VM: TPU chips on this host (/dev/accel* up to v4, /dev/vfio from v5e)
+    and a TPU runtime (libtpu) installed."""
+    import glob
+
+    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
+
+
 def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
     """Builds the tf.distribute strategy named by `--strategy`.
 
-    auto: TPU if `tpu` is given, MultiWorkerMirrored if TF_CONFIG names several workers, Mirrored if
-    there are several GPUs, else the default one-device strategy. A TPU resolver is only built when a
-    TPU is asked for (building one unconditionally breaks GPU/CPU runs).
+    auto: a TPU if `tpu` is given or this is a Cloud TPU VM, MultiWorkerMirrored if TF_CONFIG names
+    several workers, Mirrored if there are several GPUs, else the default one-device strategy.
+    On a TPU VM the TPU is this host's (`tpu="local"`, the default there); a TPU Node is reached by
+    its name (with zone/project) or grpc:// address. A TPU resolver is only built when a TPU is asked
+    for (building one unconditionally breaks GPU/CPU runs).
     """
     import json
 
@@ -72,7 +83,7 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
         raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
     if name == "auto":
         workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-        if tpu:
+        if tpu or _on_tpu_vm():
             name = "tpu"
         elif len(workers) > 1:
             name = "multi_worker"
@@ -81,11 +92,14 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
         else:
             name = "one_device"
     if name == "tpu":
-        if not tpu:
-            raise ValueError("--strategy=tpu needs --tpu_name (a TPU name or grpc:// address)")
+        if not tpu and not _on_tpu_vm():
+            raise ValueError("--strategy=tpu needs --tpu_name (a TPU Node's name or grpc:// "
+                             "address) unless it runs on a Cloud TPU VM (--tpu_name=local)")
+        tpu = tpu or "local"
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
             tpu=tpu, zone=tpu_zone, project=gcp_project)
-        tf.config.experimental_connect_to_cluster(resolver)
+        if tpu != "local":  # a TPU Node: its TPU workers are reached over the network
+            tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     if name == "multi_worker":
