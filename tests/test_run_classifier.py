@@ -4,7 +4,6 @@ hand-worked case, the predictions file, the one-line errors, the stall warning, 
 ram:// paths, and end-to-end runs: THUCNews titles and roberta_zh's LCQMC command verbatim (slow)."""
 
 import json
-import math
 import os
 import subprocess
 import sys
