@@ -235,10 +235,17 @@ def test_evaluation_uses_one_fixed_mask_whatever_the_seed(data):
 
 def test_model_tensors_match_static_records_in_names_shapes_and_dtypes(data):
     """What run_pretraining hands the model: identical structure for both kinds, train and eval."""
+    import tensorflow as tf
+
     import run_pretraining
     for training in (True, False):
-        specs = [run_pretraining.make_dataset([data[kind]], 8, SEQ, PRED, training, 0).element_spec
-                 for kind in ("static", "unmasked")]
+        specs = []
+        for kind in ("static", "unmasked"):
+            files, counts = [data[kind]], [_meta(data[kind])["num_instances"]]
+            parse = records.make_parser(records.read_info(files), SEQ, PRED, training=training)
+            dataset_fn = (run_pretraining.train_dataset_fn(files, counts, 8, 0, 100, 0, parse)
+                          if training else run_pretraining.eval_dataset_fn(files, counts, 8, 2, parse))
+            specs.append(dataset_fn(tf.distribute.InputContext()).element_spec)
         assert specs[0] == specs[1]
         assert all(s.shape.is_fully_defined() for s in specs[1].values())
 
