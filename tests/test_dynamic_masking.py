@@ -366,14 +366,19 @@ def test_sigkilled_run_on_unmasked_records_resumes_to_the_same_weights(data, tmp
     proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "run_pretraining.py"), "--do_train",
                              *argv(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    deadline = time.time() + 240
-    while not os.path.exists(os.path.join(killed, "ckpt-4.index")) and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint within 240 s"
+
+    def latest_step():  # the `checkpoint` state file names a checkpoint once it is complete
+        path = tf.train.latest_checkpoint(killed)
+        return int(path.rsplit("-", 1)[1]) if path else 0
+
+    deadline = time.time() + 300
+    while latest_step() < 4 and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert 4 <= int(tf.train.latest_checkpoint(killed).rsplit("-", 1)[1]) < 10
+    assert 4 <= latest_step() < 10
 
     run = lambda *a: run_pretraining.run(run_pretraining.parse_flags(argv(*a)))  # noqa: E731
     run(killed, "--do_train")
