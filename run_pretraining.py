@@ -258,8 +258,8 @@ def _compile_mode(strategy, jit_compile):
         return "tpu"
     if not jit_compile:
         return "none"
-    devices = strategy.extended.worker_devices
-    if strategy.num_replicas_in_sync > 1 and any("CPU" in d.upper() for d in devices):
+    if strategy.num_replicas_in_sync > 1 and any(
+            "CPU" in d.upper() for d in strategy.extended.worker_devices):
         return "split"
     return "whole"
 
