@@ -96,6 +96,8 @@ def test_unmasked_records_hold_each_instance_of_static_copy_zero_once(data):
     assert meta["kind"] == "unmasked" and meta["dupe_factor"] == 1
     assert (meta["cls_id"], meta["sep_id"], meta["mask_id"]) == (vocab["[CLS]"], vocab["[SEP]"],
                                                                  vocab["[MASK]"])
+    # The replacement pool travels in the sidecar as id ranges: the generator's pool, exactly.
+    assert records._parse_id_ranges(meta["ordinary_ids"], "sidecar") == sorted(records.ordinary_ids(vocab))
     assert os.path.getsize(data["unmasked"]) < 0.5 * os.path.getsize(data["static"])
 
 
