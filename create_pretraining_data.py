@@ -13,7 +13,8 @@ The stage, in the order of this file (DESIGN.md section 3):
            the budget are split at word boundaries, never dropped.
   mask     min(max_predictions_per_seq, max(1, round(n_tokens * masked_lm_prob))) tokens as whole
            groups, per group 80% [MASK] / 10% keep / 10% random ordinary tokens; labels are the
-           original ids.
+           original ids. `--dynamic_masking` skips this: each instance is written once, unmasked
+           (token ids + word starts), and run_pretraining.py draws fresh masks every epoch.
   write    Google's record schema plus `<output>.meta.json`, through `pretraining_records` (exclusive
            temp files, sidecar last; a re-run whose sidecar matches the settings skips the file).
 

@@ -258,8 +258,8 @@ def _compile_mode(strategy, jit_compile):
         return "tpu"
     if not jit_compile:
         return "none"
-    devices = strategy.extended.worker_devices
-    if strategy.num_replicas_in_sync > 1 and any("CPU" in d.upper() for d in devices):
+    if strategy.num_replicas_in_sync > 1 and any(
+            "CPU" in d.upper() for d in strategy.extended.worker_devices):
         return "split"
     return "whole"
 
@@ -513,8 +513,8 @@ def latest_checkpoint(directory):
 
     Training state that exists but cannot be read is an error, never a fresh start that would
     overwrite it: ckpt-N files with a missing or unreadable `checkpoint` state file, or a state file
-    naming a checkpoint that is not there. Leftover `ckpt-N_temp/` folders (a kill during a save)
-    are ignored by TF and removed by the next save.
+    naming a checkpoint that is not there. (`ckpt-N_temp/` folders, left by a kill during a save,
+    are not checkpoints: `_remove_partial_saves` deletes them.)
     """
     numbers = _checkpoint_numbers(directory)
     state_path = os.path.join(directory, "checkpoint")
@@ -738,6 +738,7 @@ def run(opts):
     # 3. The run folder describes itself from the first step on (a killed run's folder too).
     if is_chief:
         tf.io.gfile.makedirs(opts.output_dir)
+        _remove_partial_saves(opts.output_dir)
         _write_run_folder(opts.output_dir, config, vocab_file, do_lower_case)
         if opts.do_train:
             _write_json(os.path.join(opts.output_dir, INPUT_STATE), state)
@@ -759,6 +760,15 @@ def _parser(opts, files, training):
     return pretraining_records.make_parser(
         pretraining_records.read_info(files), opts.max_seq_length, opts.max_predictions_per_seq,
         seed=opts.seed, masked_lm_prob=opts.masked_lm_prob, training=training)
+
+
+def _remove_partial_saves(output_dir):
+    """Deletes `ckpt-N_temp/` folders: what a kill during a save leaves (TF writes a checkpoint
+    there, then renames it into ckpt-N.*). They are never a checkpoint TF would restore."""
+    for path in tf.io.gfile.glob(os.path.join(output_dir, "ckpt-*_temp")):
+        if re.fullmatch(r"ckpt-\d+_temp", os.path.basename(path)) and tf.io.gfile.isdir(path):
+            logging.warning("removing %s, left by a run killed while saving", path)
+            tf.io.gfile.rmtree(path)
 
 
 def _write_run_folder(output_dir, config, vocab_file, do_lower_case):
