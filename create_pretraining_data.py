@@ -1040,6 +1040,10 @@ def _define_flags():
     with train_utils.flag_group("Speed and progress"):
         flags.DEFINE_integer("num_workers", d["num_workers"].default, "Worker processes (output is identical).")
         flags.DEFINE_float("progress_every_secs", d["progress_every_secs"].default, "Seconds between progress lines.")
+    with train_utils.flag_group("Apache Beam (more text than one machine)"):
+        flags.DEFINE_string("runner", None, "Run as a Beam pipeline on this runner (DirectRunner, DataflowRunner, "
+                            "FlinkRunner, SparkRunner; pip install .[beam]); --beam_<option>=value is passed "
+                            "to Beam as --<option>=value.")
     train_utils.require_flags("input_file", "output_file", "vocab_file")
 
 
@@ -1050,7 +1054,11 @@ def main(argv):
     fv = flags.FLAGS
     o = Options(**{name: fv[name].value for name in Options.__dataclass_fields__})
     try:
-        generate(o)
+        if fv.runner:  # the local path never imports Beam
+            import beam_pretraining_data
+            beam_pretraining_data.run(o, fv.runner, _BEAM_ARGS)
+        else:
+            generate(o)
     except ValueError as e:
         sys.exit(f"create_pretraining_data.py: error: {e}")
 
@@ -1059,7 +1067,12 @@ EXAMPLE = ("python create_pretraining_data.py --input_file=resources/corpus/*.tx
            "--output_file=/tmp/records/train.tfrecord --vocab_file=resources/vocab.txt "
            "--max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5 --num_workers=2")
 
+_BEAM_ARGS = []
+
 if __name__ == "__main__":
     import train_utils
     _define_flags()
+    # absl rejects flags it does not define: --beam_<option>=value go to Beam instead.
+    _BEAM_ARGS += [a for a in sys.argv[1:] if a.startswith("--beam_")]
+    sys.argv = [a for a in sys.argv if not a.startswith("--beam_")]
     train_utils.run_script(main, __doc__, EXAMPLE)

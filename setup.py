@@ -30,6 +30,9 @@ setup(
         "export": ["torch>=2.1", "transformers>=4.40", "safetensors"],
         "fast": ["rjieba"],
         "demo": ["matplotlib", "snownlp"],
+        # create_pretraining_data.py --runner=...: Beam pins protobuf<7 (TF 2.21 accepts >=6.31.1,<8).
+        "beam": ["apache-beam>=2.77"],
+        "dataflow": ["apache-beam[gcp]>=2.77"],  # DataflowRunner and gs:// paths
         "test": ["pytest", "torch>=2.1", "transformers>=4.40", "safetensors", "rjieba",
                  "matplotlib", "snownlp"],
     },

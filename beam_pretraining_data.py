@@ -1,0 +1,381 @@
+# coding=utf-8
+"""create_pretraining_data.py as an Apache Beam pipeline: the same records on a laptop or on a cluster.
+
+    python create_pretraining_data.py --runner=DirectRunner --num_workers=2 \
+        --input_file='corpus/*.txt' --output_file=/tmp/records/train.tfrecord --num_output_shards=4 \
+        --vocab_file=resources/vocab.txt
+
+`--runner` is any Beam runner (DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...); every
+`--beam_<option>=value` reaches Beam as `--<option>=value` (`--beam_project=...`, `--beam_region=...`).
+With DirectRunner, `--num_workers=N` means N worker processes on this machine.
+
+Stages (the work on documents is the local generator's own code, `create_pretraining_data.process_chunk`):
+  1. ReadChunks, one element per input file: stream the file's documents and cut them into the
+     local generator's chunks (<= DOCS_PER_CHUNK documents or CHARS_PER_CHUNK characters); also
+     output the file's document and chunk counts. Chunks never cross files here (locally they may).
+  2. Offsets: the counts give every file's first global document and chunk number, so each
+     document gets the global index - hence the RNG seeds - it has in a local run.
+  3. Reshuffle + MakeRecords: `process_chunk` per chunk (segment, tokenize, pack, mask `dupe_factor`
+     times, encode, frame) -> (shard, (chunk number, TFRecord bytes)).
+  4. GroupByKey(shard) + WriteShard: a shard's pieces are spilled to local disk and written in chunk
+     order to a temporary file, so a worker's memory holds one chunk and an index, never a shard.
+  5. Finalize, once: the local path's checks (empty files, no instances), temporary files renamed
+     to the outputs, the sidecars written last.
+
+Same records: every document's RNG is seeded from (random_seed, global document index, copy), as
+locally, so the outputs hold exactly the local generator's serialized instances, whatever the runner
+or its parallelism. A record's shard and place in the shard depend only on its chunk, so they are
+fixed too; with a single input file the shards are byte-identical to the local ones (locally, chunks
+run on across file boundaries; here they stop at the end of each file).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+
+try:
+    import apache_beam as beam
+except ImportError:  # create_pretraining_data.main prints this as a one-line error
+    raise ValueError("--runner needs Apache Beam: pip install '.[beam]' (or pip install apache-beam)") from None
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+import create_pretraining_data as cpd
+import tokenization
+
+_NAMESPACE = "create_pretraining_data"
+_STAT_KEYS = ("documents", "empty_documents", "sentences", "tokens", "instances", "predictions")
+_KEEP_SPLIT_LINES = 5  # long-line warnings kept for the log (all are counted)
+
+
+def _is_remote(path):
+    return "://" in path
+
+
+def _read_bytes(path):
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read()
+
+
+def _write_bytes(path, data):
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pipeline stages
+# ----------------------------------------------------------------------------------------------------
+
+class ReadChunks(beam.DoFn):
+    """(file number, path) -> (file number, chunk in file, first document in file, documents) per chunk,
+    and once per file the tagged output "files": (file number, counts)."""
+
+    def __init__(self, input_format):
+        self.input_format = input_format
+        self.text_bytes = Metrics.counter(_NAMESPACE, "input_bytes")  # decompressed text read
+
+    def process(self, item):
+        file_index, path = item
+        reader = cpd.InputReader([path], self.input_format)
+        n_chunks, done = 0, 0
+        for chunk, first_doc, docs in reader.chunks():
+            n_chunks += 1
+            self.text_bytes.inc(reader.text_bytes - done)
+            done = reader.text_bytes
+            yield file_index, chunk, first_doc, docs
+        self.text_bytes.inc(reader.text_bytes - done)
+        yield beam.pvalue.TaggedOutput("files", (file_index, {
+            "documents": reader.docs_per_file[0], "chunks": n_chunks, "text_bytes": reader.text_bytes,
+            "replaced_chars": reader.replaced_chars, "first_replacement": reader.first_replacement}))
+
+
+def file_offsets(file_counts):
+    """[(file number, counts)] -> {file number: (first global document, first global chunk)}."""
+    offsets, docs, chunks = {}, 0, 0
+    for file_index, counts in sorted(file_counts):
+        offsets[file_index] = (docs, chunks)
+        docs += counts["documents"]
+        chunks += counts["chunks"]
+    return offsets
+
+
+class MakeRecords(beam.DoFn):
+    """A chunk -> (shard, (global chunk number, TFRecord bytes)) per non-empty shard; its stats tagged "stats".
+
+    The vocab and user dictionary travel inside the DoFn as bytes, so workers need no access to the
+    launcher's files.
+    """
+
+    def __init__(self, options, paths, vocab, user_dict):
+        self.options, self.paths, self.vocab, self.user_dict = options, paths, vocab, user_dict
+        self.instances = Metrics.counter(_NAMESPACE, "instances")
+        self.record_bytes = Metrics.counter(_NAMESPACE, "record_bytes")
+        self.documents = Metrics.counter(_NAMESPACE, "documents")
+
+    def setup(self):
+        self._dir = tempfile.mkdtemp(prefix="beam_pretraining_data-")
+        local = {}
+        for name, data in (("vocab_file", self.vocab), ("jieba_user_dict", self.user_dict)):
+            if data is not None:
+                local[name] = os.path.join(self._dir, name + ".txt")
+                with open(local[name], "wb") as f:
+                    f.write(data)
+        # The local generator's worker initializer: the same InstanceMaker, hence the same records.
+        cpd._init_worker(dataclasses.replace(self.options, **local))
+
+    def process(self, chunk, offsets):
+        file_index, chunk_in_file, first_doc_in_file, docs = chunk
+        doc0, chunk0 = offsets[file_index]
+        number = chunk0 + chunk_in_file
+        shard_bytes, stats = cpd.process_chunk((number, doc0 + first_doc_in_file, docs, [self.paths[file_index]]))
+        self.documents.inc(stats["documents"])
+        self.instances.inc(stats["instances"])
+        self.record_bytes.inc(sum(map(len, shard_bytes)))
+        stats["split_lines"] = [(number, i, line) for i, line in enumerate(stats["split_lines"])]
+        yield beam.pvalue.TaggedOutput("stats", stats)
+        for shard, data in enumerate(shard_bytes):
+            if data:
+                yield shard, (number, data)
+
+
+def merge_stats(parts):
+    """Sums process_chunk stats (associative and commutative, as CombineGlobally needs)."""
+    total = {k: 0 for k in _STAT_KEYS}
+    total.update(per_shard=[], split_lines=[], split_count=0)
+    for part in parts:
+        for k in _STAT_KEYS:
+            total[k] += part[k]
+        per_shard = part["per_shard"]
+        if len(per_shard) > len(total["per_shard"]):
+            total["per_shard"] += [0] * (len(per_shard) - len(total["per_shard"]))
+        for i, n in enumerate(per_shard):
+            total["per_shard"][i] += n
+        total["split_count"] += part.get("split_count", len(part["split_lines"]))
+        total["split_lines"] = sorted(total["split_lines"] + part["split_lines"])[:_KEEP_SPLIT_LINES]
+    return total
+
+
+class WriteShard(beam.DoFn):
+    """(shard, [(chunk number, bytes)]) -> the shard's temporary file, pieces in chunk order.
+
+    The grouped pieces are streamed to a local spill file first (runners page large groups in), so
+    memory holds only the (chunk, offset, size) index.
+    """
+
+    def __init__(self, tmp_names):
+        self.tmp_names = tmp_names
+
+    def process(self, item):
+        shard, pieces = item
+        index = []
+        with tempfile.TemporaryFile() as spill:
+            for number, data in pieces:
+                index.append((number, spill.tell(), len(data)))
+                spill.write(data)
+            index.sort()
+            with FileSystems.create(self.tmp_names[shard], compression_type=CompressionTypes.UNCOMPRESSED) as out:
+                for _, offset, size in index:
+                    spill.seek(offset)
+                    out.write(spill.read(size))
+        yield shard
+
+
+def finalize(_, written, stats, file_counts, settings, paths, outputs, tmp_names):
+    """Once, after every shard is written: the local path's checks, then renames, then sidecars."""
+    try:
+        counts = dict(file_counts)
+        for file_index, path in enumerate(paths):
+            if counts.get(file_index, {}).get("documents", 0) == 0:
+                raise ValueError(f"--input_file: {path} contains no text (only blank lines)")
+        if stats["instances"] == 0:
+            raise ValueError("--input_file: no instance produced (every document was empty)")
+        for shard in set(range(len(outputs))) - set(written):
+            _write_bytes(tmp_names[shard], b"")  # a shard that got no records is an empty file
+        for path in outputs:  # an old sidecar must never describe new records
+            if FileSystems.exists(path + ".meta.json"):
+                FileSystems.delete([path + ".meta.json"])
+        FileSystems.rename(tmp_names, outputs)
+    except BaseException:
+        FileSystems.delete([t for t in tmp_names if FileSystems.exists(t)])
+        raise
+    replaced = sum(c["replaced_chars"] for c in counts.values())
+    per_shard = stats["per_shard"] + [0] * (len(outputs) - len(stats["per_shard"]))
+    for path, n in zip(outputs, per_shard):
+        meta = dict(settings, num_instances=n, num_output_shards=len(outputs),
+                    total_instances=stats["instances"], num_documents=stats["documents"],
+                    replaced_invalid_utf8_chars=replaced, split_long_lines=stats["split_count"])
+        _write_bytes(path + ".meta.json",
+                     (json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    text_bytes = sum(c["text_bytes"] for c in counts.values())
+    return dict({k: stats[k] for k in _STAT_KEYS}, input_mb=round(text_bytes / 1e6, 3),
+                replaced_chars=replaced, split_lines=stats["split_count"],
+                split_examples=[line for _, _, line in stats["split_lines"]])
+
+
+def build(pipeline, o, paths, settings, vocab, user_dict, outputs, tmp_names):
+    """Adds the generator's stages to `pipeline`; returns the PCollection of the one summary dict."""
+    files = pipeline | "Files" >> beam.Create(list(enumerate(paths)))
+    read = files | "ReadChunks" >> beam.ParDo(ReadChunks(o.input_format)).with_outputs("files", main="chunks")
+    offsets = beam.pvalue.AsSingleton(
+        read.files | "FileCounts" >> beam.combiners.ToList() | "Offsets" >> beam.Map(file_offsets))
+    made = (read.chunks
+            | "SpreadChunks" >> beam.Reshuffle()
+            | "MakeRecords" >> beam.ParDo(MakeRecords(o, paths, vocab, user_dict), offsets)
+            .with_outputs("stats", main="pieces"))
+    written = (made.pieces
+               | "GroupByShard" >> beam.GroupByKey()
+               | "WriteShard" >> beam.ParDo(WriteShard(tmp_names)))
+    stats = made.stats | "SumStats" >> beam.CombineGlobally(merge_stats)
+    return (pipeline
+            | "Once" >> beam.Create([None])
+            | "Finalize" >> beam.Map(finalize, beam.pvalue.AsList(written), beam.pvalue.AsSingleton(stats),
+                                     beam.pvalue.AsList(read.files), settings=settings, paths=paths,
+                                     outputs=outputs, tmp_names=tmp_names))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------
+
+def _is_direct(runner):
+    return runner.lower() in ("direct", "directrunner")
+
+
+def _direct_runner(options):
+    """The FnApiRunner behind DirectRunner. Beam's DirectRunner would first download the Prism
+    runner binary from GitHub and run every worker in this one process (ignoring --num_workers);
+    `--runner=PrismRunner` still selects that."""
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
+def pipeline_options(runner, beam_args, num_workers):
+    """`--beam_<option>=v` arguments -> PipelineOptions; DirectRunner gets `num_workers` processes."""
+    argv = ["--runner=" + runner]
+    for arg in beam_args:
+        if not arg.startswith("--beam_"):
+            raise ValueError(f"{arg}: Beam options are given as --beam_<option>=value")
+        argv.append("--" + arg[len("--beam_"):])
+    given = {a.split("=", 1)[0] for a in argv}
+    if "--default_sdk_harness_log_level" not in given:  # workers' INFO lines would drown our log
+        argv.append("--default_sdk_harness_log_level=WARNING")
+    if _is_direct(runner) and num_workers > 1 and "--direct_num_workers" not in given:
+        argv += [f"--direct_num_workers={num_workers}", "--direct_running_mode=multi_processing"]
+        # Worker processes import our modules; make sure they find these, not another checkout's.
+        here = os.path.dirname(os.path.abspath(cpd.__file__))
+        rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+        os.environ["PYTHONPATH"] = os.pathsep.join([here] + rest)
+    return PipelineOptions(argv)
+
+
+def _resolve_inputs(spec):
+    """--input_file -> [(path, size)]: local files as the local generator resolves them, else Beam's match."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not any(map(_is_remote, items)):
+        return [(p, os.path.getsize(p)) for p in cpd.resolve_input_files(spec)]
+    found = []
+    for item in items:
+        try:
+            matched = sorted(FileSystems.match([item])[0].metadata_list, key=lambda m: m.path)
+        except Exception as e:  # noqa: BLE001 -- the file systems raise their own error types
+            raise ValueError(f"--input_file: cannot list {item}: {e}") from None
+        if not matched:
+            raise ValueError(f"--input_file: pattern {item!r} matched no files")
+        for m in matched:
+            if m.size_in_bytes == 0:
+                raise ValueError(f"--input_file: {m.path} is empty")
+            if m.path not in (p for p, _ in found):
+                found.append((m.path, m.size_in_bytes))
+    return found
+
+
+def run(o, runner, beam_args=(), log=print):
+    """Runs the generator on Beam; returns the summary dict. Raises ValueError (one line) on bad input."""
+    cpd.validate_options(o)
+    options = pipeline_options(runner, beam_args, o.num_workers)
+    files = _resolve_inputs(o.input_file)
+    paths = [p for p, _ in files]
+    if not _is_direct(runner) and not any(map(_is_remote, paths)):
+        log(f"create_pretraining_data: warning: --runner={runner} reads --input_file on its workers; "
+            f"local paths work only where every worker sees the same file system (use gs://... on Dataflow)")
+    try:
+        vocab_bytes = _read_bytes(o.vocab_file)
+        user_dict = _read_bytes(o.jieba_user_dict) if o.jieba_user_dict else None
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read --vocab_file/--jieba_user_dict: {e}") from None
+    with tempfile.TemporaryDirectory() as tmp:  # the tokenization module reads local files only
+        local_vocab = os.path.join(tmp, "vocab.txt")
+        with open(local_vocab, "wb") as f:
+            f.write(vocab_bytes)
+        try:
+            vocab = tokenization.load_vocab(local_vocab)
+        except ValueError as e:
+            raise ValueError(f"--vocab_file: {e}") from None
+        vocab_sha = tokenization.vocab_sha256(local_vocab)
+    settings = cpd._settings(o, len(vocab), vocab_sha, [])
+    settings["input_files"] = [{"path": p if _is_remote(p) else os.path.abspath(p), "bytes": n} for p, n in files]
+    outputs = cpd.output_paths(o)
+    if not any(map(_is_remote, outputs)):
+        if all(cpd._is_complete(p, settings, len(outputs)) for p in outputs):
+            log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
+            return {"skipped": True, "outputs": outputs}
+        cpd._check_writable(outputs)
+    if o.segmenter == "rjieba":
+        cpd.make_segmenter("rjieba")  # fail here, not on every worker, when it is not installed
+    job = uuid.uuid4().hex[:12]
+    tmp_names = [os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.tmp-beam-{job}") for p in outputs]
+
+    start = time.perf_counter()
+    pipeline = beam.Pipeline(runner=_direct_runner(options) if _is_direct(runner) else None, options=options)
+    summary_pc = build(pipeline, o, paths, settings, vocab_bytes, user_dict, outputs, tmp_names)
+    summary_pc | "KeepSummary" >> beam.Map(_write_bytes_json, _summary_name(tmp_names[0]))
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    result = pipeline.run()
+    try:
+        result.wait_until_finish()
+    except Exception as e:  # noqa: BLE001 -- runners wrap a stage's ValueError in their own types
+        message = str(e)
+        for line in message.splitlines():
+            if "ValueError: --" in line:
+                raise ValueError(line.split("ValueError: ", 1)[1].split(" [while running")[0]) from None
+        raise
+    elapsed = time.perf_counter() - start
+    summary = json.loads(_read_bytes(_summary_name(tmp_names[0])))
+    FileSystems.delete([_summary_name(tmp_names[0])])
+    for line in summary.pop("split_examples"):
+        log(f"create_pretraining_data: warning: long line split into several instances: {line}")
+    summary.update(outputs=outputs, seconds=round(elapsed, 2), skipped=False, runner=runner,
+                   counters=_counters(result))
+    log(f"create_pretraining_data: wrote {summary['instances']} instances from {summary['documents']} "
+        f"documents ({summary['tokens']} tokens, {summary['predictions']} predictions, "
+        f"{summary['empty_documents']} empty documents, {summary['split_lines']} long lines split) to "
+        f"{', '.join(outputs)} on {runner} in {elapsed:.1f}s "
+        f"({summary['input_mb'] / max(elapsed, 1e-9):.2f} MB of text/s)")
+    return summary
+
+
+def _counters(result):
+    """The pipeline's Beam counters, {name: committed value} (what Dataflow's job page shows)."""
+    try:
+        found = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(_NAMESPACE))["counters"]
+    except (NotImplementedError, AttributeError, KeyError):  # runners without metrics support
+        return {}
+    return {c.key.metric.name: c.committed for c in found}
+
+
+def _summary_name(tmp_name):
+    return tmp_name + ".summary.json"
+
+
+def _write_bytes_json(obj, path):
+    _write_bytes(path, json.dumps(obj, ensure_ascii=False).encode("utf-8"))
