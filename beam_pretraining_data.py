@@ -16,7 +16,7 @@ Stages (the work on documents is the local generator's own code, `create_pretrai
   2. Offsets: the counts give every file's first global document and chunk number, so each
      document gets the global index - hence the RNG seeds - it has in a local run.
   3. Reshuffle + MakeRecords: `process_chunk` per chunk (segment, tokenize, pack, mask `dupe_factor`
-     times, encode, frame) -> (shard, (chunk number, TFRecord bytes)).
+     times, encode, frame) -> (shard, (chunk number, TFRecord bytes, zlib-compressed)).
   4. GroupByKey(shard) + WriteShard: a shard's pieces are spilled to local disk and written in chunk
      order to a temporary file, so a worker's memory holds one chunk and an index, never a shard.
   5. Finalize, once: the local path's checks (empty files, no instances), temporary files renamed
@@ -36,6 +36,7 @@ import os
 import tempfile
 import time
 import uuid
+import zlib
 
 try:
     import apache_beam as beam
@@ -106,7 +107,8 @@ def file_offsets(file_counts):
 
 
 class MakeRecords(beam.DoFn):
-    """A chunk -> (shard, (global chunk number, TFRecord bytes)) per non-empty shard; its stats tagged "stats".
+    """A chunk -> (shard, (global chunk number, zlib'd TFRecord bytes)) per non-empty shard, and its
+    stats tagged "stats".
 
     The vocab and user dictionary travel inside the DoFn as bytes, so workers need no access to the
     launcher's files.
@@ -141,7 +143,9 @@ class MakeRecords(beam.DoFn):
         yield beam.pvalue.TaggedOutput("stats", stats)
         for shard, data in enumerate(shard_bytes):
             if data:
-                yield shard, (number, data)
+                # Zero-padded features compress ~4.5x at ~200 MB/s: a few % of CPU buys a 4x smaller
+                # shuffle (Dataflow bills it per GB; DirectRunner holds it in memory).
+                yield shard, (number, zlib.compress(data, 1))
 
 
 def merge_stats(parts):
@@ -182,7 +186,7 @@ class WriteShard(beam.DoFn):
             with FileSystems.create(self.tmp_names[shard], compression_type=CompressionTypes.UNCOMPRESSED) as out:
                 for _, offset, size in index:
                     spill.seek(offset)
-                    out.write(spill.read(size))
+                    out.write(zlib.decompress(spill.read(size)))
         yield shard
 
 
