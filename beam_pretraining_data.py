@@ -29,10 +29,14 @@ fixed too; with a single input file the shards are byte-identical to the local o
 run on across file boundaries; here they stop at the end of each file).
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
+import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -40,23 +44,22 @@ import zlib
 
 try:
     import apache_beam as beam
-except ImportError:  # create_pretraining_data.main prints this as a one-line error
-    raise ValueError("--runner needs Apache Beam: pip install '.[beam]' (or pip install apache-beam)") from None
+except ImportError:  # run_script prints this as a one-line error
+    from train_utils import UsageError
+    raise UsageError("--runner needs Apache Beam: pip install '.[beam]' (or pip install apache-beam)") from None
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import create_pretraining_data as cpd
+import pretraining_records as records
 import tokenization
+from train_utils import UsageError
 
 _NAMESPACE = "create_pretraining_data"
 _STAT_KEYS = ("documents", "empty_documents", "sentences", "tokens", "instances", "predictions")
 _KEEP_SPLIT_LINES = 5  # long-line warnings kept for the log (all are counted)
-
-
-def _is_remote(path):
-    return "://" in path
 
 
 def _read_bytes(path):
@@ -128,14 +131,23 @@ class MakeRecords(beam.DoFn):
                 local[name] = os.path.join(self._dir, name + ".txt")
                 with open(local[name], "wb") as f:
                     f.write(data)
-        # The local generator's worker initializer: the same InstanceMaker, hence the same records.
-        cpd._init_worker(dataclasses.replace(self.options, **local))
+        # The local generator's InstanceMaker, hence the same tokens, packing and masks.
+        self.maker = cpd.InstanceMaker(dataclasses.replace(self.options, **local))
+
+    def teardown(self):
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def process(self, chunk, offsets):
         file_index, chunk_in_file, first_doc_in_file, docs = chunk
         doc0, chunk0 = offsets[file_index]
         number = chunk0 + chunk_in_file
-        shard_bytes, stats = cpd.process_chunk((number, doc0 + first_doc_in_file, docs, [self.paths[file_index]]))
+        # The local worker's steps (create_pretraining_data.process_chunk), with this chunk's numbers.
+        stats = cpd.new_stats()
+        path = self.paths[file_index]
+        serialized = cpd.document_records(self.maker, [(path, s) for _, s in docs], doc0 + first_doc_in_file, stats)
+        shards = cpd.shuffle_and_shard(serialized, number, self.maker.o)
+        shard_bytes = [records.frame(r) for r in shards]
+        stats["per_shard"] = [len(r) for r in shards]
         self.documents.inc(stats["documents"])
         self.instances.inc(stats["instances"])
         self.record_bytes.inc(sum(map(len, shard_bytes)))
@@ -196,26 +208,26 @@ def finalize(_, written, stats, file_counts, settings, paths, outputs, tmp_names
         counts = dict(file_counts)
         for file_index, path in enumerate(paths):
             if counts.get(file_index, {}).get("documents", 0) == 0:
-                raise ValueError(f"--input_file: {path} contains no text (only blank lines)")
+                raise UsageError(f"--input_file: {path} contains no text (only blank lines)")
         if stats["instances"] == 0:
-            raise ValueError("--input_file: no instance produced (every document was empty)")
+            raise UsageError("--input_file: no instance produced (every document was empty)")
         for shard in set(range(len(outputs))) - set(written):
             _write_bytes(tmp_names[shard], b"")  # a shard that got no records is an empty file
         for path in outputs:  # an old sidecar must never describe new records
-            if FileSystems.exists(path + ".meta.json"):
-                FileSystems.delete([path + ".meta.json"])
+            if FileSystems.exists(records.sidecar_path(path)):
+                FileSystems.delete([records.sidecar_path(path)])
         FileSystems.rename(tmp_names, outputs)
     except BaseException:
         FileSystems.delete([t for t in tmp_names if FileSystems.exists(t)])
         raise
     replaced = sum(c["replaced_chars"] for c in counts.values())
     per_shard = stats["per_shard"] + [0] * (len(outputs) - len(stats["per_shard"]))
-    for path, n in zip(outputs, per_shard):
-        meta = dict(settings, num_instances=n, num_output_shards=len(outputs),
-                    total_instances=stats["instances"], num_documents=stats["documents"],
-                    replaced_invalid_utf8_chars=replaced, split_long_lines=stats["split_count"])
-        _write_bytes(path + ".meta.json",
-                     (json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    for path, meta in zip(outputs, cpd.sidecars(settings, per_shard, stats, replaced, stats["split_count"])):
+        with FileSystems.create(records.sidecar_path(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            text = io.TextIOWrapper(f, encoding="utf-8")
+            records._dump_json(meta, text)
+            text.flush()
+            text.detach()
     text_bytes = sum(c["text_bytes"] for c in counts.values())
     return dict({k: stats[k] for k in _STAT_KEYS}, input_mb=round(text_bytes / 1e6, 3),
                 replaced_chars=replaced, split_lines=stats["split_count"],
@@ -268,7 +280,7 @@ def pipeline_options(runner, beam_args, num_workers):
     argv = ["--runner=" + runner]
     for arg in beam_args:
         if not arg.startswith("--beam_"):
-            raise ValueError(f"{arg}: Beam options are given as --beam_<option>=value")
+            raise UsageError(f"{arg}: Beam options are given as --beam_<option>=value")
         argv.append("--" + arg[len("--beam_"):])
     given = {a.split("=", 1)[0] for a in argv}
     if "--default_sdk_harness_log_level" not in given:  # workers' INFO lines would drown our log
@@ -285,74 +297,81 @@ def pipeline_options(runner, beam_args, num_workers):
 def _resolve_inputs(spec):
     """--input_file -> [(path, size)]: local files as the local generator resolves them, else Beam's match."""
     items = [s.strip() for s in spec.split(",") if s.strip()]
-    if not any(map(_is_remote, items)):
+    if not any(map(records.is_remote, items)):
         return [(p, os.path.getsize(p)) for p in cpd.resolve_input_files(spec)]
     found = []
     for item in items:
         try:
             matched = sorted(FileSystems.match([item])[0].metadata_list, key=lambda m: m.path)
         except Exception as e:  # noqa: BLE001 -- the file systems raise their own error types
-            raise ValueError(f"--input_file: cannot list {item}: {e}") from None
+            raise UsageError(f"--input_file: cannot list {item}: {e}") from None
         if not matched:
-            raise ValueError(f"--input_file: pattern {item!r} matched no files")
+            raise UsageError(f"--input_file: pattern {item!r} matched no files")
         for m in matched:
             if m.size_in_bytes == 0:
-                raise ValueError(f"--input_file: {m.path} is empty")
+                raise UsageError(f"--input_file: {m.path} is empty")
             if m.path not in (p for p, _ in found):
                 found.append((m.path, m.size_in_bytes))
     return found
 
 
-def run(o, runner, beam_args=(), log=print):
-    """Runs the generator on Beam; returns the summary dict. Raises ValueError (one line) on bad input."""
-    cpd.validate_options(o)
-    options = pipeline_options(runner, beam_args, o.num_workers)
+def _launch_inputs(o):
+    """What the launcher reads before building the pipeline: the input list, the vocab and user
+    dictionary bytes (shipped to the workers), and the sidecar settings."""
     files = _resolve_inputs(o.input_file)
-    paths = [p for p, _ in files]
-    if not _is_direct(runner) and not any(map(_is_remote, paths)):
-        log(f"create_pretraining_data: warning: --runner={runner} reads --input_file on its workers; "
-            f"local paths work only where every worker sees the same file system (use gs://... on Dataflow)")
     try:
         vocab_bytes = _read_bytes(o.vocab_file)
         user_dict = _read_bytes(o.jieba_user_dict) if o.jieba_user_dict else None
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read --vocab_file/--jieba_user_dict: {e}") from None
-    with tempfile.TemporaryDirectory() as tmp:  # the tokenization module reads local files only
+    except Exception as e:  # noqa: BLE001 -- the file systems raise their own error types
+        raise UsageError(f"cannot read --vocab_file/--jieba_user_dict: {e}") from None
+    with tempfile.TemporaryDirectory() as tmp:  # tokenization reads local files only
         local_vocab = os.path.join(tmp, "vocab.txt")
         with open(local_vocab, "wb") as f:
             f.write(vocab_bytes)
         try:
             vocab = tokenization.load_vocab(local_vocab)
         except ValueError as e:
-            raise ValueError(f"--vocab_file: {e}") from None
+            raise UsageError(f"--vocab_file: {e}") from None
         vocab_sha = tokenization.vocab_sha256(local_vocab)
-    settings = cpd._settings(o, len(vocab), vocab_sha, [])
-    settings["input_files"] = [{"path": p if _is_remote(p) else os.path.abspath(p), "bytes": n} for p, n in files]
-    outputs = cpd.output_paths(o)
-    if not any(map(_is_remote, outputs)):
-        if all(cpd._is_complete(p, settings, len(outputs)) for p in outputs):
-            log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
-            return {"skipped": True, "outputs": outputs}
-        cpd._check_writable(outputs)
+    settings = cpd.output_settings(o, vocab, vocab_sha, [
+        (p if records.is_remote(p) else os.path.abspath(p), n) for p, n in files])
+    return [p for p, _ in files], vocab_bytes, user_dict, settings
+
+
+def run(o, runner, beam_args=(), log=print):
+    """Runs the generator on Beam; returns the summary dict. Raises UsageError (one line) on bad input."""
+    cpd.validate_options(o)
+    options = pipeline_options(runner, beam_args, o.num_workers)
+    paths, vocab_bytes, user_dict, settings = _launch_inputs(o)
+    if not _is_direct(runner) and not any(map(records.is_remote, paths)):
+        log(f"create_pretraining_data: warning: --runner={runner} reads --input_file on its workers; "
+            f"local paths work only where every worker sees the same file system (use gs://... on Dataflow)")
+    outputs = records.shard_paths(o.output_file, o.num_output_shards)
+    if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
+        log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
+        return {"skipped": True, "outputs": outputs}
     if o.segmenter == "rjieba":
         cpd.make_segmenter("rjieba")  # fail here, not on every worker, when it is not installed
     job = uuid.uuid4().hex[:12]
     tmp_names = [os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.tmp-beam-{job}") for p in outputs]
-
-    start = time.perf_counter()
     pipeline = beam.Pipeline(runner=_direct_runner(options) if _is_direct(runner) else None, options=options)
-    summary_pc = build(pipeline, o, paths, settings, vocab_bytes, user_dict, outputs, tmp_names)
-    summary_pc | "KeepSummary" >> beam.Map(_write_bytes_json, _summary_name(tmp_names[0]))
+    build(pipeline, o, paths, settings, vocab_bytes, user_dict, outputs, tmp_names) | "KeepSummary" >> beam.Map(
+        _write_json, _summary_name(tmp_names[0]))
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    result = pipeline.run()
-    try:
-        result.wait_until_finish()
-    except Exception as e:  # noqa: BLE001 -- runners wrap a stage's ValueError in their own types
-        message = str(e)
-        for line in message.splitlines():
-            if "ValueError: --" in line:
-                raise ValueError(line.split("ValueError: ", 1)[1].split(" [while running")[0]) from None
-        raise
+
+    # Local outputs: RecordOutputs checks the names and holds their locks for the whole run (it
+    # writes nothing itself: the workers write and Finalize renames).
+    local = not any(map(records.is_remote, outputs))
+    start = time.perf_counter()
+    with records.RecordOutputs(outputs, inputs=paths) if local else contextlib.nullcontext():
+        result = pipeline.run()
+        try:
+            result.wait_until_finish()
+        except Exception as e:  # noqa: BLE001 -- runners wrap a stage's UsageError in their own types
+            found = re.search(r"UsageError: (.+?)(?: \[while running .*)?$", str(e), re.M)
+            if found:
+                raise UsageError(found.group(1)) from None
+            raise
     elapsed = time.perf_counter() - start
     summary = json.loads(_read_bytes(_summary_name(tmp_names[0])))
     FileSystems.delete([_summary_name(tmp_names[0])])
@@ -381,5 +400,5 @@ def _summary_name(tmp_name):
     return tmp_name + ".summary.json"
 
 
-def _write_bytes_json(obj, path):
+def _write_json(obj, path):
     _write_bytes(path, json.dumps(obj, ensure_ascii=False).encode("utf-8"))

@@ -37,7 +37,6 @@ import dataclasses
 import glob
 import gzip
 import itertools
-import json
 import lzma
 import os
 import random
@@ -47,10 +46,13 @@ import time
 import unicodedata
 
 import numpy as np
+from absl import flags
 
+import pretraining_records as records
 import tokenization
+import train_utils
+from train_utils import UsageError
 
-FORMAT_VERSION = 1
 SEGMENTERS = ("jieba", "rjieba")
 INPUT_FORMATS = ("sentence_per_line", "doc_per_line")
 # A chunk is the unit of work sent to a worker and the unit of output shuffling. Its size depends only
@@ -83,28 +85,28 @@ class Options:
 
 
 def validate_options(o):
-    """Raises ValueError naming the flag for settings that cannot produce valid records."""
+    """Raises UsageError naming the flag for settings that cannot produce valid records."""
     if o.max_seq_length < 4:
-        raise ValueError(f"--max_seq_length={o.max_seq_length} must be >= 4 ([CLS] [SEP] + 2 tokens)")
+        raise UsageError(f"--max_seq_length={o.max_seq_length} must be >= 4 ([CLS] [SEP] + 2 tokens)")
     if not 1 <= o.max_predictions_per_seq <= o.max_seq_length - 2:
-        raise ValueError(f"--max_predictions_per_seq={o.max_predictions_per_seq} must be in "
+        raise UsageError(f"--max_predictions_per_seq={o.max_predictions_per_seq} must be in "
                          f"[1, max_seq_length - 2 = {o.max_seq_length - 2}]")
     if not 0.0 < o.masked_lm_prob <= 1.0:
-        raise ValueError(f"--masked_lm_prob={o.masked_lm_prob} must be in (0, 1]")
+        raise UsageError(f"--masked_lm_prob={o.masked_lm_prob} must be in (0, 1]")
     if not 0.0 <= o.short_seq_prob <= 1.0:
-        raise ValueError(f"--short_seq_prob={o.short_seq_prob} must be in [0, 1]")
+        raise UsageError(f"--short_seq_prob={o.short_seq_prob} must be in [0, 1]")
     if o.dupe_factor < 1:
-        raise ValueError(f"--dupe_factor={o.dupe_factor} must be >= 1")
+        raise UsageError(f"--dupe_factor={o.dupe_factor} must be >= 1")
     if o.num_workers < 1:
-        raise ValueError(f"--num_workers={o.num_workers} must be >= 1")
+        raise UsageError(f"--num_workers={o.num_workers} must be >= 1")
     if o.num_output_shards < 1:
-        raise ValueError(f"--num_output_shards={o.num_output_shards} must be >= 1")
+        raise UsageError(f"--num_output_shards={o.num_output_shards} must be >= 1")
     if o.input_format not in INPUT_FORMATS:
-        raise ValueError(f"--input_format={o.input_format!r} must be one of {INPUT_FORMATS}")
+        raise UsageError(f"--input_format={o.input_format!r} must be one of {INPUT_FORMATS}")
     if o.segmenter not in SEGMENTERS:
-        raise ValueError(f"--segmenter={o.segmenter!r} must be one of {SEGMENTERS}")
+        raise UsageError(f"--segmenter={o.segmenter!r} must be one of {SEGMENTERS}")
     if o.jieba_user_dict and not os.path.isfile(o.jieba_user_dict):
-        raise ValueError(f"--jieba_user_dict: file not found: {o.jieba_user_dict}")
+        raise UsageError(f"--jieba_user_dict: file not found: {o.jieba_user_dict}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,20 +122,20 @@ def resolve_input_files(spec):
         if glob.has_magic(item):
             matches = sorted(glob.glob(item))
             if not matches:
-                raise ValueError(f"--input_file: pattern {item!r} matched no files")
+                raise UsageError(f"--input_file: pattern {item!r} matched no files")
         else:
             matches = [item]
         for path in matches:
             if not os.path.exists(path):
-                raise ValueError(f"--input_file: file not found: {path}")
+                raise UsageError(f"--input_file: file not found: {path}")
             if os.path.isdir(path):
-                raise ValueError(f"--input_file: {path} is a directory (give files or a glob)")
+                raise UsageError(f"--input_file: {path} is a directory (give files or a glob)")
             if os.path.getsize(path) == 0:
-                raise ValueError(f"--input_file: {path} is empty")
+                raise UsageError(f"--input_file: {path} is empty")
             if path not in paths:
                 paths.append(path)
     if not paths:
-        raise ValueError("--input_file is required")
+        raise UsageError("--input_file is required")
     return paths
 
 
@@ -419,7 +421,7 @@ def make_segmenter(name, user_dict=""):
         try:
             import rjieba
         except ImportError:
-            raise ValueError("--segmenter=rjieba needs the rjieba package: pip install rjieba") from None
+            raise UsageError("--segmenter=rjieba needs the rjieba package: pip install rjieba") from None
         seg = rjieba.Jieba()
         if user_dict:
             for word, freq, tag in _read_user_dict(user_dict):
@@ -445,158 +447,8 @@ def _read_user_dict(path):
             try:
                 freq = int(parts[1]) if len(parts) > 1 else None
             except ValueError:
-                raise ValueError(f"--jieba_user_dict: {path}:{line_no}: frequency is not an integer")
+                raise UsageError(f"--jieba_user_dict: {path}:{line_no}: frequency is not an integer")
             yield parts[0], freq, parts[2] if len(parts) > 2 else None
-
-
-# ----------------------------------------------------------------------------------------------------
-# tf.train.Example serialization, written by hand (cheap, and workers need no TensorFlow)
-# ----------------------------------------------------------------------------------------------------
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        bits = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-def _field(tag, payload):
-    """A length-delimited protobuf field: tag byte, varint length, payload."""
-    return bytes([tag]) + _varint(len(payload)) + payload
-
-
-def _feature_entry(name, feature):
-    """One entry of Features.feature (map<string, Feature>, field 1)."""
-    return _field(0x0A, _field(0x0A, name.encode()) + _field(0x12, feature))
-
-
-def _int64_feature(packed):
-    return _field(0x1A, _field(0x0A, packed))  # Feature.int64_list(3) { value(1) packed }
-
-
-def _float_feature(packed):
-    return _field(0x12, _field(0x0A, packed))  # Feature.float_list(2) { value(1) packed }
-
-
-class ExampleEncoder:
-    """Encodes one instance as a serialized tf.train.Example with Google's pretraining features.
-
-    The bytes are assembled from cached pieces: a varint table for ids/positions/lengths, and whole
-    feature entries for the parts that depend only on lengths (input_mask, masked_lm_weights) or on
-    nothing (segment_ids, next_sentence_labels). tests/ parse the result with tf.data.
-    """
-
-    def __init__(self, max_seq_length, max_predictions, vocab_size):
-        self.seq, self.preds = max_seq_length, max_predictions
-        # Every id, position and protobuf length we can meet is < this bound.
-        self.varints = [_varint(i) for i in range(max(vocab_size, 8 * max_seq_length + 64) + 1)]
-        self.keys = {name: _field(0x0A, name.encode()) + b"\x12" for name in (
-            "input_ids", "masked_lm_ids", "masked_lm_positions")}
-        self.mask_entries = [_feature_entry("input_mask", _int64_feature(
-            b"\x01" * n + b"\x00" * (max_seq_length - n))) for n in range(max_seq_length + 1)]
-        self.weight_entries = [_feature_entry("masked_lm_weights", _float_feature(
-            b"\x00\x00\x80\x3f" * k + b"\x00" * 4 * (max_predictions - k))) for k in range(max_predictions + 1)]
-        self.segment_entry = _feature_entry("segment_ids", _int64_feature(b"\x00" * max_seq_length))
-        self.nsp_entry = _feature_entry("next_sentence_labels", _int64_feature(b"\x00"))
-
-    def _int64_entry(self, key, values, size):
-        """Features.feature map entry {key, Feature{int64_list{packed values, zero padded}}}."""
-        v = self.varints
-        packed = b"".join(map(v.__getitem__, values)) + bytes(size - len(values))
-        int64_list = b"\x0a" + v[len(packed)] + packed
-        feature = b"\x1a" + v[len(int64_list)] + int64_list
-        entry = self.keys[key] + v[len(feature)] + feature
-        return b"\x0a" + v[len(entry)] + entry
-
-    def encode(self, input_ids, positions, labels):
-        """input_ids: [n <= seq] ids with [CLS]/[SEP]; positions, labels: [k <= preds]. -> bytes."""
-        features = b"".join((
-            self._int64_entry("input_ids", input_ids, self.seq),
-            self.mask_entries[len(input_ids)],
-            self._int64_entry("masked_lm_ids", labels, self.preds),
-            self._int64_entry("masked_lm_positions", positions, self.preds),
-            self.weight_entries[len(positions)],
-            self.nsp_entry,
-            self.segment_entry,
-        ))
-        return b"\x0a" + _varint(len(features)) + features  # Example.features(1)
-
-
-class TFRecordFramer:
-    """TFRecord framing with CRC-32C computed by NumPy for a whole batch of records at once.
-
-    A TFRecord is `uint64 length | uint32 masked_crc(length) | data | uint32 masked_crc(data)`.
-    Python has no CRC-32C and TensorFlow's writer would cost every process a TensorFlow import
-    (seconds, ~650 MB), so workers frame their own records: each record is zero-padded at the
-    front to whole 64-byte blocks (leading zeros do not change a CRC started from 0), all blocks of
-    the batch advance one byte per NumPy step, and the per-block remainders are combined per record
-    with "shift by 64*m zero bytes" tables. tests/ check the bytes against tf.io.TFRecordWriter.
-    """
-
-    BLOCK = 64
-
-    def __init__(self):
-        table = np.arange(256, dtype=np.uint32)
-        for _ in range(8):  # reflected Castagnoli polynomial
-            table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1).astype(np.uint32)
-        self.table = table
-        # table16[x]: register x (< 2**16) after two zero bytes, to consume two bytes per step.
-        x = np.arange(1 << 16, dtype=np.uint32)
-        self.table16 = self._zero_bytes(x, 2)
-        # shift[m, i, b]: register b << 8i after 64*m zero bytes (the CRC is linear in the register).
-        self.shift = (np.arange(256, dtype=np.uint32)[None, None, :] << (8 * np.arange(4, dtype=np.uint32))[None, :, None])
-        # init_after[n]: the 0xFFFFFFFF initial register after n zero bytes (the affine part).
-        self.init_after = [0xFFFFFFFF]
-
-    def _zero_bytes(self, reg, n):
-        for _ in range(n):
-            reg = (reg >> 8) ^ self.table[reg & 0xFF]
-        return reg
-
-    def _grow(self, max_blocks, max_len):
-        while len(self.shift) <= max_blocks:
-            self.shift = np.concatenate([self.shift, self._zero_bytes(self.shift[-1:], self.BLOCK)])
-        reg, table = self.init_after[-1], self.table.tolist()
-        while len(self.init_after) <= max_len:
-            reg = (reg >> 8) ^ table[reg & 0xFF]
-            self.init_after.append(reg)
-
-    def masked_crcs(self, blobs):
-        """[n] bytes -> [n] uint32 masked CRC-32C, as TFRecord stores them."""
-        lens = np.fromiter(map(len, blobs), np.int64, len(blobs))
-        blocks = np.maximum(1, -(-lens // self.BLOCK))  # [n]
-        self._grow(int(blocks.max()), int(lens.max()))
-        padded = b"".join([bytes(self.BLOCK * k - n) + b
-                           for b, n, k in zip(blobs, lens.tolist(), blocks.tolist())])
-        data = np.frombuffer(padded, "<u2").reshape(-1, self.BLOCK // 2)  # [total_blocks, 32]
-        reg = np.zeros(len(data), np.uint32)
-        for j in range(self.BLOCK // 2):  # two bytes per step
-            reg = (reg >> 16) ^ self.table16[(reg ^ data[:, j]) & 0xFFFF]
-        first = np.cumsum(blocks) - blocks  # [n] index of each record's first block
-        after = np.repeat(first + blocks - 1, blocks) - np.arange(len(data))  # blocks that follow
-        s = self.shift
-        reg = (s[after, 0, reg & 0xFF] ^ s[after, 1, (reg >> 8) & 0xFF]
-               ^ s[after, 2, (reg >> 16) & 0xFF] ^ s[after, 3, reg >> 24])
-        crc = np.bitwise_xor.reduceat(reg, first)
-        crc ^= np.array(self.init_after, np.uint32)[lens] ^ np.uint32(0xFFFFFFFF)
-        return ((crc >> 15) | (crc << 17)) + np.uint32(0xA282EAD8)
-
-    def frame(self, records):
-        """[n] serialized records -> the bytes of a TFRecord file holding them."""
-        if not records:
-            return b""
-        lengths = np.fromiter(map(len, records), "<u8", len(records)).tobytes()
-        headers = [lengths[i:i + 8] for i in range(0, len(lengths), 8)]
-        crcs = self.masked_crcs(headers + records).astype("<u4").tobytes()
-        n = len(records)
-        return b"".join([h + crcs[4 * i:4 * i + 4] + r + crcs[4 * (n + i):4 * (n + i) + 4]
-                         for i, (h, r) in enumerate(zip(headers, records))])
-
 
 # ----------------------------------------------------------------------------------------------------
 # Documents -> instances -> records (worker side)
@@ -615,10 +467,9 @@ class InstanceMaker:
         self.ordinary_ids = [i for t, i in vocab.items()
                              if t and not (t.startswith("[") and t.endswith("]")) and not t.startswith("##")]
         if not self.ordinary_ids:
-            raise ValueError(f"--vocab_file: {o.vocab_file} has no ordinary tokens to sample from")
+            raise UsageError(f"--vocab_file: {o.vocab_file} has no ordinary tokens to sample from")
         self.max_tokens = o.max_seq_length - 2
-        self.encoder = ExampleEncoder(o.max_seq_length, o.max_predictions_per_seq, len(vocab))
-        self.framer = TFRecordFramer()
+        self.encoder = records.ExampleEncoder(o.max_seq_length, o.max_predictions_per_seq, len(vocab))
         self._word_start_table = [b""]  # [n] -> b"\x01" + n-1 zero bytes
 
     def featurize(self, sentences, path):
@@ -646,7 +497,7 @@ class InstanceMaker:
         word_start = b"".join(map(table.__getitem__, lengths))  # 1 where a jieba word starts
         if len(word_start) != len(text):
             path, doc = docs[0]
-            raise ValueError(f"{path}:{doc[0][0]}: segmenter {self.o.segmenter} lost characters")
+            raise UsageError(f"{path}:{doc[0][0]}: segmenter {self.o.segmenter} lost characters")
         tokenized = iter(self.tok.tokenize_sentences(sentences, word_start))
         out, split_lines = [], []
         for path, doc in docs:
@@ -764,6 +615,7 @@ class InstanceMaker:
         return input_ids, positions, labels
 
 
+
 _MAKER = None
 
 
@@ -775,20 +627,28 @@ def _init_worker(options):
         _MAKER = e  # report it from the first task instead, where the parent sees it.
 
 
-def process_chunk(job):
-    """Worker entry: (chunk_index, first_doc_index, docs, paths) -> (shard_bytes, stats).
+def new_stats():
+    return {"documents": 0, "empty_documents": 0, "sentences": 0, "tokens": 0, "instances": 0,
+            "predictions": 0, "split_lines": []}
 
-    shard_bytes[s] is the TFRecord-framed bytes this chunk appends to output shard s.
+
+def document_records(maker, docs, first_doc, stats):
+    """Documents -> serialized records: the per-document unit of work (a worker's, or a Beam stage's).
+
+    Args:
+      maker: an InstanceMaker (tokenizer, segmenter, settings).
+      docs: [(path, [(line_number, sentence), ...])], documents number first_doc, first_doc + 1, ...
+        in the whole input (the global index seeds each document's masks).
+      stats: counters from `new_stats()`, updated in place.
+    Returns:
+      [serialized tf.train.Example], in (document, dupe copy, instance) order. The bytes depend only
+      on the documents, their global indices and the options, not on how documents are grouped.
     """
-    chunk_index, first_doc, docs, paths = job
-    if isinstance(_MAKER, Exception):
-        raise _MAKER
-    maker, o = _MAKER, _MAKER.o
-    records = []
-    stats = {"documents": len(docs), "empty_documents": 0, "sentences": 0, "tokens": 0,
-             "instances": 0, "predictions": 0}
-    doc_pieces, split_lines = maker.featurize_many([(paths[p], sentences) for p, sentences in docs])
+    o, out = maker.o, []
+    doc_pieces, split_lines = maker.featurize_many(docs)
+    stats["split_lines"] += split_lines
     for d, ((_, sentences), pieces) in enumerate(zip(docs, doc_pieces)):
+        stats["documents"] += 1
         stats["sentences"] += len(sentences)
         if not pieces:
             stats["empty_documents"] += 1
@@ -801,106 +661,41 @@ def process_chunk(job):
             for instance in maker.instances(bounds, rng):
                 input_ids, positions, labels = maker.mask(ids, starts, instance, rng)
                 stats["predictions"] += len(positions)
-                records.append(maker.encoder.encode(input_ids, positions, labels))
+                out.append(maker.encoder.encode(input_ids, positions, labels))
+    stats["instances"] += len(out)
+    return out
+
+
+def shuffle_and_shard(serialized, chunk_index, o):
+    """A chunk's records -> one list per output shard, mixed with an RNG fixed by (seed, chunk)."""
     # Mix documents and copies inside the chunk (Google shuffles all instances; we stream).
-    random.Random((o.random_seed << 64) | (1 << 63) | chunk_index).shuffle(records)
-    stats["instances"] = len(records)
-    stats["split_lines"] = split_lines
+    random.Random((o.random_seed << 64) | (1 << 63) | chunk_index).shuffle(serialized)
     # Record j of chunk c goes to shard (j + c) % num_shards: balanced, and fixed by the input alone.
     n = o.num_output_shards
-    shards = [records[(s - chunk_index) % n::n] for s in range(n)]
-    stats["per_shard"] = [len(r) for r in shards]
-    return [maker.framer.frame(r) for r in shards], stats
+    return [serialized[(s - chunk_index) % n::n] for s in range(n)]
+
+
+def process_chunk(job):
+    """Worker entry: (chunk_index, first_doc_index, docs, paths) -> (shard_bytes, per_shard, stats).
+
+    shard_bytes[s] is the TFRecord-framed bytes this chunk appends to output shard s, holding
+    per_shard[s] records.
+    """
+    chunk_index, first_doc, docs, paths = job
+    if isinstance(_MAKER, Exception):
+        raise _MAKER
+    stats = new_stats()
+    serialized = document_records(_MAKER, [(paths[p], s) for p, s in docs], first_doc, stats)
+    shards = shuffle_and_shard(serialized, chunk_index, _MAKER.o)
+    return [records.frame(r) for r in shards], [len(r) for r in shards], stats
 
 
 # ----------------------------------------------------------------------------------------------------
-# Output: shard names, atomic writes, sidecar, skip-if-complete
-# ----------------------------------------------------------------------------------------------------
-
-def output_paths(o):
-    names = [s.strip() for s in o.output_file.split(",") if s.strip()]
-    if not names:
-        raise ValueError("--output_file is required")
-    if o.num_output_shards > 1:
-        if len(names) > 1:
-            raise ValueError("--output_file: give one name with --num_output_shards, or a comma list")
-        n = o.num_output_shards
-        names = [f"{names[0]}-{i:05d}-of-{n:05d}" for i in range(n)]
-    return names
-
-
-def _tmp_name(path):
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.tmp-{os.getpid()}")
-
-
-def _check_writable(paths):
-    for path in paths:
-        directory = os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(directory, exist_ok=True)
-            probe = _tmp_name(path) + ".probe"
-            with open(probe, "wb"):
-                pass
-            os.remove(probe)
-        except OSError as e:
-            raise ValueError(f"--output_file: cannot write to {directory}: {e.strerror or e}") from None
-
-
-def _remove_stale_tmp(path):
-    head, tail = os.path.split(os.path.abspath(path))
-    for stale in glob.glob(os.path.join(head, glob.escape(f".{tail}.tmp-") + "*")):
-        try:
-            os.remove(stale)
-        except OSError:
-            pass
-
-
-def _write_json_atomic(path, obj):
-    tmp = _tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _settings(o, vocab_size, vocab_sha, input_paths):
-    """The sidecar fields that identify how a file was made (compared to skip finished outputs)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "max_seq_length": o.max_seq_length,
-        "max_predictions_per_seq": o.max_predictions_per_seq,
-        "vocab_size": vocab_size,
-        "vocab_sha256": vocab_sha,
-        "do_lower_case": o.do_lower_case,
-        "do_whole_word_mask": o.do_whole_word_mask,
-        "masked_lm_prob": o.masked_lm_prob,
-        "dupe_factor": o.dupe_factor,
-        "short_seq_prob": o.short_seq_prob,
-        "random_seed": o.random_seed,
-        "segmenter": o.segmenter,
-        "jieba_user_dict": o.jieba_user_dict,
-        "input_format": o.input_format,
-        "input_files": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in input_paths],
-    }
-
-
-def _is_complete(path, settings, num_shards):
-    try:
-        with open(path + ".meta.json", encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    same = all(meta.get(k) == v for k, v in settings.items()) and meta.get("num_output_shards") == num_shards
-    return same and os.path.isfile(path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Driver
+# Driver: chunks -> workers -> output files (written by pretraining_records.RecordOutputs)
 # ----------------------------------------------------------------------------------------------------
 
 def _results(o, reader, paths):
-    """Yields each chunk's (records, stats) in input order, computed inline or by worker processes."""
+    """Yields each chunk's process_chunk result in input order, computed inline or by workers."""
     jobs = ((ci, first, docs, paths) for ci, first, docs in reader.chunks())
     if o.num_workers == 1:
         _init_worker(o)
@@ -922,77 +717,73 @@ def _results(o, reader, paths):
             yield pending.popleft().get()
 
 
+def output_settings(o, vocab, vocab_sha256, input_files):
+    """The sidecar keys saying how the outputs were made (local and Beam runs alike).
+
+    input_files: [(path, size in bytes)].
+    """
+    return records.generator_settings(
+        max_seq_length=o.max_seq_length, max_predictions_per_seq=o.max_predictions_per_seq,
+        vocab_size=len(vocab), vocab_sha256=vocab_sha256,
+        do_lower_case=o.do_lower_case, do_whole_word_mask=o.do_whole_word_mask,
+        masked_lm_prob=o.masked_lm_prob, dupe_factor=o.dupe_factor, short_seq_prob=o.short_seq_prob,
+        random_seed=o.random_seed, segmenter=o.segmenter, jieba_user_dict=o.jieba_user_dict,
+        input_format=o.input_format, input_files=input_files)
+
+
+def sidecars(settings, counts, totals, replaced_chars, split_lines):
+    """One sidecar per output shard holding counts[i] records; totals as from `new_stats`."""
+    return [dict(settings, num_instances=n, num_output_shards=len(counts),
+                 total_instances=totals["instances"], num_documents=totals["documents"],
+                 replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]
+
+
 def generate(o, log=print):
-    """Runs the generator; returns a summary dict. Raises ValueError (one line) on bad input."""
+    """Runs the generator; returns a summary dict. Raises UsageError (one line) on bad input.
+
+    A failing run leaves every file already on disk as it was; a second run on the same output
+    fails at once (see pretraining_records.RecordOutputs).
+    """
     validate_options(o)
     try:
         vocab = tokenization.load_vocab(o.vocab_file)
     except ValueError as e:
-        raise ValueError(f"--vocab_file: {e}") from None
-    outputs = output_paths(o)
+        raise UsageError(f"--vocab_file: {e}") from None
+    outputs = records.shard_paths(o.output_file, o.num_output_shards)
     input_paths = resolve_input_files(o.input_file)
-    settings = _settings(o, len(vocab), tokenization.vocab_sha256(o.vocab_file), input_paths)
-    if all(_is_complete(p, settings, len(outputs)) for p in outputs):
+    settings = output_settings(o, vocab, tokenization.vocab_sha256(o.vocab_file),
+                               [(os.path.abspath(p), os.path.getsize(p)) for p in input_paths])
+    if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
         log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
         return {"skipped": True, "outputs": outputs}
-    _check_writable(outputs)
-    for p in outputs:
-        _remove_stale_tmp(p)
     if o.segmenter == "rjieba":
         make_segmenter("rjieba")  # fail fast in the parent when it is not installed
 
     from train_utils import ProgressLogger
 
-    tmps = [_tmp_name(p) for p in outputs]
-    files = []
-    counts = [0] * len(outputs)
-    totals = {"documents": 0, "empty_documents": 0, "sentences": 0, "tokens": 0, "instances": 0,
-              "predictions": 0}
-    split_lines = []
+    totals = new_stats()
     reader = InputReader(input_paths, o.input_format)
     total_kb = sum(os.path.getsize(p) for p in input_paths) // 1024 + 1
     progress = ProgressLogger(total=total_kb, unit="KB", every_secs=o.progress_every_secs,
                               name="create_pretraining_data")
     start = time.perf_counter()
-    try:
-        files = [open(t, "wb") for t in tmps]
-        for shard_bytes, stats in _results(o, reader, input_paths):
-            for f, data in zip(files, shard_bytes):
-                f.write(data)
-            for i, n in enumerate(stats.pop("per_shard")):
-                counts[i] += n
-            split_lines += stats.pop("split_lines")
+    with records.RecordOutputs(outputs, inputs=input_paths) as out:
+        for shard_bytes, per_shard, stats in _results(o, reader, input_paths):
+            out.write(shard_bytes, per_shard)
             for k, v in stats.items():
                 totals[k] += v
             elapsed = max(time.perf_counter() - start, 1e-9)
             progress.update(reader.bytes_done // 1024 - progress.done,
                             docs_per_s=round(totals["documents"] / elapsed, 1),
                             instances_per_s=round(totals["instances"] / elapsed, 1))
-        for f in files:
-            f.close()
         for path, n_docs in zip(input_paths, reader.docs_per_file):
             if n_docs == 0:
-                raise ValueError(f"--input_file: {path} contains no text (only blank lines)")
+                raise UsageError(f"--input_file: {path} contains no text (only blank lines)")
         if totals["instances"] == 0:
-            raise ValueError("--input_file: no instance produced (every document was empty)")
-        for tmp, path in zip(tmps, outputs):
-            if os.path.exists(path + ".meta.json"):  # an old sidecar must never describe new records
-                os.remove(path + ".meta.json")
-            os.replace(tmp, path)
-    except BaseException:
-        for f in files:
-            f.close()
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
+            raise UsageError("--input_file: no instance produced (every document was empty)")
+        split_lines = totals.pop("split_lines")
+        out.commit(sidecars(settings, out.counts, totals, reader.replaced_chars, len(split_lines)))
     elapsed = time.perf_counter() - start
-    for path, n in zip(outputs, counts):
-        meta = dict(settings, num_instances=n, num_output_shards=len(outputs),
-                    total_instances=totals["instances"], num_documents=totals["documents"],
-                    replaced_invalid_utf8_chars=reader.replaced_chars, split_long_lines=len(split_lines))
-        _write_json_atomic(path + ".meta.json", meta)
-
     mb = reader.text_bytes / 1e6
     for line in split_lines[:5]:
         log(f"create_pretraining_data: warning: long line split into several instances: {line}")
@@ -1007,60 +798,54 @@ def generate(o, log=print):
     return summary
 
 
-def _define_flags():
-    """Flags are defined only when run as a script, so importing this module never clashes."""
-    from absl import flags
-
-    import train_utils
+def define_flags(fv=flags.FLAGS):
+    """Declares the flags on `fv`; their names are the fields of `Options`."""
     d = Options.__dataclass_fields__
-    with train_utils.flag_group("Input and output"):
-        flags.DEFINE_string("input_file", None, "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
-        flags.DEFINE_enum("input_format", d["input_format"].default, list(INPUT_FORMATS),
-                          "sentence_per_line (blank line between documents) or doc_per_line.")
-        flags.DEFINE_string("output_file", None, "Output TFRecord file (or comma list of shards).")
-        flags.DEFINE_integer("num_output_shards", d["num_output_shards"].default,
-                             "Split output into N files <output_file>-0000i-of-0000N.")
-        flags.DEFINE_string("vocab_file", None, "WordPiece vocab the model will use.")
-        flags.DEFINE_bool("do_lower_case", d["do_lower_case"].default, "Lower-case and strip accents.")
-    with train_utils.flag_group("Instances"):
-        flags.DEFINE_integer("max_seq_length", d["max_seq_length"].default, "Tokens per instance incl. [CLS]/[SEP].")
-        flags.DEFINE_float("short_seq_prob", d["short_seq_prob"].default,
-                           "Probability of a random shorter target length.")
-        flags.DEFINE_integer("dupe_factor", d["dupe_factor"].default, "Copies of each document with fresh masks.")
-        flags.DEFINE_integer("random_seed", d["random_seed"].default, "Seed; output depends only on it and input.")
-    with train_utils.flag_group("Whole-word masking"):
-        flags.DEFINE_bool("do_whole_word_mask", d["do_whole_word_mask"].default,
-                          "Mask whole jieba words (else single tokens).")
-        flags.DEFINE_float("masked_lm_prob", d["masked_lm_prob"].default, "Share of tokens to predict.")
-        flags.DEFINE_integer("max_predictions_per_seq", d["max_predictions_per_seq"].default,
-                             "Maximum masked tokens per instance.")
-        flags.DEFINE_enum("segmenter", d["segmenter"].default, list(SEGMENTERS),
-                          "Word segmenter for whole-word masking (rjieba is much faster, pip install rjieba).")
-        flags.DEFINE_string("jieba_user_dict", "", "Optional jieba user dictionary (word [freq] [tag] lines).")
-    with train_utils.flag_group("Speed and progress"):
-        flags.DEFINE_integer("num_workers", d["num_workers"].default, "Worker processes (output is identical).")
-        flags.DEFINE_float("progress_every_secs", d["progress_every_secs"].default, "Seconds between progress lines.")
-    with train_utils.flag_group("Apache Beam (more text than one machine)"):
+
+    def define(kind, name, help_text, *args):
+        default = d[name].default if d[name].default is not dataclasses.MISSING else None
+        getattr(flags, f"DEFINE_{kind}")(name, default, *args, help_text, flag_values=fv)
+
+    with train_utils.flag_group("Input and output", fv):
+        define("string", "input_file", "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
+        define("enum", "input_format", "sentence_per_line (blank line between documents) or doc_per_line.",
+               list(INPUT_FORMATS))
+        define("string", "output_file", "Output TFRecord file (or comma list of shards).")
+        define("integer", "num_output_shards", "Split output into N files <output_file>-0000i-of-0000N.")
+        define("string", "vocab_file", "WordPiece vocab the model will use.")
+        define("bool", "do_lower_case", "Lower-case and strip accents.")
+    with train_utils.flag_group("Instances", fv):
+        define("integer", "max_seq_length", "Tokens per instance incl. [CLS]/[SEP].")
+        define("float", "short_seq_prob", "Probability of a random shorter target length.")
+        define("integer", "dupe_factor", "Copies of each document with fresh masks.")
+        define("integer", "random_seed", "Seed; output depends only on it and input.")
+    with train_utils.flag_group("Whole-word masking", fv):
+        define("bool", "do_whole_word_mask", "Mask whole jieba words (else single tokens).")
+        define("float", "masked_lm_prob", "Share of tokens to predict.")
+        define("integer", "max_predictions_per_seq", "Maximum masked tokens per instance.")
+        define("enum", "segmenter", "Word segmenter for whole-word masking (rjieba is much faster, "
+               "pip install rjieba).", list(SEGMENTERS))
+        define("string", "jieba_user_dict", "Optional jieba user dictionary (word [freq] [tag] lines).")
+    with train_utils.flag_group("Speed and progress", fv):
+        define("integer", "num_workers", "Worker processes (output is identical).")
+        define("float", "progress_every_secs", "Seconds between progress lines.")
+    with train_utils.flag_group("Apache Beam (more text than one machine)", fv):
         flags.DEFINE_string("runner", None, "Run as a Beam pipeline on this runner (DirectRunner, DataflowRunner, "
                             "FlinkRunner, SparkRunner; pip install .[beam]); --beam_<option>=value is passed "
-                            "to Beam as --<option>=value.")
-    train_utils.require_flags("input_file", "output_file", "vocab_file")
+                            "to Beam as --<option>=value.", flag_values=fv)
+    if fv is flags.FLAGS:
+        train_utils.require_flags("input_file", "output_file", "vocab_file")
 
 
 def main(argv):
-    from absl import flags
     if len(argv) > 1:
-        sys.exit(f"create_pretraining_data.py: error: unexpected arguments {argv[1:]}")
-    fv = flags.FLAGS
-    o = Options(**{name: fv[name].value for name in Options.__dataclass_fields__})
-    try:
-        if fv.runner:  # the local path never imports Beam
-            import beam_pretraining_data
-            beam_pretraining_data.run(o, fv.runner, _BEAM_ARGS)
-        else:
-            generate(o)
-    except ValueError as e:
-        sys.exit(f"create_pretraining_data.py: error: {e}")
+        raise UsageError(f"unexpected arguments {argv[1:]}")
+    o = Options(**{name: flags.FLAGS[name].value for name in Options.__dataclass_fields__})
+    if flags.FLAGS.runner:  # the local path never imports Beam
+        import beam_pretraining_data
+        beam_pretraining_data.run(o, flags.FLAGS.runner, _BEAM_ARGS)
+    else:
+        generate(o)
 
 
 EXAMPLE = ("python create_pretraining_data.py --input_file=resources/corpus/*.txt "
@@ -1070,9 +855,7 @@ EXAMPLE = ("python create_pretraining_data.py --input_file=resources/corpus/*.tx
 _BEAM_ARGS = []
 
 if __name__ == "__main__":
-    import train_utils
-    _define_flags()
     # absl rejects flags it does not define: --beam_<option>=value go to Beam instead.
     _BEAM_ARGS += [a for a in sys.argv[1:] if a.startswith("--beam_")]
     sys.argv = [a for a in sys.argv if not a.startswith("--beam_")]
-    train_utils.run_script(main, __doc__, EXAMPLE)
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

@@ -33,6 +33,7 @@ from absl import app, flags, logging
 
 import modeling
 import optimization
+import pretraining_records
 import train_utils
 
 
@@ -106,8 +107,7 @@ def parse_flags(argv):
     return fv
 
 
-class UsageError(ValueError):
-    """Bad flags, config or data: reported as one line, before anything is trained or written."""
+UsageError = train_utils.UsageError  # bad flags, config or data: one line, before anything is written
 
 
 class TrainingDivergedError(RuntimeError):
@@ -117,95 +117,6 @@ class TrainingDivergedError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 # Input: records -> checks -> tf.data pipeline
 # ------------------------------------------------------------------------------------------------
-
-_INT_FEATURES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")
-
-
-def _feature_spec(seq_len, max_pred):
-    return {
-        "input_ids": tf.io.FixedLenFeature([seq_len], tf.int64),
-        "input_mask": tf.io.FixedLenFeature([seq_len], tf.int64),
-        "segment_ids": tf.io.FixedLenFeature([seq_len], tf.int64),
-        "masked_lm_positions": tf.io.FixedLenFeature([max_pred], tf.int64),
-        "masked_lm_ids": tf.io.FixedLenFeature([max_pred], tf.int64),
-        "masked_lm_weights": tf.io.FixedLenFeature([max_pred], tf.float32),
-    }
-
-
-def expand_input_files(patterns, flag="--input_file"):
-    """Comma-separated globs -> sorted list of files; UsageError if one matches nothing."""
-    files = []
-    for pattern in filter(None, (p.strip() for p in (patterns or "").split(","))):
-        matched = sorted(tf.io.gfile.glob(pattern))
-        if not matched:
-            raise UsageError(f"{flag}: '{pattern}' matches no file")
-        files.extend(matched)
-    if not files:
-        raise UsageError(f"{flag} is required")
-    return files
-
-
-def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
-    """Checks one record file against the flags and the config before any training step.
-
-    Compares its `.meta.json` sidecar (sequence length, predictions, vocab size, instance count),
-    checks the shapes and id range of its first record, and with `full_scan` reads every record
-    (TFRecord CRCs catch corruption and truncation). Raises UsageError naming the file.
-    """
-    meta_path = path + ".meta.json"
-    meta = None
-    if tf.io.gfile.exists(meta_path):
-        try:
-            with tf.io.gfile.GFile(meta_path) as f:
-                meta = json.load(f)
-        except (ValueError, OSError) as e:
-            raise UsageError(f"{meta_path}: unreadable sidecar ({e})") from None
-        expected = {"max_seq_length": (seq_len, "--max_seq_length"),
-                    "max_predictions_per_seq": (max_pred, "--max_predictions_per_seq"),
-                    "vocab_size": (vocab_size, "vocab_size of --bert_config_file")}
-        for key, (want, source) in expected.items():
-            if key in meta and meta[key] != want:
-                raise UsageError(f"{path}: records have {key}={meta[key]} (from {meta_path}) but "
-                                 f"{source} is {want}")
-    else:
-        logging.warning("%s has no .meta.json sidecar; checking its records only", path)
-
-    try:
-        first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
-        if first is None:
-            raise UsageError(f"{path}: no records")
-        example = tf.train.Example.FromString(first.numpy())
-        features = example.features.feature
-        lengths = {"input_ids": seq_len, "input_mask": seq_len, "segment_ids": seq_len,
-                   "masked_lm_positions": max_pred, "masked_lm_ids": max_pred,
-                   "masked_lm_weights": max_pred}
-        for name, want in lengths.items():
-            if name not in features:
-                raise UsageError(f"{path}: record 0 has no feature '{name}' (not pretraining records?)")
-            kind = features[name].WhichOneof("kind")
-            got = len(getattr(features[name], kind).value)
-            if got != want:
-                flag = "--max_seq_length" if want == seq_len else "--max_predictions_per_seq"
-                raise UsageError(f"{path}: record 0 has {name} of length {got}, but {flag} is {want}")
-        max_id = max(features["input_ids"].int64_list.value)
-        if max_id >= vocab_size:
-            raise UsageError(f"{path}: record 0 has token id {max_id} >= vocab_size {vocab_size} "
-                             "of --bert_config_file (records made with another vocab?)")
-        if full_scan:
-            count = int(tf.data.TFRecordDataset(path, buffer_size=1 << 20).reduce(
-                np.int64(0), lambda n, _: n + 1))
-            if meta is not None and "num_instances" in meta and count != meta["num_instances"]:
-                raise UsageError(f"{path}: {count} records, but {meta_path} says "
-                                 f"num_instances={meta['num_instances']} (incomplete file?)")
-    except tf.errors.DataLossError as e:
-        raise UsageError(f"{path}: corrupt or truncated TFRecord file ({e.message.strip()})") from None
-    except tf.errors.OpError as e:
-        raise UsageError(f"{path}: unreadable ({e.message.strip()})") from None
-    except Exception as e:  # a protobuf DecodeError: bytes with valid framing that are no Example
-        if isinstance(e, UsageError):
-            raise
-        raise UsageError(f"{path}: record 0 is not a tf.train.Example ({e})") from None
-
 
 def make_dataset(files, batch_size, seq_len, max_pred, is_training, seed,
                  num_workers=1, worker_index=0, shuffle_buffer_size=1000):
@@ -231,12 +142,13 @@ def make_dataset(files, batch_size, seq_len, max_pred, is_training, seed,
         d = tf.data.TFRecordDataset(d)
         if shard_records:
             d = d.shard(num_workers, worker_index)
-    d = d.batch(batch_size, drop_remainder=is_training)
-    spec = _feature_spec(seq_len, max_pred)
+    # Each record's index in this worker's stream: kinds that draw masks in tf.data key them by it.
+    d = d.enumerate().batch(batch_size, drop_remainder=is_training)
+    parse_records = pretraining_records.make_parser(pretraining_records.read_info(files), seq_len,
+                                                    max_pred)
 
-    def parse(serialized):
-        features = tf.io.parse_example(serialized, spec)
-        batch = {k: tf.cast(v, tf.int32) if k in _INT_FEATURES else v for k, v in features.items()}
+    def parse(position, serialized):
+        batch = parse_records(position, serialized)
         if not is_training:
             pad = batch_size - tf.shape(serialized)[0]
             batch = {k: tf.pad(v, [[0, pad], [0, 0]]) for k, v in batch.items()}
@@ -518,10 +430,10 @@ def run(opts):
     if opts.max_seq_length > config.max_position_embeddings:
         raise UsageError(f"--max_seq_length={opts.max_seq_length} > max_position_embeddings="
                          f"{config.max_position_embeddings} of {opts.bert_config_file}")
-    train_files = expand_input_files(opts.input_file) if opts.do_train else []
-    eval_files = (expand_input_files(opts.eval_input_file or opts.input_file,
-                                     "--eval_input_file" if opts.eval_input_file else "--input_file")
-                  if opts.do_eval else [])
+    train_files = pretraining_records.record_files(opts.input_file) if opts.do_train else []
+    eval_files = (pretraining_records.record_files(
+        opts.eval_input_file or opts.input_file,
+        "--eval_input_file" if opts.eval_input_file else "--input_file") if opts.do_eval else [])
 
     strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
                                          tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
@@ -535,8 +447,8 @@ def run(opts):
         raise UsageError(f"--eval_batch_size={opts.eval_batch_size} is not divisible by the "
                          f"{replicas} replicas")
     for path in dict.fromkeys(train_files + eval_files):  # unique, training files first
-        check_records(path, opts.max_seq_length, opts.max_predictions_per_seq, config.vocab_size,
-                      full_scan=opts.check_input_files)
+        pretraining_records.check_records(path, opts.max_seq_length, opts.max_predictions_per_seq,
+                                          config.vocab_size, full_scan=opts.check_input_files)
     _check_output_dir(opts.output_dir, config)
     if opts.do_train:
         optimization.WarmupPolynomialDecay(opts.learning_rate, opts.num_train_steps,

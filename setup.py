@@ -22,6 +22,7 @@ setup(
         "tensorflow>=2.16",
         "jieba>=0.42",
         "numpy",
+        "google-crc32c>=1.5",  # TFRecord checksums in generator workers, which never import TensorFlow
         "absl-py",
         "tensorboard",  # tf.summary.scalar needs it since TF 2.20
     ],

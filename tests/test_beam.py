@@ -13,6 +13,7 @@ pytest.importorskip("apache_beam", reason="apache-beam is not installed (pip ins
 
 import beam_pretraining_data  # noqa: E402
 import create_pretraining_data as cpd  # noqa: E402
+import pretraining_records as records  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESOURCES = REPO / "resources"
@@ -54,7 +55,7 @@ def _run_both(tmp_path, input_file, beam_args=(), **kw):
     on_beam = _options(tmp_path, "beam.tfrecord", input_file, **kw)
     cpd.generate(local, log=lambda _: None)
     summary = beam_pretraining_data.run(on_beam, "DirectRunner", beam_args, log=lambda _: None)
-    return cpd.output_paths(local), cpd.output_paths(on_beam), summary
+    return records.shard_paths(local.output_file, local.num_output_shards), records.shard_paths(on_beam.output_file, on_beam.num_output_shards), summary
 
 
 def test_same_records_as_local_generator_across_files_and_chunks(tmp_path, monkeypatch):
@@ -101,12 +102,12 @@ def test_two_worker_processes_give_the_same_records(tmp_path):
 def test_rerun_with_same_settings_is_skipped_and_output_order_is_fixed(tmp_path):
     o = _options(tmp_path, "beam.tfrecord", _corpus_files(tmp_path), num_output_shards=2)
     beam_pretraining_data.run(o, "DirectRunner", log=lambda _: None)
-    first = [open(p, "rb").read() for p in cpd.output_paths(o)]
+    first = [open(p, "rb").read() for p in records.shard_paths(o.output_file, o.num_output_shards)]
     assert beam_pretraining_data.run(o, "DirectRunner", log=lambda _: None)["skipped"]
-    for p in cpd.output_paths(o):
+    for p in records.shard_paths(o.output_file, o.num_output_shards):
         os.remove(p + ".meta.json")
     beam_pretraining_data.run(o, "DirectRunner", log=lambda _: None)
-    assert [open(p, "rb").read() for p in cpd.output_paths(o)] == first
+    assert [open(p, "rb").read() for p in records.shard_paths(o.output_file, o.num_output_shards)] == first
 
 
 def test_blank_input_file_fails_like_the_local_path_and_leaves_nothing(tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import create_pretraining_data as cpd
+import pretraining_records
 import tokenization
 from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
 
@@ -416,7 +417,7 @@ def test_tfrecord_framing_is_byte_identical_to_tensorflow_writer(tmp_path):
     with tf.io.TFRecordWriter(str(tmp_path / "ref.tfrecord")) as writer:
         for r in records:
             writer.write(r)
-    assert cpd.TFRecordFramer().frame(records) == (tmp_path / "ref.tfrecord").read_bytes()
+    assert pretraining_records.frame(records) == (tmp_path / "ref.tfrecord").read_bytes()
 
 
 def test_rerun_skips_complete_output_and_redoes_incomplete_one(tmp_path):

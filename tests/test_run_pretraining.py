@@ -2,7 +2,7 @@
 early and clear errors on bad input, NaN handling.
 
 Records are built from real text (the shared zhwiki corpus when present, else resources/) with the
-Google vocab when present (else resources/vocab.txt), by tests/pretraining_records.py.
+Google vocab when present (else resources/vocab.txt), by tests/mlm_instances.py.
 """
 
 import glob
@@ -47,7 +47,7 @@ def _write_json(path, obj):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """train/eval records, configs (with and without dropout) and the vocab size."""
-    import pretraining_records as records
+    import mlm_instances as records
     import tokenization
 
     root = tmp_path_factory.mktemp("pretraining_data")
@@ -156,7 +156,7 @@ def test_training_lowers_mlm_loss_and_raises_accuracy(data, tmp_path, capsys):
 def test_masked_positions_line_up_with_their_labels(data, tmp_path):
     """Records whose chosen tokens stay visible: predicting them is copying the input at the
     gathered position, learnt within ~50 steps only if positions, ids and weights line up."""
-    import pretraining_records as records
+    import mlm_instances as records
     import tokenization
     tokenizer = tokenization.FullTokenizer(data["vocab_file"])
     lines = records.corpus_sentences(str(SHARED_DATA), str(RESOURCES), max_chars=30_000)
@@ -275,7 +275,7 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data,
 # ------------------------------------------------------------------------------------------------
 
 def _bad_records(data, tmp_path, kind):
-    import pretraining_records as records
+    import mlm_instances as records
     path = str(tmp_path / f"{kind}.tfrecord")
     if kind in ("truncated", "corrupt"):
         records.write_records(path, data["instances"][:50], data["vocab_file"], SEQ, PRED)
