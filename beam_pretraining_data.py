@@ -117,8 +117,8 @@ class MakeRecords(beam.DoFn):
     launcher's files.
     """
 
-    def __init__(self, options, paths, vocab, user_dict):
-        self.options, self.paths, self.vocab, self.user_dict = options, paths, vocab, user_dict
+    def __init__(self, options, paths, shipped):
+        self.options, self.paths, self.shipped = options, paths, shipped
         self.instances = Metrics.counter(_NAMESPACE, "instances")
         self.record_bytes = Metrics.counter(_NAMESPACE, "record_bytes")
         self.documents = Metrics.counter(_NAMESPACE, "documents")
@@ -126,7 +126,7 @@ class MakeRecords(beam.DoFn):
     def setup(self):
         self._dir = tempfile.mkdtemp(prefix="beam_pretraining_data-")
         local = {}
-        for name, data in (("vocab_file", self.vocab), ("jieba_user_dict", self.user_dict)):
+        for name, data in self.shipped.items():
             if data is not None:
                 local[name] = os.path.join(self._dir, name + ".txt")
                 with open(local[name], "wb") as f:
@@ -202,7 +202,7 @@ class WriteShard(beam.DoFn):
         yield shard
 
 
-def finalize(_, written, stats, file_counts, settings, paths, outputs, tmp_names):
+def finalize(_, written, stats, file_counts, options, vocab, settings, paths, outputs, tmp_names):
     """Once, after every shard is written: the local path's checks, then renames, then sidecars."""
     try:
         counts = dict(file_counts)
@@ -222,7 +222,8 @@ def finalize(_, written, stats, file_counts, settings, paths, outputs, tmp_names
         raise
     replaced = sum(c["replaced_chars"] for c in counts.values())
     per_shard = stats["per_shard"] + [0] * (len(outputs) - len(stats["per_shard"]))
-    for path, meta in zip(outputs, cpd.sidecars(settings, per_shard, stats, replaced, stats["split_count"])):
+    for path, meta in zip(outputs, cpd.sidecars(options, vocab, settings, per_shard, stats, replaced,
+                                                        stats["split_count"])):
         with FileSystems.create(records.sidecar_path(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
             text = io.TextIOWrapper(f, encoding="utf-8")
             records._dump_json(meta, text)
@@ -234,7 +235,7 @@ def finalize(_, written, stats, file_counts, settings, paths, outputs, tmp_names
                 split_examples=[line for _, _, line in stats["split_lines"]])
 
 
-def build(pipeline, o, paths, settings, vocab, user_dict, outputs, tmp_names):
+def build(pipeline, o, paths, shipped, vocab, settings, outputs, tmp_names):
     """Adds the generator's stages to `pipeline`; returns the PCollection of the one summary dict."""
     files = pipeline | "Files" >> beam.Create(list(enumerate(paths)))
     read = files | "ReadChunks" >> beam.ParDo(ReadChunks(o.input_format)).with_outputs("files", main="chunks")
@@ -242,7 +243,7 @@ def build(pipeline, o, paths, settings, vocab, user_dict, outputs, tmp_names):
         read.files | "FileCounts" >> beam.combiners.ToList() | "Offsets" >> beam.Map(file_offsets))
     made = (read.chunks
             | "SpreadChunks" >> beam.Reshuffle()
-            | "MakeRecords" >> beam.ParDo(MakeRecords(o, paths, vocab, user_dict), offsets)
+            | "MakeRecords" >> beam.ParDo(MakeRecords(o, paths, shipped), offsets)
             .with_outputs("stats", main="pieces"))
     written = (made.pieces
                | "GroupByShard" >> beam.GroupByKey()
@@ -251,7 +252,7 @@ def build(pipeline, o, paths, settings, vocab, user_dict, outputs, tmp_names):
     return (pipeline
             | "Once" >> beam.Create([None])
             | "Finalize" >> beam.Map(finalize, beam.pvalue.AsList(written), beam.pvalue.AsSingleton(stats),
-                                     beam.pvalue.AsList(read.files), settings=settings, paths=paths,
+                                     beam.pvalue.AsList(read.files), options=o, vocab=vocab, settings=settings, paths=paths,
                                      outputs=outputs, tmp_names=tmp_names))
 
 
@@ -317,7 +318,7 @@ def _resolve_inputs(spec):
 
 def _launch_inputs(o):
     """What the launcher reads before building the pipeline: the input list, the vocab and user
-    dictionary bytes (shipped to the workers), and the sidecar settings."""
+    dictionary as bytes (shipped to the workers), the vocab, and the sidecar settings."""
     files = _resolve_inputs(o.input_file)
     try:
         vocab_bytes = _read_bytes(o.vocab_file)
@@ -335,14 +336,15 @@ def _launch_inputs(o):
         vocab_sha = tokenization.vocab_sha256(local_vocab)
     settings = cpd.output_settings(o, vocab, vocab_sha, [
         (p if records.is_remote(p) else os.path.abspath(p), n) for p, n in files])
-    return [p for p, _ in files], vocab_bytes, user_dict, settings
+    shipped = {"vocab_file": vocab_bytes, "jieba_user_dict": user_dict}
+    return [p for p, _ in files], shipped, vocab, settings
 
 
 def run(o, runner, beam_args=(), log=print):
     """Runs the generator on Beam; returns the summary dict. Raises UsageError (one line) on bad input."""
     cpd.validate_options(o)
     options = pipeline_options(runner, beam_args, o.num_workers)
-    paths, vocab_bytes, user_dict, settings = _launch_inputs(o)
+    paths, shipped, vocab, settings = _launch_inputs(o)
     if not _is_direct(runner) and not any(map(records.is_remote, paths)):
         log(f"create_pretraining_data: warning: --runner={runner} reads --input_file on its workers; "
             f"local paths work only where every worker sees the same file system (use gs://... on Dataflow)")
@@ -355,8 +357,8 @@ def run(o, runner, beam_args=(), log=print):
     job = uuid.uuid4().hex[:12]
     tmp_names = [os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.tmp-beam-{job}") for p in outputs]
     pipeline = beam.Pipeline(runner=_direct_runner(options) if _is_direct(runner) else None, options=options)
-    build(pipeline, o, paths, settings, vocab_bytes, user_dict, outputs, tmp_names) | "KeepSummary" >> beam.Map(
-        _write_json, _summary_name(tmp_names[0]))
+    summary = build(pipeline, o, paths, shipped, vocab, settings, outputs, tmp_names)
+    summary | "KeepSummary" >> beam.Map(_write_json, _summary_name(tmp_names[0]))
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
     # Local outputs: RecordOutputs checks the names and holds their locks for the whole run (it

@@ -82,6 +82,7 @@ class Options:
     num_workers: int = 1
     num_output_shards: int = 1
     progress_every_secs: float = 10.0
+    dynamic_masking: bool = False
 
 
 def validate_options(o):
@@ -464,12 +465,12 @@ class InstanceMaker:
         vocab = self.tok.vocab
         self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
         # Random replacements: ordinary tokens only (no [PAD]/[UNK]/[CLS]/[SEP]/[MASK]/[unusedN], no ##).
-        self.ordinary_ids = [i for t, i in vocab.items()
-                             if t and not (t.startswith("[") and t.endswith("]")) and not t.startswith("##")]
+        self.ordinary_ids = records.ordinary_ids(vocab)
         if not self.ordinary_ids:
             raise UsageError(f"--vocab_file: {o.vocab_file} has no ordinary tokens to sample from")
         self.max_tokens = o.max_seq_length - 2
         self.encoder = records.ExampleEncoder(o.max_seq_length, o.max_predictions_per_seq, len(vocab))
+        self.unmasked_encoder = records.UnmaskedEncoder(len(vocab))
         self._word_start_table = [b""]  # [n] -> b"\x01" + n-1 zero bytes
 
     def featurize(self, sentences, path):
@@ -655,11 +656,17 @@ def document_records(maker, docs, first_doc, stats):
             continue
         ids, starts, bounds = maker.flatten(pieces)
         stats["tokens"] += len(ids)
-        for dupe in range(o.dupe_factor):
+        for dupe in range(1 if o.dynamic_masking else o.dupe_factor):
             # Seeded from (seed, document, copy) only: independent of chunking and worker count.
             rng = random.Random((o.random_seed << 64) | ((first_doc + d) << 16) | dupe)
             for instance in maker.instances(bounds, rng):
                 input_ids, positions, labels = maker.mask(ids, starts, instance, rng)
+                if o.dynamic_masking:
+                    # The mask above only keeps `rng` in step with static copy 0, so both kinds
+                    # pack the same instances; training draws the masks (pretraining_records).
+                    a, b, g0, g1 = instance
+                    out.append(maker.unmasked_encoder.encode(ids[a:b], [x - a for x in starts[g0:g1]]))
+                    continue
                 stats["predictions"] += len(positions)
                 out.append(maker.encoder.encode(input_ids, positions, labels))
     stats["instances"] += len(out)
@@ -723,17 +730,20 @@ def output_settings(o, vocab, vocab_sha256, input_files):
     input_files: [(path, size in bytes)].
     """
     return records.generator_settings(
+        kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
         max_seq_length=o.max_seq_length, max_predictions_per_seq=o.max_predictions_per_seq,
         vocab_size=len(vocab), vocab_sha256=vocab_sha256,
         do_lower_case=o.do_lower_case, do_whole_word_mask=o.do_whole_word_mask,
-        masked_lm_prob=o.masked_lm_prob, dupe_factor=o.dupe_factor, short_seq_prob=o.short_seq_prob,
+        masked_lm_prob=o.masked_lm_prob, dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
+        short_seq_prob=o.short_seq_prob,
         random_seed=o.random_seed, segmenter=o.segmenter, jieba_user_dict=o.jieba_user_dict,
         input_format=o.input_format, input_files=input_files)
 
 
-def sidecars(settings, counts, totals, replaced_chars, split_lines):
+def sidecars(o, vocab, settings, counts, totals, replaced_chars, split_lines):
     """One sidecar per output shard holding counts[i] records; totals as from `new_stats`."""
-    return [dict(settings, num_instances=n, num_output_shards=len(counts),
+    kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
+    return [dict(settings, **kind_keys, num_instances=n, num_output_shards=len(counts),
                  total_instances=totals["instances"], num_documents=totals["documents"],
                  replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]
 
@@ -782,7 +792,7 @@ def generate(o, log=print):
         if totals["instances"] == 0:
             raise UsageError("--input_file: no instance produced (every document was empty)")
         split_lines = totals.pop("split_lines")
-        out.commit(sidecars(settings, out.counts, totals, reader.replaced_chars, len(split_lines)))
+        out.commit(sidecars(o, vocab, settings, out.counts, totals, reader.replaced_chars, len(split_lines)))
     elapsed = time.perf_counter() - start
     mb = reader.text_bytes / 1e6
     for line in split_lines[:5]:
@@ -818,6 +828,9 @@ def define_flags(fv=flags.FLAGS):
         define("integer", "max_seq_length", "Tokens per instance incl. [CLS]/[SEP].")
         define("float", "short_seq_prob", "Probability of a random shorter target length.")
         define("integer", "dupe_factor", "Copies of each document with fresh masks.")
+        define("bool", "dynamic_masking", "Write each instance once, unmasked (token ids + word "
+               "starts); run_pretraining.py draws fresh whole-word masks every epoch. Ignores "
+               "--dupe_factor.")
         define("integer", "random_seed", "Seed; output depends only on it and input.")
     with train_utils.flag_group("Whole-word masking", fv):
         define("bool", "do_whole_word_mask", "Mask whole jieba words (else single tokens).")

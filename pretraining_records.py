@@ -7,8 +7,11 @@ Record kinds (the sidecar's `kind`; a sidecar without one, or no sidecar, means 
       masked_lm_positions, masked_lm_ids        int64 [max_predictions_per_seq], zero padded
       masked_lm_weights                         float32 [max_predictions_per_seq], 1.0 real / 0.0 pad
       next_sentence_labels                      int64 [1], always 0 (kept for Google's tools)
-  A second kind (token ids + whole-word boundaries, masks drawn in tf.data) registers itself in
-  `KINDS` and `PARSERS`; the trainer only ever calls `make_parser`.
+  unmasked (`create_pretraining_data.py --dynamic_masking`): each instance once, no masks:
+      token_ids                                 int64 [n], n <= max_seq_length - 2, no [CLS]/[SEP]
+      word_starts                               bytes [ceil(n / 8)], a bit per token: starts a word
+  the masks are drawn in tf.data at training time (see "The unmasked kind" below).
+  Each kind registers itself in `KINDS` and `PARSERS`; the trainer only ever calls `make_parser`.
 
 Sidecar `<file>.meta.json` (written last, after the records are complete):
   kind, format_version, max_seq_length, max_predictions_per_seq, vocab_size, vocab_sha256 and
@@ -46,9 +49,10 @@ _TMP_MARK = ".tmp-"
 
 @dataclasses.dataclass(frozen=True)
 class Feature:
-    """One feature of a record kind. length: "seq" (max_seq_length), "pred" (max predictions) or 1."""
+    """One feature of a record kind. length: "seq" (max_seq_length), "pred" (max predictions),
+    "body" (1 to max_seq_length - 2 values: an instance without [CLS]/[SEP]) or a number."""
     name: str
-    dtype: str  # "int64" | "float32"
+    dtype: str  # "int64" | "float32" | "bytes"
     length: object
     token_ids: bool = False  # values must be < vocab_size
     positions: bool = False  # values must be < max_seq_length
@@ -69,7 +73,8 @@ KINDS = {
 
 
 def feature_length(feature, seq_len, max_pred):
-    return {"seq": seq_len, "pred": max_pred}.get(feature.length, feature.length)
+    """The feature's number of values; None for "body" (1 to max_seq_length - 2 values)."""
+    return {"seq": seq_len, "pred": max_pred, "body": None}.get(feature.length, feature.length)
 
 
 def feature_spec(seq_len, max_pred, kind=STATIC):
@@ -572,10 +577,10 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
                 raise UsageError(f"{path}: record {index} has no feature '{f.name}' (not "
                                  f"{kind} pretraining records?)")
             want, got = feature_length(f, seq_len, max_pred), len(values[f.name])
-            if got != want:
-                flag = "--max_seq_length" if f.length == "seq" else "--max_predictions_per_seq"
+            if got != want and not (want is None and 1 <= got <= seq_len - 2):
+                flag = "--max_predictions_per_seq" if f.length == "pred" else "--max_seq_length"
                 raise UsageError(f"{path}: record {index} has {f.name} of length {got}, but {flag} "
-                                 f"is {want}")
+                                 f"is {want or seq_len}")
             bound = vocab_size if f.token_ids else seq_len if f.positions else None
             if bound is not None and values[f.name]:
                 low, high = min(values[f.name]), max(values[f.name])
@@ -705,3 +710,206 @@ def make_parser(info, seq_len, max_pred, **options):
     kind = info.kind if info is not None else STATIC
     _features(kind)
     return PARSERS[kind](info, seq_len, max_pred, **options)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The unmasked kind: token ids + jieba word starts, masks drawn in tf.data (DESIGN.md 3, rule 10)
+# ----------------------------------------------------------------------------------------------------
+#
+# Record: token_ids  int64 [n], the body of the instance (no [CLS]/[SEP]), 1 <= n <= max_seq_length - 2
+#         word_starts bytes [ceil(n / 8)], bit i % 8 of byte i // 8 is 1 where token i starts a
+#                     jieba word (its masking group); bit 0 is always 1
+# Sidecar, besides generator_settings: cls_id, sep_id, mask_id, and ordinary_ids, the ids random
+# replacements are drawn from ("104-8117,8119-8128,...": not special, not [unused*], not ##), so
+# training needs no vocab file.
+#
+# Masking, per sequence, with TensorFlow ops only and static shapes ([S] = max_seq_length,
+# [P] = max_predictions_per_seq), keyed by (seed, position): stateless random ops.
+#   budget k = min(P, max(1, round(n * masked_lm_prob)))
+#   The words are put in a random order and laid end to end on a circle of n token slots; a window of
+#   k slots starting at a random offset picks every word whose first token falls inside it. Each word
+#   is then chosen with probability k / n whatever its length, and k tokens are chosen on average.
+#   (Google's rule, used by the static generator, takes whole words "while they fit", which passes
+#   over long words: at seq 128 / 20 predictions a 6+-token word is masked at a third of the rate of
+#   a 1-token word.) A chosen word that would end past P slots is dropped, so at most P are chosen.
+#   One decision per word: 80% [MASK], 10% kept, 10% random ordinary tokens. Labels: original ids.
+
+UNMASKED = "unmasked"
+# Evaluation masks use this key instead of --seed: one fixed mask per sequence for every run.
+EVAL_MASK_SEED = -1
+
+KINDS[UNMASKED] = (
+    Feature("token_ids", "int64", "body", token_ids=True),
+    Feature("word_starts", "bytes", 1),
+)
+
+
+def ordinary_id_ranges(ids):
+    """Sorted ids -> "a-b,c,d-e" (inclusive ranges): the random-replacement pool in the sidecar."""
+    ranges = []
+    for i in sorted(ids):
+        if ranges and ranges[-1][1] == i - 1:
+            ranges[-1][1] = i
+        else:
+            ranges.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in ranges)
+
+
+def _parse_id_ranges(text, where):
+    try:
+        ids = []
+        for part in text.split(","):
+            a, _, b = part.partition("-")
+            ids.extend(range(int(a), int(b or a) + 1))
+    except (ValueError, AttributeError):
+        raise UsageError(f"{where}: ordinary_ids {str(text)[:40]!r} is not a list of id ranges") from None
+    if not ids:
+        raise UsageError(f"{where}: ordinary_ids is empty")
+    return ids
+
+
+def _bytes_feature(payload):
+    return _field(0x0A, _field(0x0A, payload))  # Feature.bytes_list(1) { value(1) payload }
+
+
+class UnmaskedEncoder:
+    """Encodes one instance as an unmasked record {token_ids, word_starts} (see above)."""
+
+    def __init__(self, vocab_size):
+        self.varints = [_varint(i) for i in range(vocab_size)]
+
+    def encode(self, ids, word_starts):
+        """ids: [n] body token ids; word_starts: [w] ascending indices into ids, 0 first. -> bytes."""
+        import numpy as np
+        bits = np.zeros(len(ids), np.uint8)
+        bits[word_starts] = 1
+        packed = b"".join(map(self.varints.__getitem__, ids))
+        body = (_feature_entry("token_ids", _int64_feature(packed)) +
+                _feature_entry("word_starts", _bytes_feature(np.packbits(bits, bitorder="little").tobytes())))
+        return b"\x0a" + _varint(len(body)) + body  # Example.features(1)
+
+
+def ordinary_ids(vocab):
+    """Ids random replacements may use: not [PAD]/[CLS]/[SEP]/[MASK]/[UNK]/[unused*], not ## pieces."""
+    return [i for t, i in vocab.items()
+            if t and not (t.startswith("[") and t.endswith("]")) and not t.startswith("##")]
+
+
+def unmasked_sidecar_keys(vocab):
+    """The sidecar keys training needs to mask unmasked records without the vocab file."""
+    return {"cls_id": vocab["[CLS]"], "sep_id": vocab["[SEP]"], "mask_id": vocab["[MASK]"],
+            "ordinary_ids": ordinary_id_ranges(ordinary_ids(vocab))}
+
+
+def mask_whole_words(ids, num_tokens, word_start, uniform, *, max_pred, masked_lm_prob, pool,
+                     cls_id, sep_id, mask_id):
+    """Dynamic whole-word masking of a batch; TensorFlow ops only, static shapes.
+
+    Args:
+      ids: int32 [B, S], the body tokens at positions 1..n (anything elsewhere).
+      num_tokens: int32 [B], n per sequence (1 <= n <= S - 2).
+      word_start: bool [B, S], True at positions 1..n where a word starts.
+      uniform: float32 [B, 3 * S + 1] in [0, 1): word order, per-word decision, replacement token,
+        window offset.
+      pool: int32 [V_ordinary], ids for random replacements.
+    Returns:
+      the model's tensors: input_ids, input_mask, segment_ids int32 [B, S]; masked_lm_positions,
+      masked_lm_ids int32 [B, P]; masked_lm_weights float32 [B, P].
+    """
+    import tensorflow as tf
+    batch, seq = tf.shape(ids)[0], ids.shape[1]
+    order_keys, decision, replacement = (uniform[:, i * seq:(i + 1) * seq] for i in range(3))
+    pos = tf.range(seq)[None, :]                                                        # [1, S]
+    n = num_tokens[:, None]                                                             # [B, 1]
+    body = (pos >= 1) & (pos <= n)                                                      # [B, S]
+    word_start = word_start & body
+    # word[b, t]: index of the word holding token t (words are numbered 0.. in text order).
+    word = tf.cumsum(tf.cast(word_start, tf.int32), axis=1) - 1                         # [B, S]
+    num_words = word[:, -1:] + 1                                                        # [B, 1]
+    word = tf.where(body, word, seq - 1)  # [CLS]/[SEP]/padding: a slot no word of <= S-2 tokens uses
+    length = tf.reshape(tf.math.unsorted_segment_sum(
+        tf.cast(body, tf.int32), word + seq * tf.range(batch)[:, None], batch * seq),
+        [batch, seq])                                                                   # [B, W=S]
+    is_word = pos < num_words                                                           # [B, W]
+    # Random order of the words; first slot of each word when laid end to end in that order.
+    order = tf.argsort(tf.where(is_word, order_keys, 2.0), axis=1, stable=True)         # [B, W]
+    slot_sorted = tf.cumsum(tf.gather(length, order, batch_dims=1), axis=1, exclusive=True)
+    slot = tf.gather(slot_sorted, tf.argsort(order, axis=1), batch_dims=1)              # [B, W]
+    budget = tf.minimum(max_pred, tf.maximum(1, tf.cast(tf.round(
+        tf.cast(num_tokens, tf.float64) * masked_lm_prob), tf.int32)))[:, None]         # [B, 1]
+    offset = tf.minimum(tf.cast(uniform[:, -1:] * tf.cast(n, tf.float32), tf.int32), n - 1)
+    slot = tf.math.floormod(slot - offset, n)  # the window starts at slot 0
+    chosen = is_word & (slot < budget) & (slot + length <= max_pred)                    # [B, W]
+    token_chosen = tf.gather(chosen, word, batch_dims=1) & body                         # [B, S]
+    token_decision = tf.gather(decision, word, batch_dims=1)                            # [B, S]
+    pool_size = pool.shape[0]
+    random_ids = tf.gather(pool, tf.minimum(tf.cast(replacement * pool_size, tf.int32), pool_size - 1))
+    original = tf.where(pos == 0, cls_id, tf.where(pos == n + 1, sep_id, tf.where(body, ids, 0)))
+    input_ids = tf.where(token_chosen & (token_decision < 0.8), mask_id,
+                         tf.where(token_chosen & (token_decision >= 0.9), random_ids, original))
+    # Chosen positions in ascending order, zero padded: the P smallest of (pos if chosen else S + pos).
+    sort_key = tf.where(token_chosen, pos, seq + pos)
+    smallest = -tf.math.top_k(-sort_key, max_pred, sorted=True).values                  # [B, P]
+    count = tf.reduce_sum(tf.cast(token_chosen, tf.int32), axis=1, keepdims=True)       # [B, 1]
+    real = tf.range(max_pred)[None, :] < count                                          # [B, P]
+    positions = tf.where(real, smallest, 0)
+    return {
+        "input_ids": input_ids,
+        "input_mask": tf.cast(pos <= n + 1, tf.int32),
+        "segment_ids": tf.zeros_like(input_ids),
+        "masked_lm_positions": positions,
+        "masked_lm_ids": tf.where(real, tf.gather(original, positions, batch_dims=1), 0),
+        "masked_lm_weights": tf.cast(real, tf.float32),
+    }
+
+
+def _unmasked_parser(info, seq_len, max_pred, *, seed=0, masked_lm_prob=0.10, training=True,
+                     **unused):
+    """Unmasked records -> the model's tensors, masks drawn from (seed, position).
+
+    training=False (evaluation) keys the masks by EVAL_MASK_SEED instead of `seed`, so every run
+    evaluates on the same masks.
+    """
+    import numpy as np
+    import tensorflow as tf
+    meta = info.meta
+    where = next((sidecar_path(p) for p, m in info.metas if m), "unmasked records")
+    missing = [k for k in ("cls_id", "sep_id", "mask_id", "ordinary_ids") if k not in meta]
+    if missing:
+        raise UsageError(f"{where}: sidecar lacks {', '.join(missing)} (needed to mask unmasked "
+                         "records); regenerate the records")
+    if not 0.0 < masked_lm_prob <= 1.0:
+        raise UsageError(f"--masked_lm_prob={masked_lm_prob} must be in (0, 1]")
+    pool = tf.constant(np.array(_parse_id_ranges(meta["ordinary_ids"], where), np.int32))
+    key = tf.constant(seed if training else EVAL_MASK_SEED, tf.int64)
+    spec = {"token_ids": tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int32),
+            "word_starts": tf.io.FixedLenFeature([], tf.string)}
+    body_len, bitmap_len = seq_len - 2, (seq_len - 2 + 7) // 8
+
+    def draw(position):  # [] int64 -> [3S + 1] uniform, a function of (key, position) only
+        return tf.random.stateless_uniform([3 * seq_len + 1], seed=tf.stack([key, position]))
+
+    def parse(position, serialized):
+        single = serialized.shape.rank == 0
+        if single:
+            position, serialized = position[None], serialized[None]
+        features = tf.io.parse_example(serialized, spec)
+        tokens = features["token_ids"]                                                # [B, (n)]
+        num_tokens = tf.minimum(tf.cast(tokens.row_lengths(), tf.int32), body_len)
+        ids = tf.pad(tf.cast(tokens.to_tensor(shape=[None, body_len]), tf.int32), [[0, 0], [1, 1]])
+        bytes_ = tf.cast(tf.io.decode_raw(features["word_starts"], tf.uint8, fixed_length=bitmap_len),
+                         tf.int32)                                                    # [B, S/8]
+        bits = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bytes_[:, :, None], tf.range(8)), 1)
+        bits = tf.reshape(bits, [-1, 8 * bitmap_len])[:, :body_len]
+        word_start = tf.pad(tf.cast(bits, tf.bool), [[0, 0], [1, 1]])                 # [B, S]
+        uniform = tf.map_fn(draw, tf.cast(position, tf.int64),
+                            fn_output_signature=tf.TensorSpec([3 * seq_len + 1], tf.float32))
+        out = mask_whole_words(ids, num_tokens, word_start, uniform, max_pred=max_pred,
+                               masked_lm_prob=masked_lm_prob, pool=pool, cls_id=meta["cls_id"],
+                               sep_id=meta["sep_id"], mask_id=meta["mask_id"])
+        return {k: v[0] for k, v in out.items()} if single else out
+
+    return parse
+
+
+PARSERS[UNMASKED] = _unmasked_parser

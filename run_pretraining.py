@@ -57,6 +57,8 @@ def define_flags(fv=flags.FLAGS):
         string("eval_input_file", None, "Records for --do_eval (default: --input_file, as Google).")
         integer("max_seq_length", 128, "Sequence length of the records.")
         integer("max_predictions_per_seq", 20, "Masked positions per sequence in the records.")
+        number("masked_lm_prob", 0.10, "Share of tokens to predict, for records masked at training "
+               "time (create_pretraining_data.py --dynamic_masking); static records keep theirs.")
         integer("shuffle_buffer_size", 1000, "Records in the shuffle buffer (saved in checkpoints).")
         boolean("check_input_files", True, "Read every record once before training (CRC, count "
                 "against the .meta.json) so bad data fails before step 1.")
@@ -119,7 +121,7 @@ class TrainingDivergedError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 def make_dataset(files, batch_size, seq_len, max_pred, is_training, seed,
-                 num_workers=1, worker_index=0, shuffle_buffer_size=1000):
+                 num_workers=1, worker_index=0, shuffle_buffer_size=1000, masked_lm_prob=0.10):
     """This worker's batches: dict of int32 [batch_size, S] / [batch_size, P], float32 weights.
 
     Training: files sharded over workers, shuffled, repeated, interleaved, records shuffled with a
@@ -144,8 +146,9 @@ def make_dataset(files, batch_size, seq_len, max_pred, is_training, seed,
             d = d.shard(num_workers, worker_index)
     # Each record's index in this worker's stream: kinds that draw masks in tf.data key them by it.
     d = d.enumerate().batch(batch_size, drop_remainder=is_training)
-    parse_records = pretraining_records.make_parser(pretraining_records.read_info(files), seq_len,
-                                                    max_pred)
+    parse_records = pretraining_records.make_parser(
+        pretraining_records.read_info(files), seq_len, max_pred, seed=seed,
+        masked_lm_prob=masked_lm_prob, training=is_training)
 
     def parse(position, serialized):
         batch = parse_records(position, serialized)
@@ -478,7 +481,7 @@ def run(opts):
     if opts.do_train:
         dataset = make_dataset(train_files, opts.train_batch_size // num_workers, opts.max_seq_length,
                                opts.max_predictions_per_seq, True, opts.seed, num_workers,
-                               worker_index, opts.shuffle_buffer_size)
+                               worker_index, opts.shuffle_buffer_size, opts.masked_lm_prob)
         iterator = iter(dataset)
         trackables["train_input"] = iterator
     checkpoint = modeling.make_checkpoint(model, **trackables)
@@ -561,7 +564,8 @@ def _evaluate(opts, trainer, files, num_workers, worker_index):
     """Masked-LM loss/accuracy/perplexity over at most --max_eval_steps batches; prints JSON."""
     sums = np.zeros(3)
     dataset = make_dataset(files, opts.eval_batch_size // num_workers, opts.max_seq_length,
-                           opts.max_predictions_per_seq, False, opts.seed, num_workers, worker_index)
+                           opts.max_predictions_per_seq, False, opts.seed, num_workers, worker_index,
+                           masked_lm_prob=opts.masked_lm_prob)
     for batch in dataset.take(opts.max_eval_steps):
         sums += trainer.eval_step(batch).numpy()
     loss = sums[0] / (sums[2] + _EPSILON)

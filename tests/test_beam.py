@@ -88,6 +88,16 @@ def test_one_file_gives_byte_identical_shards_with_other_flags(tmp_path):
         assert open(a, "rb").read() == open(b, "rb").read()
 
 
+def test_unmasked_records_for_dynamic_masking_are_the_local_ones(tmp_path):
+    local, on_beam, _ = _run_both(tmp_path, _corpus_files(tmp_path), dynamic_masking=True, num_output_shards=2)
+    assert sorted(r for p in on_beam for r in _records(p)) == sorted(r for p in local for r in _records(p))
+    for a, b in zip(local, on_beam):
+        meta_local, meta_beam = _sidecar(a), _sidecar(b)
+        assert meta_beam["kind"] == records.UNMASKED
+        meta_local.pop("num_instances"), meta_beam.pop("num_instances")
+        assert meta_beam == meta_local
+
+
 @pytest.mark.slow
 def test_two_worker_processes_give_the_same_records(tmp_path):
     # DirectRunner's multi_processing mode: every stage runs in two spawned SDK worker processes.
