@@ -10,9 +10,10 @@
 With DirectRunner, `--num_workers=N` means N worker processes on this machine.
 
 Stages (the work on documents is the local generator's own code, `create_pretraining_data.process_chunk`):
-  1. ReadChunks, one element per input file: stream the file's documents and cut them into the
-     local generator's chunks (<= DOCS_PER_CHUNK documents or CHARS_PER_CHUNK characters); also
-     output the file's document and chunk counts. Chunks never cross files here (locally they may).
+  1. ReadChunks, one element per input file (a gs://... file is first copied to the worker's disk):
+     stream the file's documents and cut them into the local generator's chunks (<= DOCS_PER_CHUNK
+     documents or CHARS_PER_CHUNK characters); also output the file's document and chunk counts.
+     Chunks never cross files here (locally they may). Reading is parallel over files only.
   2. Offsets: the counts give every file's first global document and chunk number, so each
      document gets the global index - hence the RNG seeds - it has in a local run.
   3. Reshuffle + MakeRecords: `process_chunk` per chunk (segment, tokenize, pack, mask `dupe_factor`
@@ -86,17 +87,33 @@ class ReadChunks(beam.DoFn):
 
     def process(self, item):
         file_index, path = item
-        reader = cpd.InputReader([path], self.input_format)
-        n_chunks, done = 0, 0
-        for chunk, first_doc, docs in reader.chunks():
-            n_chunks += 1
-            self.text_bytes.inc(reader.text_bytes - done)
-            done = reader.text_bytes
-            yield file_index, chunk, first_doc, docs
+        with _local_copy(path) as local:
+            reader = cpd.InputReader([local], self.input_format)
+            n_chunks, done = 0, 0
+            for chunk, first_doc, docs in reader.chunks():
+                n_chunks += 1
+                self.text_bytes.inc(reader.text_bytes - done)
+                done = reader.text_bytes
+                yield file_index, chunk, first_doc, docs
         self.text_bytes.inc(reader.text_bytes - done)
+        first_replacement = reader.first_replacement and reader.first_replacement.replace(local, path, 1)
         yield beam.pvalue.TaggedOutput("files", (file_index, {
             "documents": reader.docs_per_file[0], "chunks": n_chunks, "text_bytes": reader.text_bytes,
-            "replaced_chars": reader.replaced_chars, "first_replacement": reader.first_replacement}))
+            "replaced_chars": reader.replaced_chars, "first_replacement": first_replacement}))
+
+
+@contextlib.contextmanager
+def _local_copy(path):
+    """A local file with `path`'s bytes: `path` itself, or for gs://... a temporary copy (same
+    suffix, so .xz/.gz/.bz2 are still recognized) that the reader streams as it does locally."""
+    if not records.is_remote(path):
+        yield path
+        return
+    with tempfile.NamedTemporaryFile(suffix="-" + path.rsplit("/", 1)[-1]) as local:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as remote:
+            shutil.copyfileobj(remote, local, 1 << 22)
+        local.flush()
+        yield local.name
 
 
 def file_offsets(file_counts):
