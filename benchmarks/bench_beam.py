@@ -6,7 +6,8 @@ Corpus: the first --mb MB of the shared Chinese Wikipedia shards (../shared/data
 documents), written as --files plain text files. Runs the script twice, `--num_workers=N` locally and
 `--runner=DirectRunner --num_workers=N` (Beam's multi_processing mode, N SDK worker processes), and
 prints for each: input MB/s by wall clock, MB per CPU second of the whole process tree (the per-core
-rate a cluster estimate starts from), peak RSS of the tree (sum) and of its largest process; then
+rate a cluster estimate starts from; sampled every 0.1 s, so the last 0.1 s of each process is
+missed), peak RSS of the tree (sum) and of its largest process; then
 checks that both wrote the same set of serialized records (sha1 of each, sorted).
 
 Needs apache-beam (pip install '.[beam]'). Wall-clock figures depend on the machine's load; compare
@@ -19,7 +20,6 @@ import hashlib
 import lzma
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -64,8 +64,8 @@ def record_digests(paths):
     return sorted(out)
 
 
-def tree_rss_kb(root):
-    """(sum of RSS over the process tree, largest single RSS) in KB, from /proc. Children of every
+def tree_sample(root):
+    """{pid: (RSS KB, CPU seconds so far)} over the process tree, from /proc. Children of every
     thread count: Beam starts its worker processes from a runner thread, not the main one."""
     pids, stack = [], [root]
     while stack:
@@ -77,30 +77,34 @@ def tree_rss_kb(root):
                     stack += [int(c) for c in f.read().split()]
             except OSError:
                 pass
-    sizes = []
+    out = {}
     for pid in pids:
         try:
             with open(f"/proc/{pid}/status") as f:
                 m = re.search(r"VmRSS:\s+(\d+)", f.read())
-                sizes.append(int(m.group(1)) if m else 0)
-        except OSError:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+            out[pid] = (int(m.group(1)) if m else 0, cpu)
+        except (OSError, IndexError, ValueError):
             pass
-    return sum(sizes), max(sizes, default=0)
+    return out
 
 
 def run(name, cmd, mb):
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak_sum = peak_one = 0
+    cpu = {}  # pid -> last CPU seconds seen: counts processes whether or not anyone waits for them
     while proc.poll() is None:
-        total, largest = tree_rss_kb(proc.pid)
-        peak_sum, peak_one = max(peak_sum, total), max(peak_one, largest)
+        sample = tree_sample(proc.pid)
+        sizes = [rss for rss, _ in sample.values()]
+        peak_sum, peak_one = max(peak_sum, sum(sizes)), max(peak_one, max(sizes, default=0))
+        cpu.update({pid: c for pid, (_, c) in sample.items()})
         time.sleep(0.1)
     output = proc.stdout.read()
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    cpu_s = sum(cpu.values())
     m = re.search(r"wrote (\d+) instances", output)
     if proc.returncode or not m:
         sys.exit(f"bench_beam: {name} failed: {' '.join(cmd)}\n{output[-3000:]}")
