@@ -1,6 +1,6 @@
 """Benchmark: create_pretraining_data.py on Beam's DirectRunner vs the local generator, same flags.
 
-    python benchmarks/bench_beam.py [--mb 20] [--files 4] [--workers 2] [--dupe_factor 5]
+    python benchmarks/bench_beam.py [--mb 20] [--files 4] [--workers 2] [--dupe_factor 5] [--segmenter rjieba]
 
 Corpus: the first --mb MB of the shared Chinese Wikipedia shards (../shared/data/corpus/zhwiki, whole
 documents), written as --files plain text files. Runs the script twice, `--num_workers=N` locally and
@@ -120,6 +120,7 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--dupe_factor", type=int, default=5)
     parser.add_argument("--num_output_shards", type=int, default=4)
+    parser.add_argument("--segmenter", default="jieba", choices=["jieba", "rjieba"])
     parser.add_argument("--vocab_file", default=os.path.join(REPO, "..", "shared", "data", "vocab", "vocab.txt"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
@@ -128,15 +129,18 @@ def main():
         common = [f"--input_file={','.join(inputs)}", f"--vocab_file={args.vocab_file}",
                   "--max_seq_length=128", "--max_predictions_per_seq=20", f"--dupe_factor={args.dupe_factor}",
                   f"--num_output_shards={args.num_output_shards}", f"--num_workers={args.workers}",
+                  f"--segmenter={args.segmenter}",
                   "--progress_every_secs=1000"]
         script = os.path.join(REPO, "create_pretraining_data.py")
         print(f"bench_beam: {mb:.1f} MB of zhwiki text in {args.files} files, seq 128, dupe {args.dupe_factor}, "
-              f"{args.num_output_shards} shards, {args.workers} workers, jieba")
+              f"{args.num_output_shards} shards, {args.workers} workers, {args.segmenter}")
         outputs = {}
         for name, extra in (("local --num_workers", []), ("beam DirectRunner", ["--runner=DirectRunner"])):
             out = os.path.join(work, name.split()[0], "out.tfrecord")
             run(f"{name}={args.workers}", [sys.executable, script, f"--output_file={out}"] + common + extra, mb)
             outputs[name] = sorted(glob.glob(out + "-*-of-*[0-9]"))
+        out_mb = sum(map(os.path.getsize, outputs["local --num_workers"])) / 1e6
+        print(f"  records written: {out_mb:.1f} MB ({out_mb / mb:.1f} MB per MB of text)")
         same = record_digests(outputs["local --num_workers"]) == record_digests(outputs["beam DirectRunner"])
         print(f"  same set of serialized records: {same}")
 
