@@ -854,6 +854,8 @@ def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}")
     o = Options(**{name: flags.FLAGS[name].value for name in Options.__dataclass_fields__})
+    if _BEAM_ARGS and not flags.FLAGS.runner:
+        raise UsageError(f"{_BEAM_ARGS[0]}: --beam_<option> settings need --runner=<Beam runner>")
     if flags.FLAGS.runner:  # the local path never imports Beam
         import beam_pretraining_data
         beam_pretraining_data.run(o, flags.FLAGS.runner, _BEAM_ARGS)
