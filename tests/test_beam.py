@@ -82,7 +82,8 @@ def test_same_records_as_local_generator_across_files_and_chunks(tmp_path, monke
 
 def test_one_file_gives_byte_identical_shards_with_other_flags(tmp_path):
     kw = dict(max_seq_length=64, max_predictions_per_seq=10, masked_lm_prob=0.15, short_seq_prob=0.3,
-              random_seed=7, dupe_factor=3, do_whole_word_mask=False, num_output_shards=2)
+              random_seed=7, dupe_factor=3, do_whole_word_mask=False, num_output_shards=2,
+              input_format="doc_per_line")
     local, on_beam, _ = _run_both(tmp_path, _corpus_files(tmp_path, n_files=1), **kw)
     for a, b in zip(local, on_beam):
         assert open(a, "rb").read() == open(b, "rb").read()
