@@ -362,6 +362,9 @@ def run(o, runner, beam_args=(), log=print):
     cpd.validate_options(o)
     options = pipeline_options(runner, beam_args, o.num_workers)
     paths, shipped, vocab, settings = _launch_inputs(o)
+    # Constructing the reader runs the local path's early input checks (e.g. the encoding of each
+    # file's head) here, before any output is touched; workers repeat them on what they read.
+    cpd.InputReader([p for p in paths if not records.is_remote(p)], o.input_format)
     if not _is_direct(runner) and not any(map(records.is_remote, paths)):
         log(f"create_pretraining_data: warning: --runner={runner} reads --input_file on its workers; "
             f"local paths work only where every worker sees the same file system (use gs://... on Dataflow)")

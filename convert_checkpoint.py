@@ -36,32 +36,12 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
+import model_folder
 import modeling
 import train_utils
 
-# The HF task class each of our task names maps to (config.json "architectures").
-TASK_ARCHITECTURES = {
-    "mlm": "BertForMaskedLM",
-    "classifier": "BertForSequenceClassification",
-    "ner": "BertForTokenClassification",
-    "qa": "BertForQuestionAnswering",
-}
-# HF architectures we import, and the task whose model receives them. BertModel / BertForPreTraining
-# folders (e.g. UER or the original bert-base-chinese) carry the encoder, and maybe the MLM head.
-ARCHITECTURE_TASKS = {
-    "BertForMaskedLM": "mlm",
-    "BertForPreTraining": "mlm",
-    "BertLMHeadModel": "mlm",
-    "BertModel": "mlm",
-    "BertForSequenceClassification": "classifier",
-    "BertForTokenClassification": "ner",
-    "BertForQuestionAnswering": "qa",
-}
-# HF hidden_act -> ours (the inverse of modeling.HF_HIDDEN_ACT). Our "gelu" is Google's tanh
-# approximation, which HF calls "gelu_new"; HF's "gelu" is the exact erf form, ours "gelu_exact".
-HIDDEN_ACT_FROM_HF = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact",
-                      "relu": "relu"}
-LAYER_NORM_EPS = 1e-12
+TASK_ARCHITECTURES = model_folder.TASK_ARCHITECTURES
+ARCHITECTURE_TASKS = model_folder.ARCHITECTURE_TASKS
 
 # ----------------------------------------------------------------------------------------------
 # Output folders: write to a temp dir, rename at the end.
@@ -210,43 +190,8 @@ class TorchBinFile:
 
 
 # ----------------------------------------------------------------------------------------------
-# HuggingFace config.json -> bert_config.json
+# Vocab and labels
 # ----------------------------------------------------------------------------------------------
-
-
-def bert_config_dict_from_hf(hf, path):
-    """Google bert_config.json fields from a transformers config.json dict; ValueError naming `path`."""
-    model_type = hf.get("model_type")
-    architectures = hf.get("architectures") or []
-    if model_type is None and not any(a.startswith("Bert") for a in architectures):
-        raise ValueError(f"{path}: no model_type and architectures {architectures} are not BERT")
-    if model_type not in (None, "bert"):
-        raise ValueError(f"{path}: model_type {model_type!r} is not BERT; only model_type 'bert' "
-                         f"(Google/UER/HF Chinese BERT and RoBERTa-wwm folders) can be imported")
-    for arch in architectures:
-        if arch not in ARCHITECTURE_TASKS:
-            raise ValueError(f"{path}: architecture {arch!r} is not supported; expected one of "
-                             f"{sorted(ARCHITECTURE_TASKS)}")
-    act = hf.get("hidden_act", "gelu")
-    if act not in HIDDEN_ACT_FROM_HF:
-        raise ValueError(f"{path}: hidden_act {act!r} is not supported; expected one of "
-                         f"{sorted(HIDDEN_ACT_FROM_HF)}")
-    if abs(hf.get("layer_norm_eps", LAYER_NORM_EPS) - LAYER_NORM_EPS) > 1e-15:
-        raise ValueError(f"{path}: layer_norm_eps {hf['layer_norm_eps']} differs from BERT's 1e-12, "
-                         f"which our model uses")
-    if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
-        raise ValueError(f"{path}: only encoder BERTs with absolute position embeddings are supported")
-    fields = {"vocab_size": None, "hidden_size": None, "num_hidden_layers": None,
-              "num_attention_heads": None, "intermediate_size": None,
-              "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-              "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.02}
-    out = {}
-    for name, default in fields.items():
-        if name not in hf and default is None:
-            raise ValueError(f"{path}: field {name!r} is missing")
-        out[name] = hf.get(name, default)
-    out["hidden_act"] = HIDDEN_ACT_FROM_HF[act]
-    return out
 
 
 def count_vocab_lines(vocab_file):
@@ -314,7 +259,12 @@ class HFFolder:
             raise ValueError(f"{self.config_path}: missing (a HuggingFace folder needs config.json)") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.config_path}: not valid JSON ({e})") from None
-        self.bert_config = bert_config_dict_from_hf(self.hf_config, self.config_path)
+        self.config = modeling.BertConfig.from_dict(self.hf_config, source=self.config_path)
+        for arch in self.hf_config.get("architectures") or []:
+            if arch not in ARCHITECTURE_TASKS:
+                raise ValueError(f"{self.config_path}: architecture {arch!r} is not supported; "
+                                 f"expected one of {sorted(ARCHITECTURE_TASKS)}")
+        self.bert_config = self.config.to_dict()
         architectures = self.hf_config.get("architectures") or ["BertModel"]
         self.task = ARCHITECTURE_TASKS[architectures[0]]
         self.labels = None

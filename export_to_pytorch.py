@@ -90,7 +90,7 @@ def hf_config_dict(config, task, labels=None, pad_token_id=0):
         "max_position_embeddings": config.max_position_embeddings,
         "type_vocab_size": config.type_vocab_size,
         "initializer_range": config.initializer_range,
-        "layer_norm_eps": convert_checkpoint.LAYER_NORM_EPS,
+        "layer_norm_eps": modeling.LAYER_NORM_EPS,
         "position_embedding_type": "absolute",
         "pad_token_id": pad_token_id,
         "tie_word_embeddings": True,

@@ -27,6 +27,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+import model_folder
+import train_utils
+
 # ------------------------------------------------------------------------------------------------
 # 1. Configuration
 # ------------------------------------------------------------------------------------------------
@@ -56,6 +59,10 @@ _ACTIVATIONS = {
 }
 # Our hidden_act -> the HuggingFace `hidden_act` that computes the same function (for exporters).
 HF_HIDDEN_ACT = {"gelu": "gelu_new", "gelu_new": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
+# HF hidden_act -> ours (the inverse of HF_HIDDEN_ACT, for importers).
+HIDDEN_ACT_FROM_HF = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact",
+                      "relu": "relu"}
+LAYER_NORM_EPS = 1e-12
 
 
 class BertConfig:
@@ -98,8 +105,11 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d, source="<dict>"):
+        """Google's fields; a transformers config.json (it names a model_type) is translated."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if "model_type" in d or "architectures" in d:
+            d = _bert_fields_from_hf(d, source)
         return cls(_source=source, **d)
 
     @classmethod
@@ -131,6 +141,37 @@ class BertConfig:
 
     def __repr__(self):
         return f"BertConfig({self.to_dict()})"
+
+
+def _bert_fields_from_hf(hf, path):
+    """Google bert_config.json fields from a transformers config.json dict; ValueError naming `path`.
+
+    HF's "gelu" is the exact erf GELU (our "gelu_exact"); HF's "gelu_new" is Google's tanh "gelu".
+    """
+    model_type, architectures = hf.get("model_type"), hf.get("architectures") or []
+    if model_type is None and not any(a.startswith("Bert") for a in architectures):
+        raise ValueError(f"{path}: no model_type and architectures {architectures} are not BERT")
+    if model_type not in (None, "bert"):
+        raise ValueError(f"{path}: model_type {model_type!r} is not BERT; only model_type 'bert' "
+                         f"(Google/UER/HF Chinese BERT and RoBERTa-wwm folders) can be imported")
+    act = hf.get("hidden_act", "gelu")
+    if act not in HIDDEN_ACT_FROM_HF:
+        raise ValueError(f"{path}: hidden_act {act!r} is not supported; expected one of "
+                         f"{sorted(HIDDEN_ACT_FROM_HF)}")
+    if abs(hf.get("layer_norm_eps", LAYER_NORM_EPS) - LAYER_NORM_EPS) > 1e-15:
+        raise ValueError(f"{path}: layer_norm_eps {hf['layer_norm_eps']} differs from BERT's 1e-12, "
+                         f"which our model uses")
+    if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
+        raise ValueError(f"{path}: only encoder BERTs with absolute position embeddings are supported")
+    out = {}
+    for name, (_, default) in _CONFIG_FIELDS.items():
+        if name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            default = None  # transformers' defaults are not a Chinese model's: the file must say
+        if name not in hf and default is None:
+            raise ValueError(f"{path}: field {name!r} is missing")
+        out[name] = hf.get(name, default)
+    out["hidden_act"] = HIDDEN_ACT_FROM_HF[act]
+    return out
 
 
 def _check_type(value, kind, field, source):
@@ -545,18 +586,12 @@ def make_checkpoint(model, **extra_trackables):
 
 
 def _resolve_checkpoint(path):
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
-        if latest:
-            return latest
-        if os.path.exists(os.path.join(path, "bert_model.ckpt.index")):
-            return os.path.join(path, "bert_model.ckpt")
-        raise ValueError(f"--init_checkpoint={path}: directory holds no ckpt-N and no bert_model.ckpt")
-    if os.path.exists(path + ".index"):
-        return path
-    raise ValueError(f"--init_checkpoint={path}: no checkpoint there (expected a directory, "
-                     "a TF2 prefix like out/ckpt-1000, or a TF1 prefix like .../bert_model.ckpt)")
+    """The checkpoint prefix of a model folder or prefix (model_folder's rules); ValueError if none."""
+    kind, prefix, _ = model_folder.find_checkpoint(os.fspath(path), flag="--init_checkpoint")
+    if kind == "hf":
+        raise train_utils.UsageError(f"--init_checkpoint={path}: a HuggingFace folder; import it first "
+                                     f"with convert_checkpoint.py --mode=hf_to_tf2")
+    return prefix
 
 
 def load_pretrained(model, path):

@@ -173,6 +173,38 @@ def test_masked_positions_line_up_with_their_labels(data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# The trainer owns the gradients: accumulation, one all-reduce, scaling, clipping
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer,jit", [("adamw", "true"), ("lamb", "false")])
+def test_accumulated_micro_batches_equal_one_large_batch(data, tmp_path, optimizer, jit):
+    common = ["--do_train", "--num_train_steps=3", "--iterations_per_loop=3",
+              "--save_checkpoints_steps=3", f"--optimizer={optimizer}", f"--jit_compile={jit}"]
+    _run(data, tmp_path / "large", *common)
+    _run(data, tmp_path / "micro", *common, "--gradient_accumulation_steps=4")  # 4 x 4 sequences
+    large, micro = _weights(str(tmp_path / "large" / "ckpt-3")), _weights(str(tmp_path / "micro" / "ckpt-3"))
+    initial = _weights_of_fresh_model(data, str(tmp_path / "initial"))
+    assert large.keys() == micro.keys() == initial.keys() and len(large) > 10
+    for name in large:
+        np.testing.assert_allclose(micro[name], large[name], atol=3e-6, err_msg=name)
+        assert np.abs(large[name] - initial[name]).max() > 0, f"{name} did not move"
+    # Same schedule position, same losses: the schedule counts updates, not micro-batches.
+    a, b = _scalars(str(tmp_path / "large")), _scalars(str(tmp_path / "micro"))
+    np.testing.assert_allclose([v for _, v in b["loss"]], [v for _, v in a["loss"]], rtol=1e-5)
+    np.testing.assert_allclose([v for _, v in b["grad_norm"]], [v for _, v in a["grad_norm"]],
+                               rtol=1e-4)
+
+
+def _weights_of_fresh_model(data, prefix):
+    import modeling
+    import train_utils
+    train_utils.set_seed(12345)  # run_pretraining's default --seed
+    model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig.from_json_file(
+        data["config"])))
+    return _weights(modeling.make_checkpoint(model).write(prefix))
+
+
+# ------------------------------------------------------------------------------------------------
 # One device vs MirroredStrategy over two logical CPUs
 # ------------------------------------------------------------------------------------------------
 
@@ -232,20 +264,40 @@ def test_mirrored_two_cpus_with_accumulation_matches_one_device(data, tmp_path):
 # Kill and resume
 # ------------------------------------------------------------------------------------------------
 
-def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
+# The script's own command line, under MirroredStrategy over two logical CPUs (configured before
+# TensorFlow starts, hence this wrapper).
+_TWO_CPU_MAIN = textwrap.dedent("""
+    import runpy, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def _two_cpu_command(argv):
+    return [sys.executable, "-c", _TWO_CPU_MAIN, str(REPO_ROOT / "run_pretraining.py"), *argv]
+
+
+@pytest.mark.slow
+def test_sigkilled_mirrored_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
+    """Per-replica input under MirroredStrategy (2 logical CPUs): the stream is positioned by the
+    global step, so a run killed between checkpoints reads exactly what an uninterrupted one reads."""
     import tensorflow as tf
     # No XLA here: resuming does not depend on it, and compiling three times costs test time.
     common = ["--do_train", "--num_train_steps=10", "--iterations_per_loop=1",
-              "--save_checkpoints_steps=2", "--jit_compile=false"]
+              "--save_checkpoints_steps=2", "--jit_compile=false", "--strategy=mirrored",
+              "--shuffle_buffer_size=50"]
     config = data["config_dropout"]  # dropout on: the seed states must resume too
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     killed = str(tmp_path / "killed")
-    argv = [sys.executable, str(REPO_ROOT / "run_pretraining.py")] + _argv(data, killed, *common,
-                                                                            config=config)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    deadline = time.time() + 240
+    proc = subprocess.Popen(_two_cpu_command(_argv(data, killed, *common, config=config)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
     while not os.path.exists(os.path.join(killed, "ckpt-4.index")) and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint within 240 s"
+        assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -253,9 +305,11 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data,
     resumed_from = int(tf.train.latest_checkpoint(killed).rsplit("-", 1)[1])
     assert 4 <= resumed_from < 10
 
-    _run(data, killed, *common, config=config)  # the same command again: resumes
-    uninterrupted = str(tmp_path / "uninterrupted")
-    _run(data, uninterrupted, *common, config=config)
+    for out in (killed, str(tmp_path / "uninterrupted")):  # the same command again: resumes
+        done = subprocess.run(_two_cpu_command(_argv(data, out, *common, config=config)),
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "2 replica(s)" in done.stderr
 
     # The rerun went on from the checkpoint (its first step is the one after it) ...
     events = sorted(glob.glob(os.path.join(killed, "train", "events.*")), key=os.path.getmtime)
@@ -263,11 +317,38 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data,
     assert rerun_steps[0] == resumed_from + 1 and rerun_steps[-1] == 10
     # ... and read exactly the batches (and dropout masks) the uninterrupted run read: a repeated
     # or skipped batch would move the weights far more than this.
-    resumed, reference = _weights(os.path.join(killed, "ckpt-10")), _weights(
-        os.path.join(uninterrupted, "ckpt-10"))
+    resumed = _weights(os.path.join(killed, "ckpt-10"))
+    reference = _weights(str(tmp_path / "uninterrupted" / "ckpt-10"))
     assert resumed.keys() == reference.keys()
     for name in reference:
         np.testing.assert_allclose(resumed[name], reference[name], atol=1e-6, err_msg=name)
+
+
+def test_input_stream_resumed_at_a_step_equals_the_stream_read_through(data):
+    """The pipeline positioned at step s yields exactly the batches s, s+1, ... of a pipeline read
+    from step 0, across an epoch boundary, with every record once per epoch."""
+    import tensorflow as tf
+
+    import pretraining_records
+    import run_pretraining
+    files, counts = [data["train"], data["eval"]], [len(data["instances"]) - 32, 32]
+    parse = pretraining_records.make_parser(pretraining_records.read_info(files), SEQ, PRED)
+    per_epoch, batch = sum(counts), 48
+    strategy = tf.distribute.get_strategy()
+
+    def batches(start_step, n):
+        fn = run_pretraining.train_dataset_fn(files, counts, batch, 7, 64, start_step, parse)
+        it = iter(strategy.distribute_datasets_from_function(fn))
+        return [next(it)["input_ids"].numpy() for _ in range(n)]
+
+    steps = per_epoch // batch + 3                       # past the end of the first epoch
+    through = batches(0, steps)
+    resumed = batches(steps - 5, 5)
+    for a, b in zip(through[-5:], resumed):
+        np.testing.assert_array_equal(a, b)
+    first_epoch = np.concatenate(through)[:per_epoch]             # every record exactly once
+    assert sorted(row.tobytes() for row in first_epoch) == sorted(
+        np.asarray(i["input_ids"], np.int32).tobytes() for i in data["instances"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +433,9 @@ def test_command_line_error_is_one_line_without_traceback(data, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "run_pretraining.py")] + argv,
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        l for l in proc.stderr.strip().splitlines() if l.startswith("run_pretraining.py: error:")]
     assert "run_pretraining.py: error:" in proc.stderr
     assert "field 'hidden_size' is missing" in proc.stderr
     assert "Traceback" not in proc.stderr
