@@ -11,6 +11,9 @@ import pytest
 
 pytest.importorskip("apache_beam", reason="apache-beam is not installed (pip install '.[beam]')")
 
+from apache_beam.io.filesystem import FileMetadata  # noqa: E402
+from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
+
 import beam_pretraining_data  # noqa: E402
 import create_pretraining_data as cpd  # noqa: E402
 import pretraining_records as records  # noqa: E402
@@ -128,6 +131,63 @@ def test_blank_input_file_fails_like_the_local_path_and_leaves_nothing(tmp_path)
     with pytest.raises(ValueError, match="blank.txt contains no text"):
         beam_pretraining_data.run(o, "DirectRunner", log=lambda _: None)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(("out", ".out"))]
+
+
+class _FakeRemoteFileSystem(LocalFileSystem):
+    """`fakegcs://x` is the local folder _FakeRemoteFileSystem.root + /x: a stand-in for gs:// that
+    drives the pipeline's remote-path code (listing, copying inputs, writing and renaming outputs)."""
+
+    root = None
+
+    @classmethod
+    def scheme(cls):
+        return "fakegcs"
+
+    def _local(self, path):  # idempotent: LocalFileSystem's methods call each other
+        return os.path.join(self.root, path[len("fakegcs://"):]) if path.startswith("fakegcs://") else path
+
+    def _list(self, dir_or_prefix):
+        for m in super()._list(self._local(dir_or_prefix)):
+            yield FileMetadata("fakegcs://" + os.path.relpath(m.path, self.root), m.size_in_bytes)
+
+    def create(self, path, *args, **kw):
+        os.makedirs(os.path.dirname(self._local(path)), exist_ok=True)
+        return super().create(self._local(path), *args, **kw)
+
+    def open(self, path, *args, **kw):
+        return super().open(self._local(path), *args, **kw)
+
+    def rename(self, sources, destinations):
+        super().rename([self._local(p) for p in sources], [self._local(p) for p in destinations])
+
+    def exists(self, path):
+        return super().exists(self._local(path))
+
+    def delete(self, paths):
+        super().delete([self._local(p) for p in paths])
+
+
+def test_remote_paths_give_the_same_records(tmp_path, monkeypatch):
+    # Inputs, vocab and outputs all behind a non-local Beam file system, as gs:// on Dataflow.
+    monkeypatch.setattr(_FakeRemoteFileSystem, "root", str(tmp_path / "bucket"))
+    # TensorFlow's gfile (used to read remote sidecars) knows gs:// but not this test's scheme.
+    monkeypatch.setattr(records, "sidecar_matches", lambda *a, **k: False)
+    (tmp_path / "bucket" / "corpus").mkdir(parents=True)
+    for p in _corpus_files(tmp_path).split(","):
+        (tmp_path / "bucket" / "corpus" / os.path.basename(p)).write_bytes(open(p, "rb").read())
+    (tmp_path / "bucket" / "vocab.txt").write_bytes((RESOURCES / "vocab.txt").read_bytes())
+    remote = cpd.Options(input_file="fakegcs://corpus/*.txt", output_file="fakegcs://out/train.tfrecord",
+                         vocab_file="fakegcs://vocab.txt", dupe_factor=2, num_output_shards=2)
+    beam_pretraining_data.run(remote, "DirectRunner", log=lambda _: None)
+    local = _options(tmp_path, "local.tfrecord", _corpus_files(tmp_path), num_output_shards=2)
+    cpd.generate(local, log=lambda _: None)
+    out = sorted(glob.glob(str(tmp_path / "bucket" / "out" / "*")))
+    assert [os.path.basename(p) for p in out] == [
+        "train.tfrecord-00000-of-00002", "train.tfrecord-00000-of-00002.meta.json",
+        "train.tfrecord-00001-of-00002", "train.tfrecord-00001-of-00002.meta.json"]  # no temp file left
+    assert sorted(r for p in out[::2] for r in _records(p)) == sorted(
+        r for p in records.shard_paths(local.output_file, 2) for r in _records(p))
+    assert _sidecar(out[0])["input_files"][0]["path"] == "fakegcs://corpus/economy_sports.txt"
 
 
 def test_beam_options_are_passed_through_without_prefix():
