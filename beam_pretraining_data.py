@@ -9,15 +9,16 @@
 `--beam_<option>=value` reaches Beam as `--<option>=value` (`--beam_project=...`, `--beam_region=...`).
 With DirectRunner, `--num_workers=N` means N worker processes on this machine.
 
-Stages (the work on documents is the local generator's own code, `create_pretraining_data.process_chunk`):
+Stages (the work on documents is the local generator's own: `create_pretraining_data.document_records`,
+`shuffle_and_shard`, `pretraining_records.frame`, the steps of its worker's `process_chunk`):
   1. ReadChunks, one element per input file (a gs://... file is first copied to the worker's disk):
      stream the file's documents and cut them into the local generator's chunks (<= DOCS_PER_CHUNK
      documents or CHARS_PER_CHUNK characters); also output the file's document and chunk counts.
      Chunks never cross files here (locally they may). Reading is parallel over files only.
   2. Offsets: the counts give every file's first global document and chunk number, so each
      document gets the global index - hence the RNG seeds - it has in a local run.
-  3. Reshuffle + MakeRecords: `process_chunk` per chunk (segment, tokenize, pack, mask `dupe_factor`
-     times, encode, frame) -> (shard, (chunk number, TFRecord bytes, zlib-compressed)).
+  3. Reshuffle + MakeRecords, per chunk: segment, tokenize, pack, mask `dupe_factor` times (or write
+     the unmasked kind), encode, shuffle, frame -> (shard, (chunk number, zlib'd TFRecord bytes)).
   4. GroupByKey(shard) + WriteShard: a shard's pieces are spilled to local disk and written in chunk
      order to a temporary file, so a worker's memory holds one chunk and an index, never a shard.
   5. Finalize, once: the local path's checks (empty files, no instances), temporary files renamed
@@ -239,16 +240,18 @@ def finalize(_, written, stats, file_counts, options, vocab, settings, paths, ou
         raise
     replaced = sum(c["replaced_chars"] for c in counts.values())
     per_shard = stats["per_shard"] + [0] * (len(outputs) - len(stats["per_shard"]))
-    for path, meta in zip(outputs, cpd.sidecars(options, vocab, settings, per_shard, stats, replaced,
-                                                        stats["split_count"])):
+    metas = cpd.sidecars(options, vocab, settings, per_shard, stats, replaced, stats["split_count"])
+    for path, meta in zip(outputs, metas):
         with FileSystems.create(records.sidecar_path(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
             text = io.TextIOWrapper(f, encoding="utf-8")
             records._dump_json(meta, text)
             text.flush()
             text.detach()
     text_bytes = sum(c["text_bytes"] for c in counts.values())
+    first_bad = [counts[i]["first_replacement"] for i in sorted(counts) if counts[i]["first_replacement"]]
     return dict({k: stats[k] for k in _STAT_KEYS}, input_mb=round(text_bytes / 1e6, 3),
-                replaced_chars=replaced, split_lines=stats["split_count"],
+                replaced_chars=replaced, first_replacement=(first_bad or [None])[0],
+                split_lines=stats["split_count"],
                 split_examples=[line for _, _, line in stats["split_lines"]])
 
 
@@ -269,8 +272,8 @@ def build(pipeline, o, paths, shipped, vocab, settings, outputs, tmp_names):
     return (pipeline
             | "Once" >> beam.Create([None])
             | "Finalize" >> beam.Map(finalize, beam.pvalue.AsList(written), beam.pvalue.AsSingleton(stats),
-                                     beam.pvalue.AsList(read.files), options=o, vocab=vocab, settings=settings, paths=paths,
-                                     outputs=outputs, tmp_names=tmp_names))
+                                     beam.pvalue.AsList(read.files), options=o, vocab=vocab,
+                                     settings=settings, paths=paths, outputs=outputs, tmp_names=tmp_names))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -401,11 +404,13 @@ def run(o, runner, beam_args=(), log=print):
         log(f"create_pretraining_data: warning: long line split into several instances: {line}")
     summary.update(outputs=outputs, seconds=round(elapsed, 2), skipped=False, runner=runner,
                    counters=_counters(result))
+    bad = (f"; replaced {summary['replaced_chars']} invalid UTF-8 characters with U+FFFD "
+           f"(first at {summary['first_replacement']})" if summary["replaced_chars"] else "")
     log(f"create_pretraining_data: wrote {summary['instances']} instances from {summary['documents']} "
         f"documents ({summary['tokens']} tokens, {summary['predictions']} predictions, "
         f"{summary['empty_documents']} empty documents, {summary['split_lines']} long lines split) to "
         f"{', '.join(outputs)} on {runner} in {elapsed:.1f}s "
-        f"({summary['input_mb'] / max(elapsed, 1e-9):.2f} MB of text/s)")
+        f"({summary['input_mb'] / max(elapsed, 1e-9):.2f} MB of text/s){bad}")
     return summary
 
 

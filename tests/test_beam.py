@@ -58,7 +58,8 @@ def _run_both(tmp_path, input_file, beam_args=(), **kw):
     on_beam = _options(tmp_path, "beam.tfrecord", input_file, **kw)
     cpd.generate(local, log=lambda _: None)
     summary = beam_pretraining_data.run(on_beam, "DirectRunner", beam_args, log=lambda _: None)
-    return records.shard_paths(local.output_file, local.num_output_shards), records.shard_paths(on_beam.output_file, on_beam.num_output_shards), summary
+    paths = [records.shard_paths(o.output_file, o.num_output_shards) for o in (local, on_beam)]
+    return paths[0], paths[1], summary
 
 
 def test_same_records_as_local_generator_across_files_and_chunks(tmp_path, monkeypatch):
