@@ -17,6 +17,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
 import beam_pretraining_data  # noqa: E402
 import create_pretraining_data as cpd  # noqa: E402
 import pretraining_records as records  # noqa: E402
+from train_utils import UsageError  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESOURCES = REPO / "resources"
@@ -132,6 +133,33 @@ def test_blank_input_file_fails_like_the_local_path_and_leaves_nothing(tmp_path)
     with pytest.raises(ValueError, match="blank.txt contains no text"):
         beam_pretraining_data.run(o, "DirectRunner", log=lambda _: None)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(("out", ".out"))]
+
+
+def test_not_utf8_after_the_checked_head_fails_in_a_worker_with_one_line(tmp_path, monkeypatch):
+    # The head check passes on the launcher; the reading stage finds the GBK part and fails the run.
+    head = open(_corpus_files(tmp_path).split(",")[0], encoding="utf-8").read()
+    monkeypatch.setattr(cpd, "ENCODING_CHECK_BYTES", len(head.encode()) // 2)
+    corpus = tmp_path / "mixed.txt"
+    corpus.write_bytes(head.encode() + "\n".encode() + head.encode("gbk"))
+    (tmp_path / "out.tfrecord").write_bytes(b"earlier records")
+    with pytest.raises(UsageError, match=r"mixed\.txt is not UTF-8: line \d+ is the first") as e:
+        beam_pretraining_data.run(_options(tmp_path, "out.tfrecord", str(corpus)), "DirectRunner",
+                                  log=lambda _: None)
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["mixed.txt", "out.tfrecord"]  # untouched, no temp file
+    assert (tmp_path / "out.tfrecord").read_bytes() == b"earlier records"
+
+
+def test_odd_invalid_bytes_are_replaced_and_reported_as_locally(tmp_path):
+    lines = open(_corpus_files(tmp_path).split(",")[0], "rb").read().split(b"\n")
+    lines[3] += b" \xff"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"\n".join(lines))
+    log = []
+    on_beam = _options(tmp_path, "beam.tfrecord", str(corpus))
+    beam_pretraining_data.run(on_beam, "DirectRunner", log=log.append)
+    assert f"replaced 1 invalid UTF-8 characters with U+FFFD (first at {corpus}:4)" in log[-1]
+    assert _sidecar(on_beam.output_file)["replaced_invalid_utf8_chars"] == 1
 
 
 class _FakeRemoteFileSystem(LocalFileSystem):
