@@ -234,7 +234,9 @@ def finalize(_, written, stats, file_counts, options, vocab, settings, paths, ou
         for path in outputs:  # an old sidecar must never describe new records
             if FileSystems.exists(records.sidecar_path(path)):
                 FileSystems.delete([records.sidecar_path(path)])
-        FileSystems.rename(tmp_names, outputs)
+        # Only what is still there: a retried Finalize finds the shards its first attempt renamed.
+        present = [i for i, t in enumerate(tmp_names) if FileSystems.exists(t)]
+        FileSystems.rename([tmp_names[i] for i in present], [outputs[i] for i in present])
     except BaseException:
         FileSystems.delete([t for t in tmp_names if FileSystems.exists(t)])
         raise
