@@ -13,7 +13,8 @@ The stage, in the order of this file (DESIGN.md section 3):
            the budget are split at word boundaries, never dropped.
   mask     min(max_predictions_per_seq, max(1, round(n_tokens * masked_lm_prob))) tokens as whole
            groups, per group 80% [MASK] / 10% keep / 10% random ordinary tokens; labels are the
-           original ids.
+           original ids. `--dynamic_masking` skips this: each instance is written once, unmasked
+           (token ids + word starts), and run_pretraining.py draws fresh masks every epoch.
   write    Google's record schema plus `<output>.meta.json`, through `pretraining_records` (exclusive
            temp files, sidecar last; a re-run whose sidecar matches the settings skips the file).
 
@@ -679,6 +680,27 @@ def _results(o, reader, paths):
             yield pending.popleft().get()
 
 
+def output_settings(o, vocab, vocab_sha256, input_files):
+    """The sidecar keys saying how the outputs were made (local and Beam runs alike).
+
+    input_files: [(path, size in bytes)].
+    """
+    settings = {k: getattr(o, k) for k in records.READ_KEYS + records.SETTINGS_KEYS if hasattr(o, k)}
+    settings.update(kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
+                    dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
+                    format_version=records.FORMAT_VERSION, vocab_size=len(vocab), vocab_sha256=vocab_sha256,
+                    input_files=[{"path": p, "bytes": n} for p, n in input_files])
+    return settings
+
+
+def sidecars(o, vocab, settings, counts, totals, replaced_chars, split_lines):
+    """One sidecar per output shard holding counts[i] records; totals as from `new_stats`."""
+    kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
+    return [dict(settings, **kind_keys, num_instances=n, num_output_shards=len(counts),
+                 total_instances=totals["instances"], num_documents=totals["documents"],
+                 replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]
+
+
 def generate(o, log=print):
     """Runs the generator; returns a summary dict. Raises UsageError (one line) on bad input.
 
@@ -692,12 +714,8 @@ def generate(o, log=print):
         raise UsageError(f"--vocab_file: {e}") from None
     outputs = records.shard_paths(o.output_file, o.num_output_shards)
     input_paths = resolve_input_files(o.input_file)
-    settings = {k: getattr(o, k) for k in records.READ_KEYS + records.SETTINGS_KEYS if hasattr(o, k)}
-    settings.update(kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
-                    dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
-                    format_version=records.FORMAT_VERSION, vocab_size=len(vocab),
-                    vocab_sha256=tokenization.vocab_sha256(o.vocab_file), input_files=[
-                        {"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in input_paths])
+    settings = output_settings(o, vocab, tokenization.vocab_sha256(o.vocab_file),
+                               [(os.path.abspath(p), os.path.getsize(p)) for p in input_paths])
     if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
         log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
         return {"skipped": True, "outputs": outputs}
@@ -727,11 +745,8 @@ def generate(o, log=print):
         if totals["instances"] == 0:
             raise UsageError("--input_file: no instance produced (every document was empty)")
         split_lines = totals.pop("split_lines")
-        kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
-        out.commit([dict(settings, **kind_keys, num_instances=n, num_output_shards=len(outputs),
-                         total_instances=totals["instances"], num_documents=totals["documents"],
-                         replaced_invalid_utf8_chars=reader.replaced_chars,
-                         split_long_lines=len(split_lines)) for n in out.counts])
+        out.commit(sidecars(o, vocab, settings, out.counts, totals, reader.replaced_chars,
+                            len(split_lines)))
     elapsed = time.perf_counter() - start
     mb = reader.text_bytes / 1e6
     for line in split_lines[:5]:

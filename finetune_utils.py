@@ -277,54 +277,38 @@ def make_tokenizer(vocab_file, do_lower_case):
 
 
 class Task:
-    """What a task script gives `run`. The driver sets `opts`, `tokenizer`, `labels` and `model`
-    before calling the methods that need them.
+    """What a task script gives `run`; the driver sets `opts`, `tokenizer`, `labels` and `model`.
 
     kind: the model_folder task ("classifier", "ner", "qa"; export_to_pytorch's --task).
     key: the dev metric that picks the best epoch (higher is better).
-    file_names: {split: (usual file names in --data_dir, first found wins)}.
+    file_names: {split: usual file names in --data_dir, first found wins}.
+    prediction_files: files it writes into output_dir (checked before training).
+    loss: None for masked_sparse_ce, or a list (one per output).
+    Methods: check() flag checks; find_files() {split: path}; read(path, split) -> (examples, Counter
+    of skipped items by reason); label_list(train) label names in id order (None without labels);
+    validate(data) check the splits against self.labels; make_model(config); train_data(examples)
+    -> (features dict of [N, S] int32, y); evaluate(examples, output_dir=None) dev metrics (writing
+    the dev predictions when output_dir is given); predict(examples, output_dir) -> file written.
     """
-    kind = key = None
+    kind = key = loss = None
     file_names = {}
-    prediction_files = ()  # files the task writes into output_dir (checked before training)
+    prediction_files = ()
 
     def __init__(self, opts):
         self.opts = opts
         self.tokenizer = self.labels = self.model = None
 
     def check(self):
-        """Task-specific flag checks (raise UsageError)."""
+        pass
 
     def find_files(self):
         return find_files(self.opts, self.file_names)
 
-    def read(self, path, split):
-        """-> (examples, collections.Counter of skipped items by reason)."""
-        raise NotImplementedError
-
     def label_list(self, train):
-        """Label names in id order for a training run (None for tasks without labels)."""
         return None
 
     def validate(self, data):
-        """Checks the read splits against self.labels (raise UsageError naming file:line)."""
-
-    def make_model(self, config):
-        raise NotImplementedError
-
-    def train_data(self, examples):
-        """-> (features dict of [N, S] int32, y) for training."""
-        raise NotImplementedError
-
-    loss = None  # defaults to masked_sparse_ce
-
-    def evaluate(self, examples, output_dir=None):
-        """Dev metrics; with output_dir, also writes the dev predictions there."""
-        raise NotImplementedError
-
-    def predict(self, examples, output_dir):
-        """Writes predictions for the test examples into output_dir; returns the file written."""
-        raise NotImplementedError
+        pass
 
 
 def run(opts, task):
@@ -363,8 +347,11 @@ def run(opts, task):
     task.labels = choose_labels(opts, task, data.get("train"), resolved)
     task.validate(data)
 
-    strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
-                                         tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
+    try:
+        strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
+                                             tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     train_utils.set_seed(opts.seed)
     train_utils.set_precision(opts.mixed_precision, strategy)
     with strategy.scope():
@@ -377,7 +364,10 @@ def run(opts, task):
     else:
         logging.warning("no --init_checkpoint: training from a RANDOM initialisation")
 
-    tf.io.gfile.makedirs(opts.output_dir)
+    try:
+        tf.io.gfile.makedirs(opts.output_dir)
+    except tf.errors.OpError as e:
+        raise UsageError(f"--output_dir={opts.output_dir}: cannot create it ({e.message})") from None
     dev = data.get("dev")
     if opts.do_train:
         features, y = task.train_data(data["train"])
@@ -432,6 +422,8 @@ def choose_labels(opts, task, train, resolved):
         labels = list(resolved.labels)
     if task.kind != "qa" and not labels:
         raise UsageError("no label list: pass --labels, or --init_checkpoint a fine-tuned model folder")
+    if labels and len(set(labels)) != len(labels):
+        raise UsageError(f"labels repeat: {','.join(labels)}; each label names one class")
     return labels
 
 
@@ -583,7 +575,10 @@ def predict_batches(model, features, batch_size):
     if pad:
         features = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in features.items()}
     out = model.predict(make_dataset(features, batch_size=batch_size), verbose=0)
-    return tuple(o[:n] for o in out) if isinstance(out, (tuple, list)) else out[:n]
+    # float32 also under --mixed_precision (bfloat16 logits lose ties and softmax precision).
+    if isinstance(out, (tuple, list)):
+        return tuple(np.asarray(o[:n], np.float32) for o in out)
+    return np.asarray(out[:n], np.float32)
 
 
 def pad_features(rows, max_seq_length):
@@ -597,7 +592,7 @@ def pad_features(rows, max_seq_length):
     return out
 
 
-def main(task_class, define):
+def main(task_class):
     """The `main(argv)` of a task script: runs the driver on the parsed command line."""
     def main_(argv):
         if len(argv) > 1:

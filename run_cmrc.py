@@ -1,4 +1,4 @@
-"""Fine-tunes BERT/RoBERTa for extractive QA on SQuAD-format JSON (CMRC2018, DRCD).
+r"""Fine-tunes BERT/RoBERTa for extractive QA on SQuAD-format JSON (CMRC2018, DRCD).
 
     python run_cmrc.py --data_dir=cmrc2018 --init_checkpoint=chinese_L-12_H-768_A-12 \
       --do_train=true --do_eval=true --max_seq_length=384 --doc_stride=128 --max_query_length=64 \
@@ -345,4 +345,4 @@ EXAMPLE = ("python run_cmrc.py --data_dir=../shared/data/cmrc2018 --vocab_file=.
            "--output_dir=/tmp/cmrc")
 
 if __name__ == "__main__":
-    train_utils.run_script(finetune_utils.main(QATask, define_flags), __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(finetune_utils.main(QATask), __doc__, EXAMPLE, define_flags)

@@ -32,7 +32,8 @@ setup(
         "export": ["torch>=2.1", "transformers>=4.40", "safetensors"],
         "fast": ["rjieba"],
         "demo": ["matplotlib", "snownlp"],
+        "tfds": ["tensorflow-datasets"],  # run_classifier.py --tfds_name
         "test": ["pytest", "torch>=2.1", "transformers>=4.40", "safetensors", "rjieba",
-                 "matplotlib", "snownlp"],
+                 "matplotlib", "snownlp", "tensorflow-datasets"],
     },
 )

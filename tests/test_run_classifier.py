@@ -4,7 +4,6 @@ hand-worked case, the predictions file, the one-line errors, the stall warning, 
 ram:// paths, and end-to-end runs: THUCNews titles and roberta_zh's LCQMC command verbatim (slow)."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -254,6 +253,9 @@ def test_a_failing_run_leaves_an_existing_output_dir_byte_identical(tmp_path, go
     ({"learning_rate": -1e-5}, r"--learning_rate must be a positive number"),
     ({"max_seq_length": 4}, r"--max_seq_length=4 must be in \[8, 512\]"),
     ({"bert_config_file": None}, r"--bert_config_file needed: no --init_checkpoint"),
+    ({"strategy": "tpu"}, r"--strategy=tpu needs --tpu_name"),
+    ({"labels": "0,0"}, r"labels repeat: 0,0"),
+    ({"warmup_proportion": 1.5}, r"--warmup_proportion must be in \[0, 1\)"),
 ])
 def test_flags_that_cannot_be_right_are_one_line_errors_before_anything_is_written(
         tmp_path, google_vocab, change, message):
@@ -277,8 +279,9 @@ def test_a_directory_where_a_prediction_file_goes_is_refused_before_training(tmp
     assert os.listdir(tmp_path / "out") == ["test_predictions.tsv"]
 
 
-def test_train_eval_predict_on_ram_filesystem_and_best_is_a_model_folder(tmp_path, google_vocab):
-    """gs:// works through tf.io.gfile; TF's ram:// filesystem stands in for it here."""
+def test_train_eval_predict_on_ram_filesystem_and_best_is_a_model_folder(tmp_path, google_vocab, caplog):
+    """gs:// works through tf.io.gfile; TF's ram:// filesystem stands in for it here. --mixed_precision
+    is decided as in pretraining: ignored with a warning on a CPU."""
     import tensorflow as tf
 
     _pair_data(tmp_path / "data")
@@ -288,13 +291,20 @@ def test_train_eval_predict_on_ram_filesystem_and_best_is_a_model_folder(tmp_pat
     tf.io.gfile.copy(str(google_vocab), f"{ram}/vocab.txt", overwrite=True)
     metrics = run_classifier.run(_opts(**_run_args(
         tmp_path, google_vocab, data_dir=f"{ram}/data", vocab_file=f"{ram}/vocab.txt", output_dir=f"{ram}/out",
-        do_train=True, do_eval=True, do_predict=True, max_train_steps=3)))
+        do_train=True, do_eval=True, do_predict=True, max_train_steps=3, mixed_precision=True)))
+    assert "--mixed_precision ignored" in caplog.text
     assert metrics["n"] == 32 and metrics["split"] == "dev.txt"
     rows = tf.io.gfile.GFile(f"{ram}/out/test_predictions.tsv").read().splitlines()
     assert len(rows) == 6 and rows[0] == "id\tlabel\tprob_0\tprob_1"
     info = json.loads(tf.io.gfile.GFile(f"{ram}/out/best/model_info.json").read())
     assert info["task"] == "classifier" and info["labels"] == ["0", "1"] and info["do_lower_case"] is True
     assert tf.io.gfile.exists(f"{ram}/out/best/vocab.txt") and tf.io.gfile.exists(f"{ram}/out/best/bert_config.json")
+    # Training again into the same output_dir would replace the model in best/: refused.
+    before = tf.io.gfile.GFile(f"{ram}/out/best/checkpoint").read()
+    with pytest.raises(UsageError, match=r"best already holds a fine-tuned model"):
+        run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, data_dir=f"{ram}/data",
+                                             vocab_file=f"{ram}/vocab.txt", output_dir=f"{ram}/out", do_train=True)))
+    assert tf.io.gfile.GFile(f"{ram}/out/best/checkpoint").read() == before
 
 
 def _xnli_mock(builder, split=None, **kwargs):

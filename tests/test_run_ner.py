@@ -161,3 +161,20 @@ def test_ner_trains_end_to_end_on_a_cluener_slice(tmp_path, shared_data, google_
     assert info["task"] == "ner" and info["labels"][0] == "O" and len(info["labels"]) == 21
     # From random init in ~470 CPU steps; the trivial all-"O" tagger scores exactly 0.
     assert metrics["f1"] > 0.04
+
+
+@pytest.mark.slow
+def test_command_line_reports_a_list_shaped_label_in_one_line(tmp_path, repo_root):
+    import os
+    import subprocess
+    import sys
+
+    train = _write(tmp_path, "train.json", [{"text": "张三", "label": {"name": {"张三": [[0, 1]]}}},
+                                            {"text": "李四", "label": [["name", 0, 1]]}])
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "run_ner.py"), f"--train_file={train}", "--do_train=true",
+         f"--vocab_file={repo_root / 'resources' / 'vocab.txt'}", f"--bert_config_file={repo_root / 'resources' / 'bert_config_tiny.json'}",
+         f"--output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    assert proc.stderr.splitlines()[-1].startswith(f"run_ner.py: error: {train}:2: \"label\" must be an object")
