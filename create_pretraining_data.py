@@ -13,7 +13,8 @@ The stage, in the order of this file (DESIGN.md section 3):
            the budget are split at word boundaries, never dropped.
   mask     min(max_predictions_per_seq, max(1, round(n_tokens * masked_lm_prob))) tokens as whole
            groups, per group 80% [MASK] / 10% keep / 10% random ordinary tokens; labels are the
-           original ids.
+           original ids. `--dynamic_masking` skips this: each instance is written once, unmasked
+           (token ids + word starts), and run_pretraining.py draws fresh masks every epoch.
   write    Google's record schema plus `<output>.meta.json`, through `pretraining_records` (exclusive
            temp files, sidecar last; a re-run whose sidecar matches the settings skips the file).
 
@@ -30,6 +31,7 @@ import lzma
 import os
 import random
 import re
+import sys
 import time
 
 import numpy as np
@@ -53,6 +55,7 @@ def _flag(default, group, help_text, enum=None):
 
 
 _IO, _INST, _WWM, _RUN = "Input and output", "Instances", "Whole-word masking", "Speed and progress"
+_BEAM = "Apache Beam (more text than one machine)"
 
 
 @dataclasses.dataclass
@@ -80,6 +83,9 @@ class Options:
     jieba_user_dict: str = _flag("", _WWM, "Optional jieba user dictionary (word [freq] [tag] lines).")
     num_workers: int = _flag(1, _RUN, "Worker processes (output is identical).")
     progress_every_secs: float = _flag(10.0, _RUN, "Seconds between progress lines.")
+    runner: str = _flag(None, _BEAM, "Run as a Beam pipeline on this runner (DirectRunner, DataflowRunner, "
+                        "FlinkRunner, SparkRunner; pip install .[beam]); --beam_<option>=value is passed "
+                        "to Beam as --<option>=value.")
 
 
 def validate_options(o):
@@ -158,10 +164,76 @@ def split_sentences(text):
     return [s for s in _SENTENCE_RE.findall(text) if s.strip()]
 
 
+# A file is refused as not UTF-8 when invalid byte sequences are more than this share of its bytes
+# (in two lines or more; one bad line says nothing about the encoding). The odd broken character in
+# UTF-8 text stays far below it: one per 100 bytes would break nearly every line of Chinese text.
+# GBK or Big5 text read as UTF-8 is 30-90% invalid, Latin-1 text with accents a few percent.
+MAX_INVALID_UTF8_SHARE = 0.01
+# Before anything is written, this much of every input file is checked with the same rule.
+ENCODING_CHECK_BYTES = 1 << 20
+
+
+class _Utf8Lines:
+    """Decodes one file's lines as UTF-8 (invalid bytes -> U+FFFD) and counts what was replaced."""
+
+    def __init__(self, path):
+        self.path = path
+        self.bytes = self.replaced = self.bad_lines = 0
+        self.first_bad_line = None
+        self.sample = b""  # bytes from the first invalid line on, to guess the encoding from
+
+    def decode(self, line, line_no):
+        self.bytes += len(line)
+        if self.first_bad_line is not None and len(self.sample) < 1 << 16:
+            self.sample += line
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = line.decode("utf-8", "replace")
+            # Count only the replacements we made, not U+FFFD characters that were in the file.
+            self.replaced += text.count("\ufffd") - line.count("\ufffd".encode("utf-8"))
+            self.bad_lines += 1
+            if self.first_bad_line is None:
+                self.first_bad_line = line_no
+                self.sample = line
+            return text
+
+    def check(self):
+        """Raises UsageError (one line) when the file is evidently in another encoding."""
+        if self.bad_lines < 2 or self.replaced <= MAX_INVALID_UTF8_SHARE * self.bytes:
+            return
+        raise UsageError(
+            f"--input_file: {self.path} is not UTF-8: line {self.first_bad_line} is the first of "
+            f"{self.bad_lines} lines with invalid bytes ({self.replaced / self.bytes:.0%} of the "
+            f"{self.bytes} bytes read); {_guess_encoding(self.sample)}")
+
+
+def _guess_encoding(sample):
+    """What to tell the user about the encoding of `sample`, by charset_normalizer.
+
+    Short samples can be ambiguous (a few GBK characters decode as Korean CP949 just as well); then
+    the equally likely encodings are all named. Names are spelled as iconv accepts them.
+    """
+    import charset_normalizer
+
+    matches = list(charset_normalizer.from_bytes(sample))
+    if not matches:
+        return "its encoding is not recognised (binary or compressed data?)"
+    tied = [m.encoding.upper().replace("_", "-") for m in matches
+            if (m.chaos, m.coherence) == (matches[0].chaos, matches[0].coherence)][:3]
+    named = tied[0] if len(tied) == 1 else "one of " + ", ".join(tied)
+    return (f"likely encoding {named}; convert it to UTF-8 first "
+            f"(e.g. iconv -f {tied[0] if len(tied) == 1 else 'ENCODING'} -t UTF-8)")
+
+
 class InputReader:
     """Streams documents out of the input files; counts bytes read and invalid UTF-8 replaced.
 
     A document is `(path_index, [(line_number, sentence), ...])`. Documents never span files.
+    Raises UsageError naming the file, its first bad line and the likely encoding when a file is not
+    UTF-8 (see MAX_INVALID_UTF8_SHARE): for the first ENCODING_CHECK_BYTES of every file already when
+    constructed, before any output is opened; for the rest when the file has been read, which is
+    still before any output is renamed into place.
     """
 
     def __init__(self, paths, input_format):
@@ -173,31 +245,39 @@ class InputReader:
         self.first_replacement = None  # "file:line"
         self.docs_per_file = [0] * len(paths)
         self.text_bytes = 0  # decompressed
+        for path in paths:
+            self._check_encoding(path)
 
     @property
     def bytes_done(self):
         return self.bytes_done_in_closed_files + (self._raw.tell() if self._raw else 0)
 
-    def _decode(self, line, path, line_no):
+    @staticmethod
+    def _check_encoding(path):
+        lines = _Utf8Lines(path)
+        raw, stream = _open_binary(path)
         try:
-            return line.decode("utf-8")
-        except UnicodeDecodeError:
-            text = line.decode("utf-8", "replace")
-            # Count only the replacements we made, not U+FFFD characters that were in the file.
-            self.replaced_chars += text.count("\ufffd") - line.count("\ufffd".encode("utf-8"))
-            if self.first_replacement is None:
-                self.first_replacement = f"{path}:{line_no}"
-            return text
+            for line_no, line in enumerate(stream, 1):
+                lines.decode(line, line_no)
+                if lines.bytes >= ENCODING_CHECK_BYTES:
+                    break
+        except (OSError, EOFError, lzma.LZMAError) as e:
+            raise UsageError(f"--input_file: cannot read {path}: {e}") from None
+        finally:
+            stream.close()
+            raw.close()
+        lines.check()
 
     def documents(self):
         for path_index, path in enumerate(self.paths):
             raw, stream = _open_binary(path)
             self._raw = raw
+            lines = _Utf8Lines(path)
             try:
                 sentences, chars = [], 0
                 for line_no, line in enumerate(stream, 1):
                     self.text_bytes += len(line)
-                    text = self._decode(line, path, line_no).strip()
+                    text = lines.decode(line, line_no).strip()
                     if self.input_format == "doc_per_line":
                         if text:
                             self.docs_per_file[path_index] += 1
@@ -215,11 +295,15 @@ class InputReader:
                         self.docs_per_file[path_index] += 1
                         yield path_index, sentences
                         sentences, chars = [], 0
+                lines.check()
+                self.replaced_chars += lines.replaced
+                if self.first_replacement is None and lines.first_bad_line is not None:
+                    self.first_replacement = f"{path}:{lines.first_bad_line}"
                 if sentences:
                     self.docs_per_file[path_index] += 1
                     yield path_index, sentences
             except (OSError, EOFError, lzma.LZMAError) as e:
-                raise ValueError(f"--input_file: cannot read {path}: {e}") from None
+                raise UsageError(f"--input_file: cannot read {path}: {e}") from None
             finally:
                 self.bytes_done_in_closed_files += os.path.getsize(path)
                 self._raw = None
@@ -601,6 +685,27 @@ def _results(o, reader, paths):
             yield pending.popleft().get()
 
 
+def output_settings(o, vocab, vocab_sha256, input_files):
+    """The sidecar keys saying how the outputs were made (local and Beam runs alike).
+
+    input_files: [(path, size in bytes)].
+    """
+    settings = {k: getattr(o, k) for k in records.READ_KEYS + records.SETTINGS_KEYS if hasattr(o, k)}
+    settings.update(kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
+                    dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
+                    format_version=records.FORMAT_VERSION, vocab_size=len(vocab), vocab_sha256=vocab_sha256,
+                    input_files=[{"path": p, "bytes": n} for p, n in input_files])
+    return settings
+
+
+def sidecars(o, vocab, settings, counts, totals, replaced_chars, split_lines):
+    """One sidecar per output shard holding counts[i] records; totals as from `new_stats`."""
+    kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
+    return [dict(settings, **kind_keys, num_instances=n, num_output_shards=len(counts),
+                 total_instances=totals["instances"], num_documents=totals["documents"],
+                 replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]
+
+
 def generate(o, log=print):
     """Runs the generator; returns a summary dict. Raises UsageError (one line) on bad input.
 
@@ -614,22 +719,18 @@ def generate(o, log=print):
         raise UsageError(f"--vocab_file: {e}") from None
     outputs = records.shard_paths(o.output_file, o.num_output_shards)
     input_paths = resolve_input_files(o.input_file)
-    settings = {k: getattr(o, k) for k in records.READ_KEYS + records.SETTINGS_KEYS if hasattr(o, k)}
-    settings.update(kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
-                    dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
-                    format_version=records.FORMAT_VERSION, vocab_size=len(vocab),
-                    vocab_sha256=tokenization.vocab_sha256(o.vocab_file), input_files=[
-                        {"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in input_paths])
+    settings = output_settings(o, vocab, tokenization.vocab_sha256(o.vocab_file),
+                               [(os.path.abspath(p), os.path.getsize(p)) for p in input_paths])
     if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
         log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
         return {"skipped": True, "outputs": outputs}
+    reader = InputReader(input_paths, o.input_format)  # checks the encodings before any output is touched
     if o.segmenter == "rjieba":
         make_segmenter("rjieba")  # fail fast in the parent when it is not installed
 
     from train_utils import ProgressLogger
 
     totals = new_stats()
-    reader = InputReader(input_paths, o.input_format)
     total_kb = sum(os.path.getsize(p) for p in input_paths) // 1024 + 1
     progress = ProgressLogger(total=total_kb, unit="KB", every_secs=o.progress_every_secs,
                               name="create_pretraining_data")
@@ -649,11 +750,8 @@ def generate(o, log=print):
         if totals["instances"] == 0:
             raise UsageError("--input_file: no instance produced (every document was empty)")
         split_lines = totals.pop("split_lines")
-        kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
-        out.commit([dict(settings, **kind_keys, num_instances=n, num_output_shards=len(outputs),
-                         total_instances=totals["instances"], num_documents=totals["documents"],
-                         replaced_invalid_utf8_chars=reader.replaced_chars,
-                         split_long_lines=len(split_lines)) for n in out.counts])
+        out.commit(sidecars(o, vocab, settings, out.counts, totals, reader.replaced_chars,
+                            len(split_lines)))
     elapsed = time.perf_counter() - start
     mb = reader.text_bytes / 1e6
     for line in split_lines[:5]:
@@ -689,12 +787,24 @@ def define_flags(fv=flags.FLAGS):
 def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}")
-    generate(Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)}))
+    o = Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)})
+    if _BEAM_ARGS and not o.runner:
+        raise UsageError(f"{_BEAM_ARGS[0]}: --beam_<option> settings need --runner=<Beam runner>")
+    if o.runner:  # the local path never imports Beam
+        import beam_pretraining_data
+        beam_pretraining_data.run(o, o.runner, _BEAM_ARGS)
+    else:
+        generate(o)
 
 
 EXAMPLE = ("python create_pretraining_data.py --input_file=resources/corpus/*.txt "
            "--output_file=/tmp/records/train.tfrecord --vocab_file=resources/vocab.txt "
            "--max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5 --num_workers=2")
 
+_BEAM_ARGS = []
+
 if __name__ == "__main__":
+    # absl rejects flags it does not define: --beam_<option>=value go to Beam instead.
+    _BEAM_ARGS += [a for a in sys.argv[1:] if a.startswith("--beam_")]
+    sys.argv = [a for a in sys.argv if not a.startswith("--beam_")]
     train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

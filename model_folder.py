@@ -173,14 +173,14 @@ def _latest_tf2(folder):
             state = tf.train.get_checkpoint_state(folder)
         except Exception:  # pylint: disable=broad-except  (a text-proto parse error of several types)
             state = None
-        prefix = state and state.model_checkpoint_path
-        if prefix and not os.path.isabs(prefix) and "://" not in prefix:
-            prefix = os.path.join(folder, prefix)
-        if not prefix or not tf.io.gfile.exists(prefix + ".index"):
-            raise train_utils.UsageError(
-                f"{state_file}: unreadable or names a missing checkpoint ({prefix!r}); point at a "
-                f"ckpt-N prefix in {folder} instead, or restore the file")
-        return prefix
+        named = state and state.model_checkpoint_path  # TF already joined a relative one to `folder`
+        # A folder moved or copied after its run keeps an absolute path to the old place: look beside.
+        for prefix in ([named, os.path.join(folder, os.path.basename(named))] if named else []):
+            if tf.io.gfile.exists(prefix + ".index"):
+                return prefix
+        raise train_utils.UsageError(
+            f"{state_file}: unreadable or names a missing checkpoint ({named!r}); point at a "
+            f"ckpt-N prefix in {folder} instead, or restore the file")
     numbers = [int(m.group(1)) for m in (re.search(r"ckpt-(\d+)\.index$", p)
                for p in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index"))) if m]
     return os.path.join(folder, f"ckpt-{max(numbers)}") if numbers else None

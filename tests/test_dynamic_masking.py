@@ -96,6 +96,8 @@ def test_unmasked_records_hold_each_instance_of_static_copy_zero_once(data):
     assert meta["kind"] == "unmasked" and meta["dupe_factor"] == 1
     assert (meta["cls_id"], meta["sep_id"], meta["mask_id"]) == (vocab["[CLS]"], vocab["[SEP]"],
                                                                  vocab["[MASK]"])
+    # The replacement pool travels in the sidecar as id ranges: the generator's pool, exactly.
+    assert records._parse_id_ranges(meta["ordinary_ids"], "sidecar") == sorted(records.ordinary_ids(vocab))
     assert os.path.getsize(data["unmasked"]) < 0.5 * os.path.getsize(data["static"])
 
 
@@ -235,10 +237,17 @@ def test_evaluation_uses_one_fixed_mask_whatever_the_seed(data):
 
 def test_model_tensors_match_static_records_in_names_shapes_and_dtypes(data):
     """What run_pretraining hands the model: identical structure for both kinds, train and eval."""
+    import tensorflow as tf
+
     import run_pretraining
     for training in (True, False):
-        specs = [run_pretraining.make_dataset([data[kind]], 8, SEQ, PRED, training, 0).element_spec
-                 for kind in ("static", "unmasked")]
+        specs = []
+        for kind in ("static", "unmasked"):
+            files, counts = [data[kind]], [_meta(data[kind])["num_instances"]]
+            parse = records.make_parser(records.read_info(files), SEQ, PRED, training=training)
+            dataset_fn = (run_pretraining.train_dataset_fn(files, counts, 8, 0, 100, 0, parse)
+                          if training else run_pretraining.eval_dataset_fn(files, counts, 8, 2, parse))
+            specs.append(dataset_fn(tf.distribute.InputContext()).element_spec)
         assert specs[0] == specs[1]
         assert all(s.shape.is_fully_defined() for s in specs[1].values())
 
@@ -359,14 +368,19 @@ def test_sigkilled_run_on_unmasked_records_resumes_to_the_same_weights(data, tmp
     proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "run_pretraining.py"), "--do_train",
                              *argv(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    deadline = time.time() + 240
-    while not os.path.exists(os.path.join(killed, "ckpt-4.index")) and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint within 240 s"
+
+    def latest_step():  # the `checkpoint` state file names a checkpoint once it is complete
+        path = tf.train.latest_checkpoint(killed)
+        return int(path.rsplit("-", 1)[1]) if path else 0
+
+    deadline = time.time() + 300
+    while latest_step() < 4 and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert 4 <= int(tf.train.latest_checkpoint(killed).rsplit("-", 1)[1]) < 10
+    assert 4 <= latest_step() < 10
 
     run = lambda *a: run_pretraining.run(run_pretraining.parse_flags(argv(*a)))  # noqa: E731
     run(killed, "--do_train")

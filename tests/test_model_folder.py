@@ -175,3 +175,16 @@ def test_an_output_folder_on_a_gfile_filesystem_is_written_only_when_complete():
     with pytest.raises(ValueError, match="already exists and is not empty; pass --overwrite"):
         with model_folder.atomic_output_dir(out):
             pass
+
+
+def test_relative_and_moved_folders_resolve(tmp_path, monkeypatch):
+    """A relative --checkpoint (the README's out/pretrain), and a folder copied elsewhere."""
+    run = tmp_path / "out" / "pretrain"
+    _fake_tf2_checkpoint(str(run), step=5)
+    model_folder.write(run, config=_config(), vocab_file=_vocab(tmp_path), do_lower_case=True)
+    monkeypatch.chdir(tmp_path)
+    assert model_folder.resolve("out/pretrain").checkpoint == os.path.join("out", "pretrain", "ckpt-5")
+    state = (run / "checkpoint").read_text()
+    (run / "checkpoint").write_text(state.replace('"ckpt-5"', '"/elsewhere/old_run/ckpt-5"'))
+    assert "/elsewhere/" in (run / "checkpoint").read_text()
+    assert model_folder.resolve(str(run)).checkpoint == os.path.join(str(run), "ckpt-5")

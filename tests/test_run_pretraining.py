@@ -330,14 +330,14 @@ def test_input_stream_resumed_at_a_step_equals_the_stream_read_through(data):
     import tensorflow as tf
 
     import pretraining_records
-    import run_pretraining
+    import pretraining_resume
     files, counts = [data["train"], data["eval"]], [len(data["instances"]) - 32, 32]
     parse = pretraining_records.make_parser(pretraining_records.read_info(files), SEQ, PRED)
     per_epoch, batch = sum(counts), 48
     strategy = tf.distribute.get_strategy()
 
     def batches(start_step, n):
-        fn = run_pretraining.train_dataset_fn(files, counts, batch, 7, 64, start_step, parse)
+        fn = pretraining_resume.train_dataset_fn(files, counts, batch, 7, 64, start_step, parse)
         it = iter(strategy.distribute_datasets_from_function(fn))
         return [next(it)["input_ids"].numpy() for _ in range(n)]
 
@@ -460,3 +460,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_pat
         "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
     import tensorflow as tf
     assert tf.train.latest_checkpoint(out).endswith("ckpt-1")
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_end_to_end_in_smoke_mode():
+    """benchmarks/bench_gpu.py is for machines with a GPU; --smoke runs it anywhere on a tiny model."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_gpu.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.split("NVIDIA TF2 large")[-1].strip().splitlines()
+    model, seq, batch, rate = table[0].split()[:4]
+    assert (model, seq, batch) == ("tiny", "32", "8") and float(rate) > 0

@@ -285,3 +285,18 @@ def test_spans_equal_tokenize_and_slice_back_on_real_and_random_text(optional_sh
 @pytest.mark.parametrize("lower", [True, False])
 def test_spans_fuzz_large(optional_shared_data, lower):
     _check_fuzz(optional_shared_data, lower, n_random=20_000, n_lines=3000, seed=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# build_vocab.py (uses the same character classes)
+# ---------------------------------------------------------------------------------------------------
+
+def test_build_vocab_reproduces_the_embedded_vocab_and_its_punctuation_is_split_off():
+    import build_vocab
+    tokens = build_vocab.build_vocab()
+    assert "\n".join(tokens) + "\n" == (RESOURCES / "vocab.txt").read_text(encoding="utf-8")
+    tok = tokenization.FullTokenizer(str(RESOURCES / "vocab.txt"))
+    # Every punctuation token is one word of its own, so the vocab entry is reachable.
+    for ch in build_vocab.ASCII_PUNCTUATION + build_vocab.CJK_PUNCTUATION:
+        if tokenization.is_punctuation(ch):
+            assert tok.tokenize("a" + ch + "b") == ["a", ch, "b"], ch
