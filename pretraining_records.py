@@ -13,10 +13,9 @@ Record kinds (the sidecar's `kind`; a sidecar without one, or no sidecar, means 
   the masks are drawn in tf.data at training time (see "The unmasked kind" below).
   Each kind registers itself in `KINDS` and `PARSERS`; the trainer only ever calls `make_parser`.
 
-Sidecar `<file>.meta.json` (written last, after the records are complete):
-  kind, format_version, max_seq_length, max_predictions_per_seq, vocab_size, vocab_sha256 and
-  num_instances are what readers check; the other keys record how the file was made, so the
-  generator can skip a finished output (see `generator_settings`).
+Sidecar `<file>.meta.json` (written last, after the records are complete): `READ_KEYS` are what
+  readers check; `SETTINGS_KEYS` record how the file was made, so the generator can skip a
+  finished output; the generator adds counts of what it wrote and read.
 
 Pieces, in pipeline order:
   writing  `ExampleEncoder` (static records -> serialized tf.train.Example), `frame` (TFRecord
@@ -84,10 +83,10 @@ def feature_spec(seq_len, max_pred, kind=STATIC):
             for f in _features(kind) if f.read}
 
 
-def _features(kind):
+def _features(kind, where="records"):
     if kind not in KINDS:
-        raise UsageError(f"unknown record kind {kind!r} (this version reads {', '.join(KINDS)}); "
-                         "records written by a newer version?")
+        raise UsageError(f"{where}: unknown record kind {kind!r} (this version reads "
+                         f"{', '.join(KINDS)}); written by a newer version?")
     return KINDS[kind]
 
 
@@ -99,15 +98,14 @@ def sidecar_path(path):
     return path + SIDECAR_SUFFIX
 
 
-# Sidecar keys. Readers check the first group; writers add how the file was made (the generator
-# compares those to skip a finished output on a re-run), and the counts of what was written.
+# Sidecar keys. Readers check READ_KEYS; SETTINGS_KEYS say how the file was made (the generator
+# compares them to skip a finished output on a re-run). The generator also writes counts:
+# num_output_shards, total_instances, num_documents, replaced_invalid_utf8_chars, split_long_lines.
 READ_KEYS = ("kind", "format_version", "max_seq_length", "max_predictions_per_seq", "vocab_size",
              "num_instances")
 SETTINGS_KEYS = ("vocab_sha256", "do_lower_case", "do_whole_word_mask", "masked_lm_prob",
                  "dupe_factor", "short_seq_prob", "random_seed", "segmenter", "jieba_user_dict",
                  "input_format", "input_files")  # input_files: [{"path": absolute, "bytes": size}]
-COUNT_KEYS = ("num_output_shards", "total_instances", "num_documents",
-              "replaced_invalid_utf8_chars", "split_long_lines")
 
 
 def _gfile():
@@ -282,8 +280,7 @@ def write_records(path, serialized, meta):
     Returns the sidecar dict. The generator streams through `RecordOutputs` instead.
     """
     serialized = list(serialized)
-    meta = dict({"kind": STATIC, "format_version": FORMAT_VERSION}, **meta,
-                num_instances=len(serialized))
+    meta = {"kind": STATIC, "format_version": FORMAT_VERSION, **meta, "num_instances": len(serialized)}
     with RecordOutputs([path]) as out:
         out.write([frame(serialized)])
         out.commit([meta])
@@ -363,7 +360,7 @@ class RecordOutputs:
                 if path in self.inputs:
                     raise UsageError(f"{self.flag}: {path} is also an input file; choose another name")
                 continue
-            if os.path.isdir(path):
+            if os.path.isdir(path) or path.endswith(("/", os.sep)):
                 raise UsageError(f"{self.flag}: {path} is a directory; give a file name inside it")
             if os.path.realpath(path) in inputs:
                 raise UsageError(f"{self.flag}: {path} is also an input file; choose another name")
@@ -538,8 +535,11 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
     meta = read_sidecar(path)
     meta_path = sidecar_path(path)
     kind = meta["kind"] if meta else STATIC
-    features = _features(kind)
+    features = _features(kind, path)
     if meta is not None:
+        if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise UsageError(f"{path}: format_version {meta['format_version']} (from {meta_path}) is "
+                             f"newer than this version reads ({FORMAT_VERSION}); update roberta_zh")
         expected = {"max_seq_length": (seq_len, "--max_seq_length"),
                     "max_predictions_per_seq": (max_pred, "--max_predictions_per_seq"),
                     "vocab_size": (vocab_size, "vocab_size of --bert_config_file")}
@@ -596,10 +596,17 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
                 raise UsageError(f"{path}: {count} records, but {meta_path} says "
                                  f"num_instances={meta['num_instances']} (incomplete file?)")
     except tf.errors.DataLossError as e:
-        raise UsageError(f"{path}: corrupt or truncated TFRecord file ({e.message.strip()})") from None
+        raise UsageError(f"{path}: corrupt or truncated TFRecord file ({_op_message(e)})") from None
     except tf.errors.OpError as e:
-        raise UsageError(f"{path}: unreadable ({e.message.strip()})") from None
+        raise UsageError(f"{path}: unreadable ({_op_message(e)})") from None
     return RecordInfo(kind, ((path, meta),))
+
+
+def _op_message(error):
+    """A TensorFlow op error's own words, without the function-node and op names around them."""
+    import re
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S).strip()
 
 
 def _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_values, values_of):
@@ -708,7 +715,7 @@ def make_parser(info, seq_len, max_pred, **options):
 # Record: token_ids  int64 [n], the body of the instance (no [CLS]/[SEP]), 1 <= n <= max_seq_length - 2
 #         word_starts bytes [ceil(n / 8)], bit i % 8 of byte i // 8 is 1 where token i starts a
 #                     jieba word (its masking group); bit 0 is always 1
-# Sidecar, besides generator_settings: cls_id, sep_id, mask_id, and ordinary_ids, the ids random
+# Sidecar, besides SETTINGS_KEYS: cls_id, sep_id, mask_id, and ordinary_ids, the ids random
 # replacements are drawn from ("104-8117,8119-8128,...": not special, not [unused*], not ##), so
 # training needs no vocab file.
 #

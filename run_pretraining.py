@@ -25,11 +25,9 @@ How one step runs (the same code under every tf.distribute strategy):
   host:     --steps_per_loop steps per call; checkpoints every --save_checkpoints_steps.
 """
 
-import hashlib
 import json
 import math
 import os
-import re
 import time
 
 import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
@@ -41,6 +39,7 @@ from absl import flags, logging
 import modeling
 import optimization
 import pretraining_records
+import pretraining_resume as resume
 
 UsageError = train_utils.UsageError
 
@@ -129,95 +128,6 @@ def parse_flags(argv):
 
 class TrainingDivergedError(UsageError):
     """The loss became NaN or inf (reported as one line: lower the learning rate, then resume)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Input: records -> checks -> tf.data pipeline
-# ------------------------------------------------------------------------------------------------
-
-def count_records(path):
-    """Records in one file, by reading it (for files neither a scan nor a sidecar has counted)."""
-    return int(tf.data.TFRecordDataset(path, buffer_size=1 << 20).reduce(
-        np.int64(0), lambda n, _: n + 1))
-
-
-def pipeline_files(files, counts, num_pipelines, pipeline_id):
-    """This input pipeline's share -> (files, shard_records, records per epoch).
-
-    Whole files per pipeline (worker/host) when there are enough files, else every pipeline reads
-    all files and keeps every num_pipelines-th record.
-    """
-    if num_pipelines > 1 and len(files) >= num_pipelines:
-        mine = range(pipeline_id, len(files), num_pipelines)
-        return [files[i] for i in mine], False, sum(counts[i] for i in mine)
-    return list(files), num_pipelines > 1, len(range(pipeline_id, sum(counts), num_pipelines))
-
-
-def train_dataset_fn(files, counts, per_replica_batch, seed, shuffle_buffer_size, start_step,
-                     parse):
-    """-> dataset_fn(input_context) for `strategy.distribute_datasets_from_function`.
-
-    Each pipeline's stream is a deterministic function of (files, seed): epoch e reads its files in
-    an order drawn from (seed, e), interleaved, and shuffles records with seed (seed, e). Every
-    record carries its stream position e * records_per_epoch + i. Resuming at `start_step` skips
-    the records already consumed (raw reads, no parsing, at most one epoch) instead of restoring
-    iterator state, which tf.distribute's per-replica iterators cannot save. Batches are
-    [per_replica_batch, ...] with static shapes; consecutive batches go to consecutive replicas.
-    """
-
-    def dataset_fn(context):
-        num_pipelines, pipeline_id = context.num_input_pipelines, context.input_pipeline_id
-        local_replicas = context.num_replicas_in_sync // num_pipelines
-        mine, shard_records, per_epoch = pipeline_files(files, counts, num_pipelines, pipeline_id)
-        first_epoch, skip = divmod(start_step * per_replica_batch * local_replicas, per_epoch)
-        names = tf.constant(mine)
-
-        def epoch(e):
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(len(mine)), seed=tf.stack([tf.constant(seed, tf.int64), e]))
-            d = tf.data.Dataset.from_tensor_slices(tf.gather(names, order))
-            d = d.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),
-                             cycle_length=min(4, len(mine)), num_parallel_calls=tf.data.AUTOTUNE,
-                             deterministic=True)
-            if shard_records:
-                d = d.shard(num_pipelines, pipeline_id)
-            d = tf.data.Dataset.zip(tf.data.Dataset.range(e * per_epoch, (e + 1) * per_epoch), d)
-            return d.shuffle(shuffle_buffer_size, seed=seed * 1_000_003 + e)
-
-        d = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(skip)
-        d = d.batch(per_replica_batch, drop_remainder=True)
-        d = d.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return d.prefetch(tf.data.AUTOTUNE)
-
-    return dataset_fn
-
-
-def eval_dataset_fn(files, counts, per_replica_batch, steps, parse):
-    """-> dataset_fn(input_context): files in order, once, then all-padding batches, so that every
-    replica gets exactly `steps` batches of [per_replica_batch, ...]. Padding rows have zero
-    masked_lm_weights and do not count."""
-
-    def dataset_fn(context):
-        num_pipelines, pipeline_id = context.num_input_pipelines, context.input_pipeline_id
-        local_replicas = context.num_replicas_in_sync // num_pipelines
-        mine, shard_records, _ = pipeline_files(files, counts, num_pipelines, pipeline_id)
-        d = tf.data.TFRecordDataset(mine)
-        if shard_records:
-            d = d.shard(num_pipelines, pipeline_id)
-        d = tf.data.Dataset.zip(tf.data.Dataset.range(np.iinfo(np.int64).max), d)
-
-        def parse_and_pad(positions, serialized):
-            batch = parse(positions, serialized)
-            pad = per_replica_batch - tf.shape(serialized)[0]
-            return {k: tf.ensure_shape(tf.pad(v, [[0, pad], [0, 0]]), [per_replica_batch] + v.shape[1:])
-                    for k, v in batch.items()}
-
-        d = d.batch(per_replica_batch).map(parse_and_pad)
-        padding = tf.data.Dataset.from_tensors(
-            {k: tf.zeros(s.shape, s.dtype) for k, s in d.element_spec.items()}).repeat()
-        return d.concatenate(padding).take(steps * local_replicas).prefetch(2)
-
-    return dataset_fn
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,7 +343,6 @@ CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
                  "intermediate_size", "hidden_act", "hidden_dropout_prob",
                  "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
                  "initializer_range")
-INPUT_STATE = "pretraining_input.json"  # in output_dir: what the input position depends on
 
 
 def load_config(path):
@@ -498,142 +407,6 @@ def _check_output_dir(output_dir, config):
                              "--output_dir holds another model's run; use a new --output_dir")
 
 
-def _checkpoint_numbers(directory):
-    """ckpt-N files in `directory` -> sorted N (by their .index files)."""
-    found = []
-    for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index")):
-        match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(path))
-        if match:
-            found.append(int(match.group(1)))
-    return sorted(found)
-
-
-def latest_checkpoint(directory):
-    """The checkpoint to resume from in `directory`, or None when it holds none.
-
-    Training state that exists but cannot be read is an error, never a fresh start that would
-    overwrite it: ckpt-N files with a missing or unreadable `checkpoint` state file, or a state file
-    naming a checkpoint that is not there. (`ckpt-N_temp/` folders, left by a kill during a save,
-    are not checkpoints: `_remove_partial_saves` deletes them.)
-    """
-    numbers = _checkpoint_numbers(directory)
-    state_path = os.path.join(directory, "checkpoint")
-    fix = (f"write the line `model_checkpoint_path: \"ckpt-{numbers[-1]}\"` into {state_path} to "
-           f"resume from the newest, or use a new --output_dir" if numbers else "")
-    if not tf.io.gfile.exists(state_path):
-        if numbers:
-            raise UsageError(f"{state_path} is missing but {directory} holds ckpt-{numbers[-1]}: "
-                             f"{fix}")
-        return None
-    try:
-        state = tf.train.get_checkpoint_state(directory)
-    except Exception as e:  # a text-format parse error  # noqa: BLE001
-        raise UsageError(f"{state_path} is unreadable ({str(e).splitlines()[0][:120]}): "
-                         f"{fix or 'delete it to start fresh'}") from None
-    if state is None or not state.model_checkpoint_path:
-        if numbers:
-            raise UsageError(f"{state_path} names no checkpoint but {directory} holds "
-                             f"ckpt-{numbers[-1]}: {fix}")
-        return None
-    prefix = state.model_checkpoint_path
-    if not os.path.isabs(prefix) and "://" not in prefix:
-        prefix = os.path.join(directory, prefix)
-    if not tf.io.gfile.exists(prefix + ".index"):
-        raise UsageError(f"{state_path} names {prefix}, which is not there: "
-                         f"{fix or 'delete the state file to start fresh'}")
-    return prefix
-
-
-def restore(checkpoint, prefix):
-    """Restores `prefix`; an unreadable checkpoint is a UsageError naming its files."""
-    try:
-        checkpoint.restore(prefix).assert_existing_objects_matched()
-    except Exception as e:  # truncated data files fail in many ways (OpError, IndexError, ...)  # noqa: BLE001
-        data = ", ".join(sorted(tf.io.gfile.glob(prefix + ".data-*"))) or prefix + ".data-*"
-        raise UsageError(f"cannot restore {prefix} ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else 'no detail'}); "
-                         f"its files ({prefix}.index, {data}) are damaged or not this model's: "
-                         "point the `checkpoint` state file at an older ckpt-N, or use a new "
-                         "--output_dir") from None
-
-
-def _fingerprint(path):
-    """Identity of one record file: its name and size, and its sidecar's sha256 when it has one."""
-    entry = {"file": os.path.basename(path), "bytes": tf.io.gfile.stat(path).length}
-    sidecar = pretraining_records.sidecar_path(path)
-    if tf.io.gfile.exists(sidecar):
-        with tf.io.gfile.GFile(sidecar, "rb") as f:
-            entry["meta_sha256"] = hashlib.sha256(f.read()).hexdigest()
-    return entry
-
-
-def input_state(opts, files, num_pipelines):
-    """What the input position at step N depends on; must be equal to resume exactly."""
-    return {"input_files": [_fingerprint(p) for p in files],
-            "train_batch_size": opts.train_batch_size, "seed": opts.seed,
-            "shuffle_buffer_size": opts.shuffle_buffer_size, "input_pipelines": num_pipelines}
-
-
-def check_resume_input(output_dir, state):
-    """UsageError if a run resumed in output_dir would read a different stream than before."""
-    path = os.path.join(output_dir, INPUT_STATE)
-    if not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as f:
-        before = json.load(f)
-    advice = ("to train on, start a new --output_dir with --init_checkpoint=" + output_dir)
-    if before.get("train_batch_size") != state["train_batch_size"]:
-        raise UsageError(f"--train_batch_size={state['train_batch_size']}, but {output_dir} was "
-                         f"trained with {before.get('train_batch_size')}: resume with the same "
-                         f"batch size, or {advice}")
-    if before.get("input_files") != state["input_files"]:
-        old = [e["file"] for e in before.get("input_files", [])]
-        new = [e["file"] for e in state["input_files"]]
-        detail = (f"{len(old)} file(s) then, {len(new)} now" if old != new
-                  else "same names, other contents (size or .meta.json differ)")
-        raise UsageError(f"--input_file differs from the records {output_dir} was trained on "
-                         f"({detail}; see {path}): resume with the same records, or {advice}")
-    for key in ("seed", "shuffle_buffer_size", "input_pipelines"):
-        if before.get(key) != state[key]:
-            flag = {"input_pipelines": "number of workers"}.get(key, "--" + key)
-            raise UsageError(f"{flag} is {state[key]}, but {output_dir} was trained with "
-                             f"{before.get(key)}: the input position would not resume exactly; "
-                             f"use the same value, or {advice}")
-
-
-def _write_json(path, obj):
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-
-
-def _vocab_and_casing(opts, files):
-    """-> (vocab file or None, do_lower_case) for the run folder, checked against the sidecars."""
-    metas = [(p, m) for p, m in pretraining_records.read_info(files).metas if m]
-    vocab_file = opts.vocab_file
-    if not vocab_file:  # the sidecar may name the vocab it was made with
-        named = [m.get("vocab_file") for _, m in metas if m.get("vocab_file")]
-        if named and tf.io.gfile.exists(named[0]):
-            vocab_file = named[0]
-    if vocab_file:
-        if not tf.io.gfile.exists(vocab_file) or tf.io.gfile.isdir(vocab_file):
-            raise UsageError(f"--vocab_file={vocab_file}: no such file")
-        with tf.io.gfile.GFile(vocab_file, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()
-        for path, meta in metas:
-            if meta.get("vocab_sha256") not in (None, sha):
-                raise UsageError(f"--vocab_file={vocab_file} is not the vocab {path} was made with "
-                                 f"(vocab_sha256 differs in {path}.meta.json)")
-    cased = {m["do_lower_case"] for _, m in metas if "do_lower_case" in m}
-    lower = opts.do_lower_case
-    if lower is None:
-        lower = cased.pop() if len(cased) == 1 else True
-    elif cased and cased != {lower}:
-        raise UsageError(f"--do_lower_case={lower}, but the records were made with "
-                         f"do_lower_case={sorted(cased)[0]} (see their .meta.json)")
-    return vocab_file, lower
-
-
 def _worker_info(strategy):
     """-> (num_workers, worker_index, is_chief) for this process."""
     local_replicas = len(strategy.extended.worker_devices)
@@ -659,8 +432,6 @@ def run(opts):
     eval_files = (pretraining_records.record_files(
         opts.eval_input_file or opts.input_file,
         "--eval_input_file" if opts.eval_input_file else "--input_file") if opts.do_eval else [])
-    _check_output_dir(opts.output_dir, config)
-    resume_from = latest_checkpoint(opts.output_dir) if tf.io.gfile.isdir(opts.output_dir) else None
 
     try:
         strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy,
@@ -682,18 +453,21 @@ def run(opts):
         info = pretraining_records.check_records(path, opts.max_seq_length,
                                                  opts.max_predictions_per_seq, config.vocab_size,
                                                  full_scan=opts.check_input_files)
-        counts[path] = info.meta.get("num_instances") or count_records(path)
+        counts[path] = info.meta.get("num_instances") or resume.count_records(path)
+    _check_output_dir(opts.output_dir, config)
+    resume_from = (resume.latest_checkpoint(opts.output_dir) if tf.io.gfile.isdir(opts.output_dir)
+                   else None)
     if opts.do_train:
-        state = input_state(opts, train_files, num_workers)
+        state = resume.input_state(opts, train_files, num_workers)
         if resume_from:
-            check_resume_input(opts.output_dir, state)
+            resume.check_resume_input(opts.output_dir, state)
         for i in range(num_workers):
-            _, _, per_epoch = pipeline_files(train_files, [counts[p] for p in train_files],
+            _, _, per_epoch = resume.pipeline_files(train_files, [counts[p] for p in train_files],
                                              num_workers, i)
             if per_epoch < opts.train_batch_size // num_workers:
                 raise UsageError(f"--input_file has {per_epoch} records for worker {i}, fewer than "
                                  f"one batch ({opts.train_batch_size // num_workers})")
-    vocab_file, do_lower_case = _vocab_and_casing(opts, train_files or eval_files)
+    vocab_file, do_lower_case = resume.vocab_and_casing(opts, train_files or eval_files)
     if resume_from is None and opts.do_eval and not opts.do_train and not opts.init_checkpoint:
         raise UsageError(f"--do_eval alone: no checkpoint in {opts.output_dir} "
                          "and no --init_checkpoint")
@@ -727,7 +501,7 @@ def run(opts):
                 else os.path.join(opts.output_dir, "workers", f"worker-{worker_index}"))
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=opts.keep_checkpoint_max)
     if resume_from:
-        restore(checkpoint, resume_from)
+        resume.restore(checkpoint, resume_from)
         logging.info("resumed from %s at step %d", resume_from, int(optimizer.iterations.numpy()))
     elif opts.init_checkpoint:
         try:
@@ -738,14 +512,14 @@ def run(opts):
     # 3. The run folder describes itself from the first step on (a killed run's folder too).
     if is_chief:
         tf.io.gfile.makedirs(opts.output_dir)
-        _remove_partial_saves(opts.output_dir)
-        _write_run_folder(opts.output_dir, config, vocab_file, do_lower_case)
+        resume.remove_partial_saves(opts.output_dir)
+        resume.write_run_folder(opts.output_dir, config, vocab_file, do_lower_case)
         if opts.do_train:
-            _write_json(os.path.join(opts.output_dir, INPUT_STATE), state)
+            resume.write_json(os.path.join(opts.output_dir, resume.INPUT_STATE), state)
 
     if opts.do_train:
         step = int(optimizer.iterations.numpy())
-        dataset_fn = train_dataset_fn(
+        dataset_fn = resume.train_dataset_fn(
             train_files, [counts[p] for p in train_files], opts.train_batch_size // replicas,
             opts.seed, opts.shuffle_buffer_size, step, _parser(opts, train_files, training=True))
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
@@ -760,31 +534,6 @@ def _parser(opts, files, training):
     return pretraining_records.make_parser(
         pretraining_records.read_info(files), opts.max_seq_length, opts.max_predictions_per_seq,
         seed=opts.seed, masked_lm_prob=opts.masked_lm_prob, training=training)
-
-
-def _remove_partial_saves(output_dir):
-    """Deletes `ckpt-N_temp/` folders: what a kill during a save leaves (TF writes a checkpoint
-    there, then renames it into ckpt-N.*). They are never a checkpoint TF would restore."""
-    for path in tf.io.gfile.glob(os.path.join(output_dir, "ckpt-*_temp")):
-        if re.fullmatch(r"ckpt-\d+_temp", os.path.basename(path)) and tf.io.gfile.isdir(path):
-            logging.warning("removing %s, left by a run killed while saving", path)
-            tf.io.gfile.rmtree(path)
-
-
-def _write_run_folder(output_dir, config, vocab_file, do_lower_case):
-    """bert_config.json, vocab.txt and model_info.json beside the checkpoints (model_folder's
-    contract), so fill_mask.py, export_to_pytorch.py and --init_checkpoint take the folder alone."""
-    if vocab_file is None:
-        logging.warning("no --vocab_file: %s gets no vocab.txt; rerun the same command with "
-                        "--vocab_file=<the vocab the records were made with> to add it",
-                        output_dir)
-        if not tf.io.gfile.exists(os.path.join(output_dir, "bert_config.json")):
-            config.to_json_file(os.path.join(output_dir, "bert_config.json"))
-        return
-    import model_folder  # the run-folder contract's one owner
-
-    model_folder.write(output_dir, config=config, vocab_file=vocab_file,
-                       do_lower_case=do_lower_case, task="mlm")
 
 
 def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
@@ -835,10 +584,11 @@ def _evaluate(opts, trainer, files, counts, num_workers):
     per_replica = opts.eval_batch_size // strategy.num_replicas_in_sync
     per_pipeline = opts.eval_batch_size // num_workers
     steps = min(opts.max_eval_steps, max(
-        -(-pipeline_files(files, counts, num_workers, i)[2] // per_pipeline)
+        -(-resume.pipeline_files(files, counts, num_workers, i)[2] // per_pipeline)
         for i in range(num_workers)))
     iterator = iter(strategy.distribute_datasets_from_function(
-        eval_dataset_fn(files, counts, per_replica, steps, _parser(opts, files, training=False))))
+        resume.eval_dataset_fn(files, counts, per_replica, steps,
+                               _parser(opts, files, training=False))))
     sums = np.zeros(3)
     for _ in range(steps):
         sums += trainer.eval_step(iterator).numpy()

@@ -157,7 +157,10 @@ def test_sidecar_disagreements_and_unknown_kinds_are_one_line_errors(tmp_path):
     with pytest.raises(UsageError, match=r"3 records, but .*meta\.json says num_instances=4"):
         records.check_records(path, SEQ, PRED, VOCAB)
     json.dump(dict(meta, kind="from_the_future"), open(path + ".meta.json", "w"))
-    with pytest.raises(UsageError, match=r"unknown record kind 'from_the_future'"):
+    with pytest.raises(UsageError, match=r"r\.tfrecord: unknown record kind .from_the_future."):
+        records.check_records(path, SEQ, PRED, VOCAB)
+    json.dump(dict(meta, format_version=2), open(path + ".meta.json", "w"))
+    with pytest.raises(UsageError, match=r"r\.tfrecord: format_version 2 .* newer than this version reads"):
         records.check_records(path, SEQ, PRED, VOCAB)
     open(path + ".meta.json", "w").write("{not json")
     with pytest.raises(UsageError, match=r"r\.tfrecord\.meta\.json: unreadable sidecar"):
@@ -259,13 +262,14 @@ def test_second_writer_of_the_same_output_fails_at_once(tmp_path):
     assert records.check_records(path, SEQ, PRED, VOCAB).meta["num_instances"] == 2
 
 
-@pytest.mark.parametrize("case", ["directory", "is_input", "parent_is_file"])
+@pytest.mark.parametrize("case", ["directory", "trailing_slash", "is_input", "parent_is_file"])
 def test_bad_output_paths_are_one_line_errors_before_anything_is_written(tmp_path, case):
     (tmp_path / "in.txt").write_text("text")
     (tmp_path / "blocker").write_text("a file")
     (tmp_path / "dir").mkdir()
     path, inputs, message = {
         "directory": (tmp_path / "dir", [], r"dir is a directory; give a file name inside it"),
+        "trailing_slash": (f"{tmp_path}/new/", [], r"new/ is a directory; give a file name inside it"),
         "is_input": (tmp_path / "sub" / ".." / "in.txt", [str(tmp_path / "in.txt")],
                      r"in\.txt is also an input file"),
         "parent_is_file": (tmp_path / "blocker" / "r.tfrecord", [], r"cannot write to .*blocker"),
@@ -275,3 +279,18 @@ def test_bad_output_paths_are_one_line_errors_before_anything_is_written(tmp_pat
         with records.RecordOutputs([str(path)], inputs=inputs):
             pass
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xe8\xbf\x99\xe4\xb8\x8d\xe6\x98\xaf\n" * 50, r"corrupt or truncated TFRecord file \(corrupted record at 0"),
+    (records.frame([b"\xff\xff\xff"]), r"record 0 is not a tf.train.Example"),
+    (records.frame([records.encode_example({"label": ("int64", [1])})]),
+     r"record 0 has no feature 'input_ids' \(not static pretraining records\?\)"),
+    (b"", r"no records"),
+])
+def test_files_that_are_not_pretraining_records_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "x.tfrecord"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=rf"^{path}: {message}") as err:
+        records.check_records(str(path), SEQ, PRED, VOCAB)
+    assert "function_node" not in str(err.value) and "\n" not in str(err.value)
