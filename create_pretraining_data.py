@@ -1,49 +1,37 @@
 # coding=utf-8
 """Turns a Chinese text corpus into masked-LM pretraining TFRecords with whole-word masking.
 
-Input (Google's corpus format): UTF-8 text, one sentence per line, a blank line between documents
-(`--input_format=sentence_per_line`), or one document per line (`doc_per_line`, split into sentences
-after 。！？!?；…). Plain, `.gz`, `.bz2` and `.xz` files are read as streams.
+The stage, in the order of this file (DESIGN.md section 3):
+  read     Google's corpus format (one sentence per line, a blank line between documents) or one
+           document per line (`--input_format=doc_per_line`); plain, .gz, .bz2 or .xz, streamed in
+           chunks of documents.
+  segment  each document once with jieba (or rjieba); BERT-tokenize its sentences (ids equal to
+           `tokenization.FullTokenizer`). The tokens of one jieba word form one masking group,
+           whatever its length; `##` continuations join their word's group.
+  pack     DOC-SENTENCES, `dupe_factor` times: `[CLS] sentences... [SEP]` up to `max_seq_length`
+           (a random shorter target with `short_seq_prob`), never across documents. Sentences over
+           the budget are split at word boundaries, never dropped.
+  mask     min(max_predictions_per_seq, max(1, round(n_tokens * masked_lm_prob))) tokens as whole
+           groups, per group 80% [MASK] / 10% keep / 10% random ordinary tokens; labels are the
+           original ids. `--dynamic_masking` skips this: each instance is written once, unmasked
+           (token ids + word starts), and run_pretraining.py draws fresh masks every epoch.
+  write    Google's record schema plus `<output>.meta.json`, through `pretraining_records` (exclusive
+           temp files, sidecar last; a re-run whose sidecar matches the settings skips the file).
 
-Pipeline for each document (DESIGN.md section 3):
-  1. BERT-tokenize every sentence (ids identical to `tokenization.FullTokenizer`, via a cached fast
-     path) and segment the document once with jieba (or rjieba).
-  2. Align: the tokens of one jieba word form one masking group, whatever the word's length;
-     `##` WordPiece continuations join their word's group.
-  3. DOC-SENTENCES, `dupe_factor` times: pack `[CLS] sentences... [SEP]` up to a target length
-     (`max_seq_length`, or a random shorter one with probability `short_seq_prob`), never across a
-     document boundary. Sentences longer than the budget are split at word boundaries, never dropped.
-  4. Mask min(max_predictions_per_seq, max(1, round(n_tokens * masked_lm_prob))) tokens as whole
-     groups: per group 80% [MASK] / 10% keep / 10% random ordinary tokens. Labels are the original ids.
-
-Determinism: every (document, dupe copy) has its own RNG seeded from (random_seed, document index,
-copy index), documents are processed in fixed chunks whose instances are shuffled with an RNG seeded
-from (random_seed, chunk index), and the parent writes chunks in input order. The output bytes therefore
-depend only on (input, flags), not on `--num_workers`.
-
-Output: Google's TFRecord schema (input_ids, input_mask, segment_ids, masked_lm_positions,
-masked_lm_ids, masked_lm_weights, next_sentence_labels) plus `<output>.meta.json`. Files are written
-under a temporary name and renamed when complete; the sidecar is written last, and a re-run whose
-sidecar matches the current settings skips the file.
-
-Example:
-    python create_pretraining_data.py --input_file='resources/corpus/*.txt' \
-        --output_file=/tmp/demo.tfrecord --vocab_file=resources/vocab.txt \
-        --max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5
+Determinism: each (document, dupe copy) has an RNG seeded from (random_seed, document index, copy),
+each chunk's instances are shuffled with an RNG seeded from (random_seed, chunk index), and chunks
+are written in input order: the bytes depend only on (input, flags), not on `--num_workers`.
 """
 
 import bz2
 import dataclasses
 import glob
 import gzip
-import itertools
 import lzma
 import os
 import random
 import re
-import sys
 import time
-import unicodedata
 
 import numpy as np
 from absl import flags
@@ -59,30 +47,40 @@ INPUT_FORMATS = ("sentence_per_line", "doc_per_line")
 # on the input (never on the worker count), which keeps the output identical for any --num_workers.
 DOCS_PER_CHUNK = 256
 CHARS_PER_CHUNK = 1 << 20
-_RUN_CACHE_LIMIT = 200_000
+
+
+def _flag(default, group, help_text, enum=None):
+    return dataclasses.field(default=default, metadata={"group": group, "help": help_text, "enum": enum})
+
+
+_IO, _INST, _WWM, _RUN = "Input and output", "Instances", "Whole-word masking", "Speed and progress"
 
 
 @dataclasses.dataclass
 class Options:
-    """Generator settings; field names are the command-line flag names."""
-    input_file: str
-    output_file: str
-    vocab_file: str
-    do_lower_case: bool = True
-    do_whole_word_mask: bool = True
-    max_seq_length: int = 128
-    max_predictions_per_seq: int = 20
-    random_seed: int = 12345
-    dupe_factor: int = 10
-    masked_lm_prob: float = 0.10
-    short_seq_prob: float = 0.1
-    input_format: str = "sentence_per_line"
-    segmenter: str = "jieba"
-    jieba_user_dict: str = ""
-    num_workers: int = 1
-    num_output_shards: int = 1
-    progress_every_secs: float = 10.0
-    dynamic_masking: bool = False
+    """Generator settings; each field is the command-line flag of the same name (`define_flags`)."""
+    input_file: str = _flag(None, _IO, "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
+    input_format: str = _flag("sentence_per_line", _IO, "sentence_per_line (blank line between "
+                              "documents) or doc_per_line.", INPUT_FORMATS)
+    output_file: str = _flag(None, _IO, "Output TFRecord file (or comma list of shards).")
+    num_output_shards: int = _flag(1, _IO, "Split output into N files <output_file>-0000i-of-0000N.")
+    vocab_file: str = _flag(None, _IO, "WordPiece vocab the model will use.")
+    do_lower_case: bool = _flag(True, _IO, "Lower-case and strip accents.")
+    max_seq_length: int = _flag(128, _INST, "Tokens per instance incl. [CLS]/[SEP].")
+    short_seq_prob: float = _flag(0.1, _INST, "Probability of a random shorter target length.")
+    dupe_factor: int = _flag(10, _INST, "Copies of each document with fresh masks.")
+    dynamic_masking: bool = _flag(False, _INST, "Write each instance once, unmasked (token ids + word "
+                                  "starts); run_pretraining.py draws fresh whole-word masks every "
+                                  "epoch. Ignores --dupe_factor.")
+    random_seed: int = _flag(12345, _INST, "Seed; output depends only on it and input.")
+    do_whole_word_mask: bool = _flag(True, _WWM, "Mask whole jieba words (else single tokens).")
+    masked_lm_prob: float = _flag(0.10, _WWM, "Share of tokens to predict.")
+    max_predictions_per_seq: int = _flag(20, _WWM, "Maximum masked tokens per instance.")
+    segmenter: str = _flag("jieba", _WWM, "Word segmenter for whole-word masking (rjieba is much "
+                           "faster, pip install rjieba).", SEGMENTERS)
+    jieba_user_dict: str = _flag("", _WWM, "Optional jieba user dictionary (word [freq] [tag] lines).")
+    num_workers: int = _flag(1, _RUN, "Worker processes (output is identical).")
+    progress_every_secs: float = _flag(10.0, _RUN, "Seconds between progress lines.")
 
 
 def validate_options(o):
@@ -161,10 +159,76 @@ def split_sentences(text):
     return [s for s in _SENTENCE_RE.findall(text) if s.strip()]
 
 
+# A file is refused as not UTF-8 when invalid byte sequences are more than this share of its bytes
+# (in two lines or more; one bad line says nothing about the encoding). The odd broken character in
+# UTF-8 text stays far below it: one per 100 bytes would break nearly every line of Chinese text.
+# GBK or Big5 text read as UTF-8 is 30-90% invalid, Latin-1 text with accents a few percent.
+MAX_INVALID_UTF8_SHARE = 0.01
+# Before anything is written, this much of every input file is checked with the same rule.
+ENCODING_CHECK_BYTES = 1 << 20
+
+
+class _Utf8Lines:
+    """Decodes one file's lines as UTF-8 (invalid bytes -> U+FFFD) and counts what was replaced."""
+
+    def __init__(self, path):
+        self.path = path
+        self.bytes = self.replaced = self.bad_lines = 0
+        self.first_bad_line = None
+        self.sample = b""  # bytes from the first invalid line on, to guess the encoding from
+
+    def decode(self, line, line_no):
+        self.bytes += len(line)
+        if self.first_bad_line is not None and len(self.sample) < 1 << 16:
+            self.sample += line
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = line.decode("utf-8", "replace")
+            # Count only the replacements we made, not U+FFFD characters that were in the file.
+            self.replaced += text.count("\ufffd") - line.count("\ufffd".encode("utf-8"))
+            self.bad_lines += 1
+            if self.first_bad_line is None:
+                self.first_bad_line = line_no
+                self.sample = line
+            return text
+
+    def check(self):
+        """Raises UsageError (one line) when the file is evidently in another encoding."""
+        if self.bad_lines < 2 or self.replaced <= MAX_INVALID_UTF8_SHARE * self.bytes:
+            return
+        raise UsageError(
+            f"--input_file: {self.path} is not UTF-8: line {self.first_bad_line} is the first of "
+            f"{self.bad_lines} lines with invalid bytes ({self.replaced / self.bytes:.0%} of the "
+            f"{self.bytes} bytes read); {_guess_encoding(self.sample)}")
+
+
+def _guess_encoding(sample):
+    """What to tell the user about the encoding of `sample`, by charset_normalizer.
+
+    Short samples can be ambiguous (a few GBK characters decode as Korean CP949 just as well); then
+    the equally likely encodings are all named. Names are spelled as iconv accepts them.
+    """
+    import charset_normalizer
+
+    matches = list(charset_normalizer.from_bytes(sample))
+    if not matches:
+        return "its encoding is not recognised (binary or compressed data?)"
+    tied = [m.encoding.upper().replace("_", "-") for m in matches
+            if (m.chaos, m.coherence) == (matches[0].chaos, matches[0].coherence)][:3]
+    named = tied[0] if len(tied) == 1 else "one of " + ", ".join(tied)
+    return (f"likely encoding {named}; convert it to UTF-8 first "
+            f"(e.g. iconv -f {tied[0] if len(tied) == 1 else 'ENCODING'} -t UTF-8)")
+
+
 class InputReader:
     """Streams documents out of the input files; counts bytes read and invalid UTF-8 replaced.
 
     A document is `(path_index, [(line_number, sentence), ...])`. Documents never span files.
+    Raises UsageError naming the file, its first bad line and the likely encoding when a file is not
+    UTF-8 (see MAX_INVALID_UTF8_SHARE): for the first ENCODING_CHECK_BYTES of every file already when
+    constructed, before any output is opened; for the rest when the file has been read, which is
+    still before any output is renamed into place.
     """
 
     def __init__(self, paths, input_format):
@@ -176,31 +240,39 @@ class InputReader:
         self.first_replacement = None  # "file:line"
         self.docs_per_file = [0] * len(paths)
         self.text_bytes = 0  # decompressed
+        for path in paths:
+            self._check_encoding(path)
 
     @property
     def bytes_done(self):
         return self.bytes_done_in_closed_files + (self._raw.tell() if self._raw else 0)
 
-    def _decode(self, line, path, line_no):
+    @staticmethod
+    def _check_encoding(path):
+        lines = _Utf8Lines(path)
+        raw, stream = _open_binary(path)
         try:
-            return line.decode("utf-8")
-        except UnicodeDecodeError:
-            text = line.decode("utf-8", "replace")
-            # Count only the replacements we made, not U+FFFD characters that were in the file.
-            self.replaced_chars += text.count("\ufffd") - line.count("\ufffd".encode("utf-8"))
-            if self.first_replacement is None:
-                self.first_replacement = f"{path}:{line_no}"
-            return text
+            for line_no, line in enumerate(stream, 1):
+                lines.decode(line, line_no)
+                if lines.bytes >= ENCODING_CHECK_BYTES:
+                    break
+        except (OSError, EOFError, lzma.LZMAError) as e:
+            raise UsageError(f"--input_file: cannot read {path}: {e}") from None
+        finally:
+            stream.close()
+            raw.close()
+        lines.check()
 
     def documents(self):
         for path_index, path in enumerate(self.paths):
             raw, stream = _open_binary(path)
             self._raw = raw
+            lines = _Utf8Lines(path)
             try:
                 sentences, chars = [], 0
                 for line_no, line in enumerate(stream, 1):
                     self.text_bytes += len(line)
-                    text = self._decode(line, path, line_no).strip()
+                    text = lines.decode(line, line_no).strip()
                     if self.input_format == "doc_per_line":
                         if text:
                             self.docs_per_file[path_index] += 1
@@ -218,11 +290,15 @@ class InputReader:
                         self.docs_per_file[path_index] += 1
                         yield path_index, sentences
                         sentences, chars = [], 0
+                lines.check()
+                self.replaced_chars += lines.replaced
+                if self.first_replacement is None and lines.first_bad_line is not None:
+                    self.first_replacement = f"{path}:{lines.first_bad_line}"
                 if sentences:
                     self.docs_per_file[path_index] += 1
                     yield path_index, sentences
             except (OSError, EOFError, lzma.LZMAError) as e:
-                raise ValueError(f"--input_file: cannot read {path}: {e}") from None
+                raise UsageError(f"--input_file: cannot read {path}: {e}") from None
             finally:
                 self.bytes_done_in_closed_files += os.path.getsize(path)
                 self._raw = None
@@ -245,119 +321,19 @@ class InputReader:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Tokenization with character spans (a fast path with ids identical to FullTokenizer)
+# Tokens and whole-word groups
 # ----------------------------------------------------------------------------------------------------
 
-_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF),
-               (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0x2F800, 0x2FA1F))
-
-
-def _is_cjk_char(ch):
-    cp = ord(ch)
-    return any(a <= cp <= b for a, b in _CJK_RANGES)
-
-
-def _is_punctuation(ch):
-    """The BERT tokenizer's punctuation: ASCII non-alphanumerics and Unicode category P*."""
-    cp = ord(ch)
-    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-        return True
-    return unicodedata.category(ch).startswith("P")
-
-
-def _is_simple_char(ch, do_lower_case):
-    """True for characters that always become exactly one token of their own.
-
-    The tokenizer puts spaces around CJK ideographs, and splits off punctuation as a one-character
-    word (we only count punctuation that lower-casing and accent stripping leave unchanged). Either
-    way the token does not depend on the neighbours, so these characters are looked up one by one.
-    """
-    if _is_cjk_char(ch):
-        return True
-    return _is_punctuation(ch) and not (do_lower_case and unicodedata.normalize("NFD", ch.lower()) != ch)
-
-
-def _is_split_char(ch):
-    """Where the basic tokenizer splits words (whitespace, punctuation); used only to find spans."""
-    return ch.isspace() or _is_punctuation(ch)
-
-
-_ID_BASE = 0x100000  # simple characters are translated to chr(_ID_BASE + token id)
-
-
-class _CharTable(dict):
-    """str.translate table: simple char -> chr(_ID_BASE + id); other chars -> a char below _ID_BASE."""
-
-    def __init__(self, tokenizer):
-        super().__init__()
-        self.tokenizer = tokenizer
-
-    def __missing__(self, cp):
-        ch = chr(cp)
-        if _is_simple_char(ch, self.tokenizer.do_lower_case):
-            ids = self.tokenizer.full.convert_tokens_to_ids(self.tokenizer.full.tokenize(ch))
-            if len(ids) != 1:
-                raise AssertionError(f"character {ch!r} gave {len(ids)} tokens")
-            value = chr(_ID_BASE + ids[0])
-        else:  # private-use planes 15/16 are dropped by the tokenizer; "\0" is dropped the same way
-            value = ch if cp < _ID_BASE else "\0"
-        self[cp] = value
-        return value
-
-
 class SpanTokenizer:
-    """Wraps `tokenization.FullTokenizer`: the same ids, plus the masking groups of the tokens.
+    """`tokenization.FullTokenizer`'s ids for many sentences at once, plus the tokens' masking groups.
 
-    A whole document is handled at once with NumPy. Simple characters (CJK, punctuation) map to one
-    id each through a `str.translate` table. The other runs ("iPhone 12", "3.5", "\n") are tokenized
-    once per distinct string with the full tokenizer and cached with the character span each token
-    came from. Tokens never cross a simple character (the tokenizer separates them), so the result
-    equals FullTokenizer on every sentence; tests/ check this on the corpora.
+    The tokens and their character spans come from `FullTokenizer.encode_with_spans` (fast on whole
+    chunks); the groups come from comparing the spans with the jieba words.
     """
 
     def __init__(self, vocab_file, do_lower_case):
         self.full = tokenization.FullTokenizer(vocab_file, do_lower_case=do_lower_case)
         self.vocab = self.full.vocab
-        self.do_lower_case = do_lower_case
-        self._table = _CharTable(self)
-        self._runs = {}  # complex run -> (ids, rel_starts, rel_ends, joins_previous)
-
-    def _analyze_run(self, run):
-        """Tokens of a complex run with the span [start, end) of the piece each came from."""
-        pieces, start = [], None
-        for i, ch in enumerate(run):
-            if _is_split_char(ch):
-                if start is not None:
-                    pieces.append((start, i))
-                    start = None
-                if not ch.isspace():
-                    pieces.append((i, i + 1))
-            elif start is None:
-                start = i
-        if start is not None:
-            pieces.append((start, len(run)))
-        # One piece (most runs: "2019", "iPhone", "\n") is its own reference tokenization.
-        tokens = None if len(pieces) == 1 and pieces[0] == (0, len(run)) else self.full.tokenize(run)
-        piece_tokens, starts, ends, joins = [], [], [], []
-        for a, b in pieces:
-            for k, tok in enumerate(self.full.tokenize(run[a:b])):
-                piece_tokens.append(tok)
-                starts.append(a)
-                ends.append(b)
-                # WordPiece pieces of one word (and anything else one piece yields) stay together.
-                joins.append(k > 0 or tok.startswith("##"))
-        if tokens is None:
-            tokens = piece_tokens
-        elif piece_tokens != tokens:
-            # Rare (e.g. accent stripping that creates punctuation): keep the exact tokens and give
-            # them the whole run as span, so they form one group.
-            starts, ends = [0] * len(tokens), [len(run)] * len(tokens)
-            joins = [i > 0 for i in range(len(tokens))]
-        entry = (self.full.convert_tokens_to_ids(tokens), starts, ends, joins)
-        if len(self._runs) >= _RUN_CACHE_LIMIT:
-            self._runs.clear()
-        self._runs[run] = entry
-        return entry
 
     def tokenize_sentences(self, sentences, word_start):
         """Token ids and masking groups of every sentence (of one or many documents, in one go).
@@ -371,36 +347,16 @@ class SpanTokenizer:
         Returns:
           [(ids list[int], group_starts list[int])] per sentence; group_starts ascending, [0] first.
         """
-        text = "\n".join(sentences)
-        codes = np.frombuffer(text.translate(self._table).encode("utf-32-le"), np.uint32)  # [C]
-        simple = codes >= _ID_BASE
-        # Complex runs: maximal stretches of non-simple characters, as (start, end) pairs.
-        edges = np.flatnonzero(np.diff(np.concatenate(([1], simple, [1])).astype(np.int8)))
-        bounds = edges.reshape(-1, 2)  # [R, 2]
-        runs, analyze = self._runs, self._analyze_run
-        found = [runs.get(text[a:b]) or analyze(text[a:b]) for a, b in bounds.tolist()]
-        per_run = np.fromiter(map(len, (f[0] for f in found)), np.int64, len(found))  # tokens per run
-        chain = itertools.chain.from_iterable
-        run_start = np.repeat(bounds[:, 0], per_run)
-        n = int(per_run.sum())
-        c_pos = run_start + np.fromiter(chain(f[1] for f in found), np.int64, n)
-        c_end = run_start + np.fromiter(chain(f[2] for f in found), np.int64, n)
-        c_ids = np.fromiter(chain(f[0] for f in found), np.int64, n)
-        c_join = np.fromiter(chain(f[3] for f in found), bool, n)
-        s_pos = np.flatnonzero(simple)
-        pos = np.concatenate([s_pos, c_pos])  # [T] first character of each token
-        order = np.argsort(pos, kind="stable")
-        pos = pos[order]
-        ids = np.concatenate([codes[simple].astype(np.int64) - _ID_BASE, c_ids])[order]
-        end = np.concatenate([s_pos + 1, c_end])[order]
-        join = np.concatenate([np.zeros(len(s_pos), bool), c_join])[order]
+        ids, pos, end, join = self.full.encode_with_spans("\n".join(sentences))  # [T] each
         # word_of[c]: number of the jieba word holding character c.
         word_of = np.cumsum(np.frombuffer(word_start, np.uint8), dtype=np.int64)
         new_group = ~join
         new_group[1:] &= word_of[pos[1:]] != word_of[end[:-1] - 1]
         # Split tokens by sentence (sentence k starts at character offset[k]); each starts a group.
+        # Tokens never cross the "\n"; the running maximum keeps `pos` sorted for the search even
+        # where accent stripping reorders marks inside a word.
         offset = np.cumsum([0] + [len(x) + 1 for x in sentences[:-1]])
-        cut = np.searchsorted(pos, offset)
+        cut = np.searchsorted(np.maximum.accumulate(pos) if len(pos) else pos, offset)
         new_group[cut[cut < len(pos)]] = True
         group_starts = np.flatnonzero(new_group)
         gcut = np.searchsorted(group_starts, cut).tolist() + [len(group_starts)]
@@ -724,6 +680,27 @@ def _results(o, reader, paths):
             yield pending.popleft().get()
 
 
+def output_settings(o, vocab, vocab_sha256, input_files):
+    """The sidecar keys saying how the outputs were made (local and Beam runs alike).
+
+    input_files: [(path, size in bytes)].
+    """
+    settings = {k: getattr(o, k) for k in records.READ_KEYS + records.SETTINGS_KEYS if hasattr(o, k)}
+    settings.update(kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
+                    dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
+                    format_version=records.FORMAT_VERSION, vocab_size=len(vocab), vocab_sha256=vocab_sha256,
+                    input_files=[{"path": p, "bytes": n} for p, n in input_files])
+    return settings
+
+
+def sidecars(o, vocab, settings, counts, totals, replaced_chars, split_lines):
+    """One sidecar per output shard holding counts[i] records; totals as from `new_stats`."""
+    kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
+    return [dict(settings, **kind_keys, num_instances=n, num_output_shards=len(counts),
+                 total_instances=totals["instances"], num_documents=totals["documents"],
+                 replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]
+
+
 def generate(o, log=print):
     """Runs the generator; returns a summary dict. Raises UsageError (one line) on bad input.
 
@@ -737,26 +714,18 @@ def generate(o, log=print):
         raise UsageError(f"--vocab_file: {e}") from None
     outputs = records.shard_paths(o.output_file, o.num_output_shards)
     input_paths = resolve_input_files(o.input_file)
-    settings = records.generator_settings(
-        kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
-        max_seq_length=o.max_seq_length, max_predictions_per_seq=o.max_predictions_per_seq,
-        vocab_size=len(vocab), vocab_sha256=tokenization.vocab_sha256(o.vocab_file),
-        do_lower_case=o.do_lower_case, do_whole_word_mask=o.do_whole_word_mask,
-        masked_lm_prob=o.masked_lm_prob, dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
-        short_seq_prob=o.short_seq_prob,
-        random_seed=o.random_seed, segmenter=o.segmenter, jieba_user_dict=o.jieba_user_dict,
-        input_format=o.input_format,
-        input_files=[(os.path.abspath(p), os.path.getsize(p)) for p in input_paths])
+    settings = output_settings(o, vocab, tokenization.vocab_sha256(o.vocab_file),
+                               [(os.path.abspath(p), os.path.getsize(p)) for p in input_paths])
     if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
         log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
         return {"skipped": True, "outputs": outputs}
+    reader = InputReader(input_paths, o.input_format)  # checks the encodings before any output is touched
     if o.segmenter == "rjieba":
         make_segmenter("rjieba")  # fail fast in the parent when it is not installed
 
     from train_utils import ProgressLogger
 
     totals = new_stats()
-    reader = InputReader(input_paths, o.input_format)
     total_kb = sum(os.path.getsize(p) for p in input_paths) // 1024 + 1
     progress = ProgressLogger(total=total_kb, unit="KB", every_secs=o.progress_every_secs,
                               name="create_pretraining_data")
@@ -776,11 +745,8 @@ def generate(o, log=print):
         if totals["instances"] == 0:
             raise UsageError("--input_file: no instance produced (every document was empty)")
         split_lines = totals.pop("split_lines")
-        kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
-        out.commit([dict(settings, **kind_keys, num_instances=n, num_output_shards=len(outputs),
-                         total_instances=totals["instances"], num_documents=totals["documents"],
-                         replaced_invalid_utf8_chars=reader.replaced_chars,
-                         split_long_lines=len(split_lines)) for n in out.counts])
+        out.commit(sidecars(o, vocab, settings, out.counts, totals, reader.replaced_chars,
+                            len(split_lines)))
     elapsed = time.perf_counter() - start
     mb = reader.text_bytes / 1e6
     for line in split_lines[:5]:
@@ -797,39 +763,18 @@ def generate(o, log=print):
 
 
 def define_flags(fv=flags.FLAGS):
-    """Declares the flags on `fv`; their names are the fields of `Options`."""
-    d = Options.__dataclass_fields__
-
-    def define(kind, name, help_text, *args):
-        default = d[name].default if d[name].default is not dataclasses.MISSING else None
-        getattr(flags, f"DEFINE_{kind}")(name, default, *args, help_text, flag_values=fv)
-
-    with train_utils.flag_group("Input and output", fv):
-        define("string", "input_file", "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
-        define("enum", "input_format", "sentence_per_line (blank line between documents) or doc_per_line.",
-               list(INPUT_FORMATS))
-        define("string", "output_file", "Output TFRecord file (or comma list of shards).")
-        define("integer", "num_output_shards", "Split output into N files <output_file>-0000i-of-0000N.")
-        define("string", "vocab_file", "WordPiece vocab the model will use.")
-        define("bool", "do_lower_case", "Lower-case and strip accents.")
-    with train_utils.flag_group("Instances", fv):
-        define("integer", "max_seq_length", "Tokens per instance incl. [CLS]/[SEP].")
-        define("float", "short_seq_prob", "Probability of a random shorter target length.")
-        define("integer", "dupe_factor", "Copies of each document with fresh masks.")
-        define("bool", "dynamic_masking", "Write each instance once, unmasked (token ids + word "
-               "starts); run_pretraining.py draws fresh whole-word masks every epoch. Ignores "
-               "--dupe_factor.")
-        define("integer", "random_seed", "Seed; output depends only on it and input.")
-    with train_utils.flag_group("Whole-word masking", fv):
-        define("bool", "do_whole_word_mask", "Mask whole jieba words (else single tokens).")
-        define("float", "masked_lm_prob", "Share of tokens to predict.")
-        define("integer", "max_predictions_per_seq", "Maximum masked tokens per instance.")
-        define("enum", "segmenter", "Word segmenter for whole-word masking (rjieba is much faster, "
-               "pip install rjieba).", list(SEGMENTERS))
-        define("string", "jieba_user_dict", "Optional jieba user dictionary (word [freq] [tag] lines).")
-    with train_utils.flag_group("Speed and progress", fv):
-        define("integer", "num_workers", "Worker processes (output is identical).")
-        define("float", "progress_every_secs", "Seconds between progress lines.")
+    """Declares one flag per `Options` field, under its group's heading in --help."""
+    kinds = {str: "string", int: "integer", float: "float", bool: "bool"}
+    fields = dataclasses.fields(Options)
+    for group in dict.fromkeys(f.metadata["group"] for f in fields):
+        with train_utils.flag_group(group, fv):
+            for f in (f for f in fields if f.metadata["group"] == group):
+                if f.metadata["enum"]:
+                    flags.DEFINE_enum(f.name, f.default, list(f.metadata["enum"]), f.metadata["help"],
+                                      flag_values=fv)
+                else:
+                    getattr(flags, f"DEFINE_{kinds[f.type]}")(f.name, f.default, f.metadata["help"],
+                                                              flag_values=fv)
     if fv is flags.FLAGS:
         train_utils.require_flags("input_file", "output_file", "vocab_file")
 
@@ -837,7 +782,7 @@ def define_flags(fv=flags.FLAGS):
 def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}")
-    generate(Options(**{name: flags.FLAGS[name].value for name in Options.__dataclass_fields__}))
+    generate(Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)}))
 
 
 EXAMPLE = ("python create_pretraining_data.py --input_file=resources/corpus/*.txt "

@@ -21,7 +21,6 @@ import math
 import os
 import tempfile
 import types
-import unicodedata
 
 import keras
 import numpy as np
@@ -40,73 +39,12 @@ from train_utils import UsageError
 # ---------------------------------------------------------------------------------------------------
 
 
-def _is_cjk(ch):
-    cp = ord(ch)
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
-            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
-            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
-
-
-def _is_punctuation(ch):
-    cp = ord(ch)
-    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-        return True
-    return unicodedata.category(ch).startswith("P")
-
-
-def _is_dropped(ch):
-    """Characters the BERT tokenizer removes: whitespace, NUL, U+FFFD and control characters."""
-    if ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
-        return True
-    return ord(ch) in (0, 0xFFFD) or unicodedata.category(ch).startswith("C")
-
-
-def _split_units(text):
-    """Splits `text` the way BasicTokenizer does, keeping offsets.
-
-    Returns a list of (start, end) character ranges (end exclusive): one per CJK character or
-    punctuation mark, one per run of other non-space characters. Whitespace/control chars are dropped.
-    """
-    units, start = [], None
-    for i, ch in enumerate(text):
-        if _is_dropped(ch) or _is_cjk(ch) or _is_punctuation(ch):
-            if start is not None:
-                units.append((start, i))
-                start = None
-            if not _is_dropped(ch):
-                units.append((i, i + 1))
-        elif start is None:
-            start = i
-    if start is not None:
-        units.append((start, len(text)))
-    return units
-
-
 def tokenize_with_offsets(tokenizer, text):
-    """Tokenizes `text` exactly like `tokenizer.tokenize(text)` and records where each token came from.
+    """`tokenizer.tokenize(text)` and each token's character span [start, end) in `text`.
 
-    Returns:
-      tokens: list[str] (equal to tokenizer.tokenize(text)).
-      spans: list[(start, end)], the characters text[start:end] token i covers. WordPieces of one word
-        split its characters by piece length; when lower-casing/accent stripping changed the length (or
-        the word became [UNK]) the pieces share the word's range proportionally, the last one ending
-        at the word's end.
+    The spans follow tokenization.FullTokenizer.tokenize_with_offsets, the one owner of this rule.
     """
-    tokens, spans = [], []
-    for u_start, u_end in _split_units(text):
-        pieces = tokenizer.tokenize(text[u_start:u_end])
-        lengths = [len(p[2:]) if p.startswith("##") else len(p) for p in pieces]
-        n_chars = u_end - u_start
-        if sum(lengths) != n_chars:  # [UNK], or normalisation changed the length
-            total = sum(lengths) or 1
-            lengths = [max(1, round(n_chars * length / total)) for length in lengths]
-        pos = u_start
-        for i, piece in enumerate(pieces):
-            end = u_end if i == len(pieces) - 1 else min(u_end, pos + lengths[i])
-            tokens.append(piece)
-            spans.append((pos, max(end, pos + 1) if pos < u_end else u_end))
-            pos = min(end, u_end)
-    return tokens, spans
+    return tokenizer.tokenize_with_offsets(text)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,54 +277,38 @@ def make_tokenizer(vocab_file, do_lower_case):
 
 
 class Task:
-    """What a task script gives `run`. The driver sets `opts`, `tokenizer`, `labels` and `model`
-    before calling the methods that need them.
+    """What a task script gives `run`; the driver sets `opts`, `tokenizer`, `labels` and `model`.
 
     kind: the model_folder task ("classifier", "ner", "qa"; export_to_pytorch's --task).
     key: the dev metric that picks the best epoch (higher is better).
-    file_names: {split: (usual file names in --data_dir, first found wins)}.
+    file_names: {split: usual file names in --data_dir, first found wins}.
+    prediction_files: files it writes into output_dir (checked before training).
+    loss: None for masked_sparse_ce, or a list (one per output).
+    Methods: check() flag checks; find_files() {split: path}; read(path, split) -> (examples, Counter
+    of skipped items by reason); label_list(train) label names in id order (None without labels);
+    validate(data) check the splits against self.labels; make_model(config); train_data(examples)
+    -> (features dict of [N, S] int32, y); evaluate(examples, output_dir=None) dev metrics (writing
+    the dev predictions when output_dir is given); predict(examples, output_dir) -> file written.
     """
-    kind = key = None
+    kind = key = loss = None
     file_names = {}
-    prediction_files = ()  # files the task writes into output_dir (checked before training)
+    prediction_files = ()
 
     def __init__(self, opts):
         self.opts = opts
         self.tokenizer = self.labels = self.model = None
 
     def check(self):
-        """Task-specific flag checks (raise UsageError)."""
+        pass
 
     def find_files(self):
         return find_files(self.opts, self.file_names)
 
-    def read(self, path, split):
-        """-> (examples, collections.Counter of skipped items by reason)."""
-        raise NotImplementedError
-
     def label_list(self, train):
-        """Label names in id order for a training run (None for tasks without labels)."""
         return None
 
     def validate(self, data):
-        """Checks the read splits against self.labels (raise UsageError naming file:line)."""
-
-    def make_model(self, config):
-        raise NotImplementedError
-
-    def train_data(self, examples):
-        """-> (features dict of [N, S] int32, y) for training."""
-        raise NotImplementedError
-
-    loss = None  # defaults to masked_sparse_ce
-
-    def evaluate(self, examples, output_dir=None):
-        """Dev metrics; with output_dir, also writes the dev predictions there."""
-        raise NotImplementedError
-
-    def predict(self, examples, output_dir):
-        """Writes predictions for the test examples into output_dir; returns the file written."""
-        raise NotImplementedError
+        pass
 
 
 def run(opts, task):
@@ -411,9 +333,9 @@ def run(opts, task):
     do_lower_case = (opts.do_lower_case if opts["do_lower_case"].present or resolved.do_lower_case is None
                      else resolved.do_lower_case)
     task.tokenizer = make_tokenizer(resolved.vocab_file, do_lower_case)
-    if len(task.tokenizer.vocab) > config.vocab_size:
-        raise UsageError(f"vocab {resolved.vocab_file} has {len(task.tokenizer.vocab)} tokens, more than "
-                         f"vocab_size={config.vocab_size} of {resolved.bert_config_file}: they do not match")
+    if len(task.tokenizer.vocab) != config.vocab_size:
+        raise UsageError(f"vocab {resolved.vocab_file} has {len(task.tokenizer.vocab)} tokens but "
+                         f"vocab_size={config.vocab_size} in {resolved.bert_config_file}: they do not match")
 
     data, skipped = {}, {}
     for split, path in paths.items():
@@ -425,8 +347,11 @@ def run(opts, task):
     task.labels = choose_labels(opts, task, data.get("train"), resolved)
     task.validate(data)
 
-    strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
-                                         tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
+    try:
+        strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
+                                             tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     train_utils.set_seed(opts.seed)
     train_utils.set_precision(opts.mixed_precision, strategy)
     with strategy.scope():
@@ -439,7 +364,10 @@ def run(opts, task):
     else:
         logging.warning("no --init_checkpoint: training from a RANDOM initialisation")
 
-    tf.io.gfile.makedirs(opts.output_dir)
+    try:
+        tf.io.gfile.makedirs(opts.output_dir)
+    except tf.errors.OpError as e:
+        raise UsageError(f"--output_dir={opts.output_dir}: cannot create it ({e.message})") from None
     dev = data.get("dev")
     if opts.do_train:
         features, y = task.train_data(data["train"])
@@ -467,7 +395,8 @@ def resolve_model(opts):
     if not init and not opts.do_train and opts.output_dir and tf.io.gfile.exists(os.path.join(best, "checkpoint")):
         init = best
     if init:
-        return model_folder.resolve(init, bert_config_file=opts.bert_config_file, vocab_file=opts.vocab_file)
+        return model_folder.resolve(init, bert_config_file=opts.bert_config_file, vocab_file=opts.vocab_file,
+                                    flag="--init_checkpoint")
     missing = [f"--{n}" for n in ("bert_config_file", "vocab_file") if not opts[n].value]
     if missing:
         raise UsageError(f"{' and '.join(missing)} needed: no --init_checkpoint folder to take them from")
@@ -493,6 +422,8 @@ def choose_labels(opts, task, train, resolved):
         labels = list(resolved.labels)
     if task.kind != "qa" and not labels:
         raise UsageError("no label list: pass --labels, or --init_checkpoint a fine-tuned model folder")
+    if labels and len(set(labels)) != len(labels):
+        raise UsageError(f"labels repeat: {','.join(labels)}; each label names one class")
     return labels
 
 
@@ -522,13 +453,13 @@ def masked_sparse_ce(y_true, y_pred):
 def stall_warning(losses, learning_rate):
     """The warning for a first epoch whose loss did not move, or None.
 
-    losses: the per-step training losses of epoch 1. Its starting value (the mean of its first few
-    steps; ~ln(num_classes) for a classifier) against the mean of its last quarter: stalled when that
-    is not 5% lower, or not finite. Fewer than 4 steps tell nothing.
+    losses: the per-step training losses of epoch 1. Its starting value (step 1's, before any update;
+    ~ln(num_classes) for a classifier) against the mean of its last quarter: stalled when that is not
+    5% lower, or not finite. Fewer than 4 steps tell nothing.
     """
     if len(losses) < 4:
         return None
-    start = float(np.mean(losses[:min(3, len(losses) // 4)]))
+    start = float(losses[0])  # before any update: ~ln(num_classes) with a fresh head
     late = float(np.mean(losses[-(len(losses) // 4):]))
     if math.isfinite(late) and late < 0.95 * start:
         return None
@@ -603,6 +534,10 @@ def train(task, strategy, features, y, dev, config, resolved, do_lower_case, ski
         model.compile(optimizer=optimizer, loss=loss, jit_compile=opts.jit_compile)
 
     best_dir = os.path.join(opts.output_dir, "best")
+    # The folder describes itself before the first weights land in it (export_to_pytorch,
+    # --init_checkpoint and --do_predict read it alone).
+    model_folder.write(best_dir, config=config, vocab_file=resolved.vocab_file, do_lower_case=do_lower_case,
+                       task=task.kind, labels=task.labels)
     checkpoint = modeling.make_checkpoint(model)
     manager = tf.train.CheckpointManager(checkpoint, best_dir, max_to_keep=1)
     progress = _Progress(total_steps)
@@ -623,9 +558,6 @@ def train(task, strategy, features, y, dev, config, resolved, do_lower_case, ski
                 best.clear()
                 best.update(metrics)
                 manager.save()
-                if len(history) == 1 or not tf.io.gfile.exists(os.path.join(best_dir, "model_info.json")):
-                    model_folder.write(best_dir, config=config, vocab_file=resolved.vocab_file,
-                                       do_lower_case=do_lower_case, task=task.kind, labels=task.labels)
 
     model.fit(ds.repeat(), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,
               callbacks=[progress, KeepBest()])
@@ -643,7 +575,10 @@ def predict_batches(model, features, batch_size):
     if pad:
         features = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in features.items()}
     out = model.predict(make_dataset(features, batch_size=batch_size), verbose=0)
-    return tuple(o[:n] for o in out) if isinstance(out, (tuple, list)) else out[:n]
+    # float32 also under --mixed_precision (bfloat16 logits lose ties and softmax precision).
+    if isinstance(out, (tuple, list)):
+        return tuple(np.asarray(o[:n], np.float32) for o in out)
+    return np.asarray(out[:n], np.float32)
 
 
 def pad_features(rows, max_seq_length):
@@ -657,7 +592,7 @@ def pad_features(rows, max_seq_length):
     return out
 
 
-def main(task_class, define):
+def main(task_class):
     """The `main(argv)` of a task script: runs the driver on the parsed command line."""
     def main_(argv):
         if len(argv) > 1:

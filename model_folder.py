@@ -23,14 +23,17 @@ flags win over what the folder says; anything still missing is a `train_utils.Us
 file and the flag that supplies it. Paths go through `tf.io.gfile`, so `gs://` folders work.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 
 import tensorflow as tf
+from absl import logging
 
 import train_utils
 
@@ -293,9 +296,9 @@ def resolve(path, bert_config_file=None, vocab_file=None, flag="--checkpoint"):
     Raises train_utils.UsageError naming what is missing and the flag that supplies it.
     """
     path = os.fspath(path).rstrip("/") or "/"
-    for flag, value in (("--bert_config_file", bert_config_file), ("--vocab_file", vocab_file)):
+    for name, value in (("--bert_config_file", bert_config_file), ("--vocab_file", vocab_file)):
         if value and not _is_file(value):
-            raise train_utils.UsageError(f"{flag}={value}: not a file")
+            raise train_utils.UsageError(f"{name}={value}: not a file")
     kind, checkpoint, folder = find_checkpoint(path, flag)
     if kind == "hf":
         return _resolve_hf(folder, bert_config_file, vocab_file)
@@ -323,3 +326,90 @@ def resolve(path, bert_config_file=None, vocab_file=None, flag="--checkpoint"):
                            bool(info.get("do_lower_case", True)), info.get("task"), info.get("labels"))
     task, labels = _old_labels(folder)
     return ModelFolder(checkpoint, kind, folder, bert_config_file, vocab_file, True, task, labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Output folders of converters and exporters: a temp folder beside the target, renamed at the end
+# ------------------------------------------------------------------------------------------------
+
+def check_output_dir(output_dir, overwrite=False, sources=()):
+    """Fails early (before any work) if `output_dir` holds something and `overwrite` is off, or if
+    replacing it would delete one of `sources` (the model being converted)."""
+    out = os.path.realpath(output_dir)
+    for source in sources:
+        src = os.path.realpath(source)
+        if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
+            raise ValueError(f"--output_dir={output_dir} holds the input {source}; writing there "
+                             f"would replace it: choose another --output_dir")
+    if os.path.exists(output_dir):
+        if not os.path.isdir(output_dir):
+            raise ValueError(f"--output_dir={output_dir} is an existing file, not a folder")
+        if os.listdir(output_dir) and not overwrite:
+            raise ValueError(f"--output_dir={output_dir} already exists and is not empty; "
+                             f"pass --overwrite to replace it")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temp_dirs(output_dir):
+    """Removes `.NAME.tmp-PID-*` folders that a killed run left beside `output_dir`.
+
+    Only our own naming pattern, and only for processes that no longer exist on this machine. A
+    `.NAME.old-PID-*` folder holds the previous output, moved aside during --overwrite: if the run
+    died before the new output took its place, it is moved back rather than deleted.
+    """
+    parent, base = os.path.split(os.path.abspath(output_dir))
+    if not os.path.isdir(parent):
+        return
+    pattern = re.compile(rf"^\.{re.escape(base)}\.(tmp|old)-(\d+)-")
+    for name in sorted(os.listdir(parent)):
+        m = pattern.match(name)
+        if not m or _pid_alive(int(m.group(2))):
+            continue
+        path = os.path.join(parent, name)
+        previous = os.path.join(path, "x")
+        if m.group(1) == "old" and os.path.isdir(previous) and not os.path.exists(output_dir):
+            os.rename(previous, output_dir)
+            logging.warning("restored %s from %s (a run was killed while replacing it)", output_dir, path)
+        logging.info("removing %s, left by a killed run (pid %s)", path, m.group(2))
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir, overwrite=False, sources=()):
+    """Yields a temp folder beside `output_dir`; on success it becomes `output_dir`.
+
+    On any exception the temp folder is removed, so a failed run leaves no partial output; what a
+    killed run left is removed by the next run (clean_stale_temp_dirs). With `overwrite`, an existing
+    `output_dir` is replaced only after the new one is complete. The folder gets the user's umask
+    (mkdtemp alone makes it 0700).
+    """
+    output_dir = os.path.abspath(output_dir)
+    check_output_dir(output_dir, overwrite, sources)
+    parent, base = os.path.split(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    clean_stale_temp_dirs(output_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{base}.tmp-{os.getpid()}-")
+    try:
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        old = None
+        if os.path.exists(output_dir):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{base}.old-{os.getpid()}-")
+            os.rename(output_dir, os.path.join(old, "x"))
+        os.rename(tmp, output_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -295,22 +295,24 @@ class BertEncoder(keras.layers.Layer):
 
     call(dict(input_ids [B,S] int, input_mask [B,S] int (1 = real token, optional),
               segment_ids [B,S] int (optional)), training)
-      -> dict(sequence_output [B,S,H] float32, pooled_output [B,H] float32 if add_pooler)
+      -> dict(sequence_output [B,S,H] float32, pooled_output [B,H] float32)
 
-    The pooler (dense + tanh over [CLS]) exists only when `add_pooler`; like HuggingFace's
-    BertForMaskedLM, the pretrainer has none, so it never holds untrained pooler weights.
+    Every encoder holds the pooler (dense + tanh over [CLS]), as Google's checkpoints do and as
+    keras-hub's BertBackbone and transformers' BertModel expect, so every checkpoint and export
+    carries one. Only a model that uses it (`train_pooler`: the classifier) trains it; elsewhere it
+    is frozen and passes unchanged from the init checkpoint to the export (for a model pretrained
+    here it stays as initialised: MLM-only pretraining has no loss that reaches it).
     """
 
-    def __init__(self, config, add_pooler=False, name="bert", **kwargs):
+    def __init__(self, config, train_pooler=False, name="bert", **kwargs):
         super().__init__(name=name, **kwargs)
         self.config = config
         self.embeddings = Embeddings(config, name="embeddings")
         self.encoder_layers = [TransformerLayer(config, name=f"layer_{i}")
                                for i in range(config.num_hidden_layers)]
-        self.pooler = None
-        if add_pooler:
-            self.pooler = keras.layers.Dense(config.hidden_size, activation="tanh",
-                                             kernel_initializer=_initializer(config), name="pooler")
+        self.pooler = keras.layers.Dense(config.hidden_size, activation="tanh",
+                                         kernel_initializer=_initializer(config), name="pooler")
+        self.pooler.trainable = train_pooler
 
     @property
     def word_embeddings(self):
@@ -330,10 +332,9 @@ class BertEncoder(keras.layers.Layer):
         x = self.embeddings(input_ids, tf.cast(segment_ids, tf.int32), training=training)
         for layer in self.encoder_layers:
             x = layer(x, attention_bias, training=training)                           # [B, S, H]
-        outputs = {"sequence_output": tf.cast(x, tf.float32)}
-        if self.pooler is not None:
-            outputs["pooled_output"] = tf.cast(self.pooler(x[:, 0]), tf.float32)     # [B, H]
-        return outputs
+        # Computed also where unused, so the pooler is built; tf.function prunes it there.
+        return {"sequence_output": tf.cast(x, tf.float32),                            # [B, S, H]
+                "pooled_output": tf.cast(self.pooler(x[:, 0]), tf.float32)}           # [B, H]
 
 
 class OutputProjection(keras.layers.Layer):
@@ -393,7 +394,7 @@ class BertPretrainer(keras.Model):
     def __init__(self, config, name="bert_pretrainer", **kwargs):
         super().__init__(name=name, **kwargs)
         self.config = config
-        self.bert = BertEncoder(config, add_pooler=False)
+        self.bert = BertEncoder(config)
         self.mlm = MaskedLMHead(config, name="predictions")
 
     def call(self, inputs, training=False):
@@ -408,7 +409,7 @@ class BertClassifier(keras.Model):
     def __init__(self, config, num_labels, name="bert_classifier", **kwargs):
         super().__init__(name=name, **kwargs)
         self.config, self.num_labels = config, num_labels
-        self.bert = BertEncoder(config, add_pooler=True)
+        self.bert = BertEncoder(config, train_pooler=True)
         self.dropout = keras.layers.Dropout(config.hidden_dropout_prob)
         self.classifier = OutputProjection(config, num_labels, name="classifier")
 
@@ -423,7 +424,7 @@ class BertTokenClassifier(keras.Model):
     def __init__(self, config, num_labels, name="bert_token_classifier", **kwargs):
         super().__init__(name=name, **kwargs)
         self.config, self.num_labels = config, num_labels
-        self.bert = BertEncoder(config, add_pooler=False)
+        self.bert = BertEncoder(config)
         self.dropout = keras.layers.Dropout(config.hidden_dropout_prob)
         self.classifier = OutputProjection(config, num_labels, name="classifier")
 
@@ -438,7 +439,7 @@ class BertSpanQA(keras.Model):
     def __init__(self, config, name="bert_span_qa", **kwargs):
         super().__init__(name=name, **kwargs)
         self.config = config
-        self.bert = BertEncoder(config, add_pooler=False)
+        self.bert = BertEncoder(config)
         self.qa_outputs = OutputProjection(config, 2, name="qa_outputs")
 
     def call(self, inputs, training=False):
@@ -505,8 +506,7 @@ def _encoder_rows(bert):
                             f"{f}.intermediate.dense", h, i_size)
         rows += _dense_rows(layer.output_dense, f"{g}/output/dense", f"{f}.output.dense", i_size, h)
         rows += _norm_rows(layer.output_norm, f"{g}/output/LayerNorm", f"{f}.output.LayerNorm", h)
-    if bert.pooler is not None:
-        rows += _dense_rows(bert.pooler, "bert/pooler/dense", "bert.pooler.dense", h, h)
+    rows += _dense_rows(bert.pooler, "bert/pooler/dense", "bert.pooler.dense", h, h)
     return rows
 
 
@@ -603,7 +603,11 @@ def load_pretrained(model, path):
     missing pooler/head weights keep their fresh initialisation and are logged.
     """
     prefix = _resolve_checkpoint(path)
-    reader = tf.train.load_checkpoint(prefix)
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError) as e:
+        raise ValueError(f"{prefix}.index: unreadable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from None
     shapes = reader.get_variable_to_shape_map()
     if "_CHECKPOINTABLE_OBJECT_GRAPH" in shapes:  # ours: top-level objects named by Google names
         available = {_tf2_name(k): k for k in shapes if k.endswith(_TF2_SUFFIX) and
@@ -623,7 +627,13 @@ def load_pretrained(model, path):
         if tuple(shapes[key]) != tuple(w.variable.shape):
             raise ValueError(f"{prefix}: tensor '{w.google_name}' has shape {tuple(shapes[key])} "
                              f"in the checkpoint, but the model expects {tuple(w.variable.shape)}")
-        w.variable.assign(reader.get_tensor(key))
+        try:
+            value = reader.get_tensor(key)
+        except (IndexError, tf.errors.OpError) as e:  # a truncated or damaged .data-* shard
+            raise ValueError(f"{prefix}.data-*: cannot read tensor '{w.google_name}' "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]}); the checkpoint is "
+                             f"truncated or damaged") from None
+        w.variable.assign(value)
         loaded.append(w.google_name)
     unused = sorted(available)
     logging.info("Loaded %d tensors from %s", len(loaded), prefix)

@@ -1,4 +1,4 @@
-"""Fine-tunes BERT/RoBERTa on sentence(-pair) classification: LCQMC, BQ, XNLI/OCNLI/CMNLI, AFQMC,
+r"""Fine-tunes BERT/RoBERTa on sentence(-pair) classification: LCQMC, BQ, XNLI/OCNLI/CMNLI, AFQMC,
 ChnSentiCorp, TNEWS, IFLYTEK, THUCNews titles, any TSV/CSV/JSON-lines file whose header names the
 text and label columns, or a TFDS dataset (--tfds_name=xnli).
 
@@ -417,4 +417,4 @@ EXAMPLE = ("python run_classifier.py --task_name=chnsenticorp --data_dir=../shar
            "--do_train=true --do_eval=true --output_dir=/tmp/chnsenticorp")
 
 if __name__ == "__main__":
-    train_utils.run_script(finetune_utils.main(ClassifierTask, define_flags), __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(finetune_utils.main(ClassifierTask), __doc__, EXAMPLE, define_flags)

@@ -1,4 +1,4 @@
-"""Fine-tunes BERT/RoBERTa for extractive QA on SQuAD-format JSON (CMRC2018, DRCD).
+r"""Fine-tunes BERT/RoBERTa for extractive QA on SQuAD-format JSON (CMRC2018, DRCD).
 
     python run_cmrc.py --data_dir=cmrc2018 --init_checkpoint=chinese_L-12_H-768_A-12 \
       --do_train=true --do_eval=true --max_seq_length=384 --doc_stride=128 --max_query_length=64 \
@@ -80,28 +80,26 @@ def read_squad(path, split="train"):
                     raise UsageError(f"{path}: question {qid}: \"answers\" must be a list of objects "
                                      f"{{\"text\", \"answer_start\"}}, got {json.dumps(answers, ensure_ascii=False)[:60]}")
                 texts = [str(ans.get("text", "")) for ans in answers]
+                references = [t for t in texts if t.strip()]
                 start, first = -1, texts[0] if texts else ""
-                if split == "test":
-                    pass
-                elif not texts:
-                    skipped["questions without an answer" + (" (not scored)" if split == "dev" else "")] += 1
-                    if split == "dev":
-                        continue
-                elif not first.strip():
-                    skipped["questions whose first answer is blank"] += 1
-                else:
-                    if not isinstance(answers[0].get("answer_start"), int):
+                if split == "dev" and not references:
+                    skipped["questions without a (non-blank) answer: not scored"] += 1
+                    continue
+                if split == "train":
+                    if not texts:
+                        skipped["questions without an answer"] += 1
+                    elif not first.strip():
+                        skipped["questions whose first answer is blank"] += 1
+                    elif not isinstance(answers[0].get("answer_start"), int):
                         raise UsageError(f"{path}: question {qid}: answer has no integer answer_start")
-                    s = answers[0]["answer_start"]
-                    if s >= 0 and context[s:s + len(first)] == first:
-                        start = s
+                    elif (answers[0]["answer_start"] >= 0 and
+                          context[answers[0]["answer_start"]:answers[0]["answer_start"] + len(first)] == first):
+                        start = answers[0]["answer_start"]
                     else:
                         skipped["answers not found at their answer_start (kept as references)"] += 1
-                examples.append(QAExample(str(qid), qa["question"], context, texts, start, first))
+                examples.append(QAExample(str(qid), qa["question"], context, references, start, first))
     if not examples:
         raise UsageError(f"{path}: no questions (empty file?)")
-    if split != "train":  # training on an answer is all that those skips affect
-        skipped = Counter({k: v for k, v in skipped.items() if "not scored" in k})
     return examples, skipped
 
 
@@ -347,4 +345,4 @@ EXAMPLE = ("python run_cmrc.py --data_dir=../shared/data/cmrc2018 --vocab_file=.
            "--output_dir=/tmp/cmrc")
 
 if __name__ == "__main__":
-    train_utils.run_script(finetune_utils.main(QATask, define_flags), __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(finetune_utils.main(QATask), __doc__, EXAMPLE, define_flags)

@@ -1,4 +1,4 @@
-"""Fine-tunes BERT/RoBERTa for named-entity recognition on CLUENER2020-style JSON lines.
+r"""Fine-tunes BERT/RoBERTa for named-entity recognition on CLUENER2020-style JSON lines.
 
     python run_ner.py --data_dir=cluener2020 --init_checkpoint=chinese_L-12_H-768_A-12 \
       --do_train=true --do_eval=true --do_predict=true --tag_scheme=BIO --max_seq_length=128 \
@@ -343,4 +343,4 @@ EXAMPLE = ("python run_ner.py --data_dir=../shared/data/cluener2020 --dev_file=t
            "--do_train=true --do_eval=true --output_dir=/tmp/cluener")
 
 if __name__ == "__main__":
-    train_utils.run_script(finetune_utils.main(NerTask, define_flags), __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(finetune_utils.main(NerTask), __doc__, EXAMPLE, define_flags)

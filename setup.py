@@ -23,6 +23,7 @@ setup(
         "jieba>=0.42",
         "numpy",
         "google-crc32c>=1.5",  # TFRecord checksums in generator workers, which never import TensorFlow
+        "charset-normalizer>=3",  # names the likely encoding of a corpus that is not UTF-8
         "absl-py",
         "tensorboard",  # tf.summary.scalar needs it since TF 2.20
     ],
@@ -31,7 +32,8 @@ setup(
         "export": ["torch>=2.1", "transformers>=4.40", "safetensors"],
         "fast": ["rjieba"],
         "demo": ["matplotlib", "snownlp"],
+        "tfds": ["tensorflow-datasets"],  # run_classifier.py --tfds_name
         "test": ["pytest", "torch>=2.1", "transformers>=4.40", "safetensors", "rjieba",
-                 "matplotlib", "snownlp"],
+                 "matplotlib", "snownlp", "tensorflow-datasets"],
     },
 )

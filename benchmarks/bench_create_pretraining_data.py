@@ -60,6 +60,7 @@ def cpu():
 
 def profile_stages(corpus, args):
     import create_pretraining_data as cpd
+    import pretraining_records
 
     mb = os.path.getsize(corpus) / 1e6
     o = cpd.Options(input_file=corpus, output_file="/dev/null", vocab_file=args.vocab_file,
@@ -113,7 +114,7 @@ def profile_stages(corpus, args):
     rows.append(("whole-word masking, per dupe copy", t))
     t, records = best(lambda: [maker.encoder.encode(*m) for m in masked])
     rows.append(("tf.train.Example encoding, per dupe copy", t))
-    t, _ = best(lambda: maker.framer.frame(records))
+    t, _ = best(lambda: pretraining_records.frame(records))
     rows.append(("TFRecord framing + CRC32C, per dupe copy", t))
 
     print(f"\nStage profile, seq 128, {len(docs)} documents, {len(inst)} instances per copy "

@@ -141,6 +141,9 @@ def test_a_pretraining_checkpoint_without_mlm_head_is_refused(tmp_path):
     config = tiny_config()
     qa_model = convert_checkpoint.build_task_model(config, "qa")
     convert_checkpoint.save_tf2_checkpoint(qa_model, config, write_vocab(str(tmp_path)), str(tmp_path / "qa"))
+    with pytest.raises(ValueError, match="holds a qa model, which has no masked-LM head"):
+        fill_mask.load_masked_lm(str(tmp_path / "qa"))
+    os.remove(tmp_path / "qa" / "model_info.json")  # a folder that does not say: the tensors decide
     with pytest.raises(ValueError, match="cls/predictions"):
         fill_mask.load_masked_lm(str(tmp_path / "qa"))
 
