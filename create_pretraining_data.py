@@ -31,6 +31,7 @@ import lzma
 import os
 import random
 import re
+import sys
 import time
 
 import numpy as np
@@ -54,6 +55,7 @@ def _flag(default, group, help_text, enum=None):
 
 
 _IO, _INST, _WWM, _RUN = "Input and output", "Instances", "Whole-word masking", "Speed and progress"
+_BEAM = "Apache Beam (more text than one machine)"
 
 
 @dataclasses.dataclass
@@ -81,6 +83,9 @@ class Options:
     jieba_user_dict: str = _flag("", _WWM, "Optional jieba user dictionary (word [freq] [tag] lines).")
     num_workers: int = _flag(1, _RUN, "Worker processes (output is identical).")
     progress_every_secs: float = _flag(10.0, _RUN, "Seconds between progress lines.")
+    runner: str = _flag(None, _BEAM, "Run as a Beam pipeline on this runner (DirectRunner, DataflowRunner, "
+                        "FlinkRunner, SparkRunner; pip install .[beam]); --beam_<option>=value is passed "
+                        "to Beam as --<option>=value.")
 
 
 def validate_options(o):
@@ -782,12 +787,24 @@ def define_flags(fv=flags.FLAGS):
 def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}")
-    generate(Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)}))
+    o = Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)})
+    if _BEAM_ARGS and not o.runner:
+        raise UsageError(f"{_BEAM_ARGS[0]}: --beam_<option> settings need --runner=<Beam runner>")
+    if o.runner:  # the local path never imports Beam
+        import beam_pretraining_data
+        beam_pretraining_data.run(o, o.runner, _BEAM_ARGS)
+    else:
+        generate(o)
 
 
 EXAMPLE = ("python create_pretraining_data.py --input_file=resources/corpus/*.txt "
            "--output_file=/tmp/records/train.tfrecord --vocab_file=resources/vocab.txt "
            "--max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5 --num_workers=2")
 
+_BEAM_ARGS = []
+
 if __name__ == "__main__":
+    # absl rejects flags it does not define: --beam_<option>=value go to Beam instead.
+    _BEAM_ARGS += [a for a in sys.argv[1:] if a.startswith("--beam_")]
+    sys.argv = [a for a in sys.argv if not a.startswith("--beam_")]
     train_utils.run_script(main, __doc__, EXAMPLE, define_flags)
