@@ -8,7 +8,7 @@ bench_create_pretraining_data.prepare_corpus). Seq 128, 20 predictions, masked_l
   1. disk: record bytes / input text bytes for unmasked records and static records at dupe 5 and 10;
   2. generation speed: MB of text per CPU second, --dynamic_masking vs static dupe 5 (one worker,
      in-process, alternating rounds, best round of each);
-  3. masking cost: CPU seconds per batch of 32 through run_pretraining.train_dataset_fn (read, parse,
+  3. masking cost: CPU seconds per batch of 32 through the trainer's input pipeline (read, parse,
      and for unmasked records draw the masks) for both kinds, against the CPU seconds of one
      training step at L4/H256, seq 128, batch 32 (benchmarks/bench_pretraining.make_ours, XLA);
   4. the share of words masked by word length (1, 2, 3, 4, 5+ tokens), static (the generator's
@@ -58,10 +58,10 @@ def pipeline_cpu_per_batch(path, batches, seed=0):
     """CPU seconds per training batch of run_pretraining's input pipeline over `path`."""
     import tensorflow as tf
 
-    import run_pretraining
+    import pretraining_resume
     parse = records.make_parser(records.read_info([path]), SEQ, PRED, seed=seed)
     count = records.read_sidecar(path)["num_instances"]
-    dataset_fn = run_pretraining.train_dataset_fn([path], [count], BATCH, seed, 1000, 0, parse)
+    dataset_fn = pretraining_resume.train_dataset_fn([path], [count], BATCH, seed, 1000, 0, parse)
     it = iter(dataset_fn(tf.distribute.InputContext()))
     for _ in range(5):
         next(it)

@@ -469,6 +469,6 @@ def test_gpu_benchmark_runs_end_to_end_in_smoke_mode():
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_gpu.py"), "--smoke"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = proc.stdout.split("NVIDIA TF2 large")[-1].strip().splitlines()
+    table = proc.stdout.split("NVIDIA TF2 large, 1x A100")[-1].strip().splitlines()
     model, seq, batch, rate = table[0].split()[:4]
     assert (model, seq, batch) == ("tiny", "32", "8") and float(rate) > 0
