@@ -462,8 +462,8 @@ def run(opts):
         if resume_from:
             resume.check_resume_input(opts.output_dir, state)
         for i in range(num_workers):
-            _, _, per_epoch = resume.pipeline_files(train_files, [counts[p] for p in train_files],
-                                             num_workers, i)
+            _, _, per_epoch = resume.pipeline_files(
+                train_files, [counts[p] for p in train_files], num_workers, i)
             if per_epoch < opts.train_batch_size // num_workers:
                 raise UsageError(f"--input_file has {per_epoch} records for worker {i}, fewer than "
                                  f"one batch ({opts.train_batch_size // num_workers})")
