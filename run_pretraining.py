@@ -42,6 +42,8 @@ import pretraining_records
 import pretraining_resume as resume
 
 UsageError = train_utils.UsageError
+# The per-replica input pipelines (in pretraining_resume, beside the state they resume from).
+train_dataset_fn, eval_dataset_fn = resume.train_dataset_fn, resume.eval_dataset_fn
 
 
 def define_flags(fv=flags.FLAGS):
