@@ -508,3 +508,14 @@ def test_gpu_benchmark_runs_end_to_end_in_smoke_mode():
     table = proc.stdout.split("NVIDIA TF2 large, 1x A100")[-1].strip().splitlines()
     model, seq, batch, rate = table[0].split()[:4]
     assert (model, seq, batch) == ("tiny", "32", "8") and float(rate) > 0
+
+
+def test_tpu_strategy_off_a_tpu_vm_asks_for_a_tpu_name(data, tmp_path):
+    """`--strategy=tpu` on a machine that is no Cloud TPU VM (no /dev/accel*, no libtpu) and without
+    --tpu_name is a one-line error naming both ways to reach a TPU; nothing is written."""
+    import run_pretraining
+    out = str(tmp_path / "out")
+    with pytest.raises(run_pretraining.UsageError,
+                       match=r"--strategy=tpu needs --tpu_name .* Cloud TPU VM \(--tpu_name=local\)"):
+        _run(data, out, "--do_train", "--strategy=tpu")
+    assert not os.path.exists(out)
