@@ -820,7 +820,7 @@ def mask_whole_words(ids, num_tokens, word_start, uniform, *, max_pred, masked_l
     pos = tf.range(seq)[None, :]                                                        # [1, S]
     n = num_tokens[:, None]                                                             # [B, 1]
     body = (pos >= 1) & (pos <= n)                                                      # [B, S]
-    word_start = word_start & body
+    word_start = (word_start & body) | (pos == 1)  # the first token always starts a word
     # word[b, t]: index of the word holding token t (words are numbered 0.. in text order).
     word = tf.cumsum(tf.cast(word_start, tf.int32), axis=1) - 1                         # [B, S]
     num_words = word[:, -1:] + 1                                                        # [B, 1]
