@@ -17,6 +17,8 @@ import time
 import numpy as np
 import pytest
 
+import corpus
+
 import create_pretraining_data as cpd
 import pretraining_records as records
 import tokenization
@@ -104,7 +106,7 @@ def test_word_starts_are_the_static_generators_masking_groups(data):
     """The stored word boundaries are the generator's own groups (jieba words, ## joined)."""
     o = cpd.Options(input_file=CORPUS, output_file="unused", vocab_file=VOCAB, max_seq_length=SEQ)
     maker = cpd.InstanceMaker(o)
-    reader = cpd.InputReader(CORPUS.split(","), o.input_format)
+    reader = corpus.InputReader(CORPUS.split(","), o.input_format)
     groups = set()
     for pieces in maker.featurize_many([(CORPUS, doc) for _, doc in reader.documents()])[0]:
         for ids, starts in pieces:

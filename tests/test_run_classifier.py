@@ -389,6 +389,14 @@ def test_roberta_zh_lcqmc_command_runs_verbatim_with_only_paths_and_sizes_change
     assert (folder.task, folder.labels, folder.do_lower_case) == ("classifier", ["0", "1"], True)
     assert folder.checkpoint.endswith("ckpt-1") and os.path.dirname(folder.vocab_file) == os.path.dirname(
         folder.bert_config_file) == str(tmp_path / "checkpoint_lcqmc" / "best")
+    export = subprocess.run(
+        [sys.executable, str(repo_root / "export_to_pytorch.py"), f"--checkpoint={tmp_path}/checkpoint_lcqmc/best",
+         f"--output_dir={tmp_path}/hf_lcqmc"], capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert export.returncode == 0, export.stderr[-2000:]
+    hf_config = json.loads((tmp_path / "hf_lcqmc" / "config.json").read_text(encoding="utf-8"))
+    assert hf_config["architectures"] == ["BertForSequenceClassification"]
+    assert hf_config["id2label"] == {"0": "0", "1": "1"}
 
 
 def _write_tf1_checkpoint(config, prefix):
