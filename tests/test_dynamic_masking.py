@@ -6,7 +6,6 @@ run the parser over several epochs of them (each epoch is a new stream position,
 """
 
 import collections
-import glob
 import json
 import os
 import re
