@@ -1,17 +1,33 @@
-# Two entry points a newcomer needs: `make demo` and `make test`. Both install what they need first.
+# Two entry points a newcomer needs: `make demo` and `make test`. Both install what they need first,
+# into a project virtualenv (.venv), so they also work where the system Python refuses pip installs
+# (PEP 668 "externally-managed-environment", e.g. Debian 12+ / Ubuntu 24.04).
 PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
 # The CPU build of torch; an unpinned torch would pull several GB of CUDA packages.
 TORCH ?= torch==2.13.0
+EXTRAS ?= test,export,demo,fast,tfds,beam
 DATA ?=
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-slow test-all bench
 
-install:
-	$(PYTHON) -m pip install --quiet "$(TORCH)"
-	$(PYTHON) -m pip install --quiet -e ".[test,export,demo,fast]"
+# --system-site-packages reuses what the machine already has (nothing is installed outside .venv).
+$(VENV)/.installed: setup.py
+	@$(PYTHON) -m venv --system-site-packages $(VENV) || { echo "make: cannot create $(VENV): install Python's venv module (Debian/Ubuntu: apt install python3-venv)"; exit 1; }
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@touch $@
+
+install: $(VENV)/.installed
 
 demo: install
-	$(PYTHON) demo.py $(if $(DATA),--corpus=$(DATA),)
+	$(PY) demo.py $(if $(DATA),--corpus=$(DATA),)
 
+# The fast suite; `make test-slow` runs the end-to-end tests (whole scripts, the demo, README commands).
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: install
+	$(PY) -m pytest -q -m slow tests
+
+test-all: test test-slow

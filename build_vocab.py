@@ -20,17 +20,22 @@ deterministic: running the script twice, or on another machine with the same jie
 same bytes.
 
 Usage:
-    python build_vocab.py --output resources/vocab.txt [--num_cjk 8000] [--num_hash_cjk 600]
+    python build_vocab.py --output=resources/vocab.txt [--num_cjk=8000] [--num_hash_cjk=600]
 """
 
-import argparse
 import collections
 import os
 
-NUM_UNUSED = 99
-SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+from absl import flags
 
-ASCII_PUNCTUATION = list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+import tokenization
+import train_utils
+
+NUM_UNUSED = 99
+SPECIAL_TOKENS = [tokenization.UNK, tokenization.CLS, tokenization.SEP, tokenization.MASK]
+
+# Every ASCII character the tokenizer splits off as punctuation, in code point order.
+ASCII_PUNCTUATION = [chr(c) for c in range(128) if tokenization.is_punctuation(chr(c))]
 # Full-width and CJK punctuation / symbols that occur in ordinary Chinese text.
 CJK_PUNCTUATION = list(
     "。，、；：？！“”‘’（）《》〈〉【】『』「」〔〕…—～·￥％＋－／＝＠＃＆＊．＜＞"
@@ -48,13 +53,6 @@ HASH_ASCII_SUFFIXES = (
     "s es ed ing er ers ly tion tions al ic ment ness able ity ous ive ize ist est ful less "
     "en on an in or ar le re te de ne se ce ge ve ty ry ia io"
 ).split()
-
-
-def is_cjk_char(cp):
-    """Same code-point ranges as the BERT tokenizer's `_is_chinese_char`."""
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
-            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
-            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
 
 
 def jieba_dict_path():
@@ -75,14 +73,14 @@ def rank_cjk_chars(dict_path):
             except ValueError:
                 raise ValueError("%s:%d: frequency is not an integer: %r" % (dict_path, line_no, line))
             for ch in parts[0]:
-                if is_cjk_char(ord(ch)):
+                if tokenization.is_cjk(ch):
                     counts[ch] += freq
     return sorted(counts, key=lambda ch: (-counts[ch], ord(ch)))
 
 
 def build_vocab(num_cjk=8000, num_hash_cjk=600, dict_path=None):
     """Returns the vocabulary as a list of tokens (index = id)."""
-    tokens = ["[PAD]"] + ["[unused%d]" % i for i in range(1, NUM_UNUSED + 1)] + SPECIAL_TOKENS
+    tokens = [tokenization.PAD] + ["[unused%d]" % i for i in range(1, NUM_UNUSED + 1)] + SPECIAL_TOKENS
     tokens += ASCII_PUNCTUATION + CJK_PUNCTUATION
     tokens += [str(d) for d in range(10)]
     tokens += ["%02d" % n for n in range(100)]
@@ -107,22 +105,44 @@ def build_vocab(num_cjk=8000, num_hash_cjk=600, dict_path=None):
     return unique
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                         "resources", "vocab.txt"))
-    parser.add_argument("--num_cjk", type=int, default=8000, help="most frequent CJK characters kept")
-    parser.add_argument("--num_hash_cjk", type=int, default=600,
-                        help="how many of them also get a `##` form")
-    parser.add_argument("--jieba_dict", default=None, help="default: jieba's bundled dict.txt")
-    args = parser.parse_args()
-    tokens = build_vocab(args.num_cjk, args.num_hash_cjk, args.jieba_dict)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8", newline="\n") as f:
+def define_flags(fv=flags.FLAGS):
+    with train_utils.flag_group("Vocabulary", fv):
+        flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                   "resources", "vocab.txt"),
+                            "Vocab file to write (one token per line).", flag_values=fv)
+        flags.DEFINE_integer("num_cjk", 8000, "Most frequent CJK characters kept.", flag_values=fv)
+        flags.DEFINE_integer("num_hash_cjk", 600, "How many of them also get a `##` form.",
+                             flag_values=fv)
+        flags.DEFINE_string("jieba_dict", None, "Word frequency list (default: jieba's bundled "
+                            "dict.txt).", flag_values=fv)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise train_utils.UsageError(f"unexpected arguments {argv[1:]}")
+    fv = flags.FLAGS
+    if fv.num_cjk < 1 or fv.num_hash_cjk < 0:
+        raise train_utils.UsageError(f"--num_cjk={fv.num_cjk} must be >= 1 and "
+                                     f"--num_hash_cjk={fv.num_hash_cjk} >= 0")
+    if fv.jieba_dict and not os.path.isfile(fv.jieba_dict):
+        raise train_utils.UsageError(f"--jieba_dict: file not found: {fv.jieba_dict}")
+    try:
+        tokens = build_vocab(fv.num_cjk, fv.num_hash_cjk, fv.jieba_dict)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise train_utils.UsageError(f"--jieba_dict: {e}") from None
+    output = os.path.abspath(fv.output)
+    if os.path.isdir(output):
+        raise train_utils.UsageError(f"--output: {fv.output} is a directory; give a file name")
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    tmp = f"{output}.tmp-{os.getpid()}"  # a failed write never leaves a truncated vocab behind
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         for tok in tokens:
             f.write(tok + "\n")
-    print("wrote %d tokens to %s" % (len(tokens), args.output))
+    os.replace(tmp, output)
+    print("wrote %d tokens to %s" % (len(tokens), fv.output))
 
+
+EXAMPLE = "python build_vocab.py --output=/tmp/vocab.txt --num_cjk=8000 --num_hash_cjk=600"
 
 if __name__ == "__main__":
-    main()
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

@@ -5,11 +5,11 @@
     # Google / brightmart TF1 checkpoint -> ours (bert_config.json, vocab.txt found beside it)
     python convert_checkpoint.py --mode=google_to_tf2 --input=chinese_L-12_H-768_A-12/ --output_dir=imported/
     # ours -> Google TF1 (bert_model.ckpt.{index,data-*} + bert_config.json + vocab.txt)
-    python convert_checkpoint.py --mode=tf2_to_google --input=pretrain_out/ --bert_config_file=... \
-        --vocab_file=... --output_dir=google_export/
+    python convert_checkpoint.py --mode=tf2_to_google --input=pretrain_out/ --output_dir=google_export/
 
-Our checkpoints are `output_dir/ckpt-N` written through `modeling.make_checkpoint`, plus
-`bert_config.json` and `vocab.txt` beside them, so the output works as `--init_checkpoint=output_dir`.
+Every output is a self-describing model folder (model_folder.py: the checkpoint, bert_config.json,
+vocab.txt, model_info.json), so it works alone as `--init_checkpoint=output_dir`, and every --input
+may be such a folder. A transformers 5 folder (tokenizer.json, no vocab.txt) imports too.
 
 Every name mapping comes from `modeling.name_table(model)`, the one table of
 our variable <-> Google TF1 name <-> HuggingFace name. Outputs are written to a temporary folder
@@ -21,86 +21,30 @@ export_to_pytorch.py), so neither torch nor the safetensors package is needed, a
 one at a time to keep peak memory near one model. pytorch_model.bin needs torch.
 
 Google folders also work without converting: --init_checkpoint reads bert_model.ckpt directly.
-A pooler present in the source but absent from our model (MLM, NER, QA) is kept in the converted
-checkpoint under its Google name, so a classifier initialised from it gets the pretrained pooler.
+Every model holds a pooler (modeling.BertEncoder), so a source's pooler is always carried over; a
+source without one (transformers' BertForMaskedLM, token classification, QA) gets a deterministic,
+untrained one. An erf-GELU model (transformers' "gelu") cannot be named in Google's config; it is
+refused by --mode=tf2_to_google unless --approximate_gelu writes Google's tanh "gelu" instead.
 """
 
-import contextlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 
+import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
+import model_folder
 import modeling
 import train_utils
 
-# The HF task class each of our task names maps to (config.json "architectures").
-TASK_ARCHITECTURES = {
-    "mlm": "BertForMaskedLM",
-    "classifier": "BertForSequenceClassification",
-    "ner": "BertForTokenClassification",
-    "qa": "BertForQuestionAnswering",
-}
-# HF architectures we import, and the task whose model receives them. BertModel / BertForPreTraining
-# folders (e.g. UER or the original bert-base-chinese) carry the encoder, and maybe the MLM head.
-ARCHITECTURE_TASKS = {
-    "BertForMaskedLM": "mlm",
-    "BertForPreTraining": "mlm",
-    "BertLMHeadModel": "mlm",
-    "BertModel": "mlm",
-    "BertForSequenceClassification": "classifier",
-    "BertForTokenClassification": "ner",
-    "BertForQuestionAnswering": "qa",
-}
-# HF hidden_act -> ours (the inverse of modeling.HF_HIDDEN_ACT). Our "gelu" is Google's tanh
-# approximation, which HF calls "gelu_new"; HF's "gelu" is the exact erf form, ours "gelu_exact".
-HIDDEN_ACT_FROM_HF = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact",
-                      "relu": "relu"}
-LAYER_NORM_EPS = 1e-12
+TASK_ARCHITECTURES = model_folder.TASK_ARCHITECTURES
+ARCHITECTURE_TASKS = model_folder.ARCHITECTURE_TASKS
 
-# ----------------------------------------------------------------------------------------------
-# Output folders: write to a temp dir, rename at the end.
-# ----------------------------------------------------------------------------------------------
-
-
-def check_output_dir(output_dir, overwrite=False):
-    """Fails early (before any work) if `output_dir` holds something and `overwrite` is off."""
-    if os.path.exists(output_dir) and not overwrite:
-        if not os.path.isdir(output_dir) or os.listdir(output_dir):
-            raise ValueError(f"--output_dir {output_dir} already exists and is not empty; "
-                             f"pass --overwrite to replace it")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output_dir, overwrite=False):
-    """Yields a temp folder beside `output_dir`; on success it becomes `output_dir`.
-
-    On any exception the temp folder is removed, so a failed run leaves no partial output. With
-    `overwrite`, an existing `output_dir` is replaced only after the new one is complete.
-    """
-    output_dir = os.path.abspath(output_dir)
-    check_output_dir(output_dir, overwrite)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.tmp-")
-    try:
-        yield tmp
-        old = None
-        if os.path.exists(output_dir):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output_dir)}.old-")
-            os.rename(output_dir, os.path.join(old, "x"))
-        os.rename(tmp, output_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
+check_output_dir = model_folder.check_output_dir
+atomic_output_dir = model_folder.atomic_output_dir
 
 # ----------------------------------------------------------------------------------------------
 # safetensors and pytorch_model.bin readers (the writer is in export_to_pytorch.py)
@@ -210,43 +154,8 @@ class TorchBinFile:
 
 
 # ----------------------------------------------------------------------------------------------
-# HuggingFace config.json -> bert_config.json
+# Vocab and labels
 # ----------------------------------------------------------------------------------------------
-
-
-def bert_config_dict_from_hf(hf, path):
-    """Google bert_config.json fields from a transformers config.json dict; ValueError naming `path`."""
-    model_type = hf.get("model_type")
-    architectures = hf.get("architectures") or []
-    if model_type is None and not any(a.startswith("Bert") for a in architectures):
-        raise ValueError(f"{path}: no model_type and architectures {architectures} are not BERT")
-    if model_type not in (None, "bert"):
-        raise ValueError(f"{path}: model_type {model_type!r} is not BERT; only model_type 'bert' "
-                         f"(Google/UER/HF Chinese BERT and RoBERTa-wwm folders) can be imported")
-    for arch in architectures:
-        if arch not in ARCHITECTURE_TASKS:
-            raise ValueError(f"{path}: architecture {arch!r} is not supported; expected one of "
-                             f"{sorted(ARCHITECTURE_TASKS)}")
-    act = hf.get("hidden_act", "gelu")
-    if act not in HIDDEN_ACT_FROM_HF:
-        raise ValueError(f"{path}: hidden_act {act!r} is not supported; expected one of "
-                         f"{sorted(HIDDEN_ACT_FROM_HF)}")
-    if abs(hf.get("layer_norm_eps", LAYER_NORM_EPS) - LAYER_NORM_EPS) > 1e-15:
-        raise ValueError(f"{path}: layer_norm_eps {hf['layer_norm_eps']} differs from BERT's 1e-12, "
-                         f"which our model uses")
-    if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
-        raise ValueError(f"{path}: only encoder BERTs with absolute position embeddings are supported")
-    fields = {"vocab_size": None, "hidden_size": None, "num_hidden_layers": None,
-              "num_attention_heads": None, "intermediate_size": None,
-              "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-              "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.02}
-    out = {}
-    for name, default in fields.items():
-        if name not in hf and default is None:
-            raise ValueError(f"{path}: field {name!r} is missing")
-        out[name] = hf.get(name, default)
-    out["hidden_act"] = HIDDEN_ACT_FROM_HF[act]
-    return out
 
 
 def count_vocab_lines(vocab_file):
@@ -256,6 +165,10 @@ def count_vocab_lines(vocab_file):
             return sum(1 for _ in f)
     except FileNotFoundError:
         raise ValueError(f"vocab file not found: {vocab_file}") from None
+    except IsADirectoryError:
+        raise ValueError(f"--vocab_file={vocab_file} is a directory, not a vocab.txt") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{vocab_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def check_vocab_size(vocab_file, config, config_path):
@@ -294,15 +207,16 @@ def _normalize_hf_name(name, add_bert_prefix):
 
 
 class HFFolder:
-    """A HuggingFace or UER-converted BERT folder: config.json, vocab.txt and weights.
+    """A HuggingFace or UER-converted BERT folder: config.json, vocab and weights.
 
     Weights: model.safetensors, pytorch_model.bin, or their sharded `*.index.json` forms.
     Attributes: path, config_path, hf_config (dict), bert_config (dict of Google fields),
-    vocab_file, weights_path (the weights file or index), task (mlm|classifier|ner|qa),
+    vocab_file (vocab.txt, tokenizer.json's WordPiece vocab or the `vocab_file` given),
+    do_lower_case, weights_path (the weights file or index), task (mlm|classifier|ner|qa),
     labels (list or None).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, vocab_file=None):
         self.path = path
         if not os.path.isdir(path):
             raise ValueError(f"{path}: not a folder")
@@ -314,15 +228,17 @@ class HFFolder:
             raise ValueError(f"{self.config_path}: missing (a HuggingFace folder needs config.json)") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.config_path}: not valid JSON ({e})") from None
-        self.bert_config = bert_config_dict_from_hf(self.hf_config, self.config_path)
+        self.config = modeling.BertConfig.from_dict(self.hf_config, source=self.config_path)
+        for arch in self.hf_config.get("architectures") or []:
+            if arch not in ARCHITECTURE_TASKS:
+                raise ValueError(f"{self.config_path}: architecture {arch!r} is not supported; "
+                                 f"expected one of {sorted(ARCHITECTURE_TASKS)}")
+        self.bert_config = self.config.to_dict()
         architectures = self.hf_config.get("architectures") or ["BertModel"]
         self.task = ARCHITECTURE_TASKS[architectures[0]]
-        self.labels = None
-        if self.task in ("classifier", "ner"):
-            id2label = self.hf_config.get("id2label") or {}
-            n = self.hf_config.get("num_labels", len(id2label) or 2)
-            self.labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
-        self.vocab_file = os.path.join(path, "vocab.txt")
+        # vocab.txt, else transformers 5's tokenizer.json, else --vocab_file (which wins).
+        found = model_folder.resolve(path, vocab_file=vocab_file, flag="--input")
+        self.labels, self.vocab_file, self.do_lower_case = found.labels, found.vocab_file, found.do_lower_case
         n = count_vocab_lines(self.vocab_file)
         if n != self.bert_config["vocab_size"]:
             raise ValueError(f"{self.vocab_file}: {n} tokens, but {self.config_path} says vocab_size="
@@ -343,10 +259,15 @@ class HFFolder:
                 try:
                     with open(index, encoding="utf-8") as f:
                         weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ValueError(f"{index}: not a valid weight index ({e})") from None
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError(f"{index}: weight_map is not a JSON object of file names")
                 for shard in sorted(set(weight_map.values())):
-                    files[os.path.join(self.path, shard)] = reader_cls(os.path.join(self.path, shard))
+                    shard_path = os.path.join(self.path, shard)
+                    if not os.path.isfile(shard_path):
+                        raise ValueError(f"{index}: names shard {shard}, which is missing from {self.path}")
+                    files[shard_path] = reader_cls(shard_path)
                 names = {n: os.path.join(self.path, s) for n, s in weight_map.items()}
             if names:
                 break
@@ -378,11 +299,7 @@ class HFFolder:
 # Models and our TF2 checkpoints
 # ----------------------------------------------------------------------------------------------
 
-# The pooler is trained by Google's/UER's pretraining (NSP/SOP) but absent from our MLM, NER and QA
-# models; when a source has it we carry it in the checkpoint under its Google name, so that a
-# classifier initialised from the converted checkpoint gets it, as from the original.
-POOLER = {"bert/pooler/dense/kernel": "bert.pooler.dense.weight",
-          "bert/pooler/dense/bias": "bert.pooler.dense.bias"}
+POOLER_NAMES = ("bert/pooler/dense/kernel", "bert/pooler/dense/bias")
 
 
 def build_task_model(config, task, num_labels=None):
@@ -396,55 +313,48 @@ def build_task_model(config, task, num_labels=None):
     return modeling.build_model(model)
 
 
-def save_tf2_checkpoint(model, config, vocab_file, output_dir, extra_weights=None, labels=None):
-    """Writes output_dir/ckpt-1 (Google-named weights) + bert_config.json + vocab.txt [+ labels.txt].
-
-    extra_weights: {google_name: np.ndarray} saved beside the model's weights (the pooler of an
-    MLM import), restored by modeling.load_pretrained into any model that has them.
-    """
-    extras = {name: tf.Variable(value, trainable=False) for name, value in (extra_weights or {}).items()}
-    checkpoint = modeling.make_checkpoint(model, **extras)
+def save_tf2_checkpoint(model, config, vocab_file, output_dir, labels=None, task=None,
+                        do_lower_case=True):
+    """Writes output_dir/ckpt-1 (Google-named weights) and the model_folder files beside it."""
+    checkpoint = modeling.make_checkpoint(model)
     # Relative paths in the `checkpoint` state file, so the folder can be renamed and moved.
     tf.train.CheckpointManager(checkpoint, output_dir, max_to_keep=1).save(checkpoint_number=1)
-    config.to_json_file(os.path.join(output_dir, "bert_config.json"))
-    shutil.copyfile(vocab_file, os.path.join(output_dir, "vocab.txt"))
-    if labels:
-        with open(os.path.join(output_dir, "labels.txt"), "w", encoding="utf-8") as f:
-            f.write("".join(f"{label}\n" for label in labels))
+    model_folder.write(output_dir, config=config, vocab_file=vocab_file, do_lower_case=do_lower_case,
+                       task=task or model_task(model), labels=labels)
 
 
-def _read_extra_weights(path, names_and_shapes):
-    """Reads weights the model does not hold (the pooler) from our TF2 or a TF1 checkpoint."""
-    if os.path.isdir(path):  # as modeling.load_pretrained: the latest ckpt-N, else bert_model.ckpt
-        prefix = tf.train.latest_checkpoint(path) or os.path.join(path, "bert_model.ckpt")
-    else:
-        prefix = path
-    reader = tf.train.load_checkpoint(prefix)
-    if "_CHECKPOINTABLE_OBJECT_GRAPH" not in reader.get_variable_to_shape_map():
-        return {name: reader.get_tensor(name) for name in names_and_shapes}
-    holders = {name: tf.Variable(tf.zeros(shape)) for name, shape in names_and_shapes.items()}
-    tf.train.Checkpoint(**holders).read(prefix).expect_partial().assert_existing_objects_matched()
-    return {name: v.numpy() for name, v in holders.items()}
+def model_task(model):
+    """mlm | classifier | ner | qa of a built model."""
+    return {modeling.BertPretrainer: "mlm", modeling.BertClassifier: "classifier",
+            modeling.BertTokenClassifier: "ner", modeling.BertSpanQA: "qa"}[type(model)]
+
+
+def init_pooler_deterministically(model, seed=0):
+    """Gives a pooler that no checkpoint supplied the values of Keras' initialiser under a fixed seed,
+    so an export of the same checkpoint is the same file every time (never a fresh random draw)."""
+    pooler, stddev = model.bert.pooler, model.config.initializer_range
+    pooler.kernel.assign(keras.initializers.TruncatedNormal(stddev=stddev, seed=seed)(pooler.kernel.shape))
+    pooler.bias.assign(tf.zeros_like(pooler.bias))
 
 
 def load_checkpoint_fully(path, config, task, num_labels=None):
-    """Builds the `task` model and restores every weight from our or a TF1 checkpoint.
+    """Builds the `task` model and restores every weight from our or a TF1 checkpoint -> model.
 
-    Returns (model, extra_weights) where extra_weights holds a pooler the model lacks. Unlike
-    modeling.load_pretrained (which may initialise heads afresh for fine-tuning), an exporter must
-    not write random weights, so any weight absent from the checkpoint is an error naming it.
+    Unlike modeling.load_pretrained (which may initialise heads afresh for fine-tuning), an exporter
+    must not write random weights, so any weight absent from the checkpoint is an error naming it.
+    The one exception is the pooler of a checkpoint written before every model held one (or of an
+    MLM-only import): it gets a deterministic initialisation, and a warning says so.
     """
     model = build_task_model(config, task, num_labels)
     report = modeling.load_pretrained(model, path)
-    if report.newly_initialized:
-        raise ValueError(f"{path}: has no value for {', '.join(report.newly_initialized)}; "
+    missing = [name for name in report.newly_initialized if name not in POOLER_NAMES]
+    if missing:
+        raise ValueError(f"{path}: has no value for {', '.join(missing)}; "
                          f"is it a --task={task} checkpoint?")
-    extras = {}
-    if set(POOLER) <= set(report.unused):
-        h = config.hidden_size
-        extras = _read_extra_weights(path, {"bert/pooler/dense/kernel": (h, h),
-                                            "bert/pooler/dense/bias": (h,)})
-    return model, extras
+    if report.newly_initialized:
+        init_pooler_deterministically(model)
+        logging.warning("%s has no pooler: using an initialised, untrained one (seed 0)", path)
+    return model
 
 
 def _assign(weight, value, source, name):
@@ -456,22 +366,25 @@ def _assign(weight, value, source, name):
 
 
 def assign_from_hf(model, folder):
-    """Copies the tensors of an HFFolder into a built model; returns (extra_weights, unused names).
+    """Copies the tensors of an HFFolder into a built model; returns the names not used.
 
     A tensor the model needs and the folder lacks raises ValueError naming the weights file and the
-    tensor. Only a folder that declares no head at all (architecture BertModel) may lack the MLM head,
-    which then keeps its fresh initialisation (logged).
+    tensor. Two exceptions: a folder that declares no head at all (architecture BertModel) may lack
+    the MLM head, which keeps its fresh initialisation (logged); a folder without a pooler (what
+    transformers writes for BertForMaskedLM, token classification and QA) gets a deterministic one.
     """
     headless = (folder.hf_config.get("architectures") or ["BertModel"])[0] == "BertModel"
-    table = modeling.name_table(model)
-    used, fresh = set(), []
-    for w in table:
+    used, fresh, no_pooler = set(), [], False
+    for w in modeling.name_table(model):
         name = w.hf_name
         if name == "cls.predictions.bias" and "cls.predictions.decoder.bias" in folder:
             # transformers computes the logits with the decoder's own bias when a file has one.
             name = "cls.predictions.decoder.bias"
             used.add("cls.predictions.bias")
         if name not in folder:
+            if w.google_name in POOLER_NAMES:
+                no_pooler = True
+                continue
             if headless and not name.startswith("bert."):
                 fresh.append(w.google_name)
                 continue
@@ -487,17 +400,29 @@ def assign_from_hf(model, folder):
                              f"cls.predictions.decoder.weight differs from the word embeddings; "
                              f"untied MLM decoders are not supported")
         used.add("cls.predictions.decoder.weight")
-    extras = {}
-    if all(hf in folder for hf in POOLER.values()) and not any(w.hf_name in POOLER.values() for w in table):
-        extras = {"bert/pooler/dense/kernel": folder.get(POOLER["bert/pooler/dense/kernel"]).T,
-                  "bert/pooler/dense/bias": folder.get(POOLER["bert/pooler/dense/bias"])}
-        used.update(POOLER.values())
+    if no_pooler:
+        init_pooler_deterministically(model)
+        logging.warning("%s has no pooler: using an initialised, untrained one (seed 0)", folder.path)
     if fresh:
         logging.warning("%s declares no MLM head; left at random init: %s", folder.path, ", ".join(fresh))
     unused = sorted(set(folder.names()) - used)
     if unused:
         logging.info("Not used (no such weight in our %s model): %s", folder.task, ", ".join(unused))
-    return extras, unused
+    return unused
+
+
+def _approximate_gelu_config(model, config):
+    """The config with tanh "gelu" for an erf-GELU model, and the measured max |difference| of the
+    encoder output (a fixed random batch of 2 x 64 tokens) between the two activations."""
+    approx = modeling.BertConfig.from_dict(dict(config.to_dict(), hidden_act="gelu"))
+    twin = modeling.build_model(modeling.BertPretrainer(approx))
+    exact_table = {w.google_name: w.variable for w in modeling.name_table(model)}
+    for w in modeling.name_table(twin):
+        w.variable.assign(exact_table[w.google_name])
+    seq = min(64, config.max_position_embeddings)
+    batch = {"input_ids": tf.random.stateless_uniform([2, seq], [1, 2], 0, config.vocab_size, tf.int32)}
+    diff = tf.reduce_max(tf.abs(model.bert(batch)["sequence_output"] - twin.bert(batch)["sequence_output"]))
+    return approx, float(diff)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,20 +430,22 @@ def assign_from_hf(model, folder):
 # ----------------------------------------------------------------------------------------------
 
 
-def hf_to_tf2(input_dir, output_dir, task=None, overwrite=False):
-    """HuggingFace/UER folder -> our checkpoint folder (usable as --init_checkpoint)."""
-    check_output_dir(output_dir, overwrite)
-    folder = HFFolder(input_dir)
-    config = modeling.BertConfig.from_dict(folder.bert_config, source=folder.config_path)
+def hf_to_tf2(input_dir, output_dir, task=None, overwrite=False, vocab_file=None):
+    """HuggingFace/UER folder -> our checkpoint folder (usable as --init_checkpoint).
+
+    vocab_file: needed only when the folder has neither vocab.txt nor tokenizer.json.
+    """
+    check_output_dir(output_dir, overwrite, sources=[input_dir])
+    folder = HFFolder(input_dir, vocab_file)
     if task and task != folder.task:
         raise ValueError(f"{folder.config_path}: holds a {folder.task} model "
                          f"({folder.hf_config.get('architectures')}), not --task={task}")
-    task, labels = folder.task, folder.labels
-    model = build_task_model(config, task, len(labels) if labels else None)
-    extras, _ = assign_from_hf(model, folder)
-    with atomic_output_dir(output_dir, overwrite) as tmp:
-        save_tf2_checkpoint(model, config, folder.vocab_file, tmp, extras, labels)
-    logging.info("Wrote %s (%s, %d tensors)", output_dir, task, len(modeling.name_table(model)) + len(extras))
+    model = build_task_model(folder.config, folder.task, len(folder.labels) if folder.labels else None)
+    assign_from_hf(model, folder)
+    with atomic_output_dir(output_dir, overwrite, sources=[input_dir]) as tmp:
+        save_tf2_checkpoint(model, folder.config, folder.vocab_file, tmp, folder.labels,
+                            do_lower_case=folder.do_lower_case)
+    logging.info("Wrote %s (%s, %d tensors)", output_dir, folder.task, len(modeling.name_table(model)))
     return output_dir
 
 
@@ -537,9 +464,9 @@ def _google_task(prefix, task):
 
 
 def google_to_tf2(prefix, bert_config_file, vocab_file, output_dir, task=None, labels=None,
-                  overwrite=False):
+                  overwrite=False, do_lower_case=True):
     """Google/brightmart TF1 `bert_model.ckpt` -> our checkpoint folder."""
-    check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, sources=[prefix])
     config = modeling.BertConfig.from_json_file(bert_config_file)
     check_vocab_size(vocab_file, config, bert_config_file)
     if os.path.isdir(prefix):  # a released folder like chinese_L-12_H-768_A-12/
@@ -549,31 +476,46 @@ def google_to_tf2(prefix, bert_config_file, vocab_file, output_dir, task=None, l
     task, num_labels = _google_task(prefix, task)
     if labels and num_labels and len(labels) != num_labels:
         raise ValueError(f"--labels has {len(labels)} labels, {prefix} has {num_labels} outputs")
-    model, extras = load_checkpoint_fully(prefix, config, task, num_labels)
-    with atomic_output_dir(output_dir, overwrite) as tmp:
-        save_tf2_checkpoint(model, config, vocab_file, tmp, extras, labels)
+    if task in ("classifier", "ner") and not labels:
+        labels = [str(i) for i in range(num_labels)]
+        logging.warning("no --labels: naming the %d labels %s", num_labels, ", ".join(labels))
+    model = load_checkpoint_fully(prefix, config, task, num_labels)
+    with atomic_output_dir(output_dir, overwrite, sources=[prefix]) as tmp:
+        save_tf2_checkpoint(model, config, vocab_file, tmp, labels, task, do_lower_case)
     return output_dir
 
 
 def tf2_to_google(checkpoint, bert_config_file, vocab_file, output_dir, task="mlm", labels=None,
-                  overwrite=False):
+                  overwrite=False, approximate_gelu=False, do_lower_case=True):
     """Our checkpoint -> Google TF1 folder: bert_model.ckpt.{index,data-*}, bert_config.json, vocab.txt.
 
     Tensors keep Google's names and layouts (kernels [in, out], output_weights [C, H]), so TF1-era
     code (`tf.train.init_from_checkpoint`, `load_tf_weights_in_bert`, UER's converters) reads it.
+    Google's modeling.py knows only the tanh GELU ("gelu"): an erf-GELU model ("gelu_exact", e.g.
+    imported from transformers) is refused unless `approximate_gelu`, which writes "gelu" and logs
+    the measured difference.
     """
-    check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, sources=[checkpoint])
     config = modeling.BertConfig.from_json_file(bert_config_file)
     check_vocab_size(vocab_file, config, bert_config_file)
-    model, extras = load_checkpoint_fully(checkpoint, config, task, len(labels) if labels else None)
-    names = [w.google_name for w in modeling.name_table(model)] + list(extras)
-    values = [w.variable for w in modeling.name_table(model)] + [tf.constant(v) for v in extras.values()]
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    if config.hidden_act not in ("gelu", "gelu_new", "relu"):
+        if not approximate_gelu:
+            raise ValueError(f"{bert_config_file}: hidden_act {config.hidden_act!r} (erf GELU) has no "
+                             f"name in Google's bert_config.json, whose \"gelu\" is the tanh "
+                             f"approximation; pass --approximate_gelu to write it as \"gelu\"")
+    model = load_checkpoint_fully(checkpoint, config, task, len(labels) if labels else None)
+    if config.hidden_act not in ("gelu", "gelu_new", "relu"):
+        config, diff = _approximate_gelu_config(model, config)
+        logging.warning("--approximate_gelu: wrote hidden_act \"gelu\" (tanh); the encoder output "
+                        "moves by up to %.2e on a random batch", diff)
+    table = modeling.name_table(model)
+    with atomic_output_dir(output_dir, overwrite, sources=[checkpoint]) as tmp:
         # SaveV2 writes a plain name -> tensor bundle: the TF1 Saver format, no object graph.
-        tf.raw_ops.SaveV2(prefix=os.path.join(tmp, "bert_model.ckpt"), tensor_names=names,
-                          shape_and_slices=[""] * len(names), tensors=values)
-        config.to_json_file(os.path.join(tmp, "bert_config.json"))
-        shutil.copyfile(vocab_file, os.path.join(tmp, "vocab.txt"))
+        tf.raw_ops.SaveV2(prefix=os.path.join(tmp, "bert_model.ckpt"),
+                          tensor_names=[w.google_name for w in table],
+                          shape_and_slices=[""] * len(table), tensors=[w.variable for w in table])
+        model_folder.write(tmp, config=config, vocab_file=vocab_file, do_lower_case=do_lower_case,
+                           task=task, labels=labels)
     return output_dir
 
 
@@ -581,61 +523,60 @@ def tf2_to_google(checkpoint, bert_config_file, vocab_file, output_dir, task="ml
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-FLAGS = flags.FLAGS
+EXAMPLE = "python convert_checkpoint.py --mode=hf_to_tf2 --input=chinese_roberta_hf/ --output_dir=imported/"
 
 
-def define_flags():
-    with train_utils.flag_group("Conversion"):
-        flags.DEFINE_enum("mode", None, ["hf_to_tf2", "google_to_tf2", "tf2_to_google"], "Conversion.")
-        flags.DEFINE_string("input", None, "hf_to_tf2: a HuggingFace/UER folder; google_to_tf2: a TF1 "
-                            "prefix (.../bert_model.ckpt) or its folder; tf2_to_google: our checkpoint dir or prefix.")
-        flags.DEFINE_string("output_dir", None, "Folder to create (written atomically).")
-        flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.")
-    with train_utils.flag_group("Model (default: files beside --input)"):
-        flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --input).")
-        flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --input).")
+def define_flags(fv=flags.FLAGS):
+    with train_utils.flag_group("Conversion", fv):
+        flags.DEFINE_enum("mode", None, ["hf_to_tf2", "google_to_tf2", "tf2_to_google"], "Conversion.",
+                          flag_values=fv)
+        flags.DEFINE_string("input", None, "A model folder: hf_to_tf2 a HuggingFace/UER folder; "
+                            "google_to_tf2 a TF1 folder or its bert_model.ckpt prefix; tf2_to_google "
+                            "our run folder (its latest ckpt-N) or a ckpt-N prefix.", flag_values=fv)
+        flags.DEFINE_string("output_dir", None, "Folder to create (written atomically).", flag_values=fv)
+        flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.", flag_values=fv)
+    with train_utils.flag_group("Model (default: what the --input folder says)", fv):
+        flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: the folder's).",
+                            flag_values=fv)
+        flags.DEFINE_string("vocab_file", None, "vocab.txt (default: the folder's vocab.txt, or the "
+                            "vocab in a transformers 5 tokenizer.json).", flag_values=fv)
         flags.DEFINE_enum("task", None, list(TASK_ARCHITECTURES), "Model head. hf_to_tf2: checked "
                           "against config.json; google_to_tf2: read from the tensor names (use it to "
-                          "tell ner from classifier); tf2_to_google: default mlm.")
+                          "tell ner from classifier); tf2_to_google: default the folder's task, else mlm.",
+                          flag_values=fv)
         flags.DEFINE_string("labels", None, "classifier/ner label names in id order, comma-separated "
-                            "or a file with one per line; written to labels.txt on import. "
-                            "tf2_to_google default: labels.txt beside --input.")
+                            "or a file with one per line (default: the folder's model_info.json).",
+                            flag_values=fv)
+        flags.DEFINE_bool("approximate_gelu", False, "tf2_to_google: write an erf-GELU model "
+                          "(hidden_act gelu_exact) as Google's tanh \"gelu\" (the difference is logged).",
+                          flag_values=fv)
     train_utils.require_flags("mode", "input", "output_dir")
 
 
-def beside(path, name, flag):
-    """`name` in the folder of checkpoint `path` (a folder or a prefix); UsageError if absent."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    candidate = os.path.join(folder, name)
-    if not os.path.isfile(candidate):
-        raise app.UsageError(f"--{flag} is needed: no {name} beside {path}")
-    return candidate
+def run(fv):
+    """Runs the conversion the flags ask for; returns --output_dir."""
+    if fv.mode == "hf_to_tf2":
+        return hf_to_tf2(fv.input, fv.output_dir, fv.task, fv.overwrite, fv.vocab_file)
+    found = model_folder.resolve(fv.input, fv.bert_config_file, fv.vocab_file, flag="--input")
+    labels = parse_labels(fv.labels) or found.labels
+    if fv.mode == "google_to_tf2":  # the number of labels is in the checkpoint
+        return google_to_tf2(found.checkpoint, found.bert_config_file, found.vocab_file, fv.output_dir,
+                             fv.task, labels, fv.overwrite, found.do_lower_case)
+    task = fv.task or found.task or "mlm"
+    if task in ("classifier", "ner") and not labels:
+        raise train_utils.UsageError(f"--task={task} needs --labels: {fv.input} does not list them")
+    return tf2_to_google(found.checkpoint, found.bert_config_file, found.vocab_file, fv.output_dir,
+                         task, labels, fv.overwrite, fv.approximate_gelu, found.do_lower_case)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise train_utils.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        if FLAGS.mode == "hf_to_tf2":
-            hf_to_tf2(FLAGS.input, FLAGS.output_dir, FLAGS.task, FLAGS.overwrite)
-        else:
-            config = FLAGS.bert_config_file or beside(FLAGS.input, "bert_config.json", "bert_config_file")
-            vocab = FLAGS.vocab_file or beside(FLAGS.input, "vocab.txt", "vocab_file")
-            labels = parse_labels(FLAGS.labels)
-            if FLAGS.mode == "google_to_tf2":  # the number of labels is in the checkpoint
-                google_to_tf2(FLAGS.input, config, vocab, FLAGS.output_dir, FLAGS.task, labels,
-                              FLAGS.overwrite)
-            else:
-                if not labels and FLAGS.task in ("classifier", "ner"):
-                    labels = parse_labels(beside(FLAGS.input, "labels.txt", "labels"))
-                tf2_to_google(FLAGS.input, config, vocab, FLAGS.output_dir, FLAGS.task or "mlm",
-                              labels, FLAGS.overwrite)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(FLAGS.output_dir)
+        print(run(flags.FLAGS))
+    except ValueError as e:  # bad input files: one line naming them, no traceback
+        raise train_utils.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":
-    define_flags()
-    train_utils.run_script(main, __doc__, "python convert_checkpoint.py --mode=hf_to_tf2 "
-                           "--input=chinese_roberta_hf/ --output_dir=imported/")
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

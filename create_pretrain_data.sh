@@ -16,6 +16,8 @@
 #   VOCAB_FILE [resources/vocab.txt beside this script]   DO_LOWER_CASE [true]
 #   MAX_SEQ_LENGTH [256]  MAX_PREDICTIONS_PER_SEQ [26]  MASKED_LM_PROB [0.10]  DUPE_FACTOR [5]
 #   SHORT_SEQ_PROB [0.1]  RANDOM_SEED [12345]  SEGMENTER [jieba]  WORKERS_PER_FILE [1]  PYTHON [python3]
+#   DYNAMIC_MASKING [false]  (true: each instance once, unmasked; run_pretraining.py masks every epoch
+#                             afresh, DUPE_FACTOR is ignored)
 #
 # Example:
 #   INPUT_DIR=../shared/data/corpus/zhwiki INPUT_PATTERN=zhwiki_%02d.txt.xz OUTPUT_PATTERN=zhwiki_%02d.tfrecord \
@@ -72,6 +74,7 @@ convert() {  # convert INDEX: runs one file, records its exit status, prints one
     --masked_lm_prob="${MASKED_LM_PROB:-0.10}" --dupe_factor="${DUPE_FACTOR:-5}" \
     --short_seq_prob="${SHORT_SEQ_PROB:-0.1}" --random_seed="${RANDOM_SEED:-12345}" \
     --segmenter="${SEGMENTER:-jieba}" --num_workers="${WORKERS_PER_FILE:-1}" \
+    --dynamic_masking="${DYNAMIC_MASKING:-false}" \
     "${extra[@]}" >>"$log" 2>&1
   rc=$?
   echo "$rc" >"$STATUS_DIR/$i"

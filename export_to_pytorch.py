@@ -1,19 +1,26 @@
 """Exports one of our checkpoints as a HuggingFace transformers (PyTorch) BERT folder.
 
-    python export_to_pytorch.py --checkpoint=finetune_out/best --bert_config_file=bert_config.json \
-        --vocab_file=vocab.txt --task=classifier --labels=0,1 --output_dir=hf_lcqmc/
+    python export_to_pytorch.py --checkpoint=out/lcqmc/best --output_dir=hf_lcqmc/
 
-The folder holds `config.json` (model_type bert, the task's `architectures`, id2label/label2id,
-the hidden_act that computes our GELU), `model.safetensors` (written with numpy: torch is not
-needed), `vocab.txt`, `tokenizer_config.json` and `special_tokens_map.json`, so that offline
+--checkpoint is a model folder (model_folder.py): its bert_config.json, vocab.txt, lower-casing,
+task and labels are read from it; --bert_config_file, --vocab_file, --task, --labels and
+--do_lower_case override them. The output folder holds `config.json` (model_type bert, the task's
+`architectures`, id2label/label2id, the hidden_act that computes our GELU), `model.safetensors`
+(written with numpy: torch is not needed), `vocab.txt`, `tokenizer_config.json` and
+`special_tokens_map.json`, so that offline
 
-    transformers.pipeline("fill-mask" | "text-classification" | "token-classification" |
-                          "question-answering", model="hf_lcqmc/")
+    transformers.pipeline("fill-mask" | "text-classification" | "token-classification", model="hf_lcqmc/")
 
-runs and gives our logits. `--pytorch_bin` also writes `pytorch_model.bin` (needs torch) for
-tools that predate safetensors. The tensors written are exactly those `save_pretrained` writes for
-the task class: the tied MLM decoder (`cls.predictions.decoder.*`) is left out, and BertForMaskedLM,
-token classification and QA have no pooler.
+runs and gives our logits (transformers 4.x also has "question-answering"; transformers 5 removed
+that pipeline: use `AutoModelForQuestionAnswering`, or `answer.py` here, on a --task=qa export).
+
+Every export carries the model's pooler (`bert.pooler.dense.*`, which keras-hub's BertBackbone and
+transformers' BertModel need): trained for a classifier, inherited unchanged from the init checkpoint
+otherwise (Google's checkpoints carry a trained one), and for a model pretrained here (MLM only, no
+loss reaches it) an initialised, untrained one. `--pytorch_bin` also writes `pytorch_model.bin`
+(needs torch) as transformers 4 writes it: with the tied MLM decoder keys
+`cls.predictions.decoder.weight` (= the word embeddings) and `cls.predictions.decoder.bias`
+(= `cls.predictions.bias`), which UER-py's converter reads.
 """
 
 import json
@@ -22,9 +29,10 @@ import shutil
 import struct
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import convert_checkpoint
+import model_folder
 import modeling
 import tokenization
 import train_utils
@@ -76,7 +84,7 @@ def hf_config_dict(config, task, labels=None, pad_token_id=0):
       labels: label names in id order (classifier, ner).
     """
     hf = {
-        "architectures": [convert_checkpoint.TASK_ARCHITECTURES[task]],
+        "architectures": [model_folder.TASK_ARCHITECTURES[task]],
         "model_type": "bert",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -90,7 +98,7 @@ def hf_config_dict(config, task, labels=None, pad_token_id=0):
         "max_position_embeddings": config.max_position_embeddings,
         "type_vocab_size": config.type_vocab_size,
         "initializer_range": config.initializer_range,
-        "layer_norm_eps": convert_checkpoint.LAYER_NORM_EPS,
+        "layer_norm_eps": modeling.LAYER_NORM_EPS,
         "position_embedding_type": "absolute",
         "pad_token_id": pad_token_id,
         "tie_word_embeddings": True,
@@ -136,89 +144,110 @@ def hf_tensors(model):
 
 
 def export_model(model, task, vocab_file, output_dir, labels=None, do_lower_case=True,
-                 pytorch_bin=False, overwrite=False):
-    """Writes the HF folder for a built, loaded `model` (see the module docstring)."""
+                 pytorch_bin=False, overwrite=False, sources=()):
+    """Writes the HF folder for a built, loaded `model` (see the module docstring).
+
+    sources: paths the export must not replace (the checkpoint it came from).
+    """
     config = model.config
     convert_checkpoint.check_vocab_size(vocab_file, config, "the bert config")
     if task in ("classifier", "ner") and len(labels or ()) != model.num_labels:
         raise ValueError(f"--labels has {len(labels or ())} labels, the model has {model.num_labels}")
     vocab = tokenization.load_vocab(vocab_file)
     entries = hf_tensors(model)
-    with convert_checkpoint.atomic_output_dir(output_dir, overwrite) as tmp:
+    with model_folder.atomic_output_dir(output_dir, overwrite, sources) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config_dict(config, task, labels, vocab.get(tokenization.PAD, 0)), f,
                       indent=2, ensure_ascii=False)
         write_safetensors(os.path.join(tmp, "model.safetensors"), entries, {"format": "pt"})
         if pytorch_bin:
-            try:
-                import torch  # pylint: disable=import-outside-toplevel
-            except ImportError:
-                raise ValueError("--pytorch_bin needs torch (pip install torch==2.13.0)") from None
-            state = {name: torch.from_numpy(np.ascontiguousarray(fetch()))
-                     for name, _, _, fetch in entries}
-            torch.save(state, os.path.join(tmp, "pytorch_model.bin"))
+            write_pytorch_bin(os.path.join(tmp, "pytorch_model.bin"), entries)
         write_tokenizer_files(vocab_file, tmp, do_lower_case, config.max_position_embeddings)
     logging.info("Wrote %s: %d tensors, %s", output_dir, len(entries), task)
     return output_dir
 
 
+# The tied MLM decoder: transformers 4's save_pretrained(safe_serialization=False) writes these keys
+# as views of the tensors they are tied to (stored once); safetensors files leave them out.
+TIED_DECODER = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                "cls.predictions.decoder.bias": "cls.predictions.bias"}
+
+
+def write_pytorch_bin(path, entries):
+    """torch.save of the state dict, with the tied decoder keys when there is an MLM head."""
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise ValueError("--pytorch_bin needs torch (pip install torch==2.13.0)") from None
+    state = {name: torch.from_numpy(np.ascontiguousarray(fetch())) for name, _, _, fetch in entries}
+    for tied, source in TIED_DECODER.items():
+        if "cls.predictions.bias" in state:
+            state[tied] = state[source]  # the same tensor: torch.save stores it once
+    torch.save(dict(sorted(state.items())), path)
+
+
 def export_checkpoint(checkpoint, bert_config_file, vocab_file, output_dir, task="mlm",
                       labels=None, do_lower_case=True, pytorch_bin=False, overwrite=False):
     """Loads our (or a TF1) checkpoint fully for `task` and exports it; returns output_dir."""
-    convert_checkpoint.check_output_dir(output_dir, overwrite)
+    model_folder.check_output_dir(output_dir, overwrite, sources=[checkpoint])
     config = modeling.BertConfig.from_json_file(bert_config_file)
     convert_checkpoint.check_vocab_size(vocab_file, config, bert_config_file)
     if task in ("classifier", "ner") and not labels:
         raise ValueError(f"--task={task} needs --labels (the label names in id order)")
-    model, _ = convert_checkpoint.load_checkpoint_fully(
+    model = convert_checkpoint.load_checkpoint_fully(
         checkpoint, config, task, len(labels) if labels else None)
     return export_model(model, task, vocab_file, output_dir, labels, do_lower_case, pytorch_bin,
-                        overwrite)
+                        overwrite, sources=[checkpoint, os.path.dirname(checkpoint)])
 
 
-FLAGS = flags.FLAGS
+EXAMPLE = "python export_to_pytorch.py --checkpoint=demo_output/pretrain --output_dir=/tmp/hf_mlm"
 
 
-def define_flags():
-    with train_utils.flag_group("Checkpoint to export"):
-        flags.DEFINE_string("checkpoint", None, "Our checkpoint: a folder (its latest ckpt-N) or a "
-                            "prefix like out/ckpt-1000; a Google TF1 bert_model.ckpt prefix also works.")
-        flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --checkpoint).")
-        flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --checkpoint).")
-    with train_utils.flag_group("Task head"):
-        flags.DEFINE_enum("task", "mlm", list(convert_checkpoint.TASK_ARCHITECTURES),
+def define_flags(fv=flags.FLAGS):
+    with train_utils.flag_group("Checkpoint to export", fv):
+        flags.DEFINE_string("checkpoint", None, "A model folder (ours: its latest ckpt-N; Google's: "
+                            "bert_model.ckpt) or a checkpoint prefix like out/ckpt-1000.", flag_values=fv)
+        flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: the folder's).",
+                            flag_values=fv)
+        flags.DEFINE_string("vocab_file", None, "vocab.txt (default: the folder's).", flag_values=fv)
+    with train_utils.flag_group("Task head", fv):
+        flags.DEFINE_enum("task", None, list(model_folder.TASK_ARCHITECTURES),
                           "Head to export: mlm (fill-mask), classifier (text-classification), "
-                          "ner (token-classification), qa (question-answering).")
+                          "ner (token-classification), qa (question answering) (default: the "
+                          "folder's task, else mlm).", flag_values=fv)
         flags.DEFINE_string("labels", None, "classifier/ner: label names in id order, comma-separated "
-                            "or a file with one per line (default: labels.txt beside --checkpoint).")
-    with train_utils.flag_group("Output"):
-        flags.DEFINE_string("output_dir", None, "HuggingFace folder to create (written atomically).")
-        flags.DEFINE_bool("do_lower_case", True, "Written to tokenizer_config.json; keep as in training.")
-        flags.DEFINE_bool("pytorch_bin", False, "Also write pytorch_model.bin (needs torch).")
-        flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.")
+                            "or a file with one per line (default: the folder's).", flag_values=fv)
+    with train_utils.flag_group("Output", fv):
+        flags.DEFINE_string("output_dir", None, "HuggingFace folder to create (written atomically).",
+                            flag_values=fv)
+        flags.DEFINE_bool("do_lower_case", None, "Written to tokenizer_config.json (default: the "
+                          "folder's setting, else true).", flag_values=fv)
+        flags.DEFINE_bool("pytorch_bin", False, "Also write pytorch_model.bin (needs torch).", flag_values=fv)
+        flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.", flag_values=fv)
     train_utils.require_flags("checkpoint", "output_dir")
+
+
+def run(fv):
+    found = model_folder.resolve(fv.checkpoint, fv.bert_config_file, fv.vocab_file, flag="--checkpoint")
+    if found.kind == "hf":
+        raise train_utils.UsageError(f"--checkpoint={fv.checkpoint} is already a HuggingFace folder")
+    task = fv.task or found.task or "mlm"
+    labels = convert_checkpoint.parse_labels(fv.labels) or found.labels
+    if task in ("classifier", "ner") and not labels:
+        raise train_utils.UsageError(f"--task={task} needs --labels: {fv.checkpoint} does not list them")
+    do_lower_case = found.do_lower_case if fv.do_lower_case is None else fv.do_lower_case
+    return export_checkpoint(found.checkpoint, found.bert_config_file, found.vocab_file, fv.output_dir,
+                             task, labels, do_lower_case, fv.pytorch_bin, fv.overwrite)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    beside = convert_checkpoint.beside
-    config = FLAGS.bert_config_file or beside(FLAGS.checkpoint, "bert_config.json", "bert_config_file")
-    vocab = FLAGS.vocab_file or beside(FLAGS.checkpoint, "vocab.txt", "vocab_file")
-    labels_flag = FLAGS.labels
-    if labels_flag is None and FLAGS.task in ("classifier", "ner"):
-        labels_flag = beside(FLAGS.checkpoint, "labels.txt", "labels")
+        raise train_utils.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        export_checkpoint(FLAGS.checkpoint, config, vocab, FLAGS.output_dir, FLAGS.task,
-                          convert_checkpoint.parse_labels(labels_flag), FLAGS.do_lower_case,
-                          FLAGS.pytorch_bin, FLAGS.overwrite)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(FLAGS.output_dir)
+        print(run(flags.FLAGS))
+    except ValueError as e:  # bad input files: one line naming them, no traceback
+        raise train_utils.UsageError(str(e)) from None
 
 
 if __name__ == "__main__":
-    define_flags()
-    train_utils.run_script(main, __doc__, "python export_to_pytorch.py --checkpoint=demo_output/pretrain "
-                           "--bert_config_file=resources/bert_config_tiny.json "
-                           "--vocab_file=resources/vocab.txt --task=mlm --output_dir=/tmp/hf_mlm")
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

@@ -1,7 +1,6 @@
 """Fills [MASK] tokens with a masked language model and prints the best candidates.
 
-    python fill_mask.py --checkpoint=pretrain_out/ --bert_config_file=bert_config.json \
-        --vocab_file=vocab.txt --top_k=5 "中国的首都是[MASK]京。"
+    python fill_mask.py --checkpoint=pretrain_out/ --top_k=5 "中国的首都是[MASK]京。"
     北	0.9731
     南	0.0102
     ...
@@ -13,11 +12,11 @@ each chosen token into the input before predicting the next, scoring a word by t
 tokens' conditional probabilities. Special tokens are never proposed inside such a word. A single
 [MASK] gets the plain softmax over the vocabulary, as transformers' fill-mask pipeline does.
 
---checkpoint: one of our checkpoints (a folder means its latest ckpt-N, a prefix like out/ckpt-500),
-an imported one (convert_checkpoint.py), a Google TF1 bert_model.ckpt, or a HuggingFace folder.
+--checkpoint: a model folder (model_folder.py; ours means its latest ckpt-N), a prefix like
+out/ckpt-500, an imported one (convert_checkpoint.py), a Google TF1 bert_model.ckpt, or a
+HuggingFace folder (transformers 5's without vocab.txt too: the vocab comes from tokenizer.json).
 """
 
-import os
 import sys
 
 import numpy as np
@@ -25,33 +24,33 @@ import tensorflow as tf
 from absl import flags
 
 import convert_checkpoint
+import model_folder
 import modeling
 import tokenization
 import train_utils
 
 
-def load_masked_lm(checkpoint, bert_config_file=None, vocab_file=None, do_lower_case=True):
+def load_masked_lm(checkpoint, bert_config_file=None, vocab_file=None, do_lower_case=None):
     """Returns (BertPretrainer with every weight restored, FullTokenizer).
 
-    bert_config_file / vocab_file default to the files beside the checkpoint. A HuggingFace folder
-    (config.json + weights, no ckpt) is read directly.
+    `checkpoint` is a model folder or prefix (model_folder.resolve: ours, Google's, or a HuggingFace
+    folder, also transformers 5's without vocab.txt); the other arguments override what it says.
     """
-    if os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, "config.json")) \
-            and not tf.train.latest_checkpoint(checkpoint):
-        folder = convert_checkpoint.HFFolder(checkpoint)
+    found = model_folder.resolve(checkpoint, bert_config_file, vocab_file, flag="--checkpoint")
+    do_lower_case = found.do_lower_case if do_lower_case is None else do_lower_case
+    if found.kind == "hf":
+        folder = convert_checkpoint.HFFolder(found.checkpoint, found.vocab_file)
         if (folder.hf_config.get("architectures") or ["BertModel"])[0] == "BertModel":
             raise ValueError(f"{folder.config_path}: a BertModel folder has no masked-LM head")
-        config = modeling.BertConfig.from_dict(folder.bert_config, source=folder.config_path)
-        model = convert_checkpoint.build_task_model(config, "mlm")
+        model = convert_checkpoint.build_task_model(folder.config, "mlm")
         convert_checkpoint.assign_from_hf(model, folder)
-        return model, tokenization.FullTokenizer(vocab_file or folder.vocab_file, do_lower_case)
-    bert_config_file = bert_config_file or convert_checkpoint.beside(
-        checkpoint, "bert_config.json", "bert_config_file")
-    vocab_file = vocab_file or convert_checkpoint.beside(checkpoint, "vocab.txt", "vocab_file")
-    config = modeling.BertConfig.from_json_file(bert_config_file)
-    convert_checkpoint.check_vocab_size(vocab_file, config, bert_config_file)
-    model, _ = convert_checkpoint.load_checkpoint_fully(checkpoint, config, "mlm")
-    return model, tokenization.FullTokenizer(vocab_file, do_lower_case)
+    else:
+        if found.task not in (None, "mlm"):
+            raise ValueError(f"{checkpoint}: holds a {found.task} model, which has no masked-LM head")
+        config = modeling.BertConfig.from_json_file(found.bert_config_file)
+        convert_checkpoint.check_vocab_size(found.vocab_file, config, found.bert_config_file)
+        model = convert_checkpoint.load_checkpoint_fully(found.checkpoint, config, "mlm")
+    return model, tokenization.FullTokenizer(found.vocab_file, do_lower_case)
 
 
 def encode(tokenizer, text, max_seq_length):
@@ -131,33 +130,33 @@ def fill_masks(model, tokenizer, text, top_k=5):
     return results
 
 
-FLAGS = flags.FLAGS
+EXAMPLE = "python fill_mask.py --checkpoint=demo_output/pretrain '这本书的内容很[MASK]。'"
 
 
-def define_flags():
-    with train_utils.flag_group("Model"):
-        flags.DEFINE_string("checkpoint", None, "Our checkpoint folder or prefix, a TF1 bert_model.ckpt "
-                            "prefix, or a HuggingFace folder.")
-        flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: beside --checkpoint).")
-        flags.DEFINE_string("vocab_file", None, "vocab.txt (default: beside --checkpoint).")
-        flags.DEFINE_bool("do_lower_case", True, "As in pretraining.")
-    with train_utils.flag_group("Output"):
-        flags.DEFINE_integer("top_k", 5, "Candidates per [MASK] run.", lower_bound=1)
+def define_flags(fv=flags.FLAGS):
+    with train_utils.flag_group("Model", fv):
+        flags.DEFINE_string("checkpoint", None, "A model folder (ours, Google's bert_model.ckpt, or a "
+                            "HuggingFace folder) or a checkpoint prefix like out/ckpt-1000.", flag_values=fv)
+        flags.DEFINE_string("bert_config_file", None, "bert_config.json (default: the folder's).",
+                            flag_values=fv)
+        flags.DEFINE_string("vocab_file", None, "vocab.txt (default: the folder's).", flag_values=fv)
+        flags.DEFINE_bool("do_lower_case", None, "Default: the folder's setting, else true.", flag_values=fv)
+    with train_utils.flag_group("Output", fv):
+        flags.DEFINE_integer("top_k", 5, "Candidates per [MASK] run.", lower_bound=1, flag_values=fv)
     train_utils.require_flags("checkpoint")
 
 
 def main(argv):
+    fv = flags.FLAGS
     texts = argv[1:] or [line.strip() for line in sys.stdin if line.strip()]
     try:
-        model, tokenizer = load_masked_lm(FLAGS.checkpoint, FLAGS.bert_config_file,
-                                          FLAGS.vocab_file, FLAGS.do_lower_case)
-        blocks = [run for text in texts for run in fill_masks(model, tokenizer, text, FLAGS.top_k)]
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        model, tokenizer = load_masked_lm(fv.checkpoint, fv.bert_config_file, fv.vocab_file,
+                                          fv.do_lower_case)
+        blocks = [run for text in texts for run in fill_masks(model, tokenizer, text, fv.top_k)]
+    except ValueError as e:  # bad input: one line naming it, no traceback
+        raise train_utils.UsageError(str(e)) from None
     print("\n\n".join("\n".join(f"{word}\t{score:.4f}" for word, score in block) for block in blocks))
 
 
 if __name__ == "__main__":
-    define_flags()
-    train_utils.run_script(main, __doc__, "python fill_mask.py --checkpoint=demo_output/pretrain "
-                           "--vocab_file=resources/vocab.txt '这本书的内容很[MASK]。'")
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

@@ -1,102 +1,50 @@
-"""What run_classifier.py, run_ner.py and run_cmrc.py share.
+"""What run_classifier.py, run_ner.py and run_cmrc.py share: one command line and one driver.
 
 * `tokenize_with_offsets`: the FullTokenizer's tokens plus, for each token, the characters of the
   original text it came from (NER and QA must map token predictions back to character spans).
 * `doc_windows` / `max_context_window`: sliding windows over a long token sequence, and which window
   gives a token the most context (Google's run_squad rule; NER uses it too).
-* Flags (Google's names) <-> a plain options object, so tests call `run(opts)` without absl flags.
-* Building a task model from `bert_config.json` + `--init_checkpoint`, the Keras fit loop that
-  evaluates on dev after every epoch and keeps the best checkpoint in `output_dir/best/`, and the
-  one-line metrics JSON.
+* `define_flags`: the flags every task script has (Google's names), declared once.
+* `run(opts, task)`: the one fine-tuning driver. A task script supplies a `Task` (how to read its
+  files, which model head, how to encode, score and write predictions); the driver does the rest:
+  finds train/dev/test in `--data_dir` by the task's usual names, resolves the model folder behind
+  `--init_checkpoint`, checks everything before writing anything, trains with AdamW, evaluates on dev
+  after each epoch, keeps the best model in `output_dir/best/` as a self-describing model folder
+  (checkpoint, bert_config.json, vocab.txt, model_info.json with the task and labels), warns when the
+  loss does not move, and prints one metrics JSON line (with every counted skip).
+
+Files are read and written through tf.io.gfile, so `gs://` paths work (tests use `ram://`).
 """
 
-import dataclasses
 import json
 import math
 import os
-import unicodedata
+import tempfile
+import types
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
+import model_folder
 import modeling
 import optimization
+import tokenization
 import train_utils
+from train_utils import UsageError
 
 # ---------------------------------------------------------------------------------------------------
 # Tokens with character offsets
 # ---------------------------------------------------------------------------------------------------
 
 
-def _is_cjk(ch):
-    cp = ord(ch)
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
-            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
-            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
-
-
-def _is_punctuation(ch):
-    cp = ord(ch)
-    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-        return True
-    return unicodedata.category(ch).startswith("P")
-
-
-def _is_dropped(ch):
-    """Characters the BERT tokenizer removes: whitespace, NUL, U+FFFD and control characters."""
-    if ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
-        return True
-    return ord(ch) in (0, 0xFFFD) or unicodedata.category(ch).startswith("C")
-
-
-def _split_units(text):
-    """Splits `text` the way BasicTokenizer does, keeping offsets.
-
-    Returns a list of (start, end) character ranges (end exclusive): one per CJK character or
-    punctuation mark, one per run of other non-space characters. Whitespace/control chars are dropped.
-    """
-    units, start = [], None
-    for i, ch in enumerate(text):
-        if _is_dropped(ch) or _is_cjk(ch) or _is_punctuation(ch):
-            if start is not None:
-                units.append((start, i))
-                start = None
-            if not _is_dropped(ch):
-                units.append((i, i + 1))
-        elif start is None:
-            start = i
-    if start is not None:
-        units.append((start, len(text)))
-    return units
-
-
 def tokenize_with_offsets(tokenizer, text):
-    """Tokenizes `text` exactly like `tokenizer.tokenize(text)` and records where each token came from.
+    """`tokenizer.tokenize(text)` and each token's character span [start, end) in `text`.
 
-    Returns:
-      tokens: list[str] (equal to tokenizer.tokenize(text)).
-      spans: list[(start, end)], the characters text[start:end] token i covers. WordPieces of one word
-        split its characters by piece length; when lower-casing/accent stripping changed the length (or
-        the word became [UNK]) the pieces share the word's range proportionally, the last one ending
-        at the word's end.
+    The spans follow tokenization.FullTokenizer.tokenize_with_offsets, the one owner of this rule.
     """
-    tokens, spans = [], []
-    for u_start, u_end in _split_units(text):
-        pieces = tokenizer.tokenize(text[u_start:u_end])
-        lengths = [len(p[2:]) if p.startswith("##") else len(p) for p in pieces]
-        n_chars = u_end - u_start
-        if sum(lengths) != n_chars:  # [UNK], or normalisation changed the length
-            total = sum(lengths) or 1
-            lengths = [max(1, round(n_chars * length / total)) for length in lengths]
-        pos = u_start
-        for i, piece in enumerate(pieces):
-            end = u_end if i == len(pieces) - 1 else min(u_end, pos + lengths[i])
-            tokens.append(piece)
-            spans.append((pos, max(end, pos + 1) if pos < u_end else u_end))
-            pos = min(end, u_end)
-    return tokens, spans
+    return tokenizer.tokenize_with_offsets(text)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,168 +81,355 @@ def max_context_window(windows, position):
     return best
 
 
+
 # ---------------------------------------------------------------------------------------------------
-# Options and flags
+# Command line
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class FinetuneOptions:
-    """Options every task script has; field names are the flag names (Google's where it had them)."""
-    output_dir: str
-    bert_config_file: str
-    vocab_file: str
-    data_dir: str = ""
-    train_file: str = ""
-    dev_file: str = ""
-    test_file: str = ""
-    init_checkpoint: str = ""
-    do_lower_case: bool = True
-    do_train: bool = False
-    do_eval: bool = False
-    do_predict: bool = False
-    max_seq_length: int = 128
-    train_batch_size: int = 32
-    eval_batch_size: int = 64
-    learning_rate: float = 5e-5
-    num_train_epochs: float = 3.0
-    max_train_steps: int = 0
-    warmup_proportion: float = 0.1
-    weight_decay: float = 0.01
-    strategy: str = "auto"
-    seed: int = 12345
-    mixed_precision: bool = False
-    jit_compile: bool = False
+def define_flags(fv, max_seq_length=128):
+    """The flags every task script has, on FlagValues `fv`; Google's names (and booleans as
+    `--do_train=true`). A script's own `define_flags(fv)` calls this, then adds its group."""
+    def define(kind, name, default, text):
+        getattr(flags, f"DEFINE_{kind}")(name, default, text, flag_values=fv)
+
+    with train_utils.flag_group("Data", fv):
+        define("string", "data_dir", None, "Folder with the task's files, found by their usual names "
+               "(see the task above); --train_file/--dev_file/--test_file override them.")
+        define("string", "train_file", None, "Training file (relative to --data_dir unless absolute).")
+        define("string", "dev_file", None, "Dev file, evaluated after each epoch; never falls back to test.")
+        define("string", "test_file", None, "File to predict for --do_predict.")
+        define("integer", "max_seq_length", max_seq_length, "Tokens per sequence including [CLS]/[SEP].")
+        define("bool", "do_lower_case", True, "Lower-case input (True for Google's Chinese vocab); "
+               "default: the model folder's setting when it records one.")
+    with train_utils.flag_group("Model and checkpoints", fv):
+        define("string", "init_checkpoint", None, "Starting weights: a model folder (ours, Google's) or "
+               "a checkpoint prefix such as .../bert_model.ckpt; its bert_config.json and vocab.txt "
+               "are used when the two flags below are not given. Empty: random init.")
+        define("string", "bert_config_file", None, "bert_config.json (default: the model folder's).")
+        define("string", "vocab_file", None, "WordPiece vocab (default: the model folder's vocab.txt).")
+        define("string", "output_dir", None, "Where best/ (the fine-tuned model folder), predictions "
+               "and eval_results.json go.")
+    with train_utils.flag_group("What to run", fv):
+        define("bool", "do_train", False, "Fine-tune on the train file.")
+        define("bool", "do_eval", False, "Evaluate on the dev file.")
+        define("bool", "do_predict", False, "Write predictions for the test file.")
+    with train_utils.flag_group("Training", fv):
+        define("integer", "train_batch_size", 32, "Training batch size.")
+        define("integer", "eval_batch_size", 64, "Eval batch size.")
+        define("integer", "predict_batch_size", 64, "Predict batch size (Google's flag).")
+        define("float", "learning_rate", 5e-5, "Peak AdamW learning rate (Google: 2e-5..5e-5 from a "
+               "pretrained --init_checkpoint).")
+        define("float", "num_train_epochs", 3.0, "Epochs (may be fractional).")
+        define("integer", "max_train_steps", 0, "If > 0, stop after this many steps (smoke tests).")
+        define("float", "warmup_proportion", 0.1, "Share of steps with linear warmup.")
+        define("float", "weight_decay", 0.01, "AdamW decoupled weight decay.")
+        define("integer", "seed", 12345, "Random seed.")
+    with train_utils.flag_group("Hardware: TPU, GPUs, CPU", fv):
+        flags.DEFINE_enum("strategy", "auto", list(train_utils.STRATEGIES), "auto: TPU if --tpu_name, "
+                          "multi-worker from TF_CONFIG, all GPUs, else one device.", flag_values=fv)
+        define("bool", "use_tpu", False, "Same as --strategy=tpu (Google's flag).")
+        define("string", "tpu_name", None, "TPU name or grpc:// address.")
+        define("string", "tpu_zone", None, "GCE zone of the TPU (optional).")
+        define("string", "gcp_project", None, "GCP project of the TPU (optional).")
+        define("bool", "mixed_precision", False, "bfloat16 compute on TPUs and bf16-capable GPUs; "
+               "ignored with a warning elsewhere (as in pretraining).")
+        define("bool", "jit_compile", False, "XLA-compile the train/predict steps.")
+    if fv is flags.FLAGS:
+        train_utils.require_flags("output_dir")
 
 
-def define_common_flags(defaults=None):
-    """Defines the FinetuneOptions flags. Call from a script's `__main__` only (importing a script,
-    as tests do, then defines no flags, so several scripts can be imported in one process)."""
-    defaults = dict(defaults or {})
-    helps = {
-        "output_dir": "Where checkpoints (best/), predictions and eval_results.json go.",
-        "bert_config_file": "bert_config.json of the model (Google's format).",
-        "vocab_file": "WordPiece vocab the model was trained with.",
-        "data_dir": "Folder with the task's files; --train_file/--dev_file/--test_file override names.",
-        "train_file": "Training file (relative to --data_dir unless absolute).",
-        "dev_file": "Dev file, evaluated after each epoch; never falls back to the test file.",
-        "test_file": "File to predict for --do_predict.",
-        "init_checkpoint": "Our TF2 checkpoint (dir or prefix) or a Google TF1 bert_model.ckpt; "
-                           "empty = random init (tests only).",
-        "do_lower_case": "Lower-case input (True for Google's Chinese vocab).",
-        "do_train": "Fine-tune on the train file.", "do_eval": "Evaluate on the dev file.",
-        "do_predict": "Write predictions for the test file.",
-        "max_seq_length": "Tokens per sequence including [CLS]/[SEP].",
-        "train_batch_size": "Training batch size.", "eval_batch_size": "Eval/predict batch size.",
-        "learning_rate": "Peak AdamW learning rate.", "num_train_epochs": "Epochs (may be fractional).",
-        "max_train_steps": "If > 0, stop after this many steps (for smoke tests).",
-        "warmup_proportion": "Share of steps with linear warmup.", "weight_decay": "AdamW decay.",
-        "strategy": "auto|tpu|mirrored|multi_worker|one_device.", "seed": "Random seed.",
-        "mixed_precision": "Keras mixed_bfloat16 policy.", "jit_compile": "XLA-compile train/eval steps.",
-    }
-    fields = {field.name: field for field in dataclasses.fields(FinetuneOptions)}
-    assert sorted(n for names in FLAG_GROUPS.values() for n in names) == sorted(fields)
-    for title, names in FLAG_GROUPS.items():
-        with train_utils.flag_group(title):
-            for name in names:
-                field = fields[name]
-                default = defaults.get(name, field.default)
-                if default is dataclasses.MISSING:
-                    default = None
-                define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
-                          float: flags.DEFINE_float, str: flags.DEFINE_string}[field.type]
-                define(name, default, helps[name])
-    train_utils.require_flags("output_dir", "bert_config_file", "vocab_file")
+def parse_flags(define, argv=(), **values):
+    """A FlagValues with a script's flags (`define(fv)`) parsed from argv and `name=value` pairs."""
+    fv = flags.FlagValues()
+    define(fv)
+    args = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+    fv(["prog"] + list(argv) + args)
+    return fv
 
 
-# --help headings of the FinetuneOptions flags.
-FLAG_GROUPS = {
-    "Data": ("data_dir", "train_file", "dev_file", "test_file", "max_seq_length", "do_lower_case"),
-    "Model and checkpoints": ("bert_config_file", "vocab_file", "init_checkpoint", "output_dir"),
-    "What to run": ("do_train", "do_eval", "do_predict"),
-    "Training": ("train_batch_size", "eval_batch_size", "learning_rate", "num_train_epochs",
-                 "max_train_steps", "warmup_proportion", "weight_decay", "seed"),
-    "Hardware": ("strategy", "mixed_precision", "jit_compile"),
-}
-
-
-def options_from_flags(cls):
-    """Builds an options dataclass `cls` from the absl FLAGS of the same names."""
-    values = {f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(cls)}
-    return cls(**values)
-
-
-def resolve_path(opts, name):
-    """`opts.<name>` joined to --data_dir when relative; '' stays ''."""
-    path = getattr(opts, name)
-    if path and opts.data_dir and not os.path.isabs(path):
-        path = os.path.join(opts.data_dir, path)
-    if path and not os.path.isfile(path):
-        raise ValueError(f"--{name}: file not found: {path}")
-    return path
-
-
-def check_options(opts):
-    """Flag checks that fail before any model is built."""
+def check_flags(opts, config):
+    """Flag values that can't be right, reported before anything is read or built."""
     if not (opts.do_train or opts.do_eval or opts.do_predict):
-        raise ValueError("at least one of --do_train, --do_eval, --do_predict must be set")
-    for action, name in (("do_train", "train_file"), ("do_eval", "dev_file"), ("do_predict", "test_file")):
-        if getattr(opts, action) and not getattr(opts, name):
-            raise ValueError(f"--{action} needs --{name}")
-    if opts.max_seq_length > 512 or opts.max_seq_length < 8:
-        raise ValueError(f"--max_seq_length={opts.max_seq_length} must be in [8, 512]")
+        raise UsageError("at least one of --do_train, --do_eval, --do_predict must be set")
+    if not 8 <= opts.max_seq_length <= config.max_position_embeddings:
+        raise UsageError(f"--max_seq_length={opts.max_seq_length} must be in [8, "
+                         f"{config.max_position_embeddings}] (max_position_embeddings of the config)")
+    for name in ("train_batch_size", "eval_batch_size", "predict_batch_size"):
+        if opts[name].value < 1:
+            raise UsageError(f"--{name} must be >= 1, got {opts[name].value}")
+    if opts.do_train:
+        if not (math.isfinite(opts.learning_rate) and opts.learning_rate > 0):
+            raise UsageError(f"--learning_rate must be a positive number, got {opts.learning_rate}")
+        if not (opts.num_train_epochs > 0 and math.isfinite(opts.num_train_epochs)):
+            raise UsageError(f"--num_train_epochs must be > 0, got {opts.num_train_epochs}")
+        if not 0 <= opts.warmup_proportion < 1:
+            raise UsageError(f"--warmup_proportion must be in [0, 1), got {opts.warmup_proportion}")
+        if opts.max_train_steps < 0:
+            raise UsageError(f"--max_train_steps must be >= 0, got {opts.max_train_steps}")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model, training loop, metrics output
+# Files: found in --data_dir, read and written through tf.io.gfile
 # ---------------------------------------------------------------------------------------------------
 
-
-def setup_runtime(opts):
-    """Seed, precision policy and distribution strategy. Returns the strategy."""
-    train_utils.set_seed(opts.seed)
-    keras.mixed_precision.set_global_policy("mixed_bfloat16" if opts.mixed_precision else "float32")
-    return train_utils.make_strategy(opts.strategy)
+SPLITS = (("train", "do_train"), ("dev", "do_eval"), ("test", "do_predict"))
 
 
-def build_task_model(opts, strategy, make_model):
-    """Creates `make_model(config)` under `strategy`, builds its variables, loads the init checkpoint.
+def find_files(opts, file_names):
+    """{split: path} for the splits the run needs.
 
-    The init checkpoint is --init_checkpoint, else output_dir/best/ from an earlier --do_train run
-    (so `--do_predict` alone reuses the fine-tuned model), else random init.
+    An explicit --<split>_file wins (joined to --data_dir when relative); otherwise the first of the
+    task's usual names `file_names[split]` that exists in --data_dir. Dev never falls back to test.
     """
-    config = modeling.BertConfig.from_json_file(opts.bert_config_file)
-    config.to_json_file(os.path.join(opts.output_dir, "bert_config.json"))  # beside best/, for exporters
-    with strategy.scope():
-        model = make_model(config)
-        modeling.build_model(model, seq_len=8)
-    init = opts.init_checkpoint
+    paths = {}
+    for split, action in SPLITS:
+        if not opts[action].value:
+            continue
+        flag, given = f"{split}_file", opts[f"{split}_file"].value
+        if given:
+            path = given if (not opts.data_dir or os.path.isabs(given) or "://" in given) else \
+                os.path.join(opts.data_dir, given)
+            if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+                raise UsageError(f"--{flag}: no such file: {path}")
+        elif opts.data_dir:
+            names = file_names.get(split, ())
+            found = [os.path.join(opts.data_dir, n) for n in names
+                     if tf.io.gfile.exists(os.path.join(opts.data_dir, n))]
+            if not found:
+                raise UsageError(f"--{action}: none of {', '.join(names) or '(no usual names)'} in "
+                                 f"--data_dir={opts.data_dir}; name the file with --{flag}")
+            path = found[0]
+        else:
+            raise UsageError(f"--{action} needs --{flag} or a --data_dir holding it")
+        paths[split] = path
+    return paths
+
+
+def read_text(path):
+    """The whole UTF-8 text of `path` (a leading BOM dropped); UsageError naming file and line when
+    it is not UTF-8 or not a file."""
+    if tf.io.gfile.isdir(path):
+        raise UsageError(f"{path} is a directory, not a file")
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 (byte {e.start}); convert the file, e.g. "
+                         f"`iconv -f GBK -t UTF-8`") from None
+
+
+def json_lines(path):
+    """Yields (line_number, object) for each non-blank line of a JSON-lines file; UsageError naming
+    path:line for a line that is not JSON or not a JSON object."""
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path}:{n}: a JSON object {{...}} expected, got a {type(record).__name__}")
+        yield n, record
+
+
+def write_text(path, text):
+    """Writes `text` via a temporary name and a rename, so a failing run leaves no half file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def check_outputs(output_dir, names):
+    """UsageError unless output_dir can hold the run: not a file, and none of the files the run will
+    write (`names`) is a directory; a fine-tuned model already in best/ is never overwritten."""
+    if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+        raise UsageError(f"--output_dir={output_dir} is an existing file; name a folder")
+    for name in names:
+        if tf.io.gfile.isdir(os.path.join(output_dir, name)):
+            raise UsageError(f"{os.path.join(output_dir, name)} is a directory; the run writes a file "
+                             f"there: move it or use another --output_dir")
+
+
+def make_tokenizer(vocab_file, do_lower_case):
+    """FullTokenizer over `vocab_file` (a local copy first for gs:// and other remote paths)."""
+    if tf.io.gfile.isdir(vocab_file):
+        raise UsageError(f"--vocab_file={vocab_file} is a directory; name the vocab.txt inside it")
+    if not tf.io.gfile.exists(vocab_file):
+        raise UsageError(f"--vocab_file={vocab_file}: no such file")
+    if "://" in vocab_file:
+        local = os.path.join(tempfile.mkdtemp(prefix="vocab-"), "vocab.txt")
+        tf.io.gfile.copy(vocab_file, local)
+        vocab_file = local
+    try:
+        return tokenization.FullTokenizer(vocab_file, do_lower_case=do_lower_case)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"--vocab_file={vocab_file}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The task interface and the driver
+# ---------------------------------------------------------------------------------------------------
+
+
+class Task:
+    """What a task script gives `run`; the driver sets `opts`, `tokenizer`, `labels` and `model`.
+
+    kind: the model_folder task ("classifier", "ner", "qa"; export_to_pytorch's --task).
+    key: the dev metric that picks the best epoch (higher is better).
+    file_names: {split: usual file names in --data_dir, first found wins}.
+    prediction_files: files it writes into output_dir (checked before training).
+    loss: None for masked_sparse_ce, or a list (one per output).
+    Methods: check() flag checks; find_files() {split: path}; read(path, split) -> (examples, Counter
+    of skipped items by reason); label_list(train) label names in id order (None without labels);
+    validate(data) check the splits against self.labels; make_model(config); train_data(examples)
+    -> (features dict of [N, S] int32, y); evaluate(examples, output_dir=None) dev metrics (writing
+    the dev predictions when output_dir is given); predict(examples, output_dir) -> file written.
+    """
+    kind = key = loss = None
+    file_names = {}
+    prediction_files = ()
+
+    def __init__(self, opts):
+        self.opts = opts
+        self.tokenizer = self.labels = self.model = None
+
+    def check(self):
+        pass
+
+    def find_files(self):
+        return find_files(self.opts, self.file_names)
+
+    def label_list(self, train):
+        return None
+
+    def validate(self, data):
+        pass
+
+
+def run(opts, task):
+    """Train / evaluate / predict as `opts` (a parsed FlagValues) asks, for `task` (a Task).
+
+    Every check that can fail (flags, model folder, vocab, data files, output paths) runs before
+    anything is written. Returns the dev metrics (or {}).
+    """
+    task.opts = opts
+    resolved = resolve_model(opts)
+    config = load_config(resolved.bert_config_file)
+    check_flags(opts, config)
+    task.check()
+    paths = task.find_files()
+    if not opts.output_dir:
+        raise UsageError("--output_dir is required")
+    check_outputs(opts.output_dir, ("eval_results.json", "train_history.json") + task.prediction_files)
     best_dir = os.path.join(opts.output_dir, "best")
-    if not init and not opts.do_train and os.path.isdir(best_dir):
-        init = best_dir
-    if init:
-        modeling.load_pretrained(model, init)  # logs what it loaded and which heads are new
+    if opts.do_train and tf.io.gfile.exists(os.path.join(best_dir, "checkpoint")):
+        raise UsageError(f"{best_dir} already holds a fine-tuned model; use a new --output_dir "
+                         "(or delete it) so it is not overwritten")
+    do_lower_case = (opts.do_lower_case if opts["do_lower_case"].present or resolved.do_lower_case is None
+                     else resolved.do_lower_case)
+    task.tokenizer = make_tokenizer(resolved.vocab_file, do_lower_case)
+    if len(task.tokenizer.vocab) != config.vocab_size:
+        raise UsageError(f"vocab {resolved.vocab_file} has {len(task.tokenizer.vocab)} tokens but "
+                         f"vocab_size={config.vocab_size} in {resolved.bert_config_file}: they do not match")
+
+    data, skipped = {}, {}
+    for split, path in paths.items():
+        data[split], skips = task.read(path, split)
+        if skips:
+            skipped[split] = dict(skips)
+            for reason, n in sorted(skips.items()):
+                logging.warning("%s: skipped %d (%s)", path, n, reason)
+    task.labels = choose_labels(opts, task, data.get("train"), resolved)
+    task.validate(data)
+
+    try:
+        strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
+                                             tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    train_utils.set_seed(opts.seed)
+    train_utils.set_precision(opts.mixed_precision, strategy)
+    with strategy.scope():
+        task.model = modeling.build_model(task.make_model(config), seq_len=8)
+    if resolved.checkpoint:
+        try:
+            modeling.load_pretrained(task.model, resolved.checkpoint)  # logs loaded / new tensors
+        except ValueError as e:
+            raise UsageError(f"--init_checkpoint: {e}") from None
     else:
         logging.warning("no --init_checkpoint: training from a RANDOM initialisation")
-    return model
+
+    try:
+        tf.io.gfile.makedirs(opts.output_dir)
+    except tf.errors.OpError as e:
+        raise UsageError(f"--output_dir={opts.output_dir}: cannot create it ({e.message})") from None
+    dev = data.get("dev")
+    if opts.do_train:
+        features, y = task.train_data(data["train"])
+        train(task, strategy, features, y, dev, config, resolved, do_lower_case, skipped)
+    metrics = {}
+    if dev is not None:
+        metrics = dict(task.evaluate(dev, opts.output_dir), split=os.path.basename(paths["dev"]))
+        if skipped:
+            metrics["skipped"] = skipped
+        write_text(os.path.join(opts.output_dir, "eval_results.json"),
+                   json.dumps(metrics, ensure_ascii=False, sort_keys=True) + "\n")
+        print(json.dumps(metrics, ensure_ascii=False, sort_keys=True), flush=True)
+    if "test" in data:
+        out = task.predict(data["test"], opts.output_dir)
+        logging.info("wrote %d predictions to %s", len(data["test"]), out)
+    return metrics
 
 
-class ProgressCallback(keras.callbacks.Callback):
-    """A ProgressLogger line (steps, rate, ETA, loss) every few seconds; stops at `total_steps` so
-    fractional epochs and --max_train_steps work with whole-epoch `fit` calls."""
+def resolve_model(opts):
+    """The model to start from: --init_checkpoint, else (without --do_train) output_dir/best/ of an
+    earlier run, else random init from --bert_config_file/--vocab_file. Explicit flags win over
+    the folder's files."""
+    init = opts.init_checkpoint
+    best = os.path.join(opts.output_dir or "", "best")
+    if not init and not opts.do_train and opts.output_dir and tf.io.gfile.exists(os.path.join(best, "checkpoint")):
+        init = best
+    if init:
+        return model_folder.resolve(init, bert_config_file=opts.bert_config_file, vocab_file=opts.vocab_file,
+                                    flag="--init_checkpoint")
+    missing = [f"--{n}" for n in ("bert_config_file", "vocab_file") if not opts[n].value]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} needed: no --init_checkpoint folder to take them from")
+    return types.SimpleNamespace(checkpoint=None, bert_config_file=opts.bert_config_file,
+                                 vocab_file=opts.vocab_file, do_lower_case=None, task=None, labels=None)
 
-    def __init__(self, total_steps):
-        super().__init__()
-        self.total_steps = total_steps
-        self.step = 0
-        self.progress = train_utils.ProgressLogger(total_steps, unit="steps", name="train")
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.step += 1
-        loss = float((logs or {}).get("loss", float("nan")))
-        self.progress.update(1, force=self.step == self.total_steps, loss=loss)
-        if self.step >= self.total_steps:
-            self.model.stop_training = True
+def load_config(path):
+    if tf.io.gfile.isdir(path) or not tf.io.gfile.exists(path):
+        raise UsageError(f"--bert_config_file={path}: not a file")
+    try:
+        return modeling.BertConfig.from_dict(json.loads(read_text(path)), source=path)
+    except ValueError as e:
+        raise UsageError(f"--bert_config_file={path}: {e}") from None
+
+
+def choose_labels(opts, task, train, resolved):
+    """The label names in id order: a training run takes the task's (or --labels, or the train
+    file's); evaluating or predicting takes the model folder's, which fixed the head's order."""
+    if opts.do_train or not resolved.labels:
+        labels = task.label_list(train)
+    else:
+        labels = list(resolved.labels)
+    if task.kind != "qa" and not labels:
+        raise UsageError("no label list: pass --labels, or --init_checkpoint a fine-tuned model folder")
+    if labels and len(set(labels)) != len(labels):
+        raise UsageError(f"labels repeat: {','.join(labels)}; each label names one class")
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------------
 
 
 def masked_sparse_ce(y_true, y_pred):
@@ -315,6 +450,58 @@ def masked_sparse_ce(y_true, y_pred):
     return loss
 
 
+def stall_warning(losses, learning_rate):
+    """The warning for a first epoch whose loss did not move, or None.
+
+    losses: the per-step training losses of epoch 1. Its starting value (step 1's, before any update;
+    ~ln(num_classes) for a classifier) against the mean of its last quarter: stalled when that is not
+    5% lower, or not finite. Fewer than 4 steps tell nothing.
+    """
+    if len(losses) < 4:
+        return None
+    start = float(losses[0])  # before any update: ~ln(num_classes) with a fresh head
+    late = float(np.mean(losses[-(len(losses) // 4):]))
+    if math.isfinite(late) and late < 0.95 * start:
+        return None
+    if learning_rate > 1e-4:
+        cause = f"--learning_rate={learning_rate:g} is likely too high for fine-tuning: try 5e-5"
+    elif learning_rate < 1e-5:
+        cause = f"--learning_rate={learning_rate:g} is likely too low: try 5e-5"
+    else:
+        cause = "Likely too few steps (raise --num_train_epochs), or labels unrelated to the text"
+    return (f"training loss {late:.4f} at the end of epoch 1 has not moved from its starting value "
+            f"{start:.4f}: the model is not learning. {cause} (Google's range for a pretrained "
+            f"--init_checkpoint is 2e-5..5e-5)")
+
+
+class _Progress(keras.callbacks.Callback):
+    """A progress line every few seconds; stops at `total_steps` (fractional epochs,
+    --max_train_steps); keeps epoch 1's per-step losses for the stall check."""
+
+    def __init__(self, total_steps):
+        super().__init__()
+        self.total_steps, self.step = total_steps, 0
+        self.progress = train_utils.ProgressLogger(total_steps, unit="steps", name="train")
+        self.epoch_means, self.first_epoch_losses = [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_means = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        # Keras reports the running mean of the epoch so far; keep it to recover per-step losses.
+        self.epoch_means.append(float((logs or {}).get("loss", float("nan"))))
+        self.progress.update(1, force=self.step == self.total_steps, loss=self.epoch_means[-1])
+        if self.step >= self.total_steps:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.first_epoch_losses is None:
+            means = self.epoch_means
+            self.first_epoch_losses = [m * (i + 1) - (means[i - 1] * i if i else 0.0)
+                                       for i, m in enumerate(means)]
+
+
 def make_dataset(features, labels=None, batch_size=32, shuffle=False, seed=0, drop_remainder=False):
     """tf.data over numpy feature arrays (dict of [N, S] int32) and optional labels ([N] / [N, S] or a
     tuple of such)."""
@@ -325,24 +512,21 @@ def make_dataset(features, labels=None, batch_size=32, shuffle=False, seed=0, dr
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
-def train_and_keep_best(model, opts, strategy, train_ds, num_examples, loss, evaluate, key):
-    """Fine-tunes `model` with AdamW, evaluating after each epoch and keeping the best checkpoint.
-
-    Args:
-      train_ds: batched, shuffled tf.data of (features, labels), one epoch.
-      num_examples: training sequences per epoch (for the step count).
-      loss: a Keras loss (or list, one per output).
-      evaluate: callable() -> metrics dict on dev, or None for no dev set (then the last epoch is kept).
-      key: the metric that decides "best" (higher is better).
-    Returns the best dev metrics (or {}), after restoring the best weights into `model`.
-    """
+def train(task, strategy, features, y, dev, config, resolved, do_lower_case, skipped):
+    """Fine-tunes task.model with AdamW, evaluating on dev after each epoch and keeping the best
+    weights in output_dir/best/ (a self-describing model folder); restores them at the end."""
+    opts, model = task.opts, task.model
+    num_examples = len(next(iter(features.values())))
     steps_per_epoch = max(1, num_examples // opts.train_batch_size)
     total_steps = max(1, int(math.ceil(steps_per_epoch * opts.num_train_epochs)))
     if opts.max_train_steps > 0:
         total_steps = min(total_steps, opts.max_train_steps)
     epochs = int(math.ceil(total_steps / steps_per_epoch))
-    logging.info("training: %d examples, batch %d, %d steps (%d epochs of %d)", num_examples,
+    logging.info("training: %d sequences, batch %d, %d steps (%d epochs of %d)", num_examples,
                  opts.train_batch_size, total_steps, epochs, steps_per_epoch)
+    ds = make_dataset(features, y, opts.train_batch_size, shuffle=True, seed=opts.seed,
+                      drop_remainder=num_examples >= opts.train_batch_size)
+    loss = task.loss or masked_sparse_ce
     with strategy.scope():
         optimizer = optimization.create_optimizer(
             opts.learning_rate, total_steps, int(total_steps * opts.warmup_proportion),
@@ -350,44 +534,51 @@ def train_and_keep_best(model, opts, strategy, train_ds, num_examples, loss, eva
         model.compile(optimizer=optimizer, loss=loss, jit_compile=opts.jit_compile)
 
     best_dir = os.path.join(opts.output_dir, "best")
-    manager = tf.train.CheckpointManager(modeling.make_checkpoint(model), best_dir, max_to_keep=1)
-    history = []
-    best = {}
+    # The folder describes itself before the first weights land in it (export_to_pytorch,
+    # --init_checkpoint and --do_predict read it alone).
+    model_folder.write(best_dir, config=config, vocab_file=resolved.vocab_file, do_lower_case=do_lower_case,
+                       task=task.kind, labels=task.labels)
+    checkpoint = modeling.make_checkpoint(model)
+    manager = tf.train.CheckpointManager(checkpoint, best_dir, max_to_keep=1)
+    progress = _Progress(total_steps)
+    history, best = [], {}
 
     class KeepBest(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            metrics = evaluate() if evaluate else {}
+            metrics = task.evaluate(dev) if dev is not None else {}
             metrics = dict(metrics, epoch=epoch + 1, train_loss=float((logs or {}).get("loss", 0.0)))
+            if epoch == 0:
+                warning = stall_warning(progress.first_epoch_losses, opts.learning_rate)
+                metrics["loss_stalled"] = warning is not None
+                if warning:
+                    logging.warning("%s", warning)
             history.append(metrics)
-            logging.info("epoch %d dev: %s", epoch + 1, json.dumps(metrics, ensure_ascii=False))
-            if not best or evaluate is None or metrics[key] > best[key]:
+            logging.info("epoch %d: %s", epoch + 1, json.dumps(metrics, ensure_ascii=False))
+            if not best or dev is None or metrics[task.key] > best[task.key]:
                 best.clear()
                 best.update(metrics)
                 manager.save()
 
-    model.fit(train_ds.repeat(), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,
-              callbacks=[ProgressCallback(total_steps), KeepBest()])
-    modeling.make_checkpoint(model).restore(manager.latest_checkpoint).expect_partial()
-    with open(os.path.join(opts.output_dir, "train_history.json"), "w", encoding="utf-8") as f:
-        json.dump(history, f, ensure_ascii=False, indent=1)
-    return best if evaluate else {}
+    model.fit(ds.repeat(), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,
+              callbacks=[progress, KeepBest()])
+    checkpoint.restore(manager.latest_checkpoint).expect_partial()
+    write_text(os.path.join(opts.output_dir, "train_history.json"),
+               json.dumps({"epochs": history, "skipped": skipped}, ensure_ascii=False, indent=1))
 
 
 def predict_batches(model, features, batch_size):
-    """Runs `model` in inference mode over numpy features; returns its output(s) as numpy.
-
-    Output: [N, ...] array, or a tuple of them for multi-output models (QA).
-    """
-    ds = make_dataset(features, batch_size=batch_size)
-    return model.predict(ds, verbose=0)
-
-
-def write_metrics(opts, metrics, name="eval_results.json"):
-    """Writes metrics to output_dir/<name> and prints them as one JSON line on stdout."""
-    line = json.dumps(metrics, ensure_ascii=False, sort_keys=True)
-    with open(os.path.join(opts.output_dir, name), "w", encoding="utf-8") as f:
-        f.write(line + "\n")
-    print(line, flush=True)
+    """Runs `model` in inference mode over numpy features; returns its output(s) as numpy ([N, ...]
+    or a tuple for QA). Rows are padded to whole batches (one compiled shape, TPU-friendly) and the
+    padding dropped again."""
+    n = len(next(iter(features.values())))
+    pad = -n % batch_size
+    if pad:
+        features = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in features.items()}
+    out = model.predict(make_dataset(features, batch_size=batch_size), verbose=0)
+    # float32 also under --mixed_precision (bfloat16 logits lose ties and softmax precision).
+    if isinstance(out, (tuple, list)):
+        return tuple(np.asarray(o[:n], np.float32) for o in out)
+    return np.asarray(out[:n], np.float32)
 
 
 def pad_features(rows, max_seq_length):
@@ -399,3 +590,12 @@ def pad_features(rows, max_seq_length):
         out["input_mask"][i, :len(ids)] = 1
         out["segment_ids"][i, :len(segs)] = segs
     return out
+
+
+def main(task_class):
+    """The `main(argv)` of a task script: runs the driver on the parsed command line."""
+    def main_(argv):
+        if len(argv) > 1:
+            raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        run(flags.FLAGS, task_class(flags.FLAGS))
+    return main_

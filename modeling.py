@@ -27,6 +27,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+import model_folder
+import train_utils
+
 # ------------------------------------------------------------------------------------------------
 # 1. Configuration
 # ------------------------------------------------------------------------------------------------
@@ -56,6 +59,10 @@ _ACTIVATIONS = {
 }
 # Our hidden_act -> the HuggingFace `hidden_act` that computes the same function (for exporters).
 HF_HIDDEN_ACT = {"gelu": "gelu_new", "gelu_new": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
+# HF hidden_act -> ours (the inverse of HF_HIDDEN_ACT, for importers).
+HIDDEN_ACT_FROM_HF = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact",
+                      "relu": "relu"}
+LAYER_NORM_EPS = 1e-12
 
 
 class BertConfig:
@@ -98,8 +105,11 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d, source="<dict>"):
+        """Google's fields; a transformers config.json (it names a model_type) is translated."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if "model_type" in d or "architectures" in d:
+            d = _bert_fields_from_hf(d, source)
         return cls(_source=source, **d)
 
     @classmethod
@@ -131,6 +141,37 @@ class BertConfig:
 
     def __repr__(self):
         return f"BertConfig({self.to_dict()})"
+
+
+def _bert_fields_from_hf(hf, path):
+    """Google bert_config.json fields from a transformers config.json dict; ValueError naming `path`.
+
+    HF's "gelu" is the exact erf GELU (our "gelu_exact"); HF's "gelu_new" is Google's tanh "gelu".
+    """
+    model_type, architectures = hf.get("model_type"), hf.get("architectures") or []
+    if model_type is None and not any(a.startswith("Bert") for a in architectures):
+        raise ValueError(f"{path}: no model_type and architectures {architectures} are not BERT")
+    if model_type not in (None, "bert"):
+        raise ValueError(f"{path}: model_type {model_type!r} is not BERT; only model_type 'bert' "
+                         f"(Google/UER/HF Chinese BERT and RoBERTa-wwm folders) can be imported")
+    act = hf.get("hidden_act", "gelu")
+    if act not in HIDDEN_ACT_FROM_HF:
+        raise ValueError(f"{path}: hidden_act {act!r} is not supported; expected one of "
+                         f"{sorted(HIDDEN_ACT_FROM_HF)}")
+    if abs(hf.get("layer_norm_eps", LAYER_NORM_EPS) - LAYER_NORM_EPS) > 1e-15:
+        raise ValueError(f"{path}: layer_norm_eps {hf['layer_norm_eps']} differs from BERT's 1e-12, "
+                         f"which our model uses")
+    if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
+        raise ValueError(f"{path}: only encoder BERTs with absolute position embeddings are supported")
+    out = {}
+    for name, (_, default) in _CONFIG_FIELDS.items():
+        if name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            default = None  # transformers' defaults are not a Chinese model's: the file must say
+        if name not in hf and default is None:
+            raise ValueError(f"{path}: field {name!r} is missing")
+        out[name] = hf.get(name, default)
+    out["hidden_act"] = HIDDEN_ACT_FROM_HF[act]
+    return out
 
 
 def _check_type(value, kind, field, source):
@@ -254,22 +295,24 @@ class BertEncoder(keras.layers.Layer):
 
     call(dict(input_ids [B,S] int, input_mask [B,S] int (1 = real token, optional),
               segment_ids [B,S] int (optional)), training)
-      -> dict(sequence_output [B,S,H] float32, pooled_output [B,H] float32 if add_pooler)
+      -> dict(sequence_output [B,S,H] float32, pooled_output [B,H] float32)
 
-    The pooler (dense + tanh over [CLS]) exists only when `add_pooler`; like HuggingFace's
-    BertForMaskedLM, the pretrainer has none, so it never holds untrained pooler weights.
+    Every encoder holds the pooler (dense + tanh over [CLS]), as Google's checkpoints do and as
+    keras-hub's BertBackbone and transformers' BertModel expect, so every checkpoint and export
+    carries one. Only a model that uses it (`train_pooler`: the classifier) trains it; elsewhere it
+    is frozen and passes unchanged from the init checkpoint to the export (for a model pretrained
+    here it stays as initialised: MLM-only pretraining has no loss that reaches it).
     """
 
-    def __init__(self, config, add_pooler=False, name="bert", **kwargs):
+    def __init__(self, config, train_pooler=False, name="bert", **kwargs):
         super().__init__(name=name, **kwargs)
         self.config = config
         self.embeddings = Embeddings(config, name="embeddings")
         self.encoder_layers = [TransformerLayer(config, name=f"layer_{i}")
                                for i in range(config.num_hidden_layers)]
-        self.pooler = None
-        if add_pooler:
-            self.pooler = keras.layers.Dense(config.hidden_size, activation="tanh",
-                                             kernel_initializer=_initializer(config), name="pooler")
+        self.pooler = keras.layers.Dense(config.hidden_size, activation="tanh",
+                                         kernel_initializer=_initializer(config), name="pooler")
+        self.pooler.trainable = train_pooler
 
     @property
     def word_embeddings(self):
@@ -289,10 +332,9 @@ class BertEncoder(keras.layers.Layer):
         x = self.embeddings(input_ids, tf.cast(segment_ids, tf.int32), training=training)
         for layer in self.encoder_layers:
             x = layer(x, attention_bias, training=training)                           # [B, S, H]
-        outputs = {"sequence_output": tf.cast(x, tf.float32)}
-        if self.pooler is not None:
-            outputs["pooled_output"] = tf.cast(self.pooler(x[:, 0]), tf.float32)     # [B, H]
-        return outputs
+        # Computed also where unused, so the pooler is built; tf.function prunes it there.
+        return {"sequence_output": tf.cast(x, tf.float32),                            # [B, S, H]
+                "pooled_output": tf.cast(self.pooler(x[:, 0]), tf.float32)}           # [B, H]
 
 
 class OutputProjection(keras.layers.Layer):
@@ -352,7 +394,7 @@ class BertPretrainer(keras.Model):
     def __init__(self, config, name="bert_pretrainer", **kwargs):
         super().__init__(name=name, **kwargs)
         self.config = config
-        self.bert = BertEncoder(config, add_pooler=False)
+        self.bert = BertEncoder(config)
         self.mlm = MaskedLMHead(config, name="predictions")
 
     def call(self, inputs, training=False):
@@ -367,7 +409,7 @@ class BertClassifier(keras.Model):
     def __init__(self, config, num_labels, name="bert_classifier", **kwargs):
         super().__init__(name=name, **kwargs)
         self.config, self.num_labels = config, num_labels
-        self.bert = BertEncoder(config, add_pooler=True)
+        self.bert = BertEncoder(config, train_pooler=True)
         self.dropout = keras.layers.Dropout(config.hidden_dropout_prob)
         self.classifier = OutputProjection(config, num_labels, name="classifier")
 
@@ -382,7 +424,7 @@ class BertTokenClassifier(keras.Model):
     def __init__(self, config, num_labels, name="bert_token_classifier", **kwargs):
         super().__init__(name=name, **kwargs)
         self.config, self.num_labels = config, num_labels
-        self.bert = BertEncoder(config, add_pooler=False)
+        self.bert = BertEncoder(config)
         self.dropout = keras.layers.Dropout(config.hidden_dropout_prob)
         self.classifier = OutputProjection(config, num_labels, name="classifier")
 
@@ -397,7 +439,7 @@ class BertSpanQA(keras.Model):
     def __init__(self, config, name="bert_span_qa", **kwargs):
         super().__init__(name=name, **kwargs)
         self.config = config
-        self.bert = BertEncoder(config, add_pooler=False)
+        self.bert = BertEncoder(config)
         self.qa_outputs = OutputProjection(config, 2, name="qa_outputs")
 
     def call(self, inputs, training=False):
@@ -464,8 +506,7 @@ def _encoder_rows(bert):
                             f"{f}.intermediate.dense", h, i_size)
         rows += _dense_rows(layer.output_dense, f"{g}/output/dense", f"{f}.output.dense", i_size, h)
         rows += _norm_rows(layer.output_norm, f"{g}/output/LayerNorm", f"{f}.output.LayerNorm", h)
-    if bert.pooler is not None:
-        rows += _dense_rows(bert.pooler, "bert/pooler/dense", "bert.pooler.dense", h, h)
+    rows += _dense_rows(bert.pooler, "bert/pooler/dense", "bert.pooler.dense", h, h)
     return rows
 
 
@@ -545,18 +586,12 @@ def make_checkpoint(model, **extra_trackables):
 
 
 def _resolve_checkpoint(path):
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
-        if latest:
-            return latest
-        if os.path.exists(os.path.join(path, "bert_model.ckpt.index")):
-            return os.path.join(path, "bert_model.ckpt")
-        raise ValueError(f"--init_checkpoint={path}: directory holds no ckpt-N and no bert_model.ckpt")
-    if os.path.exists(path + ".index"):
-        return path
-    raise ValueError(f"--init_checkpoint={path}: no checkpoint there (expected a directory, "
-                     "a TF2 prefix like out/ckpt-1000, or a TF1 prefix like .../bert_model.ckpt)")
+    """The checkpoint prefix of a model folder or prefix (model_folder's rules); ValueError if none."""
+    kind, prefix, _ = model_folder.find_checkpoint(os.fspath(path), flag="--init_checkpoint")
+    if kind == "hf":
+        raise train_utils.UsageError(f"--init_checkpoint={path}: a HuggingFace folder; import it first "
+                                     f"with convert_checkpoint.py --mode=hf_to_tf2")
+    return prefix
 
 
 def load_pretrained(model, path):
@@ -568,7 +603,11 @@ def load_pretrained(model, path):
     missing pooler/head weights keep their fresh initialisation and are logged.
     """
     prefix = _resolve_checkpoint(path)
-    reader = tf.train.load_checkpoint(prefix)
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError) as e:
+        raise ValueError(f"{prefix}.index: unreadable checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from None
     shapes = reader.get_variable_to_shape_map()
     if "_CHECKPOINTABLE_OBJECT_GRAPH" in shapes:  # ours: top-level objects named by Google names
         available = {_tf2_name(k): k for k in shapes if k.endswith(_TF2_SUFFIX) and
@@ -588,7 +627,13 @@ def load_pretrained(model, path):
         if tuple(shapes[key]) != tuple(w.variable.shape):
             raise ValueError(f"{prefix}: tensor '{w.google_name}' has shape {tuple(shapes[key])} "
                              f"in the checkpoint, but the model expects {tuple(w.variable.shape)}")
-        w.variable.assign(reader.get_tensor(key))
+        try:
+            value = reader.get_tensor(key)
+        except (IndexError, tf.errors.OpError) as e:  # a truncated or damaged .data-* shard
+            raise ValueError(f"{prefix}.data-*: cannot read tensor '{w.google_name}' "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]}); the checkpoint is "
+                             f"truncated or damaged") from None
+        w.variable.assign(value)
         loaded.append(w.google_name)
     unused = sorted(available)
     logging.info("Loaded %d tensors from %s", len(loaded), prefix)

@@ -1,14 +1,16 @@
 """Optimizers for BERT pretraining and fine-tuning: Google's AdamW, LAMB, warmup + linear decay.
 
-`create_optimizer` returns a Keras 3 optimizer that works with `model.fit` and with
-`optimizer.apply_gradients` in custom loops, also inside a tf.distribute strategy. One call to
-`apply_gradients` is one micro-batch; with `gradient_accumulation_steps=k` the variables change on
-every k-th call, by the update one batch k times larger would give.
+This file holds only the learning-rate schedule and the update rules, written on the public Keras
+optimizer API (`build` creates the slots, `update_step(gradient, variable, learning_rate)` applies
+one rule), so the optimizers work with `model.fit` and with any custom loop.
 
-Order of operations per update (as in google-research/bert, where TPU gradients are already summed
-across cores before clipping):
-  all-reduce over replicas -> accumulate -> average over micro-batches -> global-norm clip -> update.
+Gradients are not this file's business: the pretraining trainer (run_pretraining.MaskedLMTrainer)
+owns micro-batch accumulation, the one all-reduce over replicas, the division by the number of
+masked positions and the global-norm clip, in Google's order, and then calls `update_step` per
+variable. `model.fit` users (fine-tuning) get Keras' own `global_clipnorm` from `clip_norm`.
 """
+
+import math
 
 import keras
 import tensorflow as tf
@@ -26,6 +28,8 @@ class WarmupPolynomialDecay(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, init_lr, num_train_steps, num_warmup_steps=0, end_lr=0.0, power=1.0):
+        if not (isinstance(init_lr, (int, float)) and math.isfinite(init_lr) and init_lr > 0):
+            raise ValueError(f"learning_rate must be a positive finite number, got {init_lr}")
         if num_train_steps < 1:
             raise ValueError(f"num_train_steps must be >= 1, got {num_train_steps}")
         if not 0 <= num_warmup_steps <= num_train_steps:
@@ -50,20 +54,14 @@ class WarmupPolynomialDecay(keras.optimizers.schedules.LearningRateSchedule):
 
 
 class _BertOptimizer(keras.optimizers.Optimizer):
-    """Shared plumbing: decay exclusion, all-reduce before clipping, an LR schedule in update steps."""
+    """Shared parts of the two rules: Adam moments, and which variables are decayed."""
 
     def __init__(self, learning_rate, weight_decay_rate, beta_1, beta_2, epsilon, clip_norm,
-                 gradient_accumulation_steps, no_decay_patterns, name, **kwargs):
-        if gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+                 no_decay_patterns, name, **kwargs):
         # Weight decay is part of our update_step (inside LAMB's trust ratio), so Keras' own
         # decoupled `weight_decay` stays off.
-        super().__init__(
-            learning_rate=learning_rate, name=name,
-            global_clipnorm=clip_norm if clip_norm else None,
-            gradient_accumulation_steps=(gradient_accumulation_steps
-                                         if gradient_accumulation_steps > 1 else None),
-            **kwargs)
+        super().__init__(learning_rate=learning_rate, name=name,
+                         global_clipnorm=clip_norm if clip_norm else None, **kwargs)
         self.weight_decay_rate = float(weight_decay_rate)
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
         self.no_decay_patterns = tuple(no_decay_patterns)
@@ -79,58 +77,8 @@ class _BertOptimizer(keras.optimizers.Optimizer):
                              not any(p in v.path for p in self.no_decay_patterns) for v in var_list]
 
     def _decays(self, variable):
+        # _get_variable_index: the slot lookup every Keras optimizer's update_step uses.
         return self._decay_flags[self._get_variable_index(variable)]
-
-    def _get_current_learning_rate(self):
-        # Keras evaluates schedules at the micro-batch counter; the schedule is in update steps.
-        if isinstance(self._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
-            return self._learning_rate(self.iterations)
-        return super()._get_current_learning_rate()
-
-    def _backend_apply_gradients(self, grads, trainable_variables):
-        # Embedding lookups give IndexedSlices with repeated rows; the global norm of their values is
-        # not the norm of the gradient, so make them dense (Adam's update is dense anyway).
-        grads = [tf.convert_to_tensor(g) for g in grads]
-        # Sum over replicas first, so accumulation and the global-norm clip see the gradient of the
-        # whole batch (Keras would clip each replica's part before reducing).
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            grads = context.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
-        k = self.gradient_accumulation_steps or 1
-        if k == 1:
-            self._backend_update_step(self._clip_gradients(grads), trainable_variables,
-                                      self.learning_rate)
-            return
-        # Keras' own accumulation wraps a merge_call in tf.cond, which fails inside tf.function under
-        # tf.distribute strategies; here the cond sits inside each per-device variable update.
-        accumulators = [self._accumulated_gradients[self._get_variable_index(v)]
-                        for v in trainable_variables]
-        totals = [acc + g for acc, g in zip(accumulators, grads)]        # sums of k micro-batches
-        is_update = tf.equal((self._iterations + 1) % k, 0)
-        mean_grads = self._clip_gradients([t / k for t in totals])
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_accumulate_or_update, self._distribution_strategy,
-            [_tf_variable(v) for v in trainable_variables], mean_grads, totals,
-            [_tf_variable(a) for a in accumulators], is_update, self.learning_rate)
-
-    def _distributed_accumulate_or_update(self, distribution, variables, grads, totals,
-                                          accumulators, is_update, learning_rate):
-        def accumulate_or_update(variable, grad, total, accumulator, is_update, learning_rate):
-            def update():
-                self.update_step(grad, variable, learning_rate)
-                accumulator.assign(tf.zeros_like(accumulator))
-
-            def accumulate():
-                accumulator.assign(total)
-
-            tf.cond(is_update, update, accumulate)
-
-        for args in zip(variables, grads, totals, accumulators):
-            distribution.extended.update(args[0], accumulate_or_update,
-                                         args=args[1:] + (is_update, learning_rate), group=False)
-
-    def _all_reduce_sum_gradients(self, grads_and_vars):
-        return grads_and_vars  # already reduced in _backend_apply_gradients
 
     def _moments(self, gradient, variable):
         """Updates and returns Adam's first and second moments (no bias correction)."""
@@ -157,10 +105,10 @@ class AdamWeightDecay(_BertOptimizer):
     """
 
     def __init__(self, learning_rate=1e-4, weight_decay_rate=0.01, beta_1=0.9, beta_2=0.999,
-                 epsilon=1e-6, clip_norm=1.0, gradient_accumulation_steps=1,
-                 no_decay_patterns=NO_DECAY_PATTERNS, name="adam_weight_decay", **kwargs):
+                 epsilon=1e-6, clip_norm=1.0, no_decay_patterns=NO_DECAY_PATTERNS,
+                 name="adam_weight_decay", **kwargs):
         super().__init__(learning_rate, weight_decay_rate, beta_1, beta_2, epsilon, clip_norm,
-                         gradient_accumulation_steps, no_decay_patterns, name, **kwargs)
+                         no_decay_patterns, name, **kwargs)
 
     def update_step(self, gradient, variable, learning_rate):
         m, v = self._moments(gradient, variable)
@@ -180,10 +128,10 @@ class Lamb(_BertOptimizer):
     """
 
     def __init__(self, learning_rate=1e-3, weight_decay_rate=0.01, beta_1=0.9, beta_2=0.999,
-                 epsilon=1e-6, clip_norm=1.0, gradient_accumulation_steps=1,
-                 no_decay_patterns=NO_DECAY_PATTERNS, name="lamb", **kwargs):
+                 epsilon=1e-6, clip_norm=1.0, no_decay_patterns=NO_DECAY_PATTERNS, name="lamb",
+                 **kwargs):
         super().__init__(learning_rate, weight_decay_rate, beta_1, beta_2, epsilon, clip_norm,
-                         gradient_accumulation_steps, no_decay_patterns, name, **kwargs)
+                         no_decay_patterns, name, **kwargs)
 
     def update_step(self, gradient, variable, learning_rate):
         m, v = self._moments(gradient, variable)
@@ -199,17 +147,13 @@ class Lamb(_BertOptimizer):
         self.assign_sub(variable, tf.cast(learning_rate, variable.dtype) * ratio * update)
 
 
-def _tf_variable(variable):
-    return variable.value if isinstance(variable, keras.Variable) else variable
-
-
 def create_optimizer(init_lr, num_train_steps, num_warmup_steps, optimizer_type="adamw",
-                     weight_decay=0.01, beta_1=0.9, beta_2=0.999, epsilon=1e-6, clip_norm=1.0,
-                     gradient_accumulation_steps=1):
+                     weight_decay=0.01, beta_1=0.9, beta_2=0.999, epsilon=1e-6, clip_norm=1.0):
     """The optimizer for run_pretraining / run_classifier (Google's defaults).
 
     num_train_steps and num_warmup_steps count optimizer updates (not micro-batches).
-    optimizer_type: "adamw" (Google's AdamWeightDecay) or "lamb". clip_norm=0 turns clipping off.
+    optimizer_type: "adamw" (Google's AdamWeightDecay) or "lamb". clip_norm: Keras' global-norm clip
+    for `model.fit` (0 turns it off; the pretraining trainer clips itself and passes 0).
     """
     schedule = WarmupPolynomialDecay(init_lr, num_train_steps, num_warmup_steps)
     kinds = {"adamw": AdamWeightDecay, "lamb": Lamb}
@@ -217,5 +161,4 @@ def create_optimizer(init_lr, num_train_steps, num_warmup_steps, optimizer_type=
         raise ValueError(f"--optimizer={optimizer_type!r} is not one of {sorted(kinds)}")
     return kinds[optimizer_type](
         learning_rate=schedule, weight_decay_rate=weight_decay, beta_1=beta_1, beta_2=beta_2,
-        epsilon=epsilon, clip_norm=clip_norm,
-        gradient_accumulation_steps=gradient_accumulation_steps)
+        epsilon=epsilon, clip_norm=clip_norm)

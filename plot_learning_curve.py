@@ -10,11 +10,15 @@ TensorFlow's own summary iterator, so neither TensorBoard nor a running server i
 import glob
 import os
 
-from absl import app, flags
+from absl import flags
 
-LOSS_TAGS = ("loss", "masked_lm_loss", "train/loss")
-ACCURACY_TAGS = ("mlm_accuracy", "masked_lm_accuracy", "train/mlm_accuracy", "accuracy")
-LR_TAGS = ("learning_rate", "train/learning_rate", "lr")
+import train_utils
+
+# The tags run_pretraining.py writes (train/) and fine-tuning's Keras logs use; tests/test_demo.py
+# checks a real pretraining run yields all three series.
+LOSS_TAGS = ("loss", "masked_lm_loss")
+ACCURACY_TAGS = ("masked_lm_accuracy", "accuracy")
+LR_TAGS = ("learning_rate",)
 
 
 def read_scalars(logdir):
@@ -55,6 +59,14 @@ def _find(scalars, candidates, runs=("", "train")):
     return None
 
 
+def find_series(scalars):
+    """{role: scalar key or None} for loss, accuracy, learning_rate, eval_loss, eval_accuracy."""
+    return {"loss": _find(scalars, LOSS_TAGS), "accuracy": _find(scalars, ACCURACY_TAGS),
+            "learning_rate": _find(scalars, LR_TAGS),
+            "eval_loss": _find(scalars, LOSS_TAGS, runs=("eval",)),
+            "eval_accuracy": _find(scalars, ACCURACY_TAGS, runs=("eval",))}
+
+
 def plot(scalars, output, title=""):
     """Draws loss (+ learning rate on a twin axis) over MLM accuracy against step; writes `output`."""
     import matplotlib
@@ -62,13 +74,11 @@ def plot(scalars, output, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loss_key = _find(scalars, LOSS_TAGS)
+    found = find_series(scalars)
+    loss_key, accuracy_key, lr_key = found["loss"], found["accuracy"], found["learning_rate"]
+    eval_loss_key, eval_accuracy_key = found["eval_loss"], found["eval_accuracy"]
     if loss_key is None:
         raise ValueError(f"no loss scalar ({', '.join(LOSS_TAGS)}) among tags {sorted(scalars)}")
-    accuracy_key = _find(scalars, ACCURACY_TAGS)
-    eval_loss_key = _find(scalars, LOSS_TAGS, runs=("eval",))
-    eval_accuracy_key = _find(scalars, ACCURACY_TAGS, runs=("eval",))
-    lr_key = _find(scalars, LR_TAGS)
 
     def draw(ax, key, style, color, label):
         """Plots one scalar series if the run has it; returns whether it did."""
@@ -107,24 +117,30 @@ def plot(scalars, output, title=""):
     return output
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("logdir", None, "A run's output_dir (or its TensorBoard folder); searched recursively.")
-flags.DEFINE_string("output", None, "PNG to write (default: <logdir>/learning_curve.png).")
-flags.DEFINE_string("title", "", "Figure title.")
+def define_flags(fv=flags.FLAGS):
+    with train_utils.flag_group("Input and output", fv):
+        flags.DEFINE_string("logdir", None, "A run's output_dir (or its TensorBoard folder); searched "
+                            "recursively.", flag_values=fv)
+        flags.DEFINE_string("output", None, "PNG to write (default: <logdir>/learning_curve.png).",
+                            flag_values=fv)
+        flags.DEFINE_string("title", "", "Figure title.", flag_values=fv)
+    if fv is flags.FLAGS:
+        train_utils.require_flags("logdir")
 
 
 def main(argv):
-    del argv
-    if not FLAGS.logdir:
-        raise app.UsageError("--logdir is required, e.g. "
-                             "python plot_learning_curve.py --logdir=output/pretrain")
-    output = FLAGS.output or os.path.join(FLAGS.logdir, "learning_curve.png")
+    if len(argv) > 1:
+        raise train_utils.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    fv = flags.FLAGS
+    output = fv.output or os.path.join(fv.logdir, "learning_curve.png")
     try:
-        path = plot(read_scalars(FLAGS.logdir), output, FLAGS.title)
+        path = plot(read_scalars(fv.logdir), output, fv.title)
     except ValueError as e:
-        raise SystemExit(f"plot_learning_curve.py: {e}") from None
+        raise train_utils.UsageError(str(e)) from None
     print(path)
 
 
+EXAMPLE = "python plot_learning_curve.py --logdir=out/pretrain --output=learning_curve.png"
+
 if __name__ == "__main__":
-    app.run(main)
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

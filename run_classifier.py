@@ -1,31 +1,37 @@
-"""Fine-tunes BERT/RoBERTa on sentence(-pair) classification: LCQMC, XNLI/OCNLI, BQ, ChnSentiCorp,
-TNEWS, THUCNews titles, or any TSV/CSV/JSON-lines file whose header names the text and label columns.
+r"""Fine-tunes BERT/RoBERTa on sentence(-pair) classification: LCQMC, BQ, XNLI/OCNLI/CMNLI, AFQMC,
+ChnSentiCorp, TNEWS, IFLYTEK, THUCNews titles, any TSV/CSV/JSON-lines file whose header names the
+text and label columns, or a TFDS dataset (--tfds_name=xnli).
 
-    python run_classifier.py --task_name=lcqmc --data_dir=../shared/data/lcqmc \
-      --train_file=train.tsv --dev_file=dev.tsv --vocab_file=vocab.txt \
-      --bert_config_file=bert_config.json --init_checkpoint=chinese_L-12_H-768_A-12/bert_model.ckpt \
-      --do_train --do_eval --max_seq_length=128 --train_batch_size=32 --learning_rate=2e-5 \
-      --num_train_epochs=3 --output_dir=/tmp/lcqmc
+    python run_classifier.py --task_name=lcqmc --do_train=true --do_eval=true --data_dir=$LCQMC \
+      --init_checkpoint=chinese_L-12_H-768_A-12 --max_seq_length=128 --train_batch_size=32 \
+      --learning_rate=2e-5 --num_train_epochs=3 --output_dir=out/lcqmc
 
-Train, dev and test are separate files and dev never falls back to test. After each epoch the model
-is evaluated on dev and the best one is kept in output_dir/best/. --do_predict writes
-output_dir/test_predictions.tsv (`id  label  prob_<label>...`, one row per test row, in order). One
-metrics JSON line (accuracy, macro-F1) is printed.
+Google's and roberta_zh's command lines work as written (`--task_name=lcqmc_pair`, `--do_train=true`,
+`--init_checkpoint=.../bert_model.ckpt` with --vocab_file/--bert_config_file, or a model folder alone).
+With --data_dir and no file flags, each task's files are found by their usual names (LCQMC:
+train.txt/dev.txt/test.txt or train.tsv/...; XNLI: dev.tsv or Google's xnli.dev.tsv layout; CLUE's
+train.json/dev.json/test.json). Dev never falls back to test. The best model on dev is kept in
+output_dir/best/, a model folder export_to_pytorch.py reads alone (its model_info.json names the task
+and the labels). --do_predict writes output_dir/test_predictions.tsv (`id  label  prob_<label>...`).
+
+A row whose label is empty or null (or OCNLI's "-": no gold label) is not a class: it is skipped,
+counted, and reported in the log and in the metrics JSON ("skipped").
 """
 
 import csv
 import dataclasses
-import json
+import io
 import os
+from collections import Counter
 from typing import Optional
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 import finetune_utils
 import modeling
-import tokenization
 import train_utils
+from train_utils import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,23 +43,43 @@ class TaskSpec:
     label: object
     header: bool
     labels: Optional[tuple] = None  # None: the sorted labels of the train file
-    skip_labels: tuple = ()  # rows with these labels are dropped (and counted), e.g. OCNLI's "-"
+    skip_labels: tuple = ()  # rows with these labels have no gold label: skipped and counted
+    files: tuple = ("train", "dev", "test"), (".tsv",)  # (split stems, extensions) in --data_dir
+    layouts: tuple = ()  # ((file name, {field: value}), ...): files with their own columns
 
 
 NLI_LABELS = ("contradiction", "entailment", "neutral")
+CLUE_FILES = ("train", "dev", "test"), (".json",)
+# Google's XNLI release: the zh training file and the all-language dev/test files have own columns.
+XNLI_LAYOUTS = (
+    ("multinli.train.zh.tsv", {"text_a": "premise", "text_b": "hypo", "label": "label"}),
+    ("xnli.dev.tsv", {"text_a": "sentence1", "text_b": "sentence2", "label": "gold_label"}),
+    ("xnli.test.tsv", {"text_a": "sentence1", "text_b": "sentence2", "label": "gold_label"}),
+)
 TASKS = {
-    "lcqmc": TaskSpec(0, 1, 2, header=False, labels=("0", "1")),
-    "bq": TaskSpec(0, 1, 2, header=False, labels=("0", "1")),
-    "xnli": TaskSpec("text_a", "text_b", "label", header=True, labels=NLI_LABELS),
+    "lcqmc": TaskSpec(0, 1, 2, header=False, labels=("0", "1"),
+                      files=(("train", "dev", "test"), (".txt", ".tsv"))),
+    "bq": TaskSpec(0, 1, 2, header=False, labels=("0", "1"), files=(("train", "dev", "test"), (".tsv", ".txt"))),
+    "xnli": TaskSpec("text_a", "text_b", "label", header=True, labels=NLI_LABELS, layouts=XNLI_LAYOUTS),
     "ocnli": TaskSpec("sentence1", "sentence2", "label", header=True, labels=NLI_LABELS,
-                      skip_labels=("-",)),
-    "afqmc": TaskSpec("sentence1", "sentence2", "label", header=True, labels=("0", "1")),
+                      skip_labels=("-",), files=CLUE_FILES),
+    "afqmc": TaskSpec("sentence1", "sentence2", "label", header=True, labels=("0", "1"), files=CLUE_FILES),
     "chnsenticorp": TaskSpec("text_a", None, "label", header=True, labels=("0", "1")),
-    "tnews": TaskSpec("sentence", None, "label", header=True),
-    "iflytek": TaskSpec("sentence", None, "label", header=True),
-    "thucnews": TaskSpec(0, None, 1, header=False),
-    "generic": TaskSpec("text_a", None, "label", header=True),  # pairs: --text_b_column=text_b
+    "tnews": TaskSpec("sentence", None, "label", header=True, files=CLUE_FILES),
+    "iflytek": TaskSpec("sentence", None, "label", header=True, files=CLUE_FILES),
+    "thucnews": TaskSpec(0, None, 1, header=False, files=(("train", "dev", "test"), (".txt", ".tsv"))),
+    # roberta_zh's internal pair task: label, text_a, text_b (its header line is skipped).
+    "sentence_pair": TaskSpec(1, 2, 0, header=False, labels=("0", "1")),
+    "generic": TaskSpec("text_a", None, "label", header=True,
+                        files=(("train", "dev", "test"), (".tsv", ".csv", ".json", ".jsonl"))),
 }
+# Names other run_classifier.py versions give the same tasks (roberta_zh, CLUE, ChineseGLUE).
+ALIASES = {"lcqmc_pair": "lcqmc", "bq_corpus": "bq", "cmnli": "ocnli", "chnsenti": "chnsenticorp",
+           "thucnews_title": "thucnews", "xnli_zh": "xnli"}
+# TFDS datasets and their (text_a, text_b, label) features.
+TFDS_COLUMNS = {"xnli": ("premise", "hypothesis", "label")}
+XNLI_FILES = {"train": ("train.tsv", "multinli/multinli.train.zh.tsv"),
+              "dev": ("dev.tsv", "xnli.dev.tsv"), "test": ("test.tsv", "xnli.test.tsv")}
 
 
 @dataclasses.dataclass
@@ -62,27 +88,46 @@ class Example:
     text_a: str
     text_b: Optional[str]
     label: Optional[str]  # None when the (test) file has no label
+    where: str = ""  # "path:line", for messages
 
 
-@dataclasses.dataclass
-class ClassifierOptions(finetune_utils.FinetuneOptions):
-    task_name: str = "generic"
-    text_a_column: str = ""
-    text_b_column: str = ""
-    label_column: str = ""
-    has_header: str = ""  # "", "true" or "false"; "" = the task's default
-    labels: str = ""  # comma-separated label list; "" = the task's / the train file's
+def define_flags(fv=flags.FLAGS):
+    finetune_utils.define_flags(fv, max_seq_length=128)
+    names = ", ".join(list(TASKS) + [f"{a} (= {t})" for a, t in ALIASES.items()])
+    with train_utils.flag_group("Task and columns", fv):
+        flags.DEFINE_string("task_name", "generic", f"One of: {names}.", flag_values=fv)
+        flags.DEFINE_string("text_a_column", "", "Column (header name / JSON key / 0-based index) of "
+                            "text_a.", flag_values=fv)
+        flags.DEFINE_string("text_b_column", "", "Column of text_b; 'none' for single-sentence data.",
+                            flag_values=fv)
+        flags.DEFINE_string("label_column", "", "Column of the label.", flag_values=fv)
+        flags.DEFINE_string("has_header", "", "true/false; default: the task's.", flag_values=fv)
+        flags.DEFINE_string("labels", "", "Comma-separated labels in id order; default: the task's or "
+                            "the train file's.", flag_values=fv)
+        flags.DEFINE_string("tfds_name", None, "Read train/dev/test from this TensorFlow Datasets "
+                            "dataset (e.g. xnli) instead of files.", flag_values=fv)
+        flags.DEFINE_string("tfds_splits", "train,validation,test", "TFDS splits used as train,dev,test.",
+                            flag_values=fv)
+        flags.DEFINE_string("tfds_language", "zh", "Language picked from multilingual TFDS text features.",
+                            flag_values=fv)
+        flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir (default: ~/tensorflow_datasets).",
+                            flag_values=fv)
 
 
 def task_spec(opts):
-    """The TaskSpec for --task_name with the column flags applied."""
-    if opts.task_name not in TASKS:
-        raise ValueError(f"--task_name={opts.task_name!r} is not one of {', '.join(TASKS)}")
-    spec = TASKS[opts.task_name]
+    """The TaskSpec for --task_name (or an alias) with the column flags applied."""
+    name = ALIASES.get(opts.task_name.lower(), opts.task_name.lower())
+    if name not in TASKS:
+        raise UsageError(f"--task_name={opts.task_name!r} is not one of "
+                         f"{', '.join(list(TASKS) + list(ALIASES))}")
+    spec = TASKS[name]
+    if opts.tfds_name:
+        tfds_cols = TFDS_COLUMNS.get(opts.tfds_name.split(":")[0].split("/")[0], ("text", None, "label"))
+        spec = TaskSpec(*tfds_cols, header=True)
     header = spec.header if not opts.has_header else opts.has_header.lower() in ("true", "1", "yes")
 
     def column(flag, default):
-        value = getattr(opts, flag)
+        value = opts[flag].value
         if value == "":
             return default
         if value.lower() == "none":
@@ -90,13 +135,14 @@ def task_spec(opts):
         if header:
             return value
         if not value.isdigit():
-            raise ValueError(f"--{flag}={value!r}: files without a header take 0-based column numbers")
+            raise UsageError(f"--{flag}={value!r}: files without a header take 0-based column numbers")
         return int(value)
 
     labels = tuple(opts.labels.split(",")) if opts.labels else spec.labels
-    return dataclasses.replace(
-        spec, header=header, labels=labels, text_a=column("text_a_column", spec.text_a),
-        text_b=column("text_b_column", spec.text_b), label=column("label_column", spec.label))
+    columns = {f: column(f"{f}_column", getattr(spec, f)) for f in ("text_a", "text_b", "label")}
+    given = any(opts[f"{f}_column"].value for f in ("text_a", "text_b", "label"))
+    return dataclasses.replace(spec, header=header, labels=labels, **columns,
+                               layouts=() if given or opts.has_header else spec.layouts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,74 +152,120 @@ def task_spec(opts):
 
 def _rows(path, spec):
     """Yields (line_number, row) with row a dict (header/JSON) or a list (no header)."""
-    ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if ext in (".json", ".jsonl"):
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield n, json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-            return
-        if ext == ".csv":
-            reader = csv.reader(f)
-            lines = ((reader.line_num, r) for r in reader)
-        else:  # TSV: no quoting, a tab always separates (Google's reader does the same)
-            lines = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(f, 1))
-        header = None
-        for n, row in lines:
-            if not any(cell.strip() for cell in row):
-                continue
-            if spec.header and header is None:
-                header = [c.strip() for c in row]
-                continue
-            if header is not None:
-                if len(row) != len(header):
-                    raise ValueError(f"{path}:{n}: {len(row)} columns, the header has {len(header)}")
-                row = dict(zip(header, row))
-            yield n, row
+    if path.lower().endswith((".json", ".jsonl")):
+        yield from finetune_utils.json_lines(path)
+        return
+    text = finetune_utils.read_text(path)
+    if path.lower().endswith(".csv"):
+        reader = csv.reader(io.StringIO(text, newline=""))
+        lines = ((reader.line_num, r) for r in reader)
+    else:  # TSV: no quoting, a tab always separates (Google's reader does the same)
+        lines = ((n, line.split("\t")) for n, line in enumerate(text.splitlines(), 1))
+    header = None
+    for n, row in lines:
+        if not any(cell.strip() for cell in row):
+            continue
+        if spec.header and header is None:
+            header = [c.strip() for c in row]
+            continue
+        if header is not None:
+            if len(row) != len(header):
+                raise UsageError(f"{path}:{n}: {len(row)} columns, the header has {len(header)}")
+            row = dict(zip(header, row))
+        yield n, row
 
 
 def _get(row, key, path, n, required=True):
     if isinstance(row, dict):
         if key in row:
-            return "" if row[key] is None else str(row[key])
-        where = "header" if not path.endswith((".json", ".jsonl")) else "JSON keys"
+            value = row[key]
+            if isinstance(value, (dict, list)):
+                raise UsageError(f"{path}:{n}: {key!r} is a {type(value).__name__}, a text was expected")
+            return "" if value is None else str(value)
+        where = "JSON keys" if path.endswith((".json", ".jsonl")) else "header"
     else:
         if key < len(row):
             return row[key]
         where = f"{len(row)} columns"
     if required:
-        raise ValueError(f"{path}:{n}: missing column {key!r} ({where}: "
+        raise UsageError(f"{path}:{n}: missing column {key!r} ({where}: "
                          f"{list(row) if isinstance(row, dict) else len(row)})")
     return None
 
 
-def read_examples(path, spec, labels=None, require_label=True):
-    """Reads one split. Raises ValueError naming path:line on a missing column, a label outside
-    `labels`, or a file with no examples. Rows whose label is in spec.skip_labels are dropped (logged).
+def read_examples(path, spec, require_label=True):
+    """Reads one split -> (list[Example], Counter of skipped rows by reason).
 
-    Returns list[Example].
+    UsageError naming path:line on a missing column or a file with no examples. Rows without a gold
+    label (empty, null, or one of spec.skip_labels) are skipped and counted. A headerless file whose
+    first row is a header (its label cell reads "label") has that row skipped.
     """
-    examples, skipped = [], 0
+    spec = dataclasses.replace(spec, **dict(spec.layouts).get(os.path.basename(path), {}))
+    if dict(spec.layouts).get(os.path.basename(path)):
+        spec = dataclasses.replace(spec, header=True)
+    is_xnli_all_languages = os.path.basename(path) in ("xnli.dev.tsv", "xnli.test.tsv")
+    examples, skipped = [], Counter()
     for n, row in _rows(path, spec):
+        if is_xnli_all_languages and row.get("language") != "zh":
+            continue
         label = _get(row, spec.label, path, n, required=require_label)
         if label is not None:
             label = label.strip()
-            if label in spec.skip_labels:
-                skipped += 1
+            if label == "contradictory":  # Google's XNLI training file
+                label = "contradiction"
+            if not spec.header and not examples and not skipped and label == "label":
+                continue  # a header line in a file of a headerless task
+            if label == "" or label in spec.skip_labels:
+                skipped["rows without a gold label (empty/null" +
+                        "".join(f"/{l!r}" for l in spec.skip_labels) + ")"] += 1
                 continue
-            if labels is not None and label not in labels:
-                raise ValueError(f"{path}:{n}: unknown label {label!r} (known: {', '.join(labels)})")
         text_b = None if spec.text_b is None else _get(row, spec.text_b, path, n)
-        guid = str(row["id"]) if isinstance(row, dict) and "id" in row else str(len(examples) + skipped)
-        examples.append(Example(guid, _get(row, spec.text_a, path, n), text_b, label))
-    if skipped:
-        logging.info("%s: dropped %d rows labelled %s", path, skipped, "/".join(spec.skip_labels))
+        guid = str(row["id"]) if isinstance(row, dict) and "id" in row else str(len(examples) + sum(skipped.values()))
+        examples.append(Example(guid, _get(row, spec.text_a, path, n), text_b, label, f"{path}:{n}"))
     if not examples:
-        raise ValueError(f"{path}: no examples (empty file?)")
-    return examples
+        raise UsageError(f"{path}: no examples (empty file?)")
+    return examples, skipped
+
+
+def _tfds_text(value, language, feature, name):
+    """A TFDS text feature -> str; multilingual features give their `language` text."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, dict) and language in value:
+        return _tfds_text(value[language], language, feature, name)
+    if isinstance(value, dict) and "language" in value:  # TranslationVariableLanguages
+        langs = [v.decode("utf-8") for v in value["language"]]
+        if language in langs:
+            return value["translation"][langs.index(language)].decode("utf-8")
+    raise UsageError(f"--tfds_name={name}: feature {feature!r} has no {language!r} text "
+                     f"(set --tfds_language or --text_a_column/--text_b_column)")
+
+
+def read_tfds(name, split, spec, language, data_dir=None):
+    """Reads a TFDS split -> (examples, skipped, label names of its ClassLabel feature)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        ds, info = tfds.load(name, split=split, with_info=True, data_dir=data_dir)
+    except Exception as e:  # noqa: BLE001 - TFDS raises many kinds; the user needs its first line
+        raise UsageError(f"--tfds_name={name} split {split!r}: {str(e).splitlines()[0]}") from None
+    label_feature = info.features[spec.label]
+    names = list(getattr(label_feature, "names", []) or [])
+    examples, skipped = [], Counter()
+    for i, ex in enumerate(tfds.as_numpy(ds)):
+        label_id = int(ex[spec.label])
+        label = None
+        if label_id >= 0:
+            label = names[label_id] if names else str(label_id)
+        elif split != "test":  # TFDS marks unlabelled rows with -1
+            skipped["rows without a gold label (-1)"] += 1
+            continue
+        text_b = None if spec.text_b is None else _tfds_text(ex[spec.text_b], language, spec.text_b, name)
+        examples.append(Example(str(i), _tfds_text(ex[spec.text_a], language, spec.text_a, name), text_b,
+                                label, f"{name}/{split}:{i}"))
+    if not examples:
+        raise UsageError(f"--tfds_name={name}: split {split!r} is empty")
+    return examples, skipped, names
 
 
 def label_list(spec, train_examples):
@@ -211,7 +303,7 @@ def convert_examples(examples, label_map, max_seq_length, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Metrics
+# Metrics and predictions
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -233,98 +325,96 @@ def classification_metrics(gold, pred):
     return {"accuracy": float(np.mean(gold == pred)), "macro_f1": float(np.mean(f1s)), "n": int(len(gold))}
 
 
-def write_predictions(path, examples, probs, labels):
-    """`id  label  prob_<label>...` TSV, one row per example in input order. probs: [N, num_labels]."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\t".join(["id", "label"] + [f"prob_{l}" for l in labels]) + "\n")
-        for ex, p in zip(examples, probs):
-            f.write("\t".join([ex.guid, labels[int(np.argmax(p))]] + [f"{x:.6f}" for x in p]) + "\n")
+def format_predictions(examples, probs, labels):
+    """`id  label  prob_<label>...` TSV text, one row per example in input order. probs: [N, C]."""
+    lines = ["\t".join(["id", "label"] + [f"prob_{l}" for l in labels])]
+    for ex, p in zip(examples, probs):
+        lines.append("\t".join([ex.guid, labels[int(np.argmax(p))]] + [f"{x:.6f}" for x in p]))
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------
-# Driver
+# The task for the shared driver
 # ---------------------------------------------------------------------------------------------------
+
+
+class ClassifierTask(finetune_utils.Task):
+    kind, key = "classifier", "accuracy"
+    prediction_files = ("test_predictions.tsv",)
+
+    def check(self):
+        self.spec = task_spec(self.opts)
+        stems, exts = self.spec.files
+        self.file_names = {split: tuple(stem + ext for ext in exts) for split, stem in
+                           zip(("train", "dev", "test"), stems)}
+        if self.spec.layouts:
+            self.file_names = XNLI_FILES
+        self.tfds_labels = None
+
+    def find_files(self):
+        if not self.opts.tfds_name:
+            return super().find_files()
+        splits = self.opts.tfds_splits.split(",")
+        if len(splits) != 3:
+            raise UsageError(f"--tfds_splits={self.opts.tfds_splits!r}: name three splits (train,dev,test)")
+        return {split: name for (split, action), name in zip(finetune_utils.SPLITS, splits)
+                if self.opts[action].value}
+
+    def read(self, path, split):
+        if self.opts.tfds_name:
+            examples, skipped, self.tfds_labels = read_tfds(
+                self.opts.tfds_name, path, self.spec, self.opts.tfds_language, self.opts.tfds_data_dir)
+            return examples, skipped
+        return read_examples(path, self.spec, require_label=split != "test")
+
+    def label_list(self, train):
+        if self.tfds_labels and not self.spec.labels:
+            return self.tfds_labels
+        return label_list(self.spec, train)
+
+    def validate(self, data):
+        known = set(self.labels)
+        for split in ("train", "dev"):
+            for ex in data.get(split, ()):
+                if ex.label not in known:
+                    raise UsageError(f"{ex.where}: unknown label {ex.label!r} (known: {', '.join(self.labels)})")
+        self.label_map = {label: i for i, label in enumerate(self.labels)}
+        counts = Counter(ex.label for ex in data.get("train") or data.get("dev", ()))
+        self.majority = counts.most_common(1)[0][0] if counts else None
+
+    def make_model(self, config):
+        return modeling.BertClassifier(config, num_labels=len(self.labels))
+
+    def train_data(self, examples):
+        return convert_examples(examples, self.label_map, self.opts.max_seq_length, self.tokenizer)
+
+    def _probs(self, examples, batch_size):
+        features, gold = convert_examples(examples, self.label_map, self.opts.max_seq_length, self.tokenizer)
+        logits = finetune_utils.predict_batches(self.model, features, batch_size)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        return probs / probs.sum(-1, keepdims=True), gold
+
+    def evaluate(self, examples, output_dir=None):
+        probs, gold = self._probs(examples, self.opts.eval_batch_size)
+        metrics = classification_metrics(gold, np.argmax(probs, axis=-1))
+        metrics["majority_baseline_accuracy"] = float(np.mean([e.label == self.majority for e in examples]))
+        return dict(metrics, task=self.opts.task_name)
+
+    def predict(self, examples, output_dir):
+        probs, _ = self._probs(examples, self.opts.predict_batch_size)
+        out = os.path.join(output_dir, "test_predictions.tsv")
+        finetune_utils.write_text(out, format_predictions(examples, probs, self.labels))
+        return out
 
 
 def run(opts):
-    """Runs train/eval/predict as asked by `opts` (ClassifierOptions). Returns the dev metrics dict."""
-    finetune_utils.check_options(opts)
-    spec = task_spec(opts)
-    paths = {name: finetune_utils.resolve_path(opts, name) for name in ("train_file", "dev_file", "test_file")}
-    os.makedirs(opts.output_dir, exist_ok=True)
-    tokenizer = tokenization.FullTokenizer(opts.vocab_file, do_lower_case=opts.do_lower_case)
-
-    labels_path = os.path.join(opts.output_dir, "labels.json")
-    train = None
-    if opts.do_train:
-        train = read_examples(paths["train_file"], spec, spec.labels)
-        labels = label_list(spec, train)
-        with open(labels_path, "w", encoding="utf-8") as f:
-            json.dump(labels, f, ensure_ascii=False)
-    elif spec.labels:
-        labels = list(spec.labels)
-    elif os.path.isfile(labels_path):
-        with open(labels_path, encoding="utf-8") as f:
-            labels = json.load(f)
-    else:
-        raise ValueError(f"no label list: pass --labels, or train first so {labels_path} exists")
-    label_map = {l: i for i, l in enumerate(labels)}
-    dev = read_examples(paths["dev_file"], spec, labels) if opts.do_eval else None
-    test = read_examples(paths["test_file"], spec, require_label=False) if opts.do_predict else None
-
-    strategy = finetune_utils.setup_runtime(opts)
-    model = finetune_utils.build_task_model(
-        opts, strategy, lambda config: modeling.BertClassifier(config, num_labels=len(labels)))
-
-    def evaluate():
-        features, gold = convert_examples(dev, label_map, opts.max_seq_length, tokenizer)
-        logits = finetune_utils.predict_batches(model, features, opts.eval_batch_size)
-        return classification_metrics(gold, np.argmax(logits, axis=-1))
-
-    metrics = {}
-    if opts.do_train:
-        features, y = convert_examples(train, label_map, opts.max_seq_length, tokenizer)
-        ds = finetune_utils.make_dataset(features, y, opts.train_batch_size, shuffle=True, seed=opts.seed,
-                                         drop_remainder=len(y) >= opts.train_batch_size)
-        finetune_utils.train_and_keep_best(model, opts, strategy, ds, len(y), finetune_utils.masked_sparse_ce,
-                                           evaluate if dev else None, key="accuracy")
-    if dev:
-        metrics = evaluate()
-        counts = np.bincount([label_map[e.label] for e in (train or dev)], minlength=len(labels))
-        majority = int(np.argmax(counts))
-        metrics["majority_baseline_accuracy"] = float(np.mean([label_map[e.label] == majority for e in dev]))
-        metrics.update(task=opts.task_name, split=os.path.basename(paths["dev_file"]))
-        finetune_utils.write_metrics(opts, metrics)
-    if test:
-        features, _ = convert_examples(test, label_map, opts.max_seq_length, tokenizer)
-        logits = finetune_utils.predict_batches(model, features, opts.eval_batch_size)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        out = os.path.join(opts.output_dir, "test_predictions.tsv")
-        write_predictions(out, test, probs, labels)
-        logging.info("wrote %d predictions to %s", len(test), out)
-    return metrics
+    """Runs train/eval/predict as the parsed flags `opts` ask. Returns the dev metrics dict."""
+    return finetune_utils.run(opts, ClassifierTask(opts))
 
 
-def main(argv):
-    del argv
-    try:
-        run(finetune_utils.options_from_flags(ClassifierOptions))
-    except ValueError as e:
-        raise SystemExit(f"run_classifier.py: error: {e}") from None
-
+EXAMPLE = ("python run_classifier.py --task_name=chnsenticorp --data_dir=../shared/data/chnsenticorp "
+           "--vocab_file=../shared/data/vocab/vocab.txt --bert_config_file=resources/bert_config_L2_H128.json "
+           "--do_train=true --do_eval=true --output_dir=/tmp/chnsenticorp")
 
 if __name__ == "__main__":
-    finetune_utils.define_common_flags()
-    with train_utils.flag_group("Task and columns"):
-        flags.DEFINE_string("task_name", "generic", f"One of: {', '.join(TASKS)}.")
-        flags.DEFINE_string("text_a_column", "", "Column (header name / JSON key / 0-based index) of text_a.")
-        flags.DEFINE_string("text_b_column", "", "Column of text_b; 'none' for single-sentence data.")
-        flags.DEFINE_string("label_column", "", "Column of the label.")
-        flags.DEFINE_string("has_header", "", "true/false; default: the task's.")
-        flags.DEFINE_string("labels", "", "Comma-separated labels; default: the task's or the train file's.")
-    train_utils.run_script(main, __doc__, ("python run_classifier.py --task_name=chnsenticorp "
-                           "--data_dir=../shared/data/chnsenticorp --train_file=train.tsv --dev_file=dev.tsv "
-                           "--vocab_file=../shared/data/vocab/vocab.txt "
-                           "--bert_config_file=resources/bert_config_L2_H128.json --do_train --do_eval "
-                           "--output_dir=/tmp/chnsenticorp"))
+    train_utils.run_script(finetune_utils.main(ClassifierTask), __doc__, EXAMPLE, define_flags)

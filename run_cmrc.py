@@ -1,30 +1,35 @@
-"""Fine-tunes BERT/RoBERTa for extractive QA on SQuAD-format JSON (CMRC2018, DRCD).
+r"""Fine-tunes BERT/RoBERTa for extractive QA on SQuAD-format JSON (CMRC2018, DRCD).
 
-    python run_cmrc.py --data_dir=../shared/data/cmrc2018 --train_file=train.json \
-      --dev_file=trial.json --vocab_file=vocab.txt --bert_config_file=bert_config.json \
-      --init_checkpoint=... --do_train --do_eval --max_seq_length=384 --doc_stride=128 \
-      --max_query_length=64 --max_answer_length=30 --n_best_size=20 --output_dir=/tmp/cmrc
+    python run_cmrc.py --data_dir=cmrc2018 --init_checkpoint=chinese_L-12_H-768_A-12 \
+      --do_train=true --do_eval=true --max_seq_length=384 --doc_stride=128 --max_query_length=64 \
+      --max_answer_length=30 --n_best_size=20 --learning_rate=3e-5 --output_dir=out/cmrc
+
+With --data_dir and no file flags: cmrc2018_train.json / cmrc2018_dev.json (the release's names), else
+train.json / dev.json / trial.json (CLUE's packaging); dev never falls back to test.
 
 Input is `[CLS] question [SEP] context-window [SEP]`; a context longer than the window is covered by
 windows every --doc_stride tokens. Training uses each question's first answer; a window that does not
-contain it points at [CLS]. Answers whose text does not match `answer_start` are counted, skipped and
-reported. Prediction takes the best (start, end) over all windows (start must be in its max-context
+contain it points at [CLS]. Questions that cannot be trained on (no answer, a blank answer, an answer
+not at its `answer_start`) and dev questions without a reference are counted and reported in the log
+and the metrics JSON ("skipped"), never dropped silently. Prediction takes the best (start, end) over all windows (start must be in its max-context
 window). --do_eval writes predictions.json ({id: answer}) and scores it with the official CMRC2018
 metric: EM and character-level F1 with punctuation removed, each the max over all reference answers.
+The best model on dev is kept in output_dir/best/ (a model folder export_to_pytorch.py reads alone).
 """
 
 import dataclasses
 import json
 import os
 import re
+from collections import Counter
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 import finetune_utils
 import modeling
-import tokenization
 import train_utils
+from train_utils import UsageError
 
 
 @dataclasses.dataclass
@@ -37,67 +42,65 @@ class QAExample:
     answer_text: str
 
 
-@dataclasses.dataclass
-class QAOptions(finetune_utils.FinetuneOptions):
-    max_seq_length: int = 384
-    doc_stride: int = 128
-    max_query_length: int = 64
-    max_answer_length: int = 30
-    n_best_size: int = 20
-
-
 # ---------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_squad(path):
-    """Reads SQuAD-format JSON. Returns (examples, n_mismatched).
+def read_squad(path, split="train"):
+    """Reads SQuAD-format JSON -> (examples, Counter of skipped questions by reason).
 
-    A first answer whose text is not `context[answer_start:answer_start + len(text)]` is counted in
-    n_mismatched and its answer_start is set to -1 (not trained on; still a reference for the metric).
-    Raises ValueError naming the file and question id for missing fields, and for a file without
-    questions.
+    Questions that cannot be trained on are counted, never dropped silently: no answer
+    (`answers: []`), a blank answer, or a first answer whose text is not at `answer_start` (kept as a
+    reference for the metric, answer_start -1). In a dev file, questions without any reference
+    answer are not scored and are counted. UsageError naming the file and question id for missing
+    fields or wrong types, and for a file without questions.
     """
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    text = finetune_utils.read_text(path)
     if not text.strip():
-        raise ValueError(f"{path}: empty file")
+        raise UsageError(f"{path}: empty file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+        raise UsageError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f"{path}: no top-level \"data\" list (SQuAD format expected)")
-    examples, mismatched = [], 0
+        raise UsageError(f"{path}: no top-level \"data\" list (SQuAD format expected)")
+    examples, skipped = [], Counter()
     for a, article in enumerate(data["data"]):
-        for p, paragraph in enumerate(article.get("paragraphs", [])):
-            context = paragraph.get("context")
+        for p, paragraph in enumerate(article.get("paragraphs", []) if isinstance(article, dict) else ()):
+            context = paragraph.get("context") if isinstance(paragraph, dict) else None
             if not isinstance(context, str):
-                raise ValueError(f"{path}: data[{a}].paragraphs[{p}] has no \"context\" string")
+                raise UsageError(f"{path}: data[{a}].paragraphs[{p}] has no \"context\" string")
             for qa in paragraph.get("qas", []):
-                qid = qa.get("id")
+                qid = qa.get("id") if isinstance(qa, dict) else None
                 if qid is None or not isinstance(qa.get("question"), str):
-                    raise ValueError(f"{path}: a question in data[{a}].paragraphs[{p}] has no id/question")
+                    raise UsageError(f"{path}: a question in data[{a}].paragraphs[{p}] has no id/question")
                 answers = qa.get("answers") or []
+                if not isinstance(answers, list) or not all(isinstance(x, dict) for x in answers):
+                    raise UsageError(f"{path}: question {qid}: \"answers\" must be a list of objects "
+                                     f"{{\"text\", \"answer_start\"}}, got {json.dumps(answers, ensure_ascii=False)[:60]}")
                 texts = [str(ans.get("text", "")) for ans in answers]
-                start, text = -1, ""
-                if answers:
-                    first = answers[0]
-                    text = texts[0]
-                    if not isinstance(first.get("answer_start"), int):
-                        raise ValueError(f"{path}: question {qid}: answer has no integer answer_start")
-                    s = first["answer_start"]
-                    if text and s >= 0 and context[s:s + len(text)] == text:
-                        start = s
+                references = [t for t in texts if t.strip()]
+                start, first = -1, texts[0] if texts else ""
+                if split == "dev" and not references:
+                    skipped["questions without a (non-blank) answer: not scored"] += 1
+                    continue
+                if split == "train":
+                    if not texts:
+                        skipped["questions without an answer"] += 1
+                    elif not first.strip():
+                        skipped["questions whose first answer is blank"] += 1
+                    elif not isinstance(answers[0].get("answer_start"), int):
+                        raise UsageError(f"{path}: question {qid}: answer has no integer answer_start")
+                    elif (answers[0]["answer_start"] >= 0 and
+                          context[answers[0]["answer_start"]:answers[0]["answer_start"] + len(first)] == first):
+                        start = answers[0]["answer_start"]
                     else:
-                        mismatched += 1
-                        logging.warning("%s: question %s: answer %r does not occur at offset %d; skipped "
-                                        "for training", path, qid, text, s)
-                examples.append(QAExample(str(qid), qa["question"], context, texts, start, text))
+                        skipped["answers not found at their answer_start (kept as references)"] += 1
+                examples.append(QAExample(str(qid), qa["question"], context, references, start, first))
     if not examples:
-        raise ValueError(f"{path}: no questions (empty file?)")
-    return examples, mismatched
+        raise UsageError(f"{path}: no questions (empty file?)")
+    return examples, skipped
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,77 +262,87 @@ def cmrc_metrics(examples, predictions):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Driver
+# The task for the shared driver
 # ---------------------------------------------------------------------------------------------------
 
 
+def define_flags(fv=flags.FLAGS):
+    finetune_utils.define_flags(fv, max_seq_length=384)
+    with train_utils.flag_group("Question answering", fv):
+        def integer(name, default, text):
+            flags.DEFINE_integer(name, default, text, flag_values=fv)
+        integer("doc_stride", 128, "Tokens between the starts of consecutive context windows.")
+        integer("max_query_length", 64, "Question tokens kept.")
+        integer("max_answer_length", 30, "Longest answer, in tokens.")
+        integer("n_best_size", 20, "Start/end candidates per window.")
+
+
+class QATask(finetune_utils.Task):
+    kind, key = "qa", "f1"
+    # CMRC2018's release names, then CLUE's packaging (whose dev set is trial.json when dev.json
+    # is held out).
+    file_names = {"train": ("cmrc2018_train.json", "train.json"),
+                  "dev": ("cmrc2018_dev.json", "dev.json", "trial.json", "cmrc2018_trial.json"),
+                  "test": ("cmrc2018_test.json", "test.json")}
+    prediction_files = ("predictions.json", "test_predictions.json")
+
+    def check(self):
+        opts = self.opts
+        if opts.max_seq_length - opts.max_query_length - 3 <= 0:
+            raise UsageError(f"--max_seq_length={opts.max_seq_length} leaves no room after "
+                             f"--max_query_length={opts.max_query_length}")
+        for name in ("doc_stride", "max_answer_length", "n_best_size"):
+            if opts[name].value < 1:
+                raise UsageError(f"--{name} must be >= 1, got {opts[name].value}")
+
+    def read(self, path, split):
+        examples, skipped = read_squad(path, split)
+        if split == "train":
+            self.features, self.positions, infos = convert_examples(examples, self.tokenizer, self.opts,
+                                                                    training=True)
+            uncovered = sum(ex.answer_start >= 0 for ex in examples) - len({i.example for i in infos})
+            if uncovered:
+                skipped["answers covering no token (whitespace only)"] += uncovered
+            self.summary = {"train_questions": len(examples), "train_windows": len(self.positions[0])}
+        return examples, skipped
+
+    def make_model(self, config):
+        return modeling.BertSpanQA(config)
+
+    loss = [finetune_utils.masked_sparse_ce] * 2
+
+    def train_data(self, examples):
+        return self.features, self.positions
+
+    def _predict(self, examples, batch_size):
+        features, _, infos = convert_examples(examples, self.tokenizer, self.opts, training=False)
+        start_logits, end_logits = finetune_utils.predict_batches(self.model, features, batch_size)
+        return best_answers(examples, infos, start_logits, end_logits, self.opts.n_best_size,
+                            self.opts.max_answer_length)
+
+    def evaluate(self, examples, output_dir=None):
+        predictions = self._predict(examples, self.opts.eval_batch_size)
+        if output_dir is None:
+            return cmrc_metrics(examples, predictions)
+        finetune_utils.write_text(os.path.join(output_dir, "predictions.json"),
+                                  json.dumps(predictions, ensure_ascii=False, indent=1))
+        return dict(cmrc_metrics(examples, predictions), task="cmrc", **getattr(self, "summary", {}))
+
+    def predict(self, examples, output_dir):
+        out = os.path.join(output_dir, "test_predictions.json")
+        predictions = self._predict(examples, self.opts.predict_batch_size)
+        finetune_utils.write_text(out, json.dumps(predictions, ensure_ascii=False, indent=1))
+        return out
+
+
 def run(opts):
-    """Runs train/eval/predict as asked by `opts` (QAOptions). Returns the dev metrics dict."""
-    finetune_utils.check_options(opts)
-    if opts.max_seq_length - opts.max_query_length - 3 <= 0:
-        raise ValueError(f"--max_seq_length={opts.max_seq_length} leaves no room after "
-                         f"--max_query_length={opts.max_query_length}")
-    paths = {name: finetune_utils.resolve_path(opts, name) for name in ("train_file", "dev_file", "test_file")}
-    os.makedirs(opts.output_dir, exist_ok=True)
-    tokenizer = tokenization.FullTokenizer(opts.vocab_file, do_lower_case=opts.do_lower_case)
-    train, n_mismatched = read_squad(paths["train_file"]) if opts.do_train else (None, 0)
-    dev = read_squad(paths["dev_file"])[0] if opts.do_eval else None
-    test = read_squad(paths["test_file"])[0] if opts.do_predict else None
-
-    strategy = finetune_utils.setup_runtime(opts)
-    model = finetune_utils.build_task_model(opts, strategy, modeling.BertSpanQA)
-
-    def predict(examples):
-        features, _, infos = convert_examples(examples, tokenizer, opts, training=False)
-        start_logits, end_logits = finetune_utils.predict_batches(model, features, opts.eval_batch_size)
-        return best_answers(examples, infos, start_logits, end_logits, opts.n_best_size, opts.max_answer_length)
-
-    def evaluate():
-        return cmrc_metrics(dev, predict(dev))
-
-    summary = {}
-    if opts.do_train:
-        features, (starts, ends), _ = convert_examples(train, tokenizer, opts, training=True)
-        summary = {"train_questions": len(train), "train_answers_mismatched_skipped": n_mismatched,
-                   "train_windows": len(starts)}
-        logging.info("training data: %s", summary)
-        ds = finetune_utils.make_dataset(features, (starts, ends), opts.train_batch_size, shuffle=True,
-                                         seed=opts.seed, drop_remainder=len(starts) >= opts.train_batch_size)
-        finetune_utils.train_and_keep_best(
-            model, opts, strategy, ds, len(starts), [finetune_utils.masked_sparse_ce] * 2,
-            evaluate if dev else None, key="f1")
-    metrics = {}
-    if dev:
-        predictions = predict(dev)
-        with open(os.path.join(opts.output_dir, "predictions.json"), "w", encoding="utf-8") as f:
-            json.dump(predictions, f, ensure_ascii=False, indent=1)
-        metrics = dict(cmrc_metrics(dev, predictions), task="cmrc", split=os.path.basename(paths["dev_file"]),
-                       **summary)
-        finetune_utils.write_metrics(opts, metrics)
-    if test:
-        out = os.path.join(opts.output_dir, "test_predictions.json")
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump(predict(test), f, ensure_ascii=False, indent=1)
-        logging.info("wrote %d predictions to %s", len(test), out)
-    return metrics
+    """Runs train/eval/predict as the parsed flags `opts` ask. Returns the dev metrics dict."""
+    return finetune_utils.run(opts, QATask(opts))
 
 
-def main(argv):
-    del argv
-    try:
-        run(finetune_utils.options_from_flags(QAOptions))
-    except ValueError as e:
-        raise SystemExit(f"run_cmrc.py: error: {e}") from None
-
+EXAMPLE = ("python run_cmrc.py --data_dir=../shared/data/cmrc2018 --vocab_file=../shared/data/vocab/vocab.txt "
+           "--bert_config_file=resources/bert_config_L2_H128.json --do_train=true --do_eval=true "
+           "--output_dir=/tmp/cmrc")
 
 if __name__ == "__main__":
-    finetune_utils.define_common_flags(defaults={"max_seq_length": 384})
-    with train_utils.flag_group("Question answering"):
-        flags.DEFINE_integer("doc_stride", 128, "Tokens between the starts of consecutive context windows.")
-        flags.DEFINE_integer("max_query_length", 64, "Question tokens kept.")
-        flags.DEFINE_integer("max_answer_length", 30, "Longest answer, in tokens.")
-        flags.DEFINE_integer("n_best_size", 20, "Start/end candidates per window.")
-    train_utils.run_script(main, __doc__, ("python run_cmrc.py --data_dir=../shared/data/cmrc2018 --train_file=train.json "
-                           "--dev_file=trial.json --vocab_file=../shared/data/vocab/vocab.txt "
-                           "--bert_config_file=resources/bert_config_L2_H128.json --do_train --do_eval "
-                           "--output_dir=/tmp/cmrc"))
+    train_utils.run_script(finetune_utils.main(QATask), __doc__, EXAMPLE, define_flags)

@@ -1,15 +1,18 @@
-"""Fine-tunes BERT/RoBERTa for named-entity recognition on CLUENER2020-style JSON lines.
+r"""Fine-tunes BERT/RoBERTa for named-entity recognition on CLUENER2020-style JSON lines.
 
-    python run_ner.py --data_dir=../shared/data/cluener2020 --train_file=train.json \
-      --dev_file=dev.json --test_file=test_unlabeled.json --vocab_file=vocab.txt \
-      --bert_config_file=bert_config.json --init_checkpoint=... --do_train --do_eval --do_predict \
-      --tag_scheme=BIO --max_seq_length=128 --output_dir=/tmp/cluener
+    python run_ner.py --data_dir=cluener2020 --init_checkpoint=chinese_L-12_H-768_A-12 \
+      --do_train=true --do_eval=true --do_predict=true --tag_scheme=BIO --max_seq_length=128 \
+      --learning_rate=3e-5 --output_dir=out/cluener
+
+With --data_dir and no file flags, CLUENER's train.json/dev.json/test.json are used (dev never falls
+back to test). The best model on dev is kept in output_dir/best/, a model folder whose model_info.json
+lists the tags (export_to_pytorch.py --checkpoint=out/cluener/best needs no other flag).
 
 Input lines: {"text": "...", "label": {type: {entity_text: [[start, end_inclusive], ...]}}}.
 Character spans become one tag per *token* (BIO or BIOES). Chinese characters are mostly one token
 each, but digits/latin words become WordPieces and spaces vanish, so every token keeps the character
 range it came from (finetune_utils.tokenize_with_offsets) and predicted token spans map back to exact
-character spans. Texts longer than the window are cut into overlapping windows; each token is
+character spans; entities that cover no token are counted and reported. Texts longer than the window are cut into overlapping windows; each token is
 trained and predicted in the window where it has the most context, so no entity is lost at a cut.
 Scores: entity-level (type, start, end) exact match, precision/recall/F1 overall (micro) and per
 type. Predictions are written back in CLUENER's format (dev_predictions.json / test_predictions.json).
@@ -19,14 +22,15 @@ import collections
 import dataclasses
 import json
 import os
+from collections import Counter
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 import finetune_utils
 import modeling
-import tokenization
 import train_utils
+from train_utils import UsageError
 
 
 @dataclasses.dataclass
@@ -34,11 +38,6 @@ class NerExample:
     guid: str  # the line's "id" if present, else its 0-based example number
     text: str
     entities: list  # [(type, start, end_inclusive)] character spans; [] for unlabelled text
-
-
-@dataclasses.dataclass
-class NerOptions(finetune_utils.FinetuneOptions):
-    tag_scheme: str = "BIO"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -49,40 +48,40 @@ class NerOptions(finetune_utils.FinetuneOptions):
 def read_cluener(path):
     """Reads CLUENER JSON lines into NerExamples.
 
-    Raises ValueError naming path:line for bad JSON, a missing "text", a malformed span, a span
-    outside its text or a span whose characters differ from the entity string; and for an empty file.
+    UsageError naming path:line for a line that is not a JSON object, a missing "text", a "label" or
+    mention table that is not an object, a malformed span, a span outside its text or one whose
+    characters differ from the entity string; and for an empty file. A null "label" means no entities.
     """
     examples = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{n}: no \"text\" string")
-            text = record["text"]
-            entities = []
-            for etype, mentions in (record.get("label") or {}).items():
-                for name, spans in mentions.items():
-                    for span in spans:
-                        if (not isinstance(span, (list, tuple)) or len(span) != 2
-                                or not all(isinstance(x, int) for x in span)):
-                            raise ValueError(f"{path}:{n}: {etype} {name!r}: span {span!r} is not [start, end]")
-                        start, end = span
-                        if not 0 <= start <= end < len(text):
-                            raise ValueError(f"{path}:{n}: {etype} {name!r}: span [{start}, {end}] is outside "
-                                             f"the text (length {len(text)})")
-                        if text[start:end + 1] != name:
-                            raise ValueError(f"{path}:{n}: {etype} {name!r}: span [{start}, {end}] covers "
-                                             f"{text[start:end + 1]!r}")
-                        entities.append((etype, start, end))
-            guid = str(record.get("id", len(examples)))
-            examples.append(NerExample(guid, text, sorted(entities, key=lambda e: (e[1], e[2], e[0]))))
+    for n, record in finetune_utils.json_lines(path):
+        if not isinstance(record.get("text"), str):
+            raise UsageError(f"{path}:{n}: no \"text\" string")
+        text, label = record["text"], record.get("label") or {}
+        if not isinstance(label, dict):
+            raise UsageError(f"{path}:{n}: \"label\" must be an object {{type: {{entity: [[start, end]]}}}}, "
+                             f"got a {type(label).__name__}")
+        entities = []
+        for etype, mentions in label.items():
+            if not isinstance(mentions, dict):
+                raise UsageError(f"{path}:{n}: label[{etype!r}] must be an object {{entity: [[start, end]]}}, "
+                                 f"got a {type(mentions).__name__}")
+            for name, spans in mentions.items():
+                for span in spans if isinstance(spans, list) else [spans]:
+                    if (not isinstance(span, (list, tuple)) or len(span) != 2
+                            or not all(isinstance(x, int) for x in span)):
+                        raise UsageError(f"{path}:{n}: {etype} {name!r}: span {span!r} is not [start, end]")
+                    start, end = span
+                    if not 0 <= start <= end < len(text):
+                        raise UsageError(f"{path}:{n}: {etype} {name!r}: span [{start}, {end}] is outside "
+                                         f"the text (length {len(text)})")
+                    if text[start:end + 1] != name:
+                        raise UsageError(f"{path}:{n}: {etype} {name!r}: span [{start}, {end}] covers "
+                                         f"{text[start:end + 1]!r}")
+                    entities.append((etype, start, end))
+        guid = str(record.get("id", len(examples)))
+        examples.append(NerExample(guid, text, sorted(entities, key=lambda e: (e[1], e[2], e[0]))))
     if not examples:
-        raise ValueError(f"{path}: no examples (empty file?)")
+        raise UsageError(f"{path}: no examples (empty file?)")
     return examples
 
 
@@ -96,10 +95,9 @@ def to_cluener(text, entities):
 
 def write_predictions(path, examples, predictions):
     """One CLUENER JSON line per example: {"id", "text", "label"}."""
-    with open(path, "w", encoding="utf-8") as f:
-        for ex, entities in zip(examples, predictions):
-            f.write(json.dumps({"id": ex.guid, "text": ex.text, "label": to_cluener(ex.text, entities)},
-                               ensure_ascii=False) + "\n")
+    finetune_utils.write_text(path, "".join(
+        json.dumps({"id": ex.guid, "text": ex.text, "label": to_cluener(ex.text, entities)},
+                   ensure_ascii=False) + "\n" for ex, entities in zip(examples, predictions)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,88 +270,77 @@ def ner_metrics(gold, pred):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Driver
+# The task for the shared driver
 # ---------------------------------------------------------------------------------------------------
 
 
-def run(opts):
-    """Runs train/eval/predict as asked by `opts` (NerOptions). Returns the dev metrics dict."""
-    finetune_utils.check_options(opts)
-    paths = {name: finetune_utils.resolve_path(opts, name) for name in ("train_file", "dev_file", "test_file")}
-    os.makedirs(opts.output_dir, exist_ok=True)
-    tokenizer = tokenization.FullTokenizer(opts.vocab_file, do_lower_case=opts.do_lower_case)
+def define_flags(fv=flags.FLAGS):
+    finetune_utils.define_flags(fv, max_seq_length=128)
+    with train_utils.flag_group("Tagging", fv):
+        flags.DEFINE_enum("tag_scheme", "BIO", ["BIO", "BIOES"], "Token tagging scheme.", flag_values=fv)
 
-    tags_path = os.path.join(opts.output_dir, "ner_tags.json")
-    train = read_cluener(paths["train_file"]) if opts.do_train else None
-    if train:
-        tags = tag_list({e[0] for ex in train for e in ex.entities}, opts.tag_scheme)
-        with open(tags_path, "w", encoding="utf-8") as f:
-            json.dump(tags, f, ensure_ascii=False)
-    elif os.path.isfile(tags_path):
-        with open(tags_path, encoding="utf-8") as f:
-            tags = json.load(f)
-    else:
-        raise ValueError(f"no tag list: train first so {tags_path} exists")
-    tag_map = {t: i for i, t in enumerate(tags)}
-    dev = read_cluener(paths["dev_file"]) if opts.do_eval else None
-    if dev:
-        unknown = {e[0] for ex in dev for e in ex.entities} - {t[2:] for t in tags if t != "O"}
-        if unknown:
-            raise ValueError(f"{paths['dev_file']}: entity types not in training data: {sorted(unknown)}")
-    test = read_cluener(paths["test_file"]) if opts.do_predict else None
 
-    strategy = finetune_utils.setup_runtime(opts)
-    model = finetune_utils.build_task_model(
-        opts, strategy, lambda config: modeling.BertTokenClassifier(config, num_labels=len(tags)))
+class NerTask(finetune_utils.Task):
+    kind, key = "ner", "f1"
+    file_names = {"train": ("train.json",), "dev": ("dev.json",), "test": ("test.json",)}
+    prediction_files = ("dev_predictions.json", "test_predictions.json")
 
-    def predict(examples):
-        encoded, _ = encode(examples, tokenizer, opts.max_seq_length, opts.tag_scheme)
-        features, labels, owners = window_features(encoded, tokenizer, tag_map, opts.max_seq_length)
-        logits = finetune_utils.predict_batches(model, features, opts.eval_batch_size)  # [F, S, C]
-        predicted = [[tags[i] for i in row] for row in np.argmax(logits, axis=-1)]
+    def read(self, path, split):
+        examples = read_cluener(path)
+        skipped = Counter()
+        if split == "train":  # tokenized once here, so untaggable entities are counted up front
+            self.encoded, lost = encode(examples, self.tokenizer, self.opts.max_seq_length, self.opts.tag_scheme)
+            if lost:
+                skipped["entities covering no token (whitespace only) or overlapping another"] = lost
+        return examples, skipped
+
+    def label_list(self, train):
+        return tag_list({e[0] for ex in train for e in ex.entities}, self.opts.tag_scheme)
+
+    def validate(self, data):
+        known = {t[2:] for t in self.labels if t != "O"}
+        for split in ("train", "dev"):
+            unknown = {e[0] for ex in data.get(split, ()) for e in ex.entities} - known
+            if unknown:
+                raise UsageError(f"{split} file: entity types the model has no tags for: {sorted(unknown)}")
+        self.tag_map = {t: i for i, t in enumerate(self.labels)}
+
+    def make_model(self, config):
+        return modeling.BertTokenClassifier(config, num_labels=len(self.labels))
+
+    def train_data(self, examples):
+        features, y, _ = window_features(self.encoded, self.tokenizer, self.tag_map, self.opts.max_seq_length)
+        return features, y
+
+    def _predict(self, examples, batch_size):
+        encoded, _ = encode(examples, self.tokenizer, self.opts.max_seq_length, self.opts.tag_scheme)
+        features, labels, owners = window_features(encoded, self.tokenizer, self.tag_map, self.opts.max_seq_length)
+        logits = finetune_utils.predict_batches(self.model, features, batch_size)  # [F, S, C]
+        predicted = [[self.labels[i] for i in row] for row in np.argmax(logits, axis=-1)]
         return assemble_predictions(encoded, owners, labels, predicted)
 
-    def evaluate():
-        m = ner_metrics([ex.entities for ex in dev], predict(dev))
-        return {k: v for k, v in m.items() if k != "per_type"}
+    def evaluate(self, examples, output_dir=None):
+        predictions = self._predict(examples, self.opts.eval_batch_size)
+        metrics = ner_metrics([ex.entities for ex in examples], predictions)
+        if output_dir is None:  # per-epoch: the overall scores only
+            return {k: v for k, v in metrics.items() if k != "per_type"}
+        write_predictions(os.path.join(output_dir, "dev_predictions.json"), examples, predictions)
+        return dict(metrics, task="ner", n=len(examples))
 
-    if opts.do_train:
-        encoded, lost = encode(train, tokenizer, opts.max_seq_length, opts.tag_scheme)
-        if lost:
-            logging.warning("%s: %d entities cover no token (whitespace only) or overlap another; "
-                            "not tagged", paths["train_file"], lost)
-        features, y, _ = window_features(encoded, tokenizer, tag_map, opts.max_seq_length)
-        ds = finetune_utils.make_dataset(features, y, opts.train_batch_size, shuffle=True, seed=opts.seed,
-                                         drop_remainder=len(y) >= opts.train_batch_size)
-        finetune_utils.train_and_keep_best(model, opts, strategy, ds, len(y), finetune_utils.masked_sparse_ce,
-                                           evaluate if dev else None, key="f1")
-    metrics = {}
-    if dev:
-        predictions = predict(dev)
-        metrics = ner_metrics([ex.entities for ex in dev], predictions)
-        metrics.update(task="ner", split=os.path.basename(paths["dev_file"]), n=len(dev))
-        write_predictions(os.path.join(opts.output_dir, "dev_predictions.json"), dev, predictions)
-        finetune_utils.write_metrics(opts, metrics)
-    if test:
-        out = os.path.join(opts.output_dir, "test_predictions.json")
-        write_predictions(out, test, predict(test))
-        logging.info("wrote %d predictions to %s", len(test), out)
-    return metrics
+    def predict(self, examples, output_dir):
+        out = os.path.join(output_dir, "test_predictions.json")
+        write_predictions(out, examples, self._predict(examples, self.opts.predict_batch_size))
+        return out
 
 
-def main(argv):
-    del argv
-    try:
-        run(finetune_utils.options_from_flags(NerOptions))
-    except ValueError as e:
-        raise SystemExit(f"run_ner.py: error: {e}") from None
+def run(opts):
+    """Runs train/eval/predict as the parsed flags `opts` ask. Returns the dev metrics dict."""
+    return finetune_utils.run(opts, NerTask(opts))
 
+
+EXAMPLE = ("python run_ner.py --data_dir=../shared/data/cluener2020 --dev_file=train.json "
+           "--vocab_file=../shared/data/vocab/vocab.txt --bert_config_file=resources/bert_config_L2_H128.json "
+           "--do_train=true --do_eval=true --output_dir=/tmp/cluener")
 
 if __name__ == "__main__":
-    finetune_utils.define_common_flags()
-    with train_utils.flag_group("Tagging"):
-        flags.DEFINE_enum("tag_scheme", "BIO", ["BIO", "BIOES"], "Token tagging scheme.")
-    train_utils.run_script(main, __doc__, ("python run_ner.py --data_dir=../shared/data/cluener2020 --train_file=train.json "
-                           "--dev_file=train.json --vocab_file=../shared/data/vocab/vocab.txt "
-                           "--bert_config_file=resources/bert_config_L2_H128.json --do_train --do_eval "
-                           "--output_dir=/tmp/cluener"))
+    train_utils.run_script(finetune_utils.main(NerTask), __doc__, EXAMPLE, define_flags)

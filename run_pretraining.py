@@ -3,22 +3,26 @@
 The TF2 counterpart of google-research/bert's run_pretraining.py, with its flag names:
 
     python run_pretraining.py --input_file='data/wiki_*.tfrecord' --output_dir=out \
-        --bert_config_file=resources/bert_config_L12_H768.json --do_train --do_eval \
-        --train_batch_size=256 --max_seq_length=128 --max_predictions_per_seq=20 \
+        --bert_config_file=resources/bert_config_L12_H768.json --vocab_file=vocab.txt --do_train \
+        --do_eval --train_batch_size=256 --max_seq_length=128 --max_predictions_per_seq=20 \
         --num_train_steps=100000 --num_warmup_steps=10000 --learning_rate=1e-4
 
-Rerunning the same command resumes from the last `output_dir/ckpt-N`, including the position in
-the input, so a preempted job neither repeats nor skips batches.
+Rerunning the same command resumes from the last `output_dir/ckpt-N`, at the same position in the
+input, so a preempted job neither repeats nor skips batches. `output_dir` is a self-describing model
+folder (checkpoints, bert_config.json, vocab.txt, model_info.json) that fill_mask.py,
+export_to_pytorch.py and every --init_checkpoint accept alone.
 
 How one step runs (the same code under every tf.distribute strategy):
-  host:     next(iterator) -> this worker's batch [B_worker, ...]     (iterator state is checkpointed)
-  replica:  slice of the batch [B_replica, ...] -> [k, B_micro, ...] for k = accumulation steps
-            `_loss_and_grads`: a pure function of the variable *values* (jit-compiled with XLA)
-              loops over the k micro-batches, sums masked-LM loss numerators and their gradients
-            all-reduce the sums over replicas -> gradient of the global weighted-mean loss
-            optimizer.apply (outside XLA)
-XLA only ever sees tensors, never the (mirrored) variables: compiling code that touches variables
-fails under MirroredStrategy ("resource ... on a different device").
+  input:    one deterministic tf.data pipeline per worker/host, positioned by the global step,
+            hands each replica its own batch [B_replica, ...] (static shapes)
+  replica:  [k, B_micro, ...] for k = --gradient_accumulation_steps
+            loss and gradients summed over the k micro-batches (a pure function of the weights)
+            ONE all-reduce of (gradient sums, masked-LM sums) over replicas
+            / number of masked positions in the global batch -> gradient of Google's mean loss
+            clip the global norm of that gradient (Google's order), then the optimizer's update rule
+  compiled: the whole replica step is one XLA computation on one device, TPUs and GPUs; only under
+            MirroredStrategy over CPU devices is the update left outside XLA (see `_compile_mode`).
+  host:     --steps_per_loop steps per call; checkpoints every --save_checkpoints_steps.
 """
 
 import json
@@ -26,18 +30,24 @@ import math
 import os
 import time
 
-import keras
+import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
+
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import flags, logging
 
 import modeling
 import optimization
-import train_utils
+import pretraining_records
+import pretraining_resume as resume
+
+UsageError = train_utils.UsageError
+# The per-replica input pipelines (in pretraining_resume, beside the state they resume from).
+train_dataset_fn, eval_dataset_fn = resume.train_dataset_fn, resume.eval_dataset_fn
 
 
 def define_flags(fv=flags.FLAGS):
-    """Defines the flags on `fv` (a FlagValues); separate so tests can parse an argv of their own."""
+    """Declares the flags on `fv` (a FlagValues); tests parse an argv of their own with it."""
     def string(name, default, text):
         flags.DEFINE_string(name, default, text, flag_values=fv)
 
@@ -56,14 +66,23 @@ def define_flags(fv=flags.FLAGS):
         string("eval_input_file", None, "Records for --do_eval (default: --input_file, as Google).")
         integer("max_seq_length", 128, "Sequence length of the records.")
         integer("max_predictions_per_seq", 20, "Masked positions per sequence in the records.")
-        integer("shuffle_buffer_size", 1000, "Records in the shuffle buffer (saved in checkpoints).")
+        number("masked_lm_prob", 0.10, "Share of tokens to predict, for records masked at training "
+               "time (create_pretraining_data.py --dynamic_masking); static records keep theirs.")
+        integer("shuffle_buffer_size", 1000, "Records in the shuffle buffer.")
         boolean("check_input_files", True, "Read every record once before training (CRC, count "
                 "against the .meta.json) so bad data fails before step 1.")
     with train_utils.flag_group("Model and checkpoints", fv):
         string("bert_config_file", None, "bert_config.json of the model to train.")
+        string("vocab_file", None, "vocab.txt the records were made with; copied into "
+               "--output_dir so the folder is self-describing (checked against the records' "
+               "vocab_sha256). Without it, output_dir gets no vocab.txt (a warning says so).")
+        boolean("do_lower_case", None, "Lower-casing of the tokenizer that made the records, "
+                "written to output_dir/model_info.json (default: from the records' .meta.json, "
+                "else true as Google's Chinese models).")
         string("init_checkpoint", None, "Starting weights (ours or a Google TF1 bert_model.ckpt); "
                "ignored when output_dir already holds a checkpoint to resume.")
-        string("output_dir", None, "Checkpoints (ckpt-N), bert_config.json, TensorBoard logs.")
+        string("output_dir", None, "Checkpoints (ckpt-N), bert_config.json, vocab.txt, "
+               "TensorBoard logs.")
         integer("save_checkpoints_steps", 1000, "Checkpoint every this many steps.")
         integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
     with train_utils.flag_group("Training", fv):
@@ -77,6 +96,7 @@ def define_flags(fv=flags.FLAGS):
                           flag_values=fv)
         number("beta_2", 0.98, "Adam/LAMB beta_2 (0.98 as in roberta_zh).")
         number("weight_decay", 0.01, "Decoupled weight decay (not on LayerNorm/bias).")
+        number("clip_norm", 1.0, "Clip the global norm of the batch gradient to this (0: off).")
         integer("seed", 12345, "Seed for initialisation, shuffling and dropout.")
     with train_utils.flag_group("Evaluation", fv):
         boolean("do_eval", False, "Evaluate masked-LM loss/accuracy; prints one JSON line.")
@@ -84,16 +104,18 @@ def define_flags(fv=flags.FLAGS):
         integer("max_eval_steps", 100, "Maximum eval batches.")
     with train_utils.flag_group("Hardware: TPU, GPUs, CPU", fv):
         flags.DEFINE_enum("strategy", "auto", list(train_utils.STRATEGIES),
-                          "auto: TPU if --tpu_name, multi-worker from TF_CONFIG, all GPUs, else one "
-                          "device.", flag_values=fv)
+                          "auto: a TPU if --tpu_name is given or this is a Cloud TPU VM, "
+                          "multi-worker from TF_CONFIG, all GPUs, else one device.", flag_values=fv)
         boolean("use_tpu", False, "Same as --strategy=tpu.")
-        string("tpu_name", None, "TPU name or grpc:// address.")
-        string("tpu_zone", None, "GCE zone of the TPU (optional).")
-        string("gcp_project", None, "GCP project of the TPU (optional).")
-        integer("iterations_per_loop", 1000, "Steps per host call (one compiled loop).")
+        string("tpu_name", None, "'local' on a Cloud TPU VM (the default there); a TPU Node's "
+               "name or grpc:// address.")
+        string("tpu_zone", None, "GCE zone of a TPU Node (optional).")
+        string("gcp_project", None, "GCP project of a TPU Node (optional).")
+        integer("iterations_per_loop", 1000, "Steps per host call (Google's name).")
+        integer("steps_per_loop", None, "Same as --iterations_per_loop (the TF2 name).")
         boolean("mixed_precision", False, "bfloat16 compute on TPUs and on GPUs that support it "
                 "(compute capability >= 8.0); ignored with a warning elsewhere.")
-        boolean("jit_compile", True, "Compile the forward/backward pass with XLA.")
+        boolean("jit_compile", True, "Compile the train step with XLA.")
     if fv is flags.FLAGS:
         train_utils.require_flags("input_file", "bert_config_file", "output_dir")
 
@@ -106,148 +128,12 @@ def parse_flags(argv):
     return fv
 
 
-class UsageError(ValueError):
-    """Bad flags, config or data: reported as one line, before anything is trained or written."""
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or inf."""
+class TrainingDivergedError(UsageError):
+    """The loss became NaN or inf (reported as one line: lower the learning rate, then resume)."""
 
 
 # ------------------------------------------------------------------------------------------------
-# Input: records -> checks -> tf.data pipeline
-# ------------------------------------------------------------------------------------------------
-
-_INT_FEATURES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids")
-
-
-def _feature_spec(seq_len, max_pred):
-    return {
-        "input_ids": tf.io.FixedLenFeature([seq_len], tf.int64),
-        "input_mask": tf.io.FixedLenFeature([seq_len], tf.int64),
-        "segment_ids": tf.io.FixedLenFeature([seq_len], tf.int64),
-        "masked_lm_positions": tf.io.FixedLenFeature([max_pred], tf.int64),
-        "masked_lm_ids": tf.io.FixedLenFeature([max_pred], tf.int64),
-        "masked_lm_weights": tf.io.FixedLenFeature([max_pred], tf.float32),
-    }
-
-
-def expand_input_files(patterns, flag="--input_file"):
-    """Comma-separated globs -> sorted list of files; UsageError if one matches nothing."""
-    files = []
-    for pattern in filter(None, (p.strip() for p in (patterns or "").split(","))):
-        matched = sorted(tf.io.gfile.glob(pattern))
-        if not matched:
-            raise UsageError(f"{flag}: '{pattern}' matches no file")
-        files.extend(matched)
-    if not files:
-        raise UsageError(f"{flag} is required")
-    return files
-
-
-def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
-    """Checks one record file against the flags and the config before any training step.
-
-    Compares its `.meta.json` sidecar (sequence length, predictions, vocab size, instance count),
-    checks the shapes and id range of its first record, and with `full_scan` reads every record
-    (TFRecord CRCs catch corruption and truncation). Raises UsageError naming the file.
-    """
-    meta_path = path + ".meta.json"
-    meta = None
-    if tf.io.gfile.exists(meta_path):
-        try:
-            with tf.io.gfile.GFile(meta_path) as f:
-                meta = json.load(f)
-        except (ValueError, OSError) as e:
-            raise UsageError(f"{meta_path}: unreadable sidecar ({e})") from None
-        expected = {"max_seq_length": (seq_len, "--max_seq_length"),
-                    "max_predictions_per_seq": (max_pred, "--max_predictions_per_seq"),
-                    "vocab_size": (vocab_size, "vocab_size of --bert_config_file")}
-        for key, (want, source) in expected.items():
-            if key in meta and meta[key] != want:
-                raise UsageError(f"{path}: records have {key}={meta[key]} (from {meta_path}) but "
-                                 f"{source} is {want}")
-    else:
-        logging.warning("%s has no .meta.json sidecar; checking its records only", path)
-
-    try:
-        first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
-        if first is None:
-            raise UsageError(f"{path}: no records")
-        example = tf.train.Example.FromString(first.numpy())
-        features = example.features.feature
-        lengths = {"input_ids": seq_len, "input_mask": seq_len, "segment_ids": seq_len,
-                   "masked_lm_positions": max_pred, "masked_lm_ids": max_pred,
-                   "masked_lm_weights": max_pred}
-        for name, want in lengths.items():
-            if name not in features:
-                raise UsageError(f"{path}: record 0 has no feature '{name}' (not pretraining records?)")
-            kind = features[name].WhichOneof("kind")
-            got = len(getattr(features[name], kind).value)
-            if got != want:
-                flag = "--max_seq_length" if want == seq_len else "--max_predictions_per_seq"
-                raise UsageError(f"{path}: record 0 has {name} of length {got}, but {flag} is {want}")
-        max_id = max(features["input_ids"].int64_list.value)
-        if max_id >= vocab_size:
-            raise UsageError(f"{path}: record 0 has token id {max_id} >= vocab_size {vocab_size} "
-                             "of --bert_config_file (records made with another vocab?)")
-        if full_scan:
-            count = int(tf.data.TFRecordDataset(path, buffer_size=1 << 20).reduce(
-                np.int64(0), lambda n, _: n + 1))
-            if meta is not None and "num_instances" in meta and count != meta["num_instances"]:
-                raise UsageError(f"{path}: {count} records, but {meta_path} says "
-                                 f"num_instances={meta['num_instances']} (incomplete file?)")
-    except tf.errors.DataLossError as e:
-        raise UsageError(f"{path}: corrupt or truncated TFRecord file ({e.message.strip()})") from None
-    except tf.errors.OpError as e:
-        raise UsageError(f"{path}: unreadable ({e.message.strip()})") from None
-    except Exception as e:  # a protobuf DecodeError: bytes with valid framing that are no Example
-        if isinstance(e, UsageError):
-            raise
-        raise UsageError(f"{path}: record 0 is not a tf.train.Example ({e})") from None
-
-
-def make_dataset(files, batch_size, seq_len, max_pred, is_training, seed,
-                 num_workers=1, worker_index=0, shuffle_buffer_size=1000):
-    """This worker's batches: dict of int32 [batch_size, S] / [batch_size, P], float32 weights.
-
-    Training: files sharded over workers, shuffled, repeated, interleaved, records shuffled with a
-    fixed seed (the iterator's state, shuffle buffer included, goes into the checkpoint).
-    Eval: files in order, once; the last batch is padded with zero-weight rows so every batch has
-    the same shape and the padding does not count.
-    """
-    shard_records = num_workers > 1 and len(files) < num_workers
-    if num_workers > 1 and not shard_records:
-        files = files[worker_index::num_workers]
-    d = tf.data.Dataset.from_tensor_slices(files)
-    if is_training:
-        d = d.shuffle(len(files), seed=seed).repeat()
-        d = d.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        if shard_records:
-            d = d.shard(num_workers, worker_index)
-        d = d.shuffle(shuffle_buffer_size, seed=seed)
-    else:
-        d = tf.data.TFRecordDataset(d)
-        if shard_records:
-            d = d.shard(num_workers, worker_index)
-    d = d.batch(batch_size, drop_remainder=is_training)
-    spec = _feature_spec(seq_len, max_pred)
-
-    def parse(serialized):
-        features = tf.io.parse_example(serialized, spec)
-        batch = {k: tf.cast(v, tf.int32) if k in _INT_FEATURES else v for k, v in features.items()}
-        if not is_training:
-            pad = batch_size - tf.shape(serialized)[0]
-            batch = {k: tf.pad(v, [[0, pad], [0, 0]]) for k, v in batch.items()}
-            batch = {k: tf.ensure_shape(v, [batch_size, None]) for k, v in batch.items()}
-        return batch
-
-    return d.map(parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
-
-
-# ------------------------------------------------------------------------------------------------
-# The step: loss and gradients as a pure (XLA-compiled) function; all-reduce and update outside
+# The step: the trainer owns the gradients (accumulation, all-reduce, scaling, clipping)
 # ------------------------------------------------------------------------------------------------
 
 def mlm_sums(logits, masked_lm_ids, masked_lm_weights):
@@ -270,26 +156,52 @@ _MODEL_INPUTS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions"
 _EPSILON = 1e-5  # Google's denominator guard for batches without masked positions
 
 
-class MaskedLMTrainer:
-    """Compiled train/eval steps for a BertPretrainer under any tf.distribute strategy.
+def _compile_mode(strategy, jit_compile):
+    """"whole": the replica step is one XLA computation; "tpu": TPUStrategy compiles it anyway;
+    "split": only the loss/gradient function is XLA, the all-reduce and update run outside;
+    "none": --jit_compile=false.
 
-    Every call takes this worker's batch (a plain tensor dict from a local tf.data iterator, so the
-    iterator can be checkpointed); each replica slices its rows out by replica id.
+    "split" exists for one case: MirroredStrategy (or multi-worker) with several replicas on CPU
+    devices, where XLA code that touches the mirrored variables fails ("resource ... replica_1 ...
+    on a different device", DESIGN 9.3). GPUs and one device compile the whole step, as Keras'
+    model.fit does.
+    """
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "tpu"
+    if not jit_compile:
+        return "none"
+    if strategy.num_replicas_in_sync > 1 and any(
+            "CPU" in d.upper() for d in strategy.extended.worker_devices):
+        return "split"
+    return "whole"
+
+
+class MaskedLMTrainer:
+    """Train and eval steps for a BertPretrainer under any tf.distribute strategy.
+
+    The one owner of gradients: micro-batch accumulation, the single all-reduce, the division by
+    the number of masked positions and the global-norm clip happen here, in Google's order; the
+    optimizer (optimization.py) only contributes its schedule and `update_step` rule.
+    Each call of `train_loop` takes a distributed iterator of per-replica batches.
     """
 
     def __init__(self, model, optimizer, strategy, per_replica_batch, accumulation_steps=1,
-                 per_replica_eval_batch=1, local_replicas=1, jit_compile=True):
+                 clip_norm=1.0, jit_compile=True):
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
         self.per_replica_batch = per_replica_batch
         self.accumulation_steps = accumulation_steps
-        self.per_replica_eval_batch = per_replica_eval_batch
-        self.local_replicas = local_replicas
-        self._loss_and_grads_fn = tf.function(self._loss_and_grads, jit_compile=jit_compile)
-        self._eval_sums_fn = tf.function(self._eval_sums, jit_compile=jit_compile)
+        self.clip_norm = clip_norm
+        self.mode = _compile_mode(strategy, jit_compile)
+        inner_jit = self.mode == "split"
+        self._grads_fn = tf.function(self._loss_and_grads, jit_compile=inner_jit)
+        self._eval_fn = tf.function(self._eval_sums, jit_compile=inner_jit)
+        whole = self.mode == "whole"
+        self._train_step_fn = tf.function(self._replica_train_step, jit_compile=whole)
+        self._eval_step_fn = tf.function(self._replica_eval_step, jit_compile=whole)
         self.train_loop = tf.function(self._train_loop)
         self.eval_step = tf.function(self._eval_step)
 
-    # -- pure functions of the variable values (safe to compile under every strategy) -----------
+    # -- pure functions of the variable values --------------------------------------------------
 
     def _loss_and_grads(self, trainable, non_trainable, batch):
         """Sums over k micro-batches. batch: dict of [k, B_micro, ...].
@@ -307,6 +219,8 @@ class MaskedLMTrainer:
                 loss_sum, correct, weight = mlm_sums(
                     logits, micro["masked_lm_ids"], micro["masked_lm_weights"])
             grads = tape.gradient(loss_sum, trainable)
+            # Embedding gathers give IndexedSlices with repeated rows: dense, so norms and sums
+            # are those of the gradient (the update is dense anyway).
             grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
                      for g, v in zip(grads, trainable)]
             return grads, tf.stack([loss_sum, correct, weight]), list(non_trainable)
@@ -332,46 +246,50 @@ class MaskedLMTrainer:
 
     # -- replica functions ----------------------------------------------------------------------
 
-    def _my_rows(self, batch, rows):
-        """This replica's `rows` rows of the worker batch."""
-        context = tf.distribute.get_replica_context()
-        start = (context.replica_id_in_sync_group % self.local_replicas) * rows
-        return {k: tf.ensure_shape(v[start:start + rows], [rows] + v.shape[1:])
-                for k, v in batch.items()}
-
     def _values(self):
         return ([v.value for v in self.model.trainable_variables],
                 [v.value for v in self.model.non_trainable_variables])
 
     def _replica_train_step(self, batch):
+        """batch: this replica's dict of [B_replica, ...] -> metrics of the global batch."""
         k = self.accumulation_steps
-        micro = self.per_replica_batch // k
-        batch = {name: tf.reshape(t, [k, micro] + t.shape[1:])                     # [k, B_micro, ...]
-                 for name, t in self._my_rows(batch, self.per_replica_batch).items()}
+        batch = {name: tf.reshape(t, [k, self.per_replica_batch // k] + t.shape[1:])
+                 for name, t in batch.items()}                                     # [k, B_micro, ...]
         trainable, non_trainable = self._values()
         context = tf.distribute.get_replica_context()
-        replicas = context.num_replicas_in_sync
         # Mirrored seed states would give every replica the same dropout masks; shift each
         # replica's counter into its own range for the call, and back before storing the state.
         offsets = [self._seed_offset(v, context.replica_id_in_sync_group)
                    for v in self.model.non_trainable_variables]
         non_trainable = [v + o for v, o in zip(non_trainable, offsets)]
-        grads, sums, new_non_trainable = self._loss_and_grads_fn(trainable, non_trainable, batch)
+        grads, sums, new_non_trainable = self._grads_fn(trainable, non_trainable, batch)
         new_non_trainable = [v - o for v, o in zip(new_non_trainable, offsets)]
 
-        if replicas > 1:
+        if context.num_replicas_in_sync > 1:  # the one all-reduce of the step
             grads, sums = context.all_reduce(tf.distribute.ReduceOp.SUM, (grads, sums))
         denominator = sums[2] + _EPSILON
         grads = [g / denominator for g in grads]          # gradient of the global mean loss
-        grad_norm = tf.linalg.global_norm(grads)
-        learning_rate = tf.convert_to_tensor(self.optimizer.learning_rate)
-        # The optimizer sums what the replicas hand it (it all-reduces before clipping), so each
-        # replica hands over an equal share; exact for power-of-two replica counts.
-        self.optimizer.apply([g * (1.0 / replicas) for g in grads] if replicas > 1 else grads,
-                             self.model.trainable_variables)
-        self._assign_non_trainable(new_non_trainable)
+        if self.clip_norm > 0:  # Google: clip the global norm of the whole batch's gradient
+            grads, grad_norm = tf.clip_by_global_norm(grads, self.clip_norm)
+        else:
+            grad_norm = tf.linalg.global_norm(grads)
+        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+        context.merge_call(self._update, args=(grads, new_non_trainable))
         return {"loss": sums[0] / denominator, "masked_lm_accuracy": sums[1] / denominator,
-                "grad_norm": grad_norm, "learning_rate": tf.cast(learning_rate, tf.float32)}
+                "grad_norm": grad_norm, "learning_rate": learning_rate}
+
+    def _update(self, strategy, grads, non_trainable):
+        """Cross-replica: the optimizer's rule on every variable copy, with its replica's (equal)
+        reduced gradient; the dropout seed states (aggregation NONE) per replica; step + 1."""
+        learning_rate = self.optimizer.learning_rate
+        for variable, grad in zip(self.model.trainable_variables, grads):
+            strategy.extended.update(
+                variable.value, lambda var, g: self.optimizer.update_step(g, var, learning_rate),
+                args=(grad,), group=False)
+        for variable, value in zip(self.model.non_trainable_variables, non_trainable):
+            strategy.extended.update(variable.value, lambda var, x: var.assign(x), args=(value,),
+                                     group=False)
+        self.optimizer.iterations.assign_add(1)
 
     @staticmethod
     def _seed_offset(variable, replica_id):
@@ -381,23 +299,9 @@ class MaskedLMTrainer:
         step = tf.cast(replica_id, variable.dtype) * tf.constant(1 << 31, variable.dtype)
         return tf.stack([tf.zeros((), variable.dtype), step])
 
-    def _assign_non_trainable(self, values):
-        """Writes back the dropout seed states (their aggregation is NONE: update per replica)."""
-        variables = [v.value for v in self.model.non_trainable_variables]
-        if not variables:
-            return
-
-        def update(strategy, values):
-            for variable, value in zip(variables, values):
-                strategy.extended.update(variable, lambda var, x: var.assign(x), args=(value,),
-                                         group=False)
-
-        tf.distribute.get_replica_context().merge_call(update, args=(values,))
-
     def _replica_eval_step(self, batch):
         trainable, non_trainable = self._values()
-        sums = self._eval_sums_fn(trainable, non_trainable,
-                                  self._my_rows(batch, self.per_replica_eval_batch))
+        sums = self._eval_fn(trainable, non_trainable, batch)
         context = tf.distribute.get_replica_context()
         if context.num_replicas_in_sync > 1:
             sums = context.all_reduce(tf.distribute.ReduceOp.SUM, sums)
@@ -409,7 +313,7 @@ class MaskedLMTrainer:
         return self.strategy.experimental_local_results(value)[0]  # all replicas hold the same
 
     def _train_loop(self, iterator, num_steps):
-        """Runs up to `num_steps` steps; stops early on a non-finite loss.
+        """Runs up to `num_steps` steps (one host call); stops early on a non-finite loss.
 
         Returns (mean metrics over the steps run, last learning rate, steps run, all finite).
         """
@@ -417,7 +321,7 @@ class MaskedLMTrainer:
         learning_rate = tf.constant(0.0)
         steps, finite = tf.constant(0), tf.constant(True)
         while steps < num_steps and finite:
-            metrics = self.strategy.run(self._replica_train_step, args=(next(iterator),))
+            metrics = self.strategy.run(self._train_step_fn, args=(next(iterator),))
             metrics = {k: self._first_replica(v) for k, v in metrics.items()}
             finite = tf.math.is_finite(metrics["loss"]) & tf.math.is_finite(metrics["grad_norm"])
             totals = {k: totals[k] + metrics[k] for k in totals}
@@ -426,13 +330,13 @@ class MaskedLMTrainer:
         means = {k: v / tf.cast(tf.maximum(steps, 1), tf.float32) for k, v in totals.items()}
         return means, learning_rate, steps, finite
 
-    def _eval_step(self, batch):
+    def _eval_step(self, iterator):
         """-> [loss_sum, correct_sum, weight_sum] over the global batch."""
-        return self._first_replica(self.strategy.run(self._replica_eval_step, args=(batch,)))
+        return self._first_replica(self.strategy.run(self._eval_step_fn, args=(next(iterator),)))
 
 
 # ------------------------------------------------------------------------------------------------
-# Driver
+# Driver: checks, run folder, training state
 # ------------------------------------------------------------------------------------------------
 
 # Google's bert_config.json fields; a pretraining config must spell out every one (a silent default
@@ -460,32 +364,37 @@ def load_config(path):
     return config
 
 
-def _worker_info(strategy):
-    """-> (num_workers, worker_index, is_chief, local_replicas) for this process."""
-    local_replicas = len(strategy.extended.worker_devices)
-    num_workers = max(1, strategy.num_replicas_in_sync // local_replicas)
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if num_workers == 1 or resolver is None or not getattr(resolver, "task_type", None):
-        return 1, 0, True, strategy.num_replicas_in_sync
-    cluster = resolver.cluster_spec().as_dict()
-    order = [(job, i) for job in ("chief", "worker") for i in range(len(cluster.get(job, [])))]
-    index = order.index((resolver.task_type, resolver.task_id))
-    return num_workers, index, index == 0, local_replicas
-
-
-def _set_precision(use_bf16, strategy):
-    if not use_bf16:
-        return
-    supported = isinstance(strategy, tf.distribute.TPUStrategy)
-    for gpu in tf.config.list_physical_devices("GPU"):
-        details = tf.config.experimental.get_device_details(gpu)
-        supported |= details.get("compute_capability", (0,))[0] >= 8
-    if supported:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
-        logging.info("mixed precision: bfloat16 compute, float32 variables")
-    else:
-        logging.warning("--mixed_precision ignored: no TPU or bf16-capable GPU "
-                        "(bf16 is slower than fp32 on CPUs)")
+def check_flags(opts):
+    """Every flag that can be wrong on its own fails here, before anything is read or built."""
+    if not (opts.do_train or opts.do_eval):
+        raise UsageError("at least one of --do_train or --do_eval must be set")
+    if not opts.output_dir:
+        raise UsageError("--output_dir is required")
+    for name in ("train_batch_size", "eval_batch_size", "num_train_steps", "save_checkpoints_steps",
+                 "iterations_per_loop", "gradient_accumulation_steps", "max_eval_steps",
+                 "max_seq_length", "max_predictions_per_seq", "keep_checkpoint_max",
+                 "shuffle_buffer_size"):
+        if getattr(opts, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(opts, name)}")
+    if opts.steps_per_loop is not None:
+        if opts.steps_per_loop < 1:
+            raise UsageError(f"--steps_per_loop must be >= 1, got {opts.steps_per_loop}")
+        if opts["iterations_per_loop"].present and opts.iterations_per_loop != opts.steps_per_loop:
+            raise UsageError(f"--steps_per_loop={opts.steps_per_loop} and --iterations_per_loop="
+                             f"{opts.iterations_per_loop} disagree; give one of them")
+    if not (math.isfinite(opts.clip_norm) and opts.clip_norm >= 0):
+        raise UsageError(f"--clip_norm must be a finite number >= 0, got {opts.clip_norm}")
+    if opts.do_train:
+        if opts.num_warmup_steps < 0:
+            raise UsageError(f"--num_warmup_steps must be >= 0, got {opts.num_warmup_steps}")
+        if opts.num_warmup_steps > opts.num_train_steps:
+            raise UsageError(f"--num_warmup_steps={opts.num_warmup_steps} > --num_train_steps="
+                             f"{opts.num_train_steps}: warmup must end within training")
+        try:  # the schedule owns the remaining rules (a positive, finite learning rate)
+            optimization.WarmupPolynomialDecay(opts.learning_rate, opts.num_train_steps,
+                                               opts.num_warmup_steps)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
 
 
 def _check_output_dir(output_dir, config):
@@ -500,33 +409,40 @@ def _check_output_dir(output_dir, config):
                              "--output_dir holds another model's run; use a new --output_dir")
 
 
+def _worker_info(strategy):
+    """-> (num_workers, worker_index, is_chief) for this process."""
+    local_replicas = len(strategy.extended.worker_devices)
+    num_workers = max(1, strategy.num_replicas_in_sync // local_replicas)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if num_workers == 1 or resolver is None or not getattr(resolver, "task_type", None):
+        return 1, 0, True
+    cluster = resolver.cluster_spec().as_dict()
+    order = [(job, i) for job in ("chief", "worker") for i in range(len(cluster.get(job, [])))]
+    index = order.index((resolver.task_type, resolver.task_id))
+    return num_workers, index, index == 0
+
+
 def run(opts):
     """Trains and/or evaluates as the flags in `opts` say; returns the eval metrics (or {})."""
-
-
     # 1. Everything that can be checked is checked before anything is built or written.
-    if not (opts.do_train or opts.do_eval):
-        raise UsageError("at least one of --do_train or --do_eval must be set")
-    if not opts.output_dir:
-        raise UsageError("--output_dir is required")
-    for name in ("train_batch_size", "eval_batch_size", "num_train_steps", "save_checkpoints_steps",
-                 "iterations_per_loop", "gradient_accumulation_steps", "max_eval_steps",
-                 "max_seq_length", "max_predictions_per_seq", "keep_checkpoint_max"):
-        if getattr(opts, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(opts, name)}")
+    check_flags(opts)
     config = load_config(opts.bert_config_file)
     if opts.max_seq_length > config.max_position_embeddings:
         raise UsageError(f"--max_seq_length={opts.max_seq_length} > max_position_embeddings="
                          f"{config.max_position_embeddings} of {opts.bert_config_file}")
-    train_files = expand_input_files(opts.input_file) if opts.do_train else []
-    eval_files = (expand_input_files(opts.eval_input_file or opts.input_file,
-                                     "--eval_input_file" if opts.eval_input_file else "--input_file")
-                  if opts.do_eval else [])
+    train_files = pretraining_records.record_files(opts.input_file) if opts.do_train else []
+    eval_files = (pretraining_records.record_files(
+        opts.eval_input_file or opts.input_file,
+        "--eval_input_file" if opts.eval_input_file else "--input_file") if opts.do_eval else [])
 
-    strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
-                                         tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
+    try:
+        strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy,
+                                             tpu=opts.tpu_name, tpu_zone=opts.tpu_zone,
+                                             gcp_project=opts.gcp_project)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     replicas = strategy.num_replicas_in_sync
-    num_workers, worker_index, is_chief, local_replicas = _worker_info(strategy)
+    num_workers, worker_index, is_chief = _worker_info(strategy)
     k = opts.gradient_accumulation_steps
     if opts.train_batch_size % (replicas * k):
         raise UsageError(f"--train_batch_size={opts.train_batch_size} is not divisible by replicas "
@@ -534,76 +450,95 @@ def run(opts):
     if opts.eval_batch_size % replicas:
         raise UsageError(f"--eval_batch_size={opts.eval_batch_size} is not divisible by the "
                          f"{replicas} replicas")
+    counts = {}  # records per file: the input position is counted in records
     for path in dict.fromkeys(train_files + eval_files):  # unique, training files first
-        check_records(path, opts.max_seq_length, opts.max_predictions_per_seq, config.vocab_size,
-                      full_scan=opts.check_input_files)
+        info = pretraining_records.check_records(path, opts.max_seq_length,
+                                                 opts.max_predictions_per_seq, config.vocab_size,
+                                                 full_scan=opts.check_input_files)
+        counts[path] = info.meta.get("num_instances") or resume.count_records(path)
     _check_output_dir(opts.output_dir, config)
+    resume_from = (resume.latest_checkpoint(opts.output_dir) if tf.io.gfile.isdir(opts.output_dir)
+                   else None)
     if opts.do_train:
-        optimization.WarmupPolynomialDecay(opts.learning_rate, opts.num_train_steps,
-                                           opts.num_warmup_steps)  # validates the step counts
+        state = resume.input_state(opts, train_files, num_workers)
+        if resume_from:
+            resume.check_resume_input(opts.output_dir, state)
+        for i in range(num_workers):
+            _, _, per_epoch = resume.pipeline_files(
+                train_files, [counts[p] for p in train_files], num_workers, i)
+            if per_epoch < opts.train_batch_size // num_workers:
+                raise UsageError(f"--input_file has {per_epoch} records for worker {i}, fewer than "
+                                 f"one batch ({opts.train_batch_size // num_workers})")
+    vocab_file, do_lower_case = resume.vocab_and_casing(opts, train_files or eval_files)
+    if resume_from is None and opts.do_eval and not opts.do_train and not opts.init_checkpoint:
+        raise UsageError(f"--do_eval alone: no checkpoint in {opts.output_dir} "
+                         "and no --init_checkpoint")
+    steps_per_loop = opts.steps_per_loop or opts.iterations_per_loop
     logging.info("strategy %s: %d replica(s), %d worker(s); global batch %d = %d per replica x %d "
                  "replicas x %d accumulation steps", type(strategy).__name__, replicas, num_workers,
                  opts.train_batch_size, opts.train_batch_size // (replicas * k), replicas, k)
 
-    # 2. Model, optimizer, input, checkpoint.
+    # 2. Model, optimizer, checkpoint.
     train_utils.set_seed(opts.seed)
-    _set_precision(opts.mixed_precision, strategy)
+    train_utils.set_precision(opts.mixed_precision, strategy)
     with strategy.scope():
         model = modeling.build_model(modeling.BertPretrainer(config), seq_len=8)
+        # Clipping is the trainer's (Google's order, after the all-reduce): none in the optimizer.
         optimizer = optimization.create_optimizer(
-            opts.learning_rate, opts.num_train_steps, opts.num_warmup_steps,
-            optimizer_type=opts.optimizer, weight_decay=opts.weight_decay, beta_2=opts.beta_2)
+            opts.learning_rate if opts.do_train else 1.0, max(opts.num_train_steps, 1),
+            opts.num_warmup_steps if opts.do_train else 0, optimizer_type=opts.optimizer,
+            weight_decay=opts.weight_decay, beta_2=opts.beta_2, clip_norm=0)
         optimizer.build(model.trainable_variables)
-    trainer = MaskedLMTrainer(
-        model, optimizer, strategy, per_replica_batch=opts.train_batch_size // replicas,
-        accumulation_steps=k, per_replica_eval_batch=opts.eval_batch_size // replicas,
-        local_replicas=local_replicas, jit_compile=opts.jit_compile)
-
+    trainer = MaskedLMTrainer(model, optimizer, strategy,
+                              per_replica_batch=opts.train_batch_size // replicas,
+                              accumulation_steps=k, clip_norm=opts.clip_norm,
+                              jit_compile=opts.jit_compile)
+    logging.info("train step compiled: %s", trainer.mode)
     trackables = {"optimizer": optimizer}
     if model.non_trainable_variables:  # dropout seed states: resume draws the same masks
         trackables["dropout_seeds"] = list(model.non_trainable_variables)
-    iterator = None
-    if opts.do_train:
-        dataset = make_dataset(train_files, opts.train_batch_size // num_workers, opts.max_seq_length,
-                               opts.max_predictions_per_seq, True, opts.seed, num_workers,
-                               worker_index, opts.shuffle_buffer_size)
-        iterator = iter(dataset)
-        trackables["train_input"] = iterator
     checkpoint = modeling.make_checkpoint(model, **trackables)
-    # Workers other than the chief keep their own checkpoints: each has its own input position.
+    # Workers other than the chief keep their own checkpoints (TF's multi-worker convention).
     ckpt_dir = (opts.output_dir if is_chief
                 else os.path.join(opts.output_dir, "workers", f"worker-{worker_index}"))
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=opts.keep_checkpoint_max)
-    if manager.latest_checkpoint:
-        try:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        except (tf.errors.OpError, AssertionError, ValueError) as e:
-            raise UsageError(f"cannot resume from {manager.latest_checkpoint} (were --input_file or "
-                             f"the batch size changed?): {str(e).splitlines()[0]}") from None
-        logging.info("resumed from %s at step %d", manager.latest_checkpoint,
-                     int(optimizer.iterations.numpy()))
+    if resume_from:
+        resume.restore(checkpoint, resume_from)
+        logging.info("resumed from %s at step %d", resume_from, int(optimizer.iterations.numpy()))
     elif opts.init_checkpoint:
         try:
             modeling.load_pretrained(model, opts.init_checkpoint)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    elif opts.do_eval and not opts.do_train:
-        raise UsageError(f"--do_eval alone: no checkpoint in {opts.output_dir} "
-                         "and no --init_checkpoint")
 
-    tf.io.gfile.makedirs(opts.output_dir)
-    config_path = os.path.join(opts.output_dir, "bert_config.json")
-    if is_chief and not tf.io.gfile.exists(config_path):
-        config.to_json_file(config_path)
+    # 3. The run folder describes itself from the first step on (a killed run's folder too).
+    if is_chief:
+        tf.io.gfile.makedirs(opts.output_dir)
+        resume.remove_partial_saves(opts.output_dir)
+        resume.write_run_folder(opts.output_dir, config, vocab_file, do_lower_case)
+        if opts.do_train:
+            resume.write_json(os.path.join(opts.output_dir, resume.INPUT_STATE), state)
 
     if opts.do_train:
-        _train(opts, trainer, iterator, manager, is_chief)
+        step = int(optimizer.iterations.numpy())
+        dataset_fn = resume.train_dataset_fn(
+            train_files, [counts[p] for p in train_files], opts.train_batch_size // replicas,
+            opts.seed, opts.shuffle_buffer_size, step, _parser(opts, train_files, training=True))
+        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+        _train(opts, trainer, iterator, manager, is_chief, steps_per_loop)
     if opts.do_eval:
-        return _evaluate(opts, trainer, eval_files, num_workers, worker_index)
+        return _evaluate(opts, trainer, eval_files, [counts[p] for p in eval_files], num_workers)
     return {}
 
 
-def _train(opts, trainer, iterator, manager, is_chief):
+def _parser(opts, files, training):
+    """(positions [B], serialized [B]) -> the model's tensors, by the records' own parser."""
+    return pretraining_records.make_parser(
+        pretraining_records.read_info(files), opts.max_seq_length, opts.max_predictions_per_seq,
+        seed=opts.seed, masked_lm_prob=opts.masked_lm_prob, training=training)
+
+
+def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
     step = int(trainer.optimizer.iterations.numpy())
     if step >= opts.num_train_steps:
         logging.info("already trained to step %d >= --num_train_steps=%d", step, opts.num_train_steps)
@@ -615,7 +550,7 @@ def _train(opts, trainer, iterator, manager, is_chief):
     while step < opts.num_train_steps:
         # Host calls end on checkpoint boundaries, so saves happen exactly every N steps.
         next_save = (step // opts.save_checkpoints_steps + 1) * opts.save_checkpoints_steps
-        n = min(opts.iterations_per_loop, opts.num_train_steps - step, next_save - step)
+        n = min(steps_per_loop, opts.num_train_steps - step, next_save - step)
         start = time.perf_counter()
         try:
             means, learning_rate, ran, finite = trainer.train_loop(iterator, tf.constant(n))
@@ -645,13 +580,20 @@ def _train(opts, trainer, iterator, manager, is_chief):
             logging.info("saved %s", manager.latest_checkpoint)
 
 
-def _evaluate(opts, trainer, files, num_workers, worker_index):
+def _evaluate(opts, trainer, files, counts, num_workers):
     """Masked-LM loss/accuracy/perplexity over at most --max_eval_steps batches; prints JSON."""
+    strategy = trainer.strategy
+    per_replica = opts.eval_batch_size // strategy.num_replicas_in_sync
+    per_pipeline = opts.eval_batch_size // num_workers
+    steps = min(opts.max_eval_steps, max(
+        -(-resume.pipeline_files(files, counts, num_workers, i)[2] // per_pipeline)
+        for i in range(num_workers)))
+    iterator = iter(strategy.distribute_datasets_from_function(
+        resume.eval_dataset_fn(files, counts, per_replica, steps,
+                               _parser(opts, files, training=False))))
     sums = np.zeros(3)
-    dataset = make_dataset(files, opts.eval_batch_size // num_workers, opts.max_seq_length,
-                           opts.max_predictions_per_seq, False, opts.seed, num_workers, worker_index)
-    for batch in dataset.take(opts.max_eval_steps):
-        sums += trainer.eval_step(batch).numpy()
+    for _ in range(steps):
+        sums += trainer.eval_step(iterator).numpy()
     loss = sums[0] / (sums[2] + _EPSILON)
     result = {"masked_lm_loss": float(loss),
               "masked_lm_accuracy": float(sums[1] / (sums[2] + _EPSILON)),
@@ -662,19 +604,16 @@ def _evaluate(opts, trainer, files, num_workers, worker_index):
 
 
 EXAMPLE = ("python run_pretraining.py --do_train --do_eval --input_file=/tmp/records/train.tfrecord "
-           "--bert_config_file=resources/bert_config_tiny.json --output_dir=/tmp/pretrain "
-           "--train_batch_size=32 --num_train_steps=1000 --num_warmup_steps=100 --learning_rate=1e-3")
+           "--bert_config_file=resources/bert_config_tiny.json --vocab_file=resources/vocab.txt "
+           "--output_dir=/tmp/pretrain --train_batch_size=32 --num_train_steps=1000 "
+           "--num_warmup_steps=100 --learning_rate=1e-3")
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        run(flags.FLAGS)
-    except (UsageError, TrainingDivergedError) as e:
-        raise SystemExit(f"run_pretraining.py: error: {e}") from None
+        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    run(flags.FLAGS)
 
 
 if __name__ == "__main__":
-    define_flags()
-    train_utils.run_script(main, __doc__, EXAMPLE)
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

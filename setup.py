@@ -22,6 +22,8 @@ setup(
         "tensorflow>=2.16",
         "jieba>=0.42",
         "numpy",
+        "google-crc32c>=1.5",  # TFRecord checksums in generator workers, which never import TensorFlow
+        "charset-normalizer>=3",  # names the likely encoding of a corpus that is not UTF-8
         "absl-py",
         "tensorboard",  # tf.summary.scalar needs it since TF 2.20
     ],
@@ -30,7 +32,11 @@ setup(
         "export": ["torch>=2.1", "transformers>=4.40", "safetensors"],
         "fast": ["rjieba"],
         "demo": ["matplotlib", "snownlp"],
+        "tfds": ["tensorflow-datasets"],  # run_classifier.py --tfds_name
+        # create_pretraining_data.py --runner=...: Beam pins protobuf<7 (TF 2.21 accepts >=6.31.1,<8).
+        "beam": ["apache-beam>=2.77"],
+        "dataflow": ["apache-beam[gcp]>=2.77"],  # DataflowRunner and gs:// paths
         "test": ["pytest", "torch>=2.1", "transformers>=4.40", "safetensors", "rjieba",
-                 "matplotlib", "snownlp"],
+                 "matplotlib", "snownlp", "tensorflow-datasets"],
     },
 )

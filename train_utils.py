@@ -1,7 +1,15 @@
-"""Small pieces every training script shares: device strategy, progress lines, seeding."""
+"""Small pieces every script shares: the command line, device strategy, progress lines, seeding.
 
+Import this module before TensorFlow: on machines without an NVIDIA GPU it hides the C++ lines
+TensorFlow prints while it loads (oneDNN, "Could not find cuda drivers", "failed call to cuInit"),
+which absl's logging flags cannot reach because they are written before logging starts.
+"""
+
+import importlib.abc
+import importlib.util
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -10,12 +18,62 @@ from absl import logging
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker", "one_device")
 
 
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Loads `tensorflow` (once) with file descriptor 2 pointed at /dev/null, GPU probe included.
+
+    Only the C++ start-up lines are lost; a Python exception from the import still reaches the user
+    because stderr is restored before it propagates. Set ROBERTA_ZH_TF_STARTUP_LOG=1 to see them.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # one shot: the real finders locate the package
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            loader = spec.loader
+
+            class QuietLoader(importlib.abc.Loader):
+                def create_module(self, spec):
+                    return loader.create_module(spec)
+
+                def exec_module(self, module):
+                    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, 2)
+                    try:
+                        loader.exec_module(module)
+                        module.config.list_physical_devices("GPU")  # prints cuInit's error here
+                    finally:
+                        os.dup2(saved, 2)
+                        os.close(saved)
+                        os.close(devnull)
+
+            spec.loader = QuietLoader()
+        return spec
+
+
+if ("tensorflow" not in sys.modules and not os.environ.get("ROBERTA_ZH_TF_STARTUP_LOG")
+        and not os.path.exists("/proc/driver/nvidia")):
+    sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+def _on_tpu_vm():
+    """True on a Cloud TPU VM: TPU chips on this host (/dev/accel* up to v4, /dev/vfio from v5e)
+    and a TPU runtime (libtpu) installed."""
+    import glob
+
+    chips = glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
+    return bool(chips) and importlib.util.find_spec("libtpu") is not None
+
+
 def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
     """Builds the tf.distribute strategy named by `--strategy`.
 
-    auto: TPU if `tpu` is given, MultiWorkerMirrored if TF_CONFIG names several workers, Mirrored if
-    there are several GPUs, else the default one-device strategy. A TPU resolver is only built when a
-    TPU is asked for (building one unconditionally breaks GPU/CPU runs).
+    auto: a TPU if `tpu` is given or this is a Cloud TPU VM, MultiWorkerMirrored if TF_CONFIG names
+    several workers, Mirrored if there are several GPUs, else the default one-device strategy.
+    On a TPU VM the TPU is this host's (`tpu="local"`, the default there); a TPU Node is reached by
+    its name (with zone/project) or grpc:// address. A TPU resolver is only built when a TPU is asked
+    for (building one unconditionally breaks GPU/CPU runs).
     """
     import json
 
@@ -25,7 +83,7 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
         raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
     if name == "auto":
         workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-        if tpu:
+        if tpu or _on_tpu_vm():
             name = "tpu"
         elif len(workers) > 1:
             name = "multi_worker"
@@ -34,11 +92,14 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
         else:
             name = "one_device"
     if name == "tpu":
-        if not tpu:
-            raise ValueError("--strategy=tpu needs --tpu_name (a TPU name or grpc:// address)")
+        if not tpu and not _on_tpu_vm():
+            raise ValueError("--strategy=tpu needs --tpu_name (a TPU Node's name or grpc:// "
+                             "address) unless it runs on a Cloud TPU VM (--tpu_name=local)")
+        tpu = tpu or "local"
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
             tpu=tpu, zone=tpu_zone, project=gcp_project)
-        tf.config.experimental_connect_to_cluster(resolver)
+        if tpu != "local":  # a TPU Node: its TPU workers are reached over the network
+            tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     if name == "multi_worker":
@@ -49,6 +110,28 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
         return tf.distribute.MirroredStrategy(devices=devices)
     gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+def set_precision(use_bf16, strategy):
+    """`--mixed_precision`, decided the same way by every script: bfloat16 compute (float32 variables)
+    on TPUs and on GPUs of compute capability >= 8.0; elsewhere a warning and float32, because bf16 is
+    slower than fp32 on CPUs."""
+    import keras
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy("float32")
+    if not use_bf16:
+        return
+    supported = isinstance(strategy, tf.distribute.TPUStrategy)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        supported |= details.get("compute_capability", (0,))[0] >= 8
+    if supported:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        logging.info("mixed precision: bfloat16 compute, float32 variables")
+    else:
+        logging.warning("--mixed_precision ignored: no TPU or bf16-capable GPU "
+                        "(bf16 is slower than fp32 on CPUs)")
 
 
 def set_seed(seed):

@@ -59,13 +59,15 @@ def cpu():
 
 
 def profile_stages(corpus, args):
+    from corpus import InputReader
     import create_pretraining_data as cpd
+    import pretraining_records
 
     mb = os.path.getsize(corpus) / 1e6
     o = cpd.Options(input_file=corpus, output_file="/dev/null", vocab_file=args.vocab_file,
                     max_seq_length=128, max_predictions_per_seq=20, dupe_factor=1)
     chunks = [[(corpus, sentences) for _, sentences in docs]
-              for _, _, docs in cpd.InputReader([corpus], o.input_format).chunks()]
+              for _, _, docs in InputReader([corpus], o.input_format).chunks()]
     docs = [d for chunk in chunks for d in chunk]
     texts = ["\n".join(s for _, s in sentences) for _, sentences in docs]
     chunk_texts = ["\n".join(s for _, sentences in chunk for _, s in sentences) for chunk in chunks]
@@ -113,7 +115,7 @@ def profile_stages(corpus, args):
     rows.append(("whole-word masking, per dupe copy", t))
     t, records = best(lambda: [maker.encoder.encode(*m) for m in masked])
     rows.append(("tf.train.Example encoding, per dupe copy", t))
-    t, _ = best(lambda: maker.framer.frame(records))
+    t, _ = best(lambda: pretraining_records.frame(records))
     rows.append(("TFRecord framing + CRC32C, per dupe copy", t))
 
     print(f"\nStage profile, seq 128, {len(docs)} documents, {len(inst)} instances per copy "

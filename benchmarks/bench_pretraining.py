@@ -4,10 +4,13 @@
     python benchmarks/bench_pretraining.py --sizes=small --rounds=5
 
 Prints sequences/s and MFU (model FLOPs / the fp32 matmul peak measured here, on this machine) for
-our step (run_pretraining.MaskedLMTrainer: forward+backward under XLA or not, then the optimizer)
-and for the peer (PyTorch eager BertForMaskedLM with the masked positions gathered before the head,
-AdamW, clip 1.0), dropout 0.1 in both, fp32, random token ids. Variants run in alternating rounds so
-that load from other processes hits them alike; figures are medians. Not a test: asserts nothing.
+our step (run_pretraining.MaskedLMTrainer: the whole step - forward, backward, clip, AdamW update -
+as one XLA computation, or without XLA) and for the peer (PyTorch eager BertForMaskedLM with the
+masked positions gathered before the head, AdamW, clip 1.0), dropout 0.1 in both, fp32, random
+token ids. Two profiling variants say what bounds our step: forward+backward alone (what the
+update costs) and the whole step without dropout (what dropout's RNG costs). Variants run in
+alternating rounds so that load from other processes hits them alike; figures are medians with the
+range over rounds. Not a test: asserts nothing.
 """
 
 import argparse
@@ -64,38 +67,42 @@ def _random_batch(batch, seed=0):
     }
 
 
-def make_ours(layers, hidden, batch, jit_compile, grads_only=False):
-    """-> step(n): runs n training steps of our pipeline (one compiled host call).
+def make_ours(layers, hidden, batch, jit_compile, grads_only=False, dropout=0.1):
+    """-> step(n): runs n training steps of our trainer (one host call, as --steps_per_loop=n).
 
-    grads_only: only the compiled forward+backward (no optimizer update), to see what the update
-    outside XLA costs.
+    grads_only: only forward+backward (XLA), no all-reduce/clip/update, to see what the rest costs.
     """
     import tensorflow as tf
 
     import modeling
     import optimization
     import run_pretraining
+    import train_utils
     config = modeling.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
                                  num_attention_heads=hidden // 64, intermediate_size=4 * hidden,
-                                 max_position_embeddings=512)
-    strategy = tf.distribute.get_strategy()
-    model = modeling.build_model(modeling.BertPretrainer(config))
-    optimizer = optimization.create_optimizer(1e-4, 10_000, 100)
-    optimizer.build(model.trainable_variables)
+                                 max_position_embeddings=512, hidden_dropout_prob=dropout,
+                                 attention_probs_dropout_prob=dropout)
+    strategy = train_utils.make_strategy("one_device")
+    with strategy.scope():
+        model = modeling.build_model(modeling.BertPretrainer(config))
+        optimizer = optimization.create_optimizer(1e-4, 10_000, 100, clip_norm=0)
+        optimizer.build(model.trainable_variables)
     trainer = run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=batch,
                                               jit_compile=jit_compile)
-    iterator = iter(tf.data.Dataset.from_tensors(_random_batch(batch)).repeat())
+    data = tf.data.Dataset.from_tensors(_random_batch(batch)).repeat()
+    iterator = iter(strategy.distribute_datasets_from_function(lambda _: data))
 
     def step(n):
         _, _, ran, finite = trainer.train_loop(iterator, tf.constant(n))
         assert bool(finite) and int(ran) == n
 
+    grads_fn = tf.function(trainer._loss_and_grads, jit_compile=True)
+    batch_k = {k: tf.constant(v[np.newaxis]) for k, v in _random_batch(batch).items()}  # [k=1, B, ...]
+
     def grads_step(n):
-        values = ([v.value for v in model.trainable_variables],
-                  [v.value for v in model.non_trainable_variables])
-        batch_k = {k: v[tf.newaxis] for k, v in next(iterator).items()}   # [k=1, B, ...]
         for _ in range(n):
-            grads, _, _ = trainer._loss_and_grads_fn(*values, batch_k)
+            grads, _, _ = grads_fn([v.value for v in model.trainable_variables],
+                                   [v.value for v in model.non_trainable_variables], batch_k)
         float(grads[0][0, 0])
     return grads_step if grads_only else step
 
@@ -138,8 +145,8 @@ def main():
     parser.add_argument("--steps", type=int, default=0, help="steps per timing (default: by size)")
     args = parser.parse_args()
 
-    peak = measure_matmul_peak()
-    print(f"fp32 matmul peak (TF, 2048^2, {os.cpu_count()} cores): {peak:.1f} GFLOP/s")
+    print(f"fp32 matmul peak (TF, 2048^2, {os.cpu_count()} cores) is measured in every round, "
+          "beside the variants: MFU per round = that round's rate x FLOPs / that round's peak.")
     for size in args.sizes.split(","):
         layers, hidden, batch = SIZES[size]
         steps = args.steps or (6 if size == "small" else 2)
@@ -147,27 +154,32 @@ def main():
         variants = {"ours_xla": make_ours(layers, hidden, batch, True),
                     "ours_no_xla": make_ours(layers, hidden, batch, False),
                     "ours_xla_fwd_bwd_only": make_ours(layers, hidden, batch, True, grads_only=True),
+                    "ours_xla_no_dropout": make_ours(layers, hidden, batch, True, dropout=0.0),
                     "peer_torch": make_peer(layers, hidden, batch)}
         for step in variants.values():
             step(1)  # compile / warm up
         times = {name: [] for name in variants}
+        peaks = []
         for _ in range(args.rounds):
+            peaks.append(measure_matmul_peak(repeats=4))
             for name, step in variants.items():
                 start = time.perf_counter()
                 step(steps)
                 times[name].append(batch * steps / (time.perf_counter() - start))
         print(f"\nL={layers} H={hidden} seq={SEQ} batch={batch} predictions={PRED} dropout=0.1 fp32, "
-              f"{flops / 1e9:.2f} GFLOP/sequence")
+              f"{flops / 1e9:.2f} GFLOP/sequence; matmul peak per round "
+              f"{min(peaks):.0f}-{max(peaks):.0f} GFLOP/s")
         rates = {name: statistics.median(v) for name, v in times.items()}
         for name, rate in rates.items():
             spread = f"{min(times[name]):.1f}-{max(times[name]):.1f}"
-            mfu = rate * flops / 1e9 / peak
-            print(f"  {name:21s} {rate:7.2f} seq/s  (rounds {spread})  MFU {mfu:6.1%}")
-        print(f"  ours_xla / peer_torch = {rates['ours_xla'] / rates['peer_torch']:.2f}x, "
-              f"ours_no_xla / peer_torch = {rates['ours_no_xla'] / rates['peer_torch']:.2f}x")
-    # Measured again at the end: on a shared machine the first measurement can catch a busy moment.
-    print(f"\nfp32 matmul peak measured again: {measure_matmul_peak():.1f} GFLOP/s "
-          "(MFU above uses the first measurement)")
+            mfus = [r * flops / 1e9 / p for r, p in zip(times[name], peaks)]
+            print(f"  {name:21s} {rate:7.2f} seq/s  (rounds {spread})  MFU median "
+                  f"{statistics.median(mfus):6.1%} (rounds {min(mfus):.0%}-{max(mfus):.0%})")
+        # Ratios per round (both measured back to back), so load that moves between rounds cancels.
+        for name in ("ours_xla", "ours_no_xla"):
+            per_round = [a / b for a, b in zip(times[name], times["peer_torch"])]
+            print(f"  {name} / peer_torch = {statistics.median(per_round):.2f}x median of rounds "
+                  f"({min(per_round):.2f}-{max(per_round):.2f}x)")
 
 
 if __name__ == "__main__":

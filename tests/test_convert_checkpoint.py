@@ -34,7 +34,7 @@ def weights_of(model):
 def load_ours(path, task, num_labels=None, hidden_act="gelu"):
     config = modeling.BertConfig.from_json_file(os.path.join(path, "bert_config.json"))
     assert config.hidden_act == hidden_act
-    return convert_checkpoint.load_checkpoint_fully(path, config, task, num_labels)[0]
+    return convert_checkpoint.load_checkpoint_fully(path, config, task, num_labels)
 
 
 def hf_folder(path, hf_class, seed, **config_overrides):
@@ -67,9 +67,8 @@ def test_ours_to_hf_to_ours_is_bit_identical(tmp_path, task):
     assert sorted(expected) == sorted(got)
     for name in expected:
         assert np.array_equal(expected[name], got[name]), name
-    if labels:
-        with open(tmp_path / "back" / "labels.txt", encoding="utf-8") as f:
-            assert f.read().split() == labels
+    with open(tmp_path / "back" / "model_info.json", encoding="utf-8") as f:
+        assert json.load(f) == {"do_lower_case": True, "task": task, "labels": labels}
     with open(tmp_path / "back" / "vocab.txt", encoding="utf-8") as f:
         assert f.read().split("\n")[:-1] == VOCAB
 
@@ -82,7 +81,7 @@ def test_ours_to_google_tf1_to_ours_is_bit_identical_with_google_names(tmp_path,
     convert_checkpoint.tf2_to_google(ckpt, os.path.join(ckpt, "bert_config.json"),
                                      os.path.join(ckpt, "vocab.txt"), google, task)
     assert sorted(os.listdir(google)) == ["bert_config.json", "bert_model.ckpt.data-00000-of-00001",
-                                          "bert_model.ckpt.index", "vocab.txt"]
+                                          "bert_model.ckpt.index", "model_info.json", "vocab.txt"]
     # Read back as TF1 code would: a plain name -> tensor bundle with exactly the table's names.
     reader = tf.train.load_checkpoint(os.path.join(google, "bert_model.ckpt"))
     table = weights_of(original)
@@ -134,11 +133,17 @@ def test_pooler_of_a_pretraining_folder_reaches_a_classifier(tmp_path):
     pooler = hf_model.bert.pooler.dense
     assert np.array_equal(classifier.bert.pooler.kernel.numpy(), pooler.weight.detach().numpy().T)
     assert np.array_equal(classifier.bert.pooler.bias.numpy(), pooler.bias.detach().numpy())
-    # ... and goes back out to Google's format with it.
-    convert_checkpoint.tf2_to_google(str(tmp_path / "ours"), str(tmp_path / "ours" / "bert_config.json"),
-                                     str(tmp_path / "ours" / "vocab.txt"), str(tmp_path / "google"))
+    # ... and goes back out to Google's format with it (an erf-GELU model: only when approximating).
+    args = (str(tmp_path / "ours"), str(tmp_path / "ours" / "bert_config.json"),
+            str(tmp_path / "ours" / "vocab.txt"), str(tmp_path / "google"))
+    with pytest.raises(ValueError, match="hidden_act 'gelu_exact' .* pass --approximate_gelu"):
+        convert_checkpoint.tf2_to_google(*args)
+    assert not os.path.exists(tmp_path / "google")
+    convert_checkpoint.tf2_to_google(*args, approximate_gelu=True)
     reader = tf.train.load_checkpoint(str(tmp_path / "google" / "bert_model.ckpt"))
     assert np.array_equal(reader.get_tensor("bert/pooler/dense/bias"), pooler.bias.detach().numpy())
+    with open(tmp_path / "google" / "bert_config.json", encoding="utf-8") as f:
+        assert json.load(f)["hidden_act"] == "gelu"  # the one Google's modeling.py accepts
 
 
 def test_old_spellings_gamma_beta_and_no_bert_prefix_are_understood(tmp_path):
@@ -276,3 +281,97 @@ def test_a_separate_decoder_bias_is_the_one_used_as_in_transformers(tmp_path):
     ids, mask, segments = padded_batch()
     np.testing.assert_allclose(our_logits(ours, "mlm", ids, mask, segments),
                                hf_logits(hf_model, "mlm", ids, mask, segments), atol=1e-4, rtol=0)
+
+
+def _missing_shard(folder):
+    """A sharded index (as save_pretrained writes for big models) naming a shard that is not there."""
+    os.rename(os.path.join(folder, "model.safetensors"), os.path.join(folder, "model-00001-of-00002.safetensors"))
+    from safetensors import safe_open
+    with safe_open(os.path.join(folder, "model-00001-of-00002.safetensors"), "np") as f:
+        names = sorted(f.keys())
+    weight_map = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return r"model\.safetensors\.index\.json: names shard model-00002-of-00002\.safetensors, which is missing"
+
+
+def test_sharded_index_naming_a_missing_shard_is_refused(tmp_path):
+    folder = str(tmp_path / "hf")
+    hf_folder(folder, "BertForMaskedLM", seed=11)
+    message = _missing_shard(folder)
+    with pytest.raises(ValueError, match=message):
+        convert_checkpoint.hf_to_tf2(folder, str(tmp_path / "ours"))
+    assert not os.path.exists(tmp_path / "ours") and not leftovers(str(tmp_path), "ours")
+
+
+def test_transformers5_folder_without_vocab_txt_imports(tmp_path):
+    """save_pretrained of transformers 5: config.json, model.safetensors, tokenizer.json, no vocab.txt."""
+    folder = str(tmp_path / "hf")
+    hf_model = hf_folder(folder, "BertForMaskedLM", seed=12)
+    tokenizer = transformers.BertTokenizer(os.path.join(folder, "vocab.txt"), do_lower_case=False)
+    os.remove(os.path.join(folder, "vocab.txt"))
+    tokenizer.save_pretrained(folder)
+    if os.path.exists(os.path.join(folder, "vocab.txt")):  # transformers 4 still writes it
+        os.remove(os.path.join(folder, "vocab.txt"))
+    assert "tokenizer.json" in os.listdir(folder)
+    convert_checkpoint.hf_to_tf2(folder, str(tmp_path / "ours"))
+    with open(tmp_path / "ours" / "vocab.txt", encoding="utf-8") as f:
+        assert f.read().split("\n")[:-1] == VOCAB
+    with open(tmp_path / "ours" / "model_info.json", encoding="utf-8") as f:
+        assert json.load(f)["do_lower_case"] is False  # from the tokenizer's own settings
+    ours = load_ours(str(tmp_path / "ours"), "mlm", hidden_act="gelu_exact")
+    ids, mask, segments = padded_batch()
+    np.testing.assert_allclose(our_logits(ours, "mlm", ids, mask, segments),
+                               hf_logits(hf_model, "mlm", ids, mask, segments), atol=1e-4, rtol=0)
+
+
+def run_cli(*args):
+    """convert_checkpoint's command line in-process: (flags parsed as the script does) -> run()."""
+    from absl import flags
+    fv = flags.FlagValues()
+    convert_checkpoint.define_flags(fv)
+    fv(["convert_checkpoint.py", *args])
+    return convert_checkpoint.run(fv)
+
+
+def tree(folder):
+    return {os.path.join(r, n): open(os.path.join(r, n), "rb").read()
+            for r, _, files in os.walk(folder) for n in files}
+
+
+def test_a_model_folder_alone_converts_both_ways(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    original = make_checkpoint_dir(ckpt, "classifier", seed=13)
+    run_cli("--mode=tf2_to_google", f"--input={ckpt}", f"--output_dir={tmp_path / 'google'}")
+    run_cli("--mode=google_to_tf2", f"--input={tmp_path / 'google'}", f"--output_dir={tmp_path / 'back'}")
+    with open(tmp_path / "back" / "model_info.json", encoding="utf-8") as f:
+        assert json.load(f) == {"do_lower_case": True, "task": "classifier", "labels": LABELS["classifier"]}
+    back = load_ours(str(tmp_path / "back"), "classifier", len(LABELS["classifier"]))
+    for name, value in weights_of(original).items():
+        assert np.array_equal(weights_of(back)[name], value), name
+
+
+def _truncate_data(ckpt, tmp_path):
+    data = [n for n in os.listdir(ckpt) if ".data-" in n][0]
+    with open(os.path.join(ckpt, data), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(ckpt, data)) // 2)
+    return [f"--input={ckpt}"], rf"ckpt-1\.data-\*: cannot read tensor .*truncated or damaged"
+
+
+@pytest.mark.parametrize("case", ["truncated_data", "vocab_is_a_directory", "output_is_the_input",
+                                  "erf_gelu_to_google"])
+def test_bad_input_is_one_usage_error_and_changes_nothing(tmp_path, case):
+    ckpt = str(tmp_path / "ckpt")
+    make_checkpoint_dir(ckpt, "mlm", seed=14, hidden_act="gelu_exact" if case == "erf_gelu_to_google" else "gelu")
+    args, message = {
+        "truncated_data": lambda: _truncate_data(ckpt, tmp_path),
+        "vocab_is_a_directory": lambda: ([f"--input={ckpt}", f"--vocab_file={tmp_path}"],
+                                         f"--vocab_file={tmp_path}: not a file"),
+        "output_is_the_input": lambda: ([f"--input={ckpt}", "--overwrite"], "holds the input"),
+        "erf_gelu_to_google": lambda: ([f"--input={ckpt}"], "hidden_act 'gelu_exact' .* --approximate_gelu"),
+    }[case]()
+    output = ckpt if case == "output_is_the_input" else str(tmp_path / "google")
+    before = tree(str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        run_cli("--mode=tf2_to_google", *args, f"--output_dir={output}")
+    assert tree(str(tmp_path)) == before and not leftovers(str(tmp_path), "google")

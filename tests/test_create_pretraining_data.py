@@ -15,7 +15,10 @@ import jieba
 import numpy as np
 import pytest
 
+
+import corpus as corpus_module
 import create_pretraining_data as cpd
+import pretraining_records
 import tokenization
 from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
 
@@ -116,7 +119,7 @@ def _masked_words(rec, i, tok):
     for word in jieba.lcut("".join(pieces)):
         positions = char_token[pos:pos + len(word)]
         pos += len(word)
-        if all(cpd._is_cjk_char(ch) for ch in word) and len(set(positions)) == len(word):
+        if all(tokenization.is_cjk(ch) for ch in word) and len(set(positions)) == len(word):
             yield word, positions, [p in masked for p in positions]
 
 
@@ -238,7 +241,7 @@ def test_mask_keep_random_split_is_80_10_10_per_word(many_instances, masked_word
 def test_labels_never_use_hash_chinese_ids(many_instances, tokenizer):
     _, rec = many_instances
     hash_cjk = {i for t, i in tokenizer.vocab.items() if t.startswith("##") and len(t) == 3
-                and cpd._is_cjk_char(t[2])}
+                and tokenization.is_cjk(t[2])}
     assert hash_cjk  # the demo vocab has them, like Google's
     labels = rec["masked_lm_ids"][rec["masked_lm_weights"] > 0]
     assert not hash_cjk & set(labels.tolist())
@@ -264,7 +267,7 @@ def test_random_replacements_are_never_special_or_hash_tokens(many_instances, to
 # ---------------------------------------------------------------------------------------------------
 
 def test_every_token_of_the_input_appears_once_with_dupe_factor_one(tmp_path, tokenizer):
-    long_line = "".join(ch for s in _corpus_sentences(CORPUS[:1])[0] for ch in s if cpd._is_cjk_char(ch)) * 3
+    long_line = "".join(ch for s in _corpus_sentences(CORPUS[:1])[0] for ch in s if tokenization.is_cjk(ch)) * 3
     path = tmp_path / "with_long_line.txt"
     path.write_text("短文档。\n\n" + long_line + "\n\n" + open(CORPUS[0], encoding="utf-8").read(),
                     encoding="utf-8")
@@ -306,7 +309,7 @@ def test_no_instance_mixes_two_documents(tmp_path, tokenizer):
 
 def test_giant_document_is_cut_into_parts_without_loss(tmp_path, monkeypatch, tokenizer):
     # A file without blank lines is one document; it is read in bounded parts, nothing dropped.
-    monkeypatch.setattr(cpd, "CHARS_PER_CHUNK", 300)
+    monkeypatch.setattr(corpus_module, "CHARS_PER_CHUNK", 300)
     sentences = [s for doc in _corpus_sentences(CORPUS[:2]) for s in doc]
     path = tmp_path / "no_blank_lines.txt"
     path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
@@ -329,7 +332,7 @@ def test_doc_per_line_input_splits_sentences_without_loss(tmp_path, tokenizer):
     docs = _corpus_sentences(CORPUS[:2])
     path = tmp_path / "docs.txt"
     path.write_text("\n".join("".join(d) for d in docs) + "\n", encoding="utf-8")
-    assert cpd.split_sentences("他说：“来了！”你呢？好") == ["他说：“来了！”", "你呢？", "好"]
+    assert corpus_module.split_sentences("他说：“来了！”你呢？好") == ["他说：“来了！”", "你呢？", "好"]
     o = _options(tmp_path, input_file=str(path), input_format="doc_per_line", short_seq_prob=0.0)
     summary = _generate(o)
     assert summary["documents"] == len(docs)
@@ -344,7 +347,7 @@ def test_doc_per_line_input_splits_sentences_without_loss(tmp_path, tokenizer):
 # ---------------------------------------------------------------------------------------------------
 
 def test_output_bytes_do_not_depend_on_worker_count(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpd, "DOCS_PER_CHUNK", 8)  # several chunks from the small corpus
+    monkeypatch.setattr(corpus_module, "DOCS_PER_CHUNK", 8)  # several chunks from the small corpus
     outputs = []
     for workers in (1, 2):
         o = _options(tmp_path, name=f"w{workers}.tfrecord", num_workers=workers, dupe_factor=2)
@@ -406,17 +409,6 @@ def test_records_parse_with_google_schema_via_tf_data(tmp_path, tokenizer):
         for k in FEATURES}))
     assert tf.train.Example.FromString(rebuilt.SerializeToString()) == ex
     assert len(rebuilt.SerializeToString()) == len(raw)
-
-
-def test_tfrecord_framing_is_byte_identical_to_tensorflow_writer(tmp_path):
-    import tensorflow as tf
-    rng = np.random.default_rng(0)
-    records = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in rng.integers(0, 5000, 80)]
-    records += [b"", b"123456789", bytes(64), bytes(65)]
-    with tf.io.TFRecordWriter(str(tmp_path / "ref.tfrecord")) as writer:
-        for r in records:
-            writer.write(r)
-    assert cpd.TFRecordFramer().frame(records) == (tmp_path / "ref.tfrecord").read_bytes()
 
 
 def test_rerun_skips_complete_output_and_redoes_incomplete_one(tmp_path):
@@ -530,7 +522,7 @@ def test_empty_documents_are_counted_not_fatal(tmp_path):
 
 def test_100k_character_line_without_punctuation_is_split_not_dropped(tmp_path):
     path = tmp_path / "long.txt"
-    text = "".join(ch for s in _corpus_sentences(CORPUS)[0] for ch in s if cpd._is_cjk_char(ch))
+    text = "".join(ch for s in _corpus_sentences(CORPUS)[0] for ch in s if tokenization.is_cjk(ch))
     line = (text * 1000)[:100_000]
     path.write_text(line + "\n", encoding="utf-8")
     o = _options(tmp_path, input_file=str(path), short_seq_prob=0.0, max_seq_length=128)
@@ -565,3 +557,120 @@ def test_command_line_error_is_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("create_pretraining_data.py: error: --vocab_file:") and "missing.txt" in last
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs that cannot be right: exit 2, one line naming the flag and file, nothing on disk changed
+# ---------------------------------------------------------------------------------------------------
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _cli(tmp_path, *flags):
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "create_pretraining_data.py"), f"--vocab_file={VOCAB}",
+         "--max_seq_length=64", "--max_predictions_per_seq=10", "--dupe_factor=1", *flags],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+
+def _assert_usage_error(result, *parts):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("create_pretraining_data.py: error: --output_file: "), last
+    for part in parts:
+        assert part in last, last
+
+
+def test_output_equal_to_an_input_is_refused(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(open(CORPUS[0], "rb").read())
+    other = tmp_path / "other.txt"
+    other.write_text("另一个文件。\n", encoding="utf-8")
+    before = _files(tmp_path)
+    result = _cli(tmp_path, f"--input_file={other},{tmp_path}/corpus.*", "--output_file=./corpus.txt")
+    _assert_usage_error(result, "corpus.txt is also an input file")
+    assert _files(tmp_path) == before
+
+
+def test_output_that_is_a_directory_is_refused(tmp_path):
+    (tmp_path / "records").mkdir()
+    result = _cli(tmp_path, f"--input_file={CORPUS[0]}", "--output_file=records")
+    _assert_usage_error(result, "records is a directory")
+    assert os.listdir(tmp_path / "records") == []
+
+
+def test_concurrent_run_on_the_same_output_fails_and_harms_neither(tmp_path):
+    """A second run must not delete the first run's temp file nor replace the finished output."""
+    o = _options(tmp_path, name="out.tfrecord")
+    _generate(o)
+    with pretraining_records.RecordOutputs([o.output_file]) as first_run:
+        first_run.write([b"first run's partial records"])
+        before = _files(tmp_path)
+        result = _cli(tmp_path, f"--input_file={CORPUS[0]}", f"--output_file={o.output_file}")
+        assert _files(tmp_path) == before
+    _assert_usage_error(result, "out.tfrecord is being written by another run")
+
+
+def test_failing_run_leaves_the_previous_output_byte_identical(tmp_path):
+    o = _options(tmp_path)
+    _generate(o)
+    before = _files(tmp_path)
+    (tmp_path / "blank.txt").write_text("\n\n")
+    o.input_file = f"{CORPUS[0]},{tmp_path / 'blank.txt'}"  # fails after all records are made
+    with pytest.raises(ValueError, match="blank.txt contains no text"):
+        cpd.generate(o, log=lambda s: None)
+    assert {k: v for k, v in _files(tmp_path).items() if k != "blank.txt"} == before
+
+
+def test_remote_output_is_written_through_tf_gfile(tmp_path):
+    """gs:// outputs are written locally and copied at the end; TF's ram:// stands in for GCS."""
+    import tensorflow as tf
+    local = _options(tmp_path)
+    _generate(local)
+    remote = _options(tmp_path, name="unused")
+    remote.output_file = "ram://generator_test/out.tfrecord"
+    _generate(remote)
+    assert sorted(tf.io.gfile.listdir("ram://generator_test/")) == ["out.tfrecord", "out.tfrecord.meta.json"]
+    with tf.io.gfile.GFile(remote.output_file, "rb") as f:
+        assert f.read() == open(local.output_file, "rb").read()
+    assert _generate(remote)["skipped"]
+
+
+def test_corrupt_compressed_input_is_one_line_and_keeps_the_previous_output(tmp_path):
+    o = _options(tmp_path)
+    _generate(o)
+    before = _files(tmp_path)
+    (tmp_path / "broken.txt.xz").write_bytes(lzma.compress(open(CORPUS[0], "rb").read())[:-40])
+    result = _cli(tmp_path, f"--input_file={tmp_path / 'broken.txt.xz'}", f"--output_file={o.output_file}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("create_pretraining_data.py: error: --input_file: cannot read ") and "broken.txt.xz" in last
+    assert {k: v for k, v in _files(tmp_path).items() if k != "broken.txt.xz"} == before
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_the_previous_output_and_the_rerun_cleans_up(tmp_path):
+    import signal
+    import time
+    o = _options(tmp_path)
+    _generate(o)
+    before = _files(tmp_path)
+    big = tmp_path / "big.txt"  # a few seconds of work, so the kill lands mid-run
+    big.write_bytes(b"\n".join(open(p, "rb").read() for p in CORPUS) * 40)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "create_pretraining_data.py"), f"--input_file={big}",
+         f"--output_file={o.output_file}", f"--vocab_file={VOCAB}", "--dupe_factor=1",
+         "--max_seq_length=64", "--max_predictions_per_seq=10"], cwd=tmp_path)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.tfrecord.tmp-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it was killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    visible = {k: v for k, v in _files(tmp_path).items() if not k.startswith(".") and k != "big.txt"}
+    assert visible == before  # records and sidecar as they were; only hidden temp/lock files left
+    o.input_file = str(big)
+    _generate(o)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "out.tfrecord", "out.tfrecord.meta.json"]

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_outputs_are_sane(tmp_path, repo_root):
     pytest.importorskip("snownlp")
     transformers = pytest.importorskip("transformers")
@@ -32,10 +33,16 @@ def test_demo_runs_every_stage_and_outputs_are_sane(tmp_path, repo_root):
     first, last = summary["train_loss_first_last"]
     assert last < first - 0.5
     ev = summary["pretrain_eval"]
-    assert ev["global_step"] == 60 and 0.0 <= ev["masked_lm_accuracy"] <= 1.0
+    # An untrained model is right on ~1/9339 of the masked tokens; 60 steps learn the frequent ones.
+    assert ev["global_step"] == 60 and ev["masked_lm_accuracy"] > 0.02
     assert abs(ev["perplexity"] - __import__("math").exp(ev["masked_lm_loss"])) < 1e-2 * ev["perplexity"]
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert 0.0 <= summary["finetune_dev"]["accuracy"] <= 1.0
+    import plot_learning_curve  # the plot finds every series a real pretraining run writes
+
+    series = plot_learning_curve.find_series(plot_learning_curve.read_scalars(str(out / "pretrain")))
+    assert series["loss"] and series["accuracy"] and series["learning_rate"], series
+    # The dev set is balanced (majority class 0.5): the fine-tuned classifier must beat it.
+    assert summary["finetune_dev"]["accuracy"] > 0.6, summary["finetune_dev"]
     # Exported folders load in transformers offline.
     for folder, cls in (("hf_mlm", transformers.BertForMaskedLM),
                         ("hf_sentiment", transformers.BertForSequenceClassification)):

@@ -120,7 +120,7 @@ def exported(tmp_path_factory):
         hf_dir = str(root / f"hf_{task}")
         export_to_pytorch.export_checkpoint(ckpt, os.path.join(ckpt, "bert_config.json"),
                                             os.path.join(ckpt, "vocab.txt"), hf_dir, task,
-                                            LABELS.get(task), pytorch_bin=(task == "classifier"))
+                                            LABELS.get(task), pytorch_bin=task in ("mlm", "classifier"))
         out[task] = (model, ckpt, hf_dir)
     return out
 
@@ -144,8 +144,11 @@ def test_config_json_names_bert_architecture_labels_and_gelu_variant(exported, t
             "special_tokens_map.json"} <= files
 
 
+POOLER = {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+
+
 @pytest.mark.parametrize("task", list(HF_CLASSES))
-def test_safetensors_holds_exactly_what_save_pretrained_writes(exported, task, tmp_path):
+def test_safetensors_holds_what_save_pretrained_writes_plus_the_pooler(exported, task, tmp_path):
     from safetensors import safe_open
     hf_dir = exported[task][2]
     reference = getattr(transformers, HF_CLASSES[task])(transformers.AutoConfig.from_pretrained(hf_dir))
@@ -154,11 +157,26 @@ def test_safetensors_holds_exactly_what_save_pretrained_writes(exported, task, t
             safe_open(os.path.join(tmp_path, "model.safetensors"), "np") as theirs:
         assert ours.metadata() == {"format": "pt"}
         names = sorted(ours.keys())
-        assert names == sorted(theirs.keys())
-        for name in names:
+        # Every export carries the pooler; transformers' MLM/NER/QA classes have none and ignore it.
+        assert set(names) == set(theirs.keys()) | POOLER
+        for name in theirs.keys():
             assert ours.get_slice(name).get_shape() == theirs.get_slice(name).get_shape(), name
-    if task == "mlm":  # L=2: 5 embedding + 2 x 16 layer + 5 head tensors; the tied decoder left out
-        assert len(names) == 42 and not any("decoder" in k for k in names)
+    if task == "mlm":  # L=2: 5 embedding + 2 x 16 layer + 2 pooler + 5 head tensors; tied decoder left out
+        assert len(names) == 44 and not any("decoder" in k for k in names)
+
+
+@pytest.mark.parametrize("task", list(HF_CLASSES))
+def test_every_export_has_the_models_own_pooler_and_bert_model_reproduces_it(exported, task):
+    """BertModel (and keras-hub) need bert.pooler.*; loading it must not draw a random pooler."""
+    model, _, hf_dir = exported[task]
+    bert = transformers.BertModel.from_pretrained(hf_dir).eval()
+    np.testing.assert_array_equal(bert.pooler.dense.weight.detach().numpy(), model.bert.pooler.kernel.numpy().T)
+    ids, mask, segments = padded_batch()
+    with torch.no_grad():
+        theirs = bert(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                      token_type_ids=torch.from_numpy(segments).long()).pooler_output.numpy()
+    ours = model.bert({"input_ids": ids, "input_mask": mask, "segment_ids": segments})["pooled_output"]
+    np.testing.assert_allclose(theirs, ours.numpy(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("task", list(HF_CLASSES))
@@ -218,14 +236,30 @@ def test_question_answering_runs_from_the_folder(exported):
     assert tokenizer.convert_ids_to_tokens(enc["input_ids"][0])[:4] == ["[CLS]", "首", "都", "[SEP]"]
 
 
-def test_pytorch_bin_holds_the_same_tensors_as_safetensors(exported):
+@pytest.mark.parametrize("task", ["mlm", "classifier"])
+def test_pytorch_bin_holds_the_same_tensors_as_safetensors_plus_the_tied_decoder(exported, task):
+    """As transformers 4's save_pretrained(safe_serialization=False) writes it: the MLM decoder keys
+    are the tied tensors themselves (UER-py's converter reads cls.predictions.decoder.weight)."""
     from safetensors.numpy import load_file
-    hf_dir = exported["classifier"][2]
+    hf_dir = exported[task][2]
     bin_state = torch.load(os.path.join(hf_dir, "pytorch_model.bin"), weights_only=True)
     st_state = load_file(os.path.join(hf_dir, "model.safetensors"))
-    assert sorted(bin_state) == sorted(st_state)
+    tied = set(export_to_pytorch.TIED_DECODER) if task == "mlm" else set()
+    assert sorted(bin_state) == sorted(set(st_state) | tied)
     for name, value in st_state.items():
         assert np.array_equal(bin_state[name].numpy(), value), name
+    for name in tied:
+        source = bin_state[export_to_pytorch.TIED_DECODER[name]]
+        assert bin_state[name].data_ptr() == source.data_ptr()  # one storage, as torch.save of a tied model
+    if task == "mlm":  # and transformers loads it with nothing missing or unexpected
+        folder = os.path.join(os.path.dirname(hf_dir), "bin_only")
+        os.makedirs(folder, exist_ok=True)
+        for name in ("config.json", "pytorch_model.bin"):
+            with open(os.path.join(hf_dir, name), "rb") as a, open(os.path.join(folder, name), "wb") as b:
+                b.write(a.read())
+        _, info = transformers.BertForPreTraining.from_pretrained(folder, output_loading_info=True)
+        assert set(info["missing_keys"]) <= {"cls.seq_relationship.weight", "cls.seq_relationship.bias"}
+        assert not info["unexpected_keys"]
 
 
 def test_exporting_a_head_the_checkpoint_lacks_fails_and_leaves_nothing(exported, tmp_path):
@@ -273,17 +307,83 @@ def test_existing_output_dir_is_kept_unless_overwrite(exported, tmp_path):
     assert not leftovers(str(tmp_path), "hf")
 
 
-def test_command_line_finds_config_vocab_and_labels_beside_the_checkpoint(exported, tmp_path):
-    """The flags' defaults: bert_config.json, vocab.txt and labels.txt beside --checkpoint."""
+def run_export(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "export_to_pytorch.py"), *args],
+                          capture_output=True, text=True, timeout=180, cwd=REPO)
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return out
+
+
+def test_command_line_needs_only_the_model_folder(exported, tmp_path):
+    """config, vocab, task and labels come from the folder (model_info.json); the umask is honoured."""
     _, ckpt, reference_dir = exported["classifier"]
     out = str(tmp_path / "hf")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "export_to_pytorch.py"), f"--checkpoint={ckpt}",
-                             "--task=classifier", f"--output_dir={out}"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = run_export(f"--checkpoint={ckpt}", f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     with open(os.path.join(out, "model.safetensors"), "rb") as a, \
             open(os.path.join(reference_dir, "model.safetensors"), "rb") as b:
         assert a.read() == b.read()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+
+
+def test_folder_written_before_the_contract_exports(exported, tmp_path):
+    """Old fine-tuning output: best/ckpt-N, bert_config.json and labels.json (a JSON list) one level up."""
+    _, ckpt, reference_dir = exported["classifier"]
+    run = tmp_path / "lcqmc"
+    os.makedirs(run / "best")
+    for name in os.listdir(ckpt):
+        if name.startswith(("ckpt-", "checkpoint")):
+            with open(os.path.join(ckpt, name), "rb") as a, open(run / "best" / name, "wb") as b:
+                b.write(a.read())
+    (run / "bert_config.json").write_bytes(open(os.path.join(ckpt, "bert_config.json"), "rb").read())
+    (run / "labels.json").write_text(json.dumps(LABELS["classifier"]))
+    result = run_export(f"--checkpoint={run / 'best'}", f"--vocab_file={ckpt}/vocab.txt",
+                        f"--output_dir={tmp_path / 'hf'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert snapshot(tmp_path / "hf")["model.safetensors"] == snapshot(reference_dir)["model.safetensors"]
+
+
+@pytest.mark.parametrize("case", ["output_is_the_source", "missing_folder", "vocab_is_a_directory"])
+def test_bad_command_lines_get_one_line_and_change_nothing(exported, tmp_path, case):
+    _, ckpt, _ = exported["mlm"]
+    before = snapshot(ckpt)
+    args, message = {
+        "output_is_the_source": ([f"--checkpoint={ckpt}", f"--output_dir={ckpt}", "--overwrite"],
+                                 f"--output_dir={ckpt} holds the input"),
+        "missing_folder": ([f"--checkpoint={tmp_path}/nowhere", f"--output_dir={tmp_path}/hf"],
+                           f"--checkpoint={tmp_path}/nowhere: no checkpoint there"),
+        "vocab_is_a_directory": ([f"--checkpoint={ckpt}", f"--vocab_file={tmp_path}", f"--output_dir={tmp_path}/hf"],
+                                 f"--vocab_file={tmp_path}: not a file"),
+    }[case]
+    result = run_export(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("export_to_pytorch.py: error: ") and message in last, last
+    assert snapshot(ckpt) == before and not os.path.exists(tmp_path / "hf")
+
+
+def test_temp_folders_of_a_killed_export_are_removed_by_the_next(exported, tmp_path):
+    model, ckpt, _ = exported["qa"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that no longer runs
+    stale = tmp_path / f".hf.tmp-{dead}-abc"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".hf.tmp-{os.getpid()}-xyz"  # a run still in progress: left alone
+    live.mkdir()
+    export_to_pytorch.export_model(model, "qa", os.path.join(ckpt, "vocab.txt"), str(tmp_path / "hf"))
+    assert not stale.exists() and live.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["hf", live.name])
 
 
 @pytest.mark.parametrize("do_lower_case", [True, False])

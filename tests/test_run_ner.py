@@ -9,6 +9,7 @@ import pytest
 
 import finetune_utils
 import run_ner
+from train_utils import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +96,32 @@ def test_bad_cluener_input_names_file_and_line(tmp_path):
     ok = {"text": "张三去北京", "label": {"name": {"张三": [[0, 1]]}}}
     outside = {"text": "张三去北京", "label": {"address": {"北京": [[3, 5]]}}}
     path = _write(tmp_path, "outside.json", [ok, outside])
-    with pytest.raises(ValueError, match=r"outside.json:2: address '北京': span \[3, 5\] is outside the text"):
+    with pytest.raises(UsageError, match=r"outside.json:2: address '北京': span \[3, 5\] is outside the text"):
         run_ner.read_cluener(path)
     wrong = {"text": "张三去北京", "label": {"name": {"张三": [[1, 2]]}}}
-    with pytest.raises(ValueError, match=r"wrong.json:1: .* covers '三去'"):
+    with pytest.raises(UsageError, match=r"wrong.json:1: .* covers '三去'"):
         run_ner.read_cluener(_write(tmp_path, "wrong.json", [wrong]))
-    with pytest.raises(ValueError, match=r"empty.json: no examples"):
+    with pytest.raises(UsageError, match=r"empty.json: no examples"):
         run_ner.read_cluener(_write(tmp_path, "empty.json", []))
     (tmp_path / "broken.json").write_text('{"text": "a"}\n{"text": \n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"broken.json:2: not a JSON line"):
+    with pytest.raises(UsageError, match=r"broken.json:2: not a JSON line"):
         run_ner.read_cluener(str(tmp_path / "broken.json"))
+
+
+@pytest.mark.parametrize("record, message", [
+    (["张三", "name"], r"rows.json:1: a JSON object \{...\} expected, got a list"),
+    ({"text": "张三", "label": [["name", 0, 1]]}, r"rows.json:1: \"label\" must be an object .*got a list"),
+    ({"text": "张三", "label": {"name": [[0, 1]]}}, r"rows.json:1: label\['name'\] must be an object .*got a list"),
+    ({"text": "张三", "label": {"name": {"张三": "0,1"}}}, r"rows.json:1: name '张三': span '0,1' is not"),
+])
+def test_wrongly_shaped_cluener_lines_are_one_line_errors(tmp_path, record, message):
+    with pytest.raises(UsageError, match=message):
+        run_ner.read_cluener(_write(tmp_path, "rows.json", [record]))
+
+
+def test_a_null_label_means_no_entities(tmp_path):
+    examples = run_ner.read_cluener(_write(tmp_path, "t.json", [{"text": "张三", "label": None}]))
+    assert examples[0].entities == []
 
 
 def test_predictions_are_written_in_cluener_format(tmp_path):
@@ -116,28 +133,48 @@ def test_predictions_are_written_in_cluener_format(tmp_path):
                       "label": {"name": {"张三": [[0, 1], [6, 7]]}, "address": {"北京": [[3, 4]]}}}
 
 
+@pytest.mark.slow
 def test_ner_trains_end_to_end_on_a_cluener_slice(tmp_path, shared_data, google_vocab):
-    import modeling
-
     t0 = time.time()
     lines = (shared_data / "cluener2020" / "train.json").read_text(encoding="utf-8").splitlines()
-    (tmp_path / "train.json").write_text("\n".join(lines[:2500]) + "\n", encoding="utf-8")
-    (tmp_path / "dev.json").write_text("\n".join(lines[-400:]) + "\n", encoding="utf-8")
+    data = tmp_path / "cluener"
+    data.mkdir()
+    (data / "train.json").write_text("\n".join(lines[:2500]) + "\n", encoding="utf-8")
+    (data / "dev.json").write_text("\n".join(lines[-400:]) + "\n", encoding="utf-8")
+    (data / "test.json").write_text("\n".join(lines[-400:]) + "\n", encoding="utf-8")
     config = tmp_path / "bert_config.json"
-    modeling.BertConfig(vocab_size=21128, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=512).to_json_file(str(config))
-    opts = run_ner.NerOptions(
-        output_dir=str(tmp_path / "out"), bert_config_file=str(config), vocab_file=str(google_vocab),
-        data_dir=str(tmp_path), train_file="train.json", dev_file="dev.json", test_file="dev.json",
-        do_train=True, do_eval=True, do_predict=True, max_seq_length=52, train_batch_size=16,
-        learning_rate=5e-4, num_train_epochs=3)
-    metrics = run_ner.run(opts)
+    config.write_text(json.dumps({"vocab_size": 21128, "hidden_size": 128, "num_hidden_layers": 2,
+                                  "num_attention_heads": 2, "intermediate_size": 512}), encoding="utf-8")
+    opts = finetune_utils.parse_flags(
+        run_ner.define_flags, output_dir=str(tmp_path / "out"), bert_config_file=str(config),
+        vocab_file=str(google_vocab), data_dir=str(data), do_train=True, do_eval=True, do_predict=True,
+        max_seq_length=52, train_batch_size=16, learning_rate=5e-4, num_train_epochs=3)
+    metrics = run_ner.run(opts)  # CLUENER's usual file names found in --data_dir
     print(f"ner slice: P/R/F1 {metrics['precision']:.3f}/{metrics['recall']:.3f}/{metrics['f1']:.3f}, "
           f"{time.time() - t0:.0f}s")
     predictions = (tmp_path / "out" / "test_predictions.json").read_text(encoding="utf-8").splitlines()
     assert len(predictions) == 400
     # The restored best checkpoint reproduces the best epoch's dev score.
-    history = json.loads((tmp_path / "out" / "train_history.json").read_text(encoding="utf-8"))
+    history = json.loads((tmp_path / "out" / "train_history.json").read_text(encoding="utf-8"))["epochs"]
     assert metrics["f1"] == pytest.approx(max(h["f1"] for h in history))
+    info = json.loads((tmp_path / "out" / "best" / "model_info.json").read_text(encoding="utf-8"))
+    assert info["task"] == "ner" and info["labels"][0] == "O" and len(info["labels"]) == 21
     # From random init in ~470 CPU steps; the trivial all-"O" tagger scores exactly 0.
     assert metrics["f1"] > 0.04
+
+
+@pytest.mark.slow
+def test_command_line_reports_a_list_shaped_label_in_one_line(tmp_path, repo_root):
+    import os
+    import subprocess
+    import sys
+
+    train = _write(tmp_path, "train.json", [{"text": "张三", "label": {"name": {"张三": [[0, 1]]}}},
+                                            {"text": "李四", "label": [["name", 0, 1]]}])
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "run_ner.py"), f"--train_file={train}", "--do_train=true",
+         f"--vocab_file={repo_root / 'resources' / 'vocab.txt'}", f"--bert_config_file={repo_root / 'resources' / 'bert_config_tiny.json'}",
+         f"--output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    assert proc.stderr.splitlines()[-1].startswith(f"run_ner.py: error: {train}:2: \"label\" must be an object")

@@ -2,7 +2,7 @@
 early and clear errors on bad input, NaN handling.
 
 Records are built from real text (the shared zhwiki corpus when present, else resources/) with the
-Google vocab when present (else resources/vocab.txt), by tests/pretraining_records.py.
+Google vocab when present (else resources/vocab.txt), by tests/mlm_instances.py.
 """
 
 import glob
@@ -47,7 +47,7 @@ def _write_json(path, obj):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """train/eval records, configs (with and without dropout) and the vocab size."""
-    import pretraining_records as records
+    import mlm_instances as records
     import tokenization
 
     root = tmp_path_factory.mktemp("pretraining_data")
@@ -156,7 +156,7 @@ def test_training_lowers_mlm_loss_and_raises_accuracy(data, tmp_path, capsys):
 def test_masked_positions_line_up_with_their_labels(data, tmp_path):
     """Records whose chosen tokens stay visible: predicting them is copying the input at the
     gathered position, learnt within ~50 steps only if positions, ids and weights line up."""
-    import pretraining_records as records
+    import mlm_instances as records
     import tokenization
     tokenizer = tokenization.FullTokenizer(data["vocab_file"])
     lines = records.corpus_sentences(str(SHARED_DATA), str(RESOURCES), max_chars=30_000)
@@ -170,6 +170,74 @@ def test_masked_positions_line_up_with_their_labels(data, tmp_path):
     accuracies = [v for _, v in _scalars(out)["masked_lm_accuracy"]]
     # Misaligned labels would stay at the ~0.04 token-frequency plateau of real text.
     assert accuracies[-1] > 0.25, accuracies
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer owns the gradients: accumulation, one all-reduce, scaling, clipping
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer,jit", [("adamw", "true"), ("lamb", "false")])
+def test_accumulated_micro_batches_equal_one_large_batch(data, tmp_path, optimizer, jit):
+    common = ["--do_train", "--num_train_steps=3", "--iterations_per_loop=3",
+              "--save_checkpoints_steps=3", f"--optimizer={optimizer}", f"--jit_compile={jit}"]
+    _run(data, tmp_path / "large", *common)
+    _run(data, tmp_path / "micro", *common, "--gradient_accumulation_steps=4")  # 4 x 4 sequences
+    large, micro = _weights(str(tmp_path / "large" / "ckpt-3")), _weights(str(tmp_path / "micro" / "ckpt-3"))
+    initial = _weights_of_fresh_model(data, str(tmp_path / "initial"))
+    assert large.keys() == micro.keys() == initial.keys() and len(large) > 10
+    for name in large:
+        np.testing.assert_allclose(micro[name], large[name], atol=3e-6, err_msg=name)
+        assert np.abs(large[name] - initial[name]).max() > 0, f"{name} did not move"
+    # Same schedule position, same losses: the schedule counts updates, not micro-batches.
+    a, b = _scalars(str(tmp_path / "large")), _scalars(str(tmp_path / "micro"))
+    np.testing.assert_allclose([v for _, v in b["loss"]], [v for _, v in a["loss"]], rtol=1e-5)
+    np.testing.assert_allclose([v for _, v in b["grad_norm"]], [v for _, v in a["grad_norm"]],
+                               rtol=1e-4)
+
+
+def test_bf16_step_compiles_whole_with_float32_weights_and_accumulation():
+    """The GPU/TPU configuration (--mixed_precision: Keras' mixed_bfloat16 policy, XLA), run on the
+    CPU so dtype mistakes show here first; bf16 is only slow on CPUs, not wrong."""
+    import keras
+    import tensorflow as tf
+
+    import modeling
+    import optimization
+    import run_pretraining
+    import train_utils
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(100, 500, (4, 16)).astype(np.int32),
+             "input_mask": np.ones((4, 16), np.int32), "segment_ids": np.zeros((4, 16), np.int32),
+             "masked_lm_positions": np.tile(np.arange(1, 4, dtype=np.int32), (4, 1)),
+             "masked_lm_ids": rng.integers(100, 500, (4, 3)).astype(np.int32),
+             "masked_lm_weights": np.ones((4, 3), np.float32)}
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        strategy = train_utils.make_strategy("one_device")
+        with strategy.scope():
+            model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig(**_config(500))))
+            optimizer = optimization.create_optimizer(1e-3, 10, 1, clip_norm=0)
+            optimizer.build(model.trainable_variables)
+        trainer = run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=4,
+                                                  accumulation_steps=2)
+        assert trainer.mode == "whole"
+        data = tf.data.Dataset.from_tensors(batch).repeat()
+        iterator = iter(strategy.distribute_datasets_from_function(lambda _: data))
+        means, _, ran, finite = trainer.train_loop(iterator, tf.constant(3))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert bool(finite) and int(ran) == 3 and int(optimizer.iterations.numpy()) == 3
+    assert {v.dtype for v in model.trainable_variables} == {"float32"}
+    assert 0 < float(means["loss"]) < 2 * math.log(500)
+
+
+def _weights_of_fresh_model(data, prefix):
+    import modeling
+    import train_utils
+    train_utils.set_seed(12345)  # run_pretraining's default --seed
+    model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig.from_json_file(
+        data["config"])))
+    return _weights(modeling.make_checkpoint(model).write(prefix))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,6 +282,8 @@ def test_mirrored_two_cpus_with_accumulation_matches_one_device(data, tmp_path):
     reference = _scalars(str(tmp_path / "one"))
     mirrored, log = _run_in_two_cpu_process(two)
     assert "2 replica(s)" in log and "2 accumulation steps" in log
+    # XLA cannot touch mirrored variables on CPU devices: only loss and gradients are compiled there.
+    assert "train step compiled: split" in log
 
     np.testing.assert_allclose([v for _, v in mirrored["loss"]],
                                [v for _, v in reference["loss"]], rtol=2e-4)
@@ -232,20 +302,40 @@ def test_mirrored_two_cpus_with_accumulation_matches_one_device(data, tmp_path):
 # Kill and resume
 # ------------------------------------------------------------------------------------------------
 
-def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
+# The script's own command line, under MirroredStrategy over two logical CPUs (configured before
+# TensorFlow starts, hence this wrapper).
+_TWO_CPU_MAIN = textwrap.dedent("""
+    import runpy, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def _two_cpu_command(argv):
+    return [sys.executable, "-c", _TWO_CPU_MAIN, str(REPO_ROOT / "run_pretraining.py"), *argv]
+
+
+@pytest.mark.slow
+def test_sigkilled_mirrored_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
+    """Per-replica input under MirroredStrategy (2 logical CPUs): the stream is positioned by the
+    global step, so a run killed between checkpoints reads exactly what an uninterrupted one reads."""
     import tensorflow as tf
     # No XLA here: resuming does not depend on it, and compiling three times costs test time.
     common = ["--do_train", "--num_train_steps=10", "--iterations_per_loop=1",
-              "--save_checkpoints_steps=2", "--jit_compile=false"]
+              "--save_checkpoints_steps=2", "--jit_compile=false", "--strategy=mirrored",
+              "--shuffle_buffer_size=50"]
     config = data["config_dropout"]  # dropout on: the seed states must resume too
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     killed = str(tmp_path / "killed")
-    argv = [sys.executable, str(REPO_ROOT / "run_pretraining.py")] + _argv(data, killed, *common,
-                                                                            config=config)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    deadline = time.time() + 240
+    proc = subprocess.Popen(_two_cpu_command(_argv(data, killed, *common, config=config)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
     while not os.path.exists(os.path.join(killed, "ckpt-4.index")) and proc.poll() is None:
-        assert time.time() < deadline, "no checkpoint within 240 s"
+        assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -253,9 +343,11 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data,
     resumed_from = int(tf.train.latest_checkpoint(killed).rsplit("-", 1)[1])
     assert 4 <= resumed_from < 10
 
-    _run(data, killed, *common, config=config)  # the same command again: resumes
-    uninterrupted = str(tmp_path / "uninterrupted")
-    _run(data, uninterrupted, *common, config=config)
+    for out in (killed, str(tmp_path / "uninterrupted")):  # the same command again: resumes
+        done = subprocess.run(_two_cpu_command(_argv(data, out, *common, config=config)),
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "2 replica(s)" in done.stderr
 
     # The rerun went on from the checkpoint (its first step is the one after it) ...
     events = sorted(glob.glob(os.path.join(killed, "train", "events.*")), key=os.path.getmtime)
@@ -263,11 +355,38 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data,
     assert rerun_steps[0] == resumed_from + 1 and rerun_steps[-1] == 10
     # ... and read exactly the batches (and dropout masks) the uninterrupted run read: a repeated
     # or skipped batch would move the weights far more than this.
-    resumed, reference = _weights(os.path.join(killed, "ckpt-10")), _weights(
-        os.path.join(uninterrupted, "ckpt-10"))
+    resumed = _weights(os.path.join(killed, "ckpt-10"))
+    reference = _weights(str(tmp_path / "uninterrupted" / "ckpt-10"))
     assert resumed.keys() == reference.keys()
     for name in reference:
         np.testing.assert_allclose(resumed[name], reference[name], atol=1e-6, err_msg=name)
+
+
+def test_input_stream_resumed_at_a_step_equals_the_stream_read_through(data):
+    """The pipeline positioned at step s yields exactly the batches s, s+1, ... of a pipeline read
+    from step 0, across an epoch boundary, with every record once per epoch."""
+    import tensorflow as tf
+
+    import pretraining_records
+    import pretraining_resume
+    files, counts = [data["train"], data["eval"]], [len(data["instances"]) - 32, 32]
+    parse = pretraining_records.make_parser(pretraining_records.read_info(files), SEQ, PRED)
+    per_epoch, batch = sum(counts), 48
+    strategy = tf.distribute.get_strategy()
+
+    def batches(start_step, n):
+        fn = pretraining_resume.train_dataset_fn(files, counts, batch, 7, 64, start_step, parse)
+        it = iter(strategy.distribute_datasets_from_function(fn))
+        return [next(it)["input_ids"].numpy() for _ in range(n)]
+
+    steps = per_epoch // batch + 3                       # past the end of the first epoch
+    through = batches(0, steps)
+    resumed = batches(steps - 5, 5)
+    for a, b in zip(through[-5:], resumed):
+        np.testing.assert_array_equal(a, b)
+    first_epoch = np.concatenate(through)[:per_epoch]             # every record exactly once
+    assert sorted(row.tobytes() for row in first_epoch) == sorted(
+        np.asarray(i["input_ids"], np.int32).tobytes() for i in data["instances"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,7 +394,7 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data,
 # ------------------------------------------------------------------------------------------------
 
 def _bad_records(data, tmp_path, kind):
-    import pretraining_records as records
+    import mlm_instances as records
     path = str(tmp_path / f"{kind}.tfrecord")
     if kind in ("truncated", "corrupt"):
         records.write_records(path, data["instances"][:50], data["vocab_file"], SEQ, PRED)
@@ -352,7 +471,9 @@ def test_command_line_error_is_one_line_without_traceback(data, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "run_pretraining.py")] + argv,
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        l for l in proc.stderr.strip().splitlines() if l.startswith("run_pretraining.py: error:")]
     assert "run_pretraining.py: error:" in proc.stderr
     assert "field 'hidden_size' is missing" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -377,3 +498,26 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_pat
         "ckpt-1.data-00000-of-00001", "ckpt-1.index"]
     import tensorflow as tf
     assert tf.train.latest_checkpoint(out).endswith("ckpt-1")
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_end_to_end_in_smoke_mode():
+    """benchmarks/bench_gpu.py is for machines with a GPU; --smoke runs it anywhere on a tiny model."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_gpu.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout.split("NVIDIA TF2 large, 1x A100")[-1].strip().splitlines()
+    model, seq, batch, rate = table[0].split()[:4]
+    assert (model, seq, batch) == ("tiny", "32", "8") and float(rate) > 0
+
+
+def test_tpu_strategy_off_a_tpu_vm_asks_for_a_tpu_name(data, tmp_path):
+    """`--strategy=tpu` on a machine that is no Cloud TPU VM (no /dev/accel*, no libtpu) and without
+    --tpu_name is a one-line error naming both ways to reach a TPU; nothing is written."""
+    import run_pretraining
+    out = str(tmp_path / "out")
+    with pytest.raises(run_pretraining.UsageError,
+                       match=r"--strategy=tpu needs --tpu_name .* Cloud TPU VM \(--tpu_name=local\)"):
+        _run(data, out, "--do_train", "--strategy=tpu")
+    assert not os.path.exists(out)

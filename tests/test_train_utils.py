@@ -1,5 +1,6 @@
 """train_utils: strategy choice, progress lines, grouped --help and missing-flag messages."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,16 +13,19 @@ SCRIPT = textwrap.dedent('''
     """Toy script docstring."""
     from absl import flags
     import train_utils
-    with train_utils.flag_group("Input"):
-        flags.DEFINE_string("input_file", None, "Files to read.")
-        flags.DEFINE_integer("max_seq_length", 128, "Tokens per sequence.")
-    with train_utils.flag_group("Output"):
-        flags.DEFINE_string("output_dir", None, "Where results go.")
-    train_utils.require_flags("input_file", "output_dir")
+    def define_flags(fv=flags.FLAGS):
+        with train_utils.flag_group("Input"):
+            flags.DEFINE_string("input_file", None, "Files to read.", flag_values=fv)
+            flags.DEFINE_integer("max_seq_length", 128, "Tokens per sequence.", flag_values=fv)
+        with train_utils.flag_group("Output"):
+            flags.DEFINE_string("output_dir", None, "Where results go.", flag_values=fv)
+        train_utils.require_flags("input_file", "output_dir")
     def main(argv):
+        if flags.FLAGS.input_file == "bad":
+            raise train_utils.UsageError("--input_file: bad is not a file")
         print("ran", flags.FLAGS.input_file, flags.FLAGS.output_dir)
     if __name__ == "__main__":
-        train_utils.run_script(main, __doc__, "python toy.py --input_file=a --output_dir=b")
+        train_utils.run_script(main, __doc__, "python toy.py --input_file=a --output_dir=b", define_flags)
 ''')
 
 
@@ -62,6 +66,12 @@ def test_complete_command_runs(toy):
     assert proc.returncode == 0 and "ran a b" in proc.stdout
 
 
+def test_usage_error_is_one_line_with_exit_2(toy):
+    proc = toy("--input_file=bad", "--output_dir=b")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "toy.py: error: --input_file: bad is not a file"
+
+
 def test_progress_line_has_rate_and_eta():
     progress = train_utils.ProgressLogger(total=100, unit="steps", name="job")
     progress.update(10)
@@ -73,3 +83,14 @@ def test_progress_line_has_rate_and_eta():
 def test_unknown_strategy_is_rejected():
     with pytest.raises(ValueError, match="--strategy='gpu' is not one of"):
         train_utils.make_strategy("gpu")
+
+
+@pytest.mark.skipif(os.path.exists("/proc/driver/nvidia"), reason="start-up lines are kept on GPU machines")
+def test_tensorflow_start_up_noise_is_hidden_when_train_utils_comes_first(repo_root):
+    code = "import train_utils, tensorflow as tf; print(int(tf.constant(2) * 3))"
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "ROBERTA_ZH_TF_STARTUP_LOG")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "6", proc.stderr
+    for noise in ("oneDNN", "cuda drivers", "cuInit", "absl::InitializeLog"):
+        assert noise not in proc.stderr, proc.stderr

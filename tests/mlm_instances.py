@@ -1,4 +1,4 @@
-"""Writes small pretraining TFRecords (google-research/bert schema + our `.meta.json`) for tests.
+"""Small masked-LM instances from real text, written with pretraining_records, for the trainer tests.
 
 Deliberately simpler than create_pretraining_data.py (character-level random masking, no jieba,
 no dupe factor), so the training tests do not depend on the data generator: they need records
@@ -6,13 +6,11 @@ that are valid, deterministic and made from real text, not the generator's exact
 """
 
 import glob
-import json
 import lzma
 import os
 import random
 
 import numpy as np
-import tensorflow as tf
 
 import tokenization
 
@@ -101,43 +99,27 @@ def make_instances(tokenizer, lines, max_seq_length, max_predictions_per_seq,
     return instances
 
 
-def serialize(instance):
-    """One instance dict -> a serialized tf.train.Example (Google's feature names and types)."""
-    feature = {}
-    for name, values in instance.items():
-        if values.dtype == np.float32:
-            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=values.tolist()))
-        else:
-            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=values.tolist()))
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
 def write_records(path, instances, vocab_file, max_seq_length, max_predictions_per_seq,
                   **meta_overrides):
-    """Writes `path` (TFRecord) and `path.meta.json` (the sidecar) and returns the meta dict.
+    """Writes `path` and its sidecar with pretraining_records; returns the sidecar dict.
 
     `meta_overrides` replace sidecar fields, to build records that disagree with a config.
     """
-    with tf.io.TFRecordWriter(path) as writer:
-        for instance in instances:
-            writer.write(serialize(instance))
+    import pretraining_records
+
     meta = {
-        "format_version": 1,
         "max_seq_length": max_seq_length,
         "max_predictions_per_seq": max_predictions_per_seq,
-        "num_instances": len(instances),
         "vocab_size": len(tokenization.load_vocab(vocab_file)),
         "vocab_sha256": tokenization.vocab_sha256(vocab_file),
         "do_lower_case": True,
         "do_whole_word_mask": False,
         "masked_lm_prob": 0.15,
-        "dupe_factor": 1,
-        "short_seq_prob": 0.0,
-        "random_seed": 0,
-        "segmenter": "none (tests/pretraining_records.py)",
+        "segmenter": "none (tests/mlm_instances.py)",
         "input_files": [],
     }
     meta.update(meta_overrides)
-    with open(path + ".meta.json", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-    return meta
+    serialized = [pretraining_records.encode_example(
+        {name: ("float32" if v.dtype == np.float32 else "int64", v.tolist()) for name, v in instance.items()})
+        for instance in instances]
+    return pretraining_records.write_records(path, serialized, meta)

@@ -1,0 +1,442 @@
+"""The run-folder contract: every folder that holds a model says what it holds.
+
+A model folder (pretraining `output_dir`, fine-tuning `best/`, an import or a conversion) holds
+
+    ckpt-N.* + checkpoint     our TF2 checkpoint (or bert_model.ckpt.* from Google / brightmart)
+    bert_config.json          Google's config fields
+    vocab.txt                 the WordPiece vocabulary, one token per line
+    model_info.json           {"do_lower_case": true, "task": "classifier", "labels": ["0", "1"]}
+
+so that every consumer (`--init_checkpoint` of every script, `export_to_pytorch.py --checkpoint`,
+`fill_mask.py --checkpoint`, `convert_checkpoint.py --input`) needs the folder alone:
+
+    >>> model_folder.write("out/lcqmc/best", config=config, vocab_file="vocab.txt",
+    ...                    do_lower_case=True, task="classifier", labels=["0", "1"])
+    >>> folder = model_folder.resolve("out/lcqmc/best")
+    >>> folder.checkpoint, folder.bert_config_file, folder.vocab_file, folder.task, folder.labels
+
+`resolve` also reads Google's released folders (`bert_model.ckpt` + `bert_config.json` + `vocab.txt`),
+HuggingFace folders (`config.json` + weights; the vocab from `vocab.txt`, else from the WordPiece
+model in transformers 5's `tokenizer.json`), and folders written before this contract (fine-tuning
+wrote `bert_config.json` and `labels.json` / `ner_tags.json` one level above `best/`). Explicit
+flags win over what the folder says; anything still missing is a `train_utils.UsageError` naming the
+file and the flag that supplies it. Paths go through `tf.io.gfile`, so `gs://` folders work.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import tensorflow as tf
+from absl import logging
+
+import train_utils
+
+INFO_FILE = "model_info.json"
+CONFIG_FILE = "bert_config.json"
+VOCAB_FILE = "vocab.txt"
+HF_CONFIG_FILE = "config.json"
+TASKS = ("mlm", "classifier", "ner", "qa")
+# Weight files of a HuggingFace folder (single or sharded), in the order transformers prefers them.
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
+# The HF task class each of our task names maps to (config.json "architectures").
+TASK_ARCHITECTURES = {
+    "mlm": "BertForMaskedLM",
+    "classifier": "BertForSequenceClassification",
+    "ner": "BertForTokenClassification",
+    "qa": "BertForQuestionAnswering",
+}
+# HF architectures we import, and the task whose model receives them. BertModel / BertForPreTraining
+# folders (e.g. UER or the original bert-base-chinese) carry the encoder, and maybe the MLM head.
+ARCHITECTURE_TASKS = {
+    "BertForMaskedLM": "mlm",
+    "BertForPreTraining": "mlm",
+    "BertLMHeadModel": "mlm",
+    "BertModel": "mlm",
+    "BertForSequenceClassification": "classifier",
+    "BertForTokenClassification": "ner",
+    "BertForQuestionAnswering": "qa",
+}
+# Label files written by fine-tuning before model_info.json existed (JSON lists, beside best/).
+_OLD_LABEL_FILES = (("labels.json", "classifier"), ("ner_tags.json", "ner"))
+
+
+@dataclasses.dataclass
+class ModelFolder:
+    """What `resolve` found. `kind` is "tf2" (ours), "tf1" (Google's name-based) or "hf".
+
+    checkpoint: a checkpoint prefix (tf2/tf1) or the HF folder itself (hf).
+    bert_config_file: Google's bert_config.json, or an HF config.json (modeling.BertConfig reads both).
+    do_lower_case: from model_info.json / tokenizer files; True (Google's Chinese setting) if unknown.
+    task: mlm | classifier | ner | qa, or None if the folder does not say (Google TF1 folders).
+    labels: label names in id order (classifier, ner), else None.
+    """
+    checkpoint: str
+    kind: str
+    folder: str
+    bert_config_file: str
+    vocab_file: str
+    do_lower_case: bool = True
+    task: str = None
+    labels: list = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+def _atomic_write(path, data):
+    """Writes bytes to `path` via a temp name in the same folder and a rename (gfile: gs:// works)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(data)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _read_bytes(path, flag):
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    except (tf.errors.NotFoundError, tf.errors.FailedPreconditionError, IsADirectoryError):
+        raise train_utils.UsageError(f"{flag}={path}: not a readable file") from None
+
+
+def write(folder, *, config, vocab_file, do_lower_case, task=None, labels=None):
+    """Makes `folder` self-describing: writes bert_config.json, vocab.txt and model_info.json.
+
+    Args:
+      folder: the folder that holds (or will hold) the checkpoint; created if absent.
+      config: a modeling.BertConfig (anything with `to_json_string()` and `vocab_size`) or the path
+        of a bert_config.json.
+      vocab_file: the vocab the model was trained with (copied; skipped if it already is the file).
+      do_lower_case: the tokenizer setting the model was trained with.
+      task: mlm | classifier | ner | qa (None: an encoder whose head is not meant for use).
+      labels: label names in id order, for classifier and ner.
+    Each file is written under a temp name and renamed, so a reader never sees half a file.
+    """
+    if task not in (None,) + TASKS:
+        raise ValueError(f"task {task!r} is not one of {TASKS}")
+    if task in ("classifier", "ner") and not labels:
+        raise ValueError(f"task {task} needs its labels")
+    if isinstance(config, (str, os.PathLike)):
+        config_json = _read_bytes(os.fspath(config), "--bert_config_file").decode("utf-8")
+        vocab_size = json.loads(config_json).get("vocab_size")
+    else:
+        config_json, vocab_size = config.to_json_string(), config.vocab_size
+    vocab = _read_bytes(os.fspath(vocab_file), "--vocab_file")
+    # Lines end at "\n" only: Google's vocab holds tokens that str.splitlines() would split (\x1c, \x85).
+    n_tokens = len(vocab.decode("utf-8").rstrip("\n").split("\n"))
+    if vocab_size is not None and n_tokens != vocab_size:
+        raise train_utils.UsageError(f"--vocab_file={vocab_file}: {n_tokens} tokens, but the bert "
+                                     f"config says vocab_size={vocab_size}")
+    folder = os.fspath(folder)
+    tf.io.gfile.makedirs(folder)
+    _atomic_write(os.path.join(folder, CONFIG_FILE), config_json.encode("utf-8"))
+    target = os.path.join(folder, VOCAB_FILE)
+    if not (tf.io.gfile.exists(target) and _read_bytes(target, "vocab") == vocab):
+        _atomic_write(target, vocab)
+    info = {"do_lower_case": bool(do_lower_case), "task": task,
+            "labels": [str(label) for label in labels] if labels else None}
+    _atomic_write(os.path.join(folder, INFO_FILE),
+                  (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolving
+# ------------------------------------------------------------------------------------------------
+
+def _is_file(path):
+    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+
+
+def _load_json(path):
+    try:
+        with tf.io.gfile.GFile(path, "r") as f:
+            return json.loads(f.read())
+    except json.JSONDecodeError as e:
+        raise train_utils.UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _latest_tf2(folder):
+    """The newest ckpt-N prefix in `folder`, or None. An unreadable `checkpoint` state file is an
+    error (it must never read as "no checkpoint"): the caller would otherwise start afresh."""
+    state_file = os.path.join(folder, "checkpoint")
+    if tf.io.gfile.exists(state_file):
+        try:
+            state = tf.train.get_checkpoint_state(folder)
+        except Exception:  # pylint: disable=broad-except  (a text-proto parse error of several types)
+            state = None
+        named = state and state.model_checkpoint_path  # TF already joined a relative one to `folder`
+        # A folder moved or copied after its run keeps an absolute path to the old place: look beside.
+        for prefix in ([named, os.path.join(folder, os.path.basename(named))] if named else []):
+            if tf.io.gfile.exists(prefix + ".index"):
+                return prefix
+        raise train_utils.UsageError(
+            f"{state_file}: unreadable or names a missing checkpoint ({named!r}); point at a "
+            f"ckpt-N prefix in {folder} instead, or restore the file")
+    numbers = [int(m.group(1)) for m in (re.search(r"ckpt-(\d+)\.index$", p)
+               for p in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index"))) if m]
+    return os.path.join(folder, f"ckpt-{max(numbers)}") if numbers else None
+
+
+def find_checkpoint(path, flag="--checkpoint"):
+    """(kind, checkpoint, folder) for a folder or a checkpoint prefix; UsageError if none."""
+    if tf.io.gfile.isdir(path):
+        latest = _latest_tf2(path)
+        if latest:
+            return "tf2", latest, path
+        if tf.io.gfile.exists(os.path.join(path, "bert_model.ckpt.index")):
+            return "tf1", os.path.join(path, "bert_model.ckpt"), path
+        if _is_file(os.path.join(path, HF_CONFIG_FILE)):
+            return "hf", path, path
+        raise train_utils.UsageError(
+            f"{flag}={path}: holds no model (no ckpt-N, no bert_model.ckpt, no HuggingFace config.json)")
+    if tf.io.gfile.exists(path + ".index"):
+        folder = os.path.dirname(path) or "."
+        try:
+            names = dict(tf.train.list_variables(path))
+        except (tf.errors.OpError, ValueError) as e:
+            raise train_utils.UsageError(f"{path}.index: unreadable checkpoint index "
+                                         f"({type(e).__name__})") from None
+        kind = "tf2" if "_CHECKPOINTABLE_OBJECT_GRAPH" in names else "tf1"
+        return kind, path, folder
+    raise train_utils.UsageError(
+        f"{flag}={path}: no checkpoint there (expected a model folder, a prefix like out/ckpt-1000 or "
+        f".../bert_model.ckpt, or a HuggingFace folder)")
+
+
+def _old_labels(folder):
+    """(task, labels) from files written before model_info.json, beside or one level up; else None."""
+    for where in (folder, os.path.dirname(folder.rstrip("/"))):
+        path = os.path.join(where, "labels.txt")
+        if where == folder and _is_file(path):
+            with tf.io.gfile.GFile(path, "r") as f:
+                return None, [line.strip() for line in f.read().splitlines() if line.strip()]
+        for name, task in _OLD_LABEL_FILES:
+            path = os.path.join(where, name)
+            if _is_file(path):
+                labels = _load_json(path)
+                if not isinstance(labels, list):
+                    raise train_utils.UsageError(f"{path}: expected a JSON list of labels")
+                return task, [str(label) for label in labels]
+    return None, None
+
+
+def vocab_from_tokenizer_json(path):
+    """vocab.txt of the WordPiece model in a transformers `tokenizer.json`, written once to a temp
+    file keyed by the content (the user's folder is never written to). Returns its path."""
+    data = _read_bytes(path, "tokenizer.json")
+    model = json.loads(data).get("model") or {}
+    vocab = model.get("vocab")
+    if model.get("type") != "WordPiece" or not isinstance(vocab, dict):
+        raise train_utils.UsageError(f"{path}: not a WordPiece (BERT) tokenizer; pass --vocab_file")
+    tokens = sorted(vocab, key=vocab.get)
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise train_utils.UsageError(f"{path}: vocabulary ids are not 0..{len(tokens) - 1}; pass --vocab_file")
+    out = os.path.join(tempfile.gettempdir(), f"vocab-{hashlib.sha256(data).hexdigest()[:16]}.txt")
+    if not os.path.isfile(out):
+        _atomic_write(out, "".join(t + "\n" for t in tokens).encode("utf-8"))
+    return out
+
+
+def _hf_lower_case(folder):
+    """do_lower_case of an HF folder: tokenizer_config.json, else tokenizer.json's normalizer."""
+    config = os.path.join(folder, "tokenizer_config.json")
+    if _is_file(config) and "do_lower_case" in _load_json(config):
+        return bool(_load_json(config)["do_lower_case"])
+    tokenizer = os.path.join(folder, "tokenizer.json")
+    if _is_file(tokenizer):
+        normalizer = _load_json(tokenizer).get("normalizer") or {}
+        if "lowercase" in normalizer:
+            return bool(normalizer["lowercase"])
+    return True
+
+
+def _resolve_hf(folder, bert_config_file, vocab_file):
+    config_path = os.path.join(folder, HF_CONFIG_FILE)
+    hf = _load_json(config_path)
+    if not any(_is_file(os.path.join(folder, name)) for name in HF_WEIGHTS):
+        raise train_utils.UsageError(f"{folder}: HuggingFace folder without weights (none of "
+                                     f"{', '.join(HF_WEIGHTS)})")
+    architecture = (hf.get("architectures") or ["BertModel"])[0]
+    if architecture not in ARCHITECTURE_TASKS:
+        raise train_utils.UsageError(f"{config_path}: architecture {architecture!r} is not supported; "
+                                     f"expected one of {', '.join(sorted(ARCHITECTURE_TASKS))}")
+    task, labels = ARCHITECTURE_TASKS[architecture], None
+    if task in ("classifier", "ner"):
+        id2label = hf.get("id2label") or {}
+        n = hf.get("num_labels", len(id2label) or 2)
+        labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
+    if not vocab_file:
+        if _is_file(os.path.join(folder, VOCAB_FILE)):
+            vocab_file = os.path.join(folder, VOCAB_FILE)
+        elif _is_file(os.path.join(folder, "tokenizer.json")):
+            vocab_file = vocab_from_tokenizer_json(os.path.join(folder, "tokenizer.json"))
+        else:
+            raise train_utils.UsageError(f"{folder}: no vocab.txt and no tokenizer.json; pass --vocab_file")
+    return ModelFolder(folder, "hf", folder, bert_config_file or config_path, vocab_file,
+                       _hf_lower_case(folder), task, labels)
+
+
+def resolve(path, bert_config_file=None, vocab_file=None, flag="--checkpoint"):
+    """Finds the checkpoint, config, vocab, lower-casing, task and labels of a model -> ModelFolder.
+
+    Args:
+      path: a model folder (ours: its latest ckpt-N; Google's: bert_model.ckpt; or a HuggingFace
+        folder), or a checkpoint prefix (out/ckpt-1000, .../bert_model.ckpt).
+      bert_config_file, vocab_file: explicit flags; they win over the folder's files.
+      flag: the flag `path` came from, for messages (--init_checkpoint, --input, ...).
+    Raises train_utils.UsageError naming what is missing and the flag that supplies it.
+    """
+    path = os.fspath(path).rstrip("/") or "/"
+    for name, value in (("--bert_config_file", bert_config_file), ("--vocab_file", vocab_file)):
+        if value and not _is_file(value):
+            raise train_utils.UsageError(f"{name}={value}: not a file")
+    kind, checkpoint, folder = find_checkpoint(path, flag)
+    if kind == "hf":
+        return _resolve_hf(folder, bert_config_file, vocab_file)
+    parent = os.path.dirname(folder)
+    if not bert_config_file:
+        # Fine-tuning wrote bert_config.json beside best/ before this contract.
+        for where in (folder, parent):
+            if _is_file(os.path.join(where, CONFIG_FILE)):
+                bert_config_file = os.path.join(where, CONFIG_FILE)
+                break
+        else:
+            raise train_utils.UsageError(f"{path}: no {CONFIG_FILE} beside the checkpoint; "
+                                         f"pass --bert_config_file")
+    if not vocab_file:
+        vocab_file = os.path.join(folder, VOCAB_FILE)
+        if not _is_file(vocab_file):
+            raise train_utils.UsageError(f"{path}: no {VOCAB_FILE} beside the checkpoint; pass --vocab_file")
+    info_path = os.path.join(folder, INFO_FILE)
+    if _is_file(info_path):
+        info = _load_json(info_path)
+        if not isinstance(info, dict) or info.get("task") not in (None,) + TASKS:
+            raise train_utils.UsageError(f"{info_path}: expected {{\"do_lower_case\", \"task\" (one of "
+                                         f"{', '.join(TASKS)}), \"labels\"}}")
+        return ModelFolder(checkpoint, kind, folder, bert_config_file, vocab_file,
+                           bool(info.get("do_lower_case", True)), info.get("task"), info.get("labels"))
+    task, labels = _old_labels(folder)
+    return ModelFolder(checkpoint, kind, folder, bert_config_file, vocab_file, True, task, labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Output folders of converters and exporters: a temp folder beside the target, renamed at the end
+# ------------------------------------------------------------------------------------------------
+
+def check_output_dir(output_dir, overwrite=False, sources=()):
+    """Fails early (before any work) if `output_dir` holds something and `overwrite` is off, or if
+    replacing it would delete one of `sources` (the model being converted)."""
+    real = (lambda p: p.rstrip("/")) if _is_remote(output_dir) else os.path.realpath
+    out = real(output_dir)
+    for source in sources:
+        src = real(source)
+        if src == out or src.startswith(out.rstrip("/" if _is_remote(output_dir) else os.sep) + "/"):
+            raise ValueError(f"--output_dir={output_dir} holds the input {source}; writing there "
+                             f"would replace it: choose another --output_dir")
+    if tf.io.gfile.exists(output_dir):
+        if not tf.io.gfile.isdir(output_dir):
+            raise ValueError(f"--output_dir={output_dir} is an existing file, not a folder")
+        if tf.io.gfile.listdir(output_dir) and not overwrite:
+            raise ValueError(f"--output_dir={output_dir} already exists and is not empty; "
+                             f"pass --overwrite to replace it")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temp_dirs(output_dir):
+    """Removes `.NAME.tmp-PID-*` folders that a killed run left beside `output_dir`.
+
+    Only our own naming pattern, and only for processes that no longer exist on this machine. A
+    `.NAME.old-PID-*` folder holds the previous output, moved aside during --overwrite: if the run
+    died before the new output took its place, it is moved back rather than deleted.
+    """
+    parent, base = os.path.split(os.path.abspath(output_dir))
+    if not os.path.isdir(parent):
+        return
+    pattern = re.compile(rf"^\.{re.escape(base)}\.(tmp|old)-(\d+)-")
+    for name in sorted(os.listdir(parent)):
+        m = pattern.match(name)
+        if not m or _pid_alive(int(m.group(2))):
+            continue
+        path = os.path.join(parent, name)
+        previous = os.path.join(path, "x")
+        if m.group(1) == "old" and os.path.isdir(previous) and not os.path.exists(output_dir):
+            os.rename(previous, output_dir)
+            logging.warning("restored %s from %s (a run was killed while replacing it)", output_dir, path)
+        logging.info("removing %s, left by a killed run (pid %s)", path, m.group(2))
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir, overwrite=False, sources=()):
+    """Yields a temp folder beside `output_dir`; on success it becomes `output_dir`.
+
+    On any exception the temp folder is removed, so a failed run leaves no partial output; what a
+    killed run left is removed by the next run (clean_stale_temp_dirs). With `overwrite`, an existing
+    `output_dir` is replaced only after the new one is complete. The folder gets the user's umask
+    (mkdtemp alone makes it 0700).
+    """
+    if _is_remote(output_dir):
+        with _remote_output_dir(output_dir, overwrite, sources) as tmp:
+            yield tmp
+        return
+    output_dir = os.path.abspath(output_dir)
+    check_output_dir(output_dir, overwrite, sources)
+    parent, base = os.path.split(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    clean_stale_temp_dirs(output_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{base}.tmp-{os.getpid()}-")
+    try:
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        old = None
+        if os.path.exists(output_dir):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{base}.old-{os.getpid()}-")
+            os.rename(output_dir, os.path.join(old, "x"))
+        os.rename(tmp, output_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _is_remote(path):
+    return "://" in os.fspath(path)
+
+
+@contextlib.contextmanager
+def _remote_output_dir(output_dir, overwrite, sources):
+    """gs:// (any tf.io.gfile scheme): the output is made in a local temp folder and copied up only
+    when complete, so a failed run writes nothing there. (Cloud storage has no atomic folder
+    rename: with --overwrite the old files are deleted just before the copy.)"""
+    check_output_dir(output_dir, overwrite, sources)
+    with tempfile.TemporaryDirectory(prefix="roberta_zh-export-") as tmp:
+        yield tmp
+        if tf.io.gfile.exists(output_dir):
+            tf.io.gfile.rmtree(output_dir)
+        for root, _, files in os.walk(tmp):
+            rel = os.path.relpath(root, tmp)
+            target = output_dir.rstrip("/") + ("" if rel == "." else "/" + rel)
+            tf.io.gfile.makedirs(target)
+            for name in files:
+                tf.io.gfile.copy(os.path.join(root, name), f"{target.rstrip('/')}/{name}", overwrite=True)
