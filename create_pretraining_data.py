@@ -480,7 +480,10 @@ def output_settings(o, vocab, vocab_sha256, input_files):
 def sidecars(o, vocab, settings, counts, totals, replaced_chars, split_lines):
     """One sidecar per output shard holding counts[i] records; totals as from `new_stats`."""
     kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
-    return [dict(settings, **kind_keys, num_instances=n, num_output_shards=len(counts),
+    # Where the vocab was: run_pretraining.py copies it into its output folder when the hash matches.
+    # Not a setting (a moved vocab does not make finished outputs stale).
+    vocab_file = o.vocab_file if records.is_remote(o.vocab_file) else os.path.abspath(o.vocab_file)
+    return [dict(settings, **kind_keys, vocab_file=vocab_file, num_instances=n, num_output_shards=len(counts),
                  total_instances=totals["instances"], num_documents=totals["documents"],
                  replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]
 
