@@ -54,6 +54,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
+import corpus
+
 import create_pretraining_data as cpd
 import pretraining_records as records
 import tokenization
@@ -89,7 +91,7 @@ class ReadChunks(beam.DoFn):
     def process(self, item):
         file_index, path = item
         with _local_copy(path) as local:
-            reader = cpd.InputReader([local], self.input_format)
+            reader = corpus.InputReader([local], self.input_format)
             n_chunks, done = 0, 0
             for chunk, first_doc, docs in reader.chunks():
                 n_chunks += 1
@@ -321,7 +323,7 @@ def _resolve_inputs(spec):
     """--input_file -> [(path, size)]: local files as the local generator resolves them, else Beam's match."""
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not any(map(records.is_remote, items)):
-        return [(p, os.path.getsize(p)) for p in cpd.resolve_input_files(spec)]
+        return [(p, os.path.getsize(p)) for p in corpus.resolve_input_files(spec)]
     found = []
     for item in items:
         try:
@@ -369,7 +371,7 @@ def run(o, runner, beam_args=(), log=print):
     paths, shipped, vocab, settings = _launch_inputs(o)
     # Constructing the reader runs the local path's early input checks (e.g. the encoding of each
     # file's head) here, before any output is touched; workers repeat them on what they read.
-    cpd.InputReader([p for p in paths if not records.is_remote(p)], o.input_format)
+    corpus.InputReader([p for p in paths if not records.is_remote(p)], o.input_format)
     if not _is_direct(runner) and not any(map(records.is_remote, paths)):
         log(f"create_pretraining_data: warning: --runner={runner} reads --input_file on its workers; "
             f"local paths work only where every worker sees the same file system (use gs://... on Dataflow)")

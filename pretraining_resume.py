@@ -128,13 +128,35 @@ def _checkpoint_numbers(directory):
     return sorted(found)
 
 
+def _state_file_latest(state_path):
+    """model_checkpoint_path of a `checkpoint` state file (protobuf text: `key: "value"` lines), or
+    None; ValueError saying which line is wrong. Read here rather than by
+    tf.train.get_checkpoint_state, which logs a parse error and answers "no checkpoint"."""
+    try:
+        with tf.io.gfile.GFile(state_path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    latest = None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        match = re.fullmatch(r'(\w+)\s*:\s*(?:"((?:[^"\\]|\\.)*)"|[-+0-9.eE]+)', line)
+        if not match:
+            raise ValueError(f"line {number} is not `key: value`")
+        if match.group(1) == "model_checkpoint_path":
+            latest = match.group(2)
+    return latest
+
+
 def latest_checkpoint(directory):
     """The checkpoint to resume from in `directory`, or None when it holds none.
 
     Training state that exists but cannot be read is an error, never a fresh start that would
     overwrite it: ckpt-N files with a missing or unreadable `checkpoint` state file, or a state file
     naming a checkpoint that is not there. (`ckpt-N_temp/` folders, left by a kill during a save,
-    are not checkpoints: `_remove_partial_saves` deletes them.)
+    are not checkpoints: `remove_partial_saves` deletes them.)
     """
     numbers = _checkpoint_numbers(directory)
     state_path = os.path.join(directory, "checkpoint")
@@ -146,16 +168,15 @@ def latest_checkpoint(directory):
                              f"{fix}")
         return None
     try:
-        state = tf.train.get_checkpoint_state(directory)
-    except Exception as e:  # a text-format parse error  # noqa: BLE001
-        raise UsageError(f"{state_path} is unreadable ({str(e).splitlines()[0][:120]}): "
+        prefix = _state_file_latest(state_path)
+    except ValueError as e:
+        raise UsageError(f"{state_path} is unreadable ({e}): "
                          f"{fix or 'delete it to start fresh'}") from None
-    if state is None or not state.model_checkpoint_path:
+    if not prefix:
         if numbers:
             raise UsageError(f"{state_path} names no checkpoint but {directory} holds "
                              f"ckpt-{numbers[-1]}: {fix}")
         return None
-    prefix = state.model_checkpoint_path
     if not os.path.isabs(prefix) and "://" not in prefix:
         prefix = os.path.join(directory, prefix)
     if not tf.io.gfile.exists(prefix + ".index"):

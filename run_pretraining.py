@@ -42,6 +42,8 @@ import pretraining_records
 import pretraining_resume as resume
 
 UsageError = train_utils.UsageError
+# The per-replica input pipelines (in pretraining_resume, beside the state they resume from).
+train_dataset_fn, eval_dataset_fn = resume.train_dataset_fn, resume.eval_dataset_fn
 
 
 def define_flags(fv=flags.FLAGS):
@@ -462,8 +464,8 @@ def run(opts):
         if resume_from:
             resume.check_resume_input(opts.output_dir, state)
         for i in range(num_workers):
-            _, _, per_epoch = resume.pipeline_files(train_files, [counts[p] for p in train_files],
-                                             num_workers, i)
+            _, _, per_epoch = resume.pipeline_files(
+                train_files, [counts[p] for p in train_files], num_workers, i)
             if per_epoch < opts.train_batch_size // num_workers:
                 raise UsageError(f"--input_file has {per_epoch} records for worker {i}, fewer than "
                                  f"one batch ({opts.train_batch_size // num_workers})")

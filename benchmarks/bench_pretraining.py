@@ -145,8 +145,8 @@ def main():
     parser.add_argument("--steps", type=int, default=0, help="steps per timing (default: by size)")
     args = parser.parse_args()
 
-    peak = measure_matmul_peak()
-    print(f"fp32 matmul peak (TF, 2048^2, {os.cpu_count()} cores): {peak:.1f} GFLOP/s")
+    print(f"fp32 matmul peak (TF, 2048^2, {os.cpu_count()} cores) is measured in every round, "
+          "beside the variants: MFU per round = that round's rate x FLOPs / that round's peak.")
     for size in args.sizes.split(","):
         layers, hidden, batch = SIZES[size]
         steps = args.steps or (6 if size == "small" else 2)
@@ -159,26 +159,27 @@ def main():
         for step in variants.values():
             step(1)  # compile / warm up
         times = {name: [] for name in variants}
+        peaks = []
         for _ in range(args.rounds):
+            peaks.append(measure_matmul_peak(repeats=4))
             for name, step in variants.items():
                 start = time.perf_counter()
                 step(steps)
                 times[name].append(batch * steps / (time.perf_counter() - start))
         print(f"\nL={layers} H={hidden} seq={SEQ} batch={batch} predictions={PRED} dropout=0.1 fp32, "
-              f"{flops / 1e9:.2f} GFLOP/sequence")
+              f"{flops / 1e9:.2f} GFLOP/sequence; matmul peak per round "
+              f"{min(peaks):.0f}-{max(peaks):.0f} GFLOP/s")
         rates = {name: statistics.median(v) for name, v in times.items()}
         for name, rate in rates.items():
             spread = f"{min(times[name]):.1f}-{max(times[name]):.1f}"
-            mfu = rate * flops / 1e9 / peak
-            print(f"  {name:21s} {rate:7.2f} seq/s  (rounds {spread})  MFU {mfu:6.1%}")
+            mfus = [r * flops / 1e9 / p for r, p in zip(times[name], peaks)]
+            print(f"  {name:21s} {rate:7.2f} seq/s  (rounds {spread})  MFU median "
+                  f"{statistics.median(mfus):6.1%} (rounds {min(mfus):.0%}-{max(mfus):.0%})")
         # Ratios per round (both measured back to back), so load that moves between rounds cancels.
-        per_round = [a / b for a, b in zip(times["ours_xla"], times["peer_torch"])]
-        print(f"  ours_xla / peer_torch = {rates['ours_xla'] / rates['peer_torch']:.2f}x "
-              f"(per round {min(per_round):.2f}-{max(per_round):.2f}x), "
-              f"ours_no_xla / peer_torch = {rates['ours_no_xla'] / rates['peer_torch']:.2f}x")
-    # Measured again at the end: on a shared machine the first measurement can catch a busy moment.
-    print(f"\nfp32 matmul peak measured again: {measure_matmul_peak():.1f} GFLOP/s "
-          "(MFU above uses the first measurement)")
+        for name in ("ours_xla", "ours_no_xla"):
+            per_round = [a / b for a, b in zip(times[name], times["peer_torch"])]
+            print(f"  {name} / peer_torch = {statistics.median(per_round):.2f}x median of rounds "
+                  f"({min(per_round):.2f}-{max(per_round):.2f}x)")
 
 
 if __name__ == "__main__":

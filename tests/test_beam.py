@@ -15,6 +15,7 @@ from apache_beam.io.filesystem import FileMetadata  # noqa: E402
 from apache_beam.io.localfilesystem import LocalFileSystem  # noqa: E402
 
 import beam_pretraining_data  # noqa: E402
+import corpus as corpus_module  # noqa: E402
 import create_pretraining_data as cpd  # noqa: E402
 import pretraining_records as records  # noqa: E402
 from train_utils import UsageError  # noqa: E402
@@ -66,7 +67,7 @@ def _run_both(tmp_path, input_file, beam_args=(), **kw):
 def test_same_records_as_local_generator_across_files_and_chunks(tmp_path, monkeypatch):
     # Small chunks: many per file, and the local run's chunks straddle file boundaries while Beam's
     # stop at each file's end, so only the per-document seeds can make the records agree.
-    monkeypatch.setattr(cpd, "DOCS_PER_CHUNK", 5)
+    monkeypatch.setattr(corpus_module, "DOCS_PER_CHUNK", 5)
     local, on_beam, summary = _run_both(tmp_path, _corpus_files(tmp_path), num_output_shards=3)
     local_records = [r for p in local for r in _records(p)]
     beam_records = [r for p in on_beam for r in _records(p)]
@@ -138,7 +139,7 @@ def test_blank_input_file_fails_like_the_local_path_and_leaves_nothing(tmp_path)
 def test_not_utf8_after_the_checked_head_fails_in_a_worker_with_one_line(tmp_path, monkeypatch):
     # The head check passes on the launcher; the reading stage finds the GBK part and fails the run.
     head = open(_corpus_files(tmp_path).split(",")[0], encoding="utf-8").read()
-    monkeypatch.setattr(cpd, "ENCODING_CHECK_BYTES", len(head.encode()) // 2)
+    monkeypatch.setattr(corpus_module, "ENCODING_CHECK_BYTES", len(head.encode()) // 2)
     corpus = tmp_path / "mixed.txt"
     corpus.write_bytes(head.encode() + "\n".encode() + head.encode("gbk"))
     (tmp_path / "out.tfrecord").write_bytes(b"earlier records")

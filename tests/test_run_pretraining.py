@@ -195,6 +195,42 @@ def test_accumulated_micro_batches_equal_one_large_batch(data, tmp_path, optimiz
                                rtol=1e-4)
 
 
+def test_bf16_step_compiles_whole_with_float32_weights_and_accumulation():
+    """The GPU/TPU configuration (--mixed_precision: Keras' mixed_bfloat16 policy, XLA), run on the
+    CPU so dtype mistakes show here first; bf16 is only slow on CPUs, not wrong."""
+    import keras
+    import tensorflow as tf
+
+    import modeling
+    import optimization
+    import run_pretraining
+    import train_utils
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(100, 500, (4, 16)).astype(np.int32),
+             "input_mask": np.ones((4, 16), np.int32), "segment_ids": np.zeros((4, 16), np.int32),
+             "masked_lm_positions": np.tile(np.arange(1, 4, dtype=np.int32), (4, 1)),
+             "masked_lm_ids": rng.integers(100, 500, (4, 3)).astype(np.int32),
+             "masked_lm_weights": np.ones((4, 3), np.float32)}
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        strategy = train_utils.make_strategy("one_device")
+        with strategy.scope():
+            model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig(**_config(500))))
+            optimizer = optimization.create_optimizer(1e-3, 10, 1, clip_norm=0)
+            optimizer.build(model.trainable_variables)
+        trainer = run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=4,
+                                                  accumulation_steps=2)
+        assert trainer.mode == "whole"
+        data = tf.data.Dataset.from_tensors(batch).repeat()
+        iterator = iter(strategy.distribute_datasets_from_function(lambda _: data))
+        means, _, ran, finite = trainer.train_loop(iterator, tf.constant(3))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert bool(finite) and int(ran) == 3 and int(optimizer.iterations.numpy()) == 3
+    assert {v.dtype for v in model.trainable_variables} == {"float32"}
+    assert 0 < float(means["loss"]) < 2 * math.log(500)
+
+
 def _weights_of_fresh_model(data, prefix):
     import modeling
     import train_utils
@@ -246,6 +282,8 @@ def test_mirrored_two_cpus_with_accumulation_matches_one_device(data, tmp_path):
     reference = _scalars(str(tmp_path / "one"))
     mirrored, log = _run_in_two_cpu_process(two)
     assert "2 replica(s)" in log and "2 accumulation steps" in log
+    # XLA cannot touch mirrored variables on CPU devices: only loss and gradients are compiled there.
+    assert "train step compiled: split" in log
 
     np.testing.assert_allclose([v for _, v in mirrored["loss"]],
                                [v for _, v in reference["loss"]], rtol=2e-4)
@@ -469,6 +507,17 @@ def test_gpu_benchmark_runs_end_to_end_in_smoke_mode():
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_gpu.py"), "--smoke"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = proc.stdout.split("NVIDIA TF2 large")[-1].strip().splitlines()
+    table = proc.stdout.split("NVIDIA TF2 large, 1x A100")[-1].strip().splitlines()
     model, seq, batch, rate = table[0].split()[:4]
     assert (model, seq, batch) == ("tiny", "32", "8") and float(rate) > 0
+
+
+def test_tpu_strategy_off_a_tpu_vm_asks_for_a_tpu_name(data, tmp_path):
+    """`--strategy=tpu` on a machine that is no Cloud TPU VM (no /dev/accel*, no libtpu) and without
+    --tpu_name is a one-line error naming both ways to reach a TPU; nothing is written."""
+    import run_pretraining
+    out = str(tmp_path / "out")
+    with pytest.raises(run_pretraining.UsageError,
+                       match=r"--strategy=tpu needs --tpu_name .* Cloud TPU VM \(--tpu_name=local\)"):
+        _run(data, out, "--do_train", "--strategy=tpu")
+    assert not os.path.exists(out)
