@@ -249,6 +249,7 @@ def finetune(fv, name, spec, paths, gold, arm, checkpoint, lr, seed):
                "cpu_s": round(cpu, 1), "wall_s": round(time.time() - start, 1)}
     with open(os.path.join(run_dir, "train_history.json"), encoding="utf-8") as f:
         history = json.load(f)
+    history = history["epochs"] if isinstance(history, dict) else history  # older scripts wrote the bare list
     summary["best_epoch"] = max(history, key=lambda h: h[METRIC[spec["script"]]])["epoch"]
     summary["first_epoch_train_loss"] = history[0]["train_loss"]
     shutil.rmtree(os.path.join(run_dir, "best"), ignore_errors=True)  # weights are not needed any more
