@@ -117,6 +117,8 @@ def plot(scalars, output, title=""):
     try:
         fig.savefig(tmp, dpi=110, format=os.path.splitext(output)[1][1:])
         os.replace(tmp, output)
+    except OSError as e:  # a full disk, a read-only folder
+        raise train_utils.UsageError(f"--output={output}: cannot write: {e.strerror or e}") from None
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

@@ -182,6 +182,20 @@ def test_plot_output_that_is_a_folder_or_not_an_image_is_refused_and_a_bare_name
     assert os.listdir(tmp_path) == []
 
 
+def test_plot_on_a_full_disk_is_one_line_and_keeps_the_previous_png(tmp_path, monkeypatch):
+    import plot_learning_curve
+    (tmp_path / "curve.png").write_bytes(b"earlier plot")
+    scalars = {"train/loss": [(1, 8.0), (2, 7.5)]}
+
+    def replace(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(plot_learning_curve.os, "replace", replace)
+    with pytest.raises(UsageError, match=r"--output=.*curve.png: cannot write: No space left on device"):
+        plot_learning_curve.plot(scalars, str(tmp_path / "curve.png"))
+    assert _tree(tmp_path) == {"curve.png": b"earlier plot"}  # and no temp file
+
+
 # ---------------------------------------------------------------------------------------------------
 # Cases routed to the files' owners (helpers still working when the probe ran): strict xfail, so
 # the fix turns them red until the marker is removed.
