@@ -23,30 +23,22 @@ each chunk's instances are shuffled with an RNG seeded from (random_seed, chunk 
 are written in input order: the bytes depend only on (input, flags), not on `--num_workers`.
 """
 
-import bz2
 import dataclasses
-import glob
-import gzip
-import lzma
 import os
 import random
-import re
+import sys
 import time
 
 import numpy as np
 from absl import flags
 
+import corpus
 import pretraining_records as records
 import tokenization
 import train_utils
 from train_utils import UsageError
 
 SEGMENTERS = ("jieba", "rjieba")
-INPUT_FORMATS = ("sentence_per_line", "doc_per_line")
-# A chunk is the unit of work sent to a worker and the unit of output shuffling. Its size depends only
-# on the input (never on the worker count), which keeps the output identical for any --num_workers.
-DOCS_PER_CHUNK = 256
-CHARS_PER_CHUNK = 1 << 20
 
 
 def _flag(default, group, help_text, enum=None):
@@ -54,6 +46,7 @@ def _flag(default, group, help_text, enum=None):
 
 
 _IO, _INST, _WWM, _RUN = "Input and output", "Instances", "Whole-word masking", "Speed and progress"
+_BEAM = "Apache Beam (more text than one machine)"
 
 
 @dataclasses.dataclass
@@ -61,7 +54,7 @@ class Options:
     """Generator settings; each field is the command-line flag of the same name (`define_flags`)."""
     input_file: str = _flag(None, _IO, "Input text file(s): comma list, globs allowed (.xz/.gz/.bz2 ok).")
     input_format: str = _flag("sentence_per_line", _IO, "sentence_per_line (blank line between "
-                              "documents) or doc_per_line.", INPUT_FORMATS)
+                              "documents) or doc_per_line.", corpus.INPUT_FORMATS)
     output_file: str = _flag(None, _IO, "Output TFRecord file (or comma list of shards).")
     num_output_shards: int = _flag(1, _IO, "Split output into N files <output_file>-0000i-of-0000N.")
     vocab_file: str = _flag(None, _IO, "WordPiece vocab the model will use.")
@@ -81,6 +74,9 @@ class Options:
     jieba_user_dict: str = _flag("", _WWM, "Optional jieba user dictionary (word [freq] [tag] lines).")
     num_workers: int = _flag(1, _RUN, "Worker processes (output is identical).")
     progress_every_secs: float = _flag(10.0, _RUN, "Seconds between progress lines.")
+    runner: str = _flag(None, _BEAM, "Run as a Beam pipeline on this runner (DirectRunner, DataflowRunner, "
+                        "FlinkRunner, SparkRunner; pip install .[beam]); --beam_<option>=value is passed "
+                        "to Beam as --<option>=value.")
 
 
 def validate_options(o):
@@ -100,224 +96,12 @@ def validate_options(o):
         raise UsageError(f"--num_workers={o.num_workers} must be >= 1")
     if o.num_output_shards < 1:
         raise UsageError(f"--num_output_shards={o.num_output_shards} must be >= 1")
-    if o.input_format not in INPUT_FORMATS:
-        raise UsageError(f"--input_format={o.input_format!r} must be one of {INPUT_FORMATS}")
+    if o.input_format not in corpus.INPUT_FORMATS:
+        raise UsageError(f"--input_format={o.input_format!r} must be one of {corpus.INPUT_FORMATS}")
     if o.segmenter not in SEGMENTERS:
         raise UsageError(f"--segmenter={o.segmenter!r} must be one of {SEGMENTERS}")
     if o.jieba_user_dict and not os.path.isfile(o.jieba_user_dict):
         raise UsageError(f"--jieba_user_dict: file not found: {o.jieba_user_dict}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Input: files -> documents -> chunks (parent process, streaming)
-# ----------------------------------------------------------------------------------------------------
-
-def resolve_input_files(spec):
-    """`--input_file` comma list with globs -> sorted, de-duplicated list of existing, non-empty files."""
-    paths = []
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        if glob.has_magic(item):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise UsageError(f"--input_file: pattern {item!r} matched no files")
-        else:
-            matches = [item]
-        for path in matches:
-            if not os.path.exists(path):
-                raise UsageError(f"--input_file: file not found: {path}")
-            if os.path.isdir(path):
-                raise UsageError(f"--input_file: {path} is a directory (give files or a glob)")
-            if os.path.getsize(path) == 0:
-                raise UsageError(f"--input_file: {path} is empty")
-            if path not in paths:
-                paths.append(path)
-    if not paths:
-        raise UsageError("--input_file is required")
-    return paths
-
-
-def _open_binary(path):
-    """Returns (raw file, decompressed binary stream); raw.tell() measures progress in input bytes."""
-    raw = open(path, "rb")
-    if path.endswith(".xz"):
-        return raw, lzma.open(raw)
-    if path.endswith(".gz"):
-        return raw, gzip.open(raw)
-    if path.endswith(".bz2"):
-        return raw, bz2.open(raw)
-    return raw, raw
-
-
-# A sentence ends after a run of end marks plus any closing quotes/brackets.
-_SENTENCE_RE = re.compile(r".*?(?:[。！？!?；…]+[”’」』）)\]\"']*|$)", re.S)
-
-
-def split_sentences(text):
-    """'他来了。你呢？好' -> ['他来了。', '你呢？', '好']; the pieces concatenate back to `text`."""
-    return [s for s in _SENTENCE_RE.findall(text) if s.strip()]
-
-
-# A file is refused as not UTF-8 when invalid byte sequences are more than this share of its bytes
-# (in two lines or more; one bad line says nothing about the encoding). The odd broken character in
-# UTF-8 text stays far below it: one per 100 bytes would break nearly every line of Chinese text.
-# GBK or Big5 text read as UTF-8 is 30-90% invalid, Latin-1 text with accents a few percent.
-MAX_INVALID_UTF8_SHARE = 0.01
-# Before anything is written, this much of every input file is checked with the same rule.
-ENCODING_CHECK_BYTES = 1 << 20
-
-
-class _Utf8Lines:
-    """Decodes one file's lines as UTF-8 (invalid bytes -> U+FFFD) and counts what was replaced."""
-
-    def __init__(self, path):
-        self.path = path
-        self.bytes = self.replaced = self.bad_lines = 0
-        self.first_bad_line = None
-        self.sample = b""  # bytes from the first invalid line on, to guess the encoding from
-
-    def decode(self, line, line_no):
-        self.bytes += len(line)
-        if self.first_bad_line is not None and len(self.sample) < 1 << 16:
-            self.sample += line
-        try:
-            return line.decode("utf-8")
-        except UnicodeDecodeError:
-            text = line.decode("utf-8", "replace")
-            # Count only the replacements we made, not U+FFFD characters that were in the file.
-            self.replaced += text.count("\ufffd") - line.count("\ufffd".encode("utf-8"))
-            self.bad_lines += 1
-            if self.first_bad_line is None:
-                self.first_bad_line = line_no
-                self.sample = line
-            return text
-
-    def check(self):
-        """Raises UsageError (one line) when the file is evidently in another encoding."""
-        if self.bad_lines < 2 or self.replaced <= MAX_INVALID_UTF8_SHARE * self.bytes:
-            return
-        raise UsageError(
-            f"--input_file: {self.path} is not UTF-8: line {self.first_bad_line} is the first of "
-            f"{self.bad_lines} lines with invalid bytes ({self.replaced / self.bytes:.0%} of the "
-            f"{self.bytes} bytes read); {_guess_encoding(self.sample)}")
-
-
-def _guess_encoding(sample):
-    """What to tell the user about the encoding of `sample`, by charset_normalizer.
-
-    Short samples can be ambiguous (a few GBK characters decode as Korean CP949 just as well); then
-    the equally likely encodings are all named. Names are spelled as iconv accepts them.
-    """
-    import charset_normalizer
-
-    matches = list(charset_normalizer.from_bytes(sample))
-    if not matches:
-        return "its encoding is not recognised (binary or compressed data?)"
-    tied = [m.encoding.upper().replace("_", "-") for m in matches
-            if (m.chaos, m.coherence) == (matches[0].chaos, matches[0].coherence)][:3]
-    named = tied[0] if len(tied) == 1 else "one of " + ", ".join(tied)
-    return (f"likely encoding {named}; convert it to UTF-8 first "
-            f"(e.g. iconv -f {tied[0] if len(tied) == 1 else 'ENCODING'} -t UTF-8)")
-
-
-class InputReader:
-    """Streams documents out of the input files; counts bytes read and invalid UTF-8 replaced.
-
-    A document is `(path_index, [(line_number, sentence), ...])`. Documents never span files.
-    Raises UsageError naming the file, its first bad line and the likely encoding when a file is not
-    UTF-8 (see MAX_INVALID_UTF8_SHARE): for the first ENCODING_CHECK_BYTES of every file already when
-    constructed, before any output is opened; for the rest when the file has been read, which is
-    still before any output is renamed into place.
-    """
-
-    def __init__(self, paths, input_format):
-        self.paths = paths
-        self.input_format = input_format
-        self.bytes_done_in_closed_files = 0
-        self._raw = None
-        self.replaced_chars = 0
-        self.first_replacement = None  # "file:line"
-        self.docs_per_file = [0] * len(paths)
-        self.text_bytes = 0  # decompressed
-        for path in paths:
-            self._check_encoding(path)
-
-    @property
-    def bytes_done(self):
-        return self.bytes_done_in_closed_files + (self._raw.tell() if self._raw else 0)
-
-    @staticmethod
-    def _check_encoding(path):
-        lines = _Utf8Lines(path)
-        raw, stream = _open_binary(path)
-        try:
-            for line_no, line in enumerate(stream, 1):
-                lines.decode(line, line_no)
-                if lines.bytes >= ENCODING_CHECK_BYTES:
-                    break
-        except (OSError, EOFError, lzma.LZMAError) as e:
-            raise UsageError(f"--input_file: cannot read {path}: {e}") from None
-        finally:
-            stream.close()
-            raw.close()
-        lines.check()
-
-    def documents(self):
-        for path_index, path in enumerate(self.paths):
-            raw, stream = _open_binary(path)
-            self._raw = raw
-            lines = _Utf8Lines(path)
-            try:
-                sentences, chars = [], 0
-                for line_no, line in enumerate(stream, 1):
-                    self.text_bytes += len(line)
-                    text = lines.decode(line, line_no).strip()
-                    if self.input_format == "doc_per_line":
-                        if text:
-                            self.docs_per_file[path_index] += 1
-                            yield path_index, [(line_no, s) for s in split_sentences(text)]
-                    elif text:
-                        sentences.append((line_no, text))
-                        chars += len(text)
-                        # A giant "document" (e.g. a file without blank lines) is cut into parts
-                        # so that memory stays bounded; parts are packed like documents.
-                        if chars >= CHARS_PER_CHUNK:
-                            self.docs_per_file[path_index] += 1
-                            yield path_index, sentences
-                            sentences, chars = [], 0
-                    elif sentences:
-                        self.docs_per_file[path_index] += 1
-                        yield path_index, sentences
-                        sentences, chars = [], 0
-                lines.check()
-                self.replaced_chars += lines.replaced
-                if self.first_replacement is None and lines.first_bad_line is not None:
-                    self.first_replacement = f"{path}:{lines.first_bad_line}"
-                if sentences:
-                    self.docs_per_file[path_index] += 1
-                    yield path_index, sentences
-            except (OSError, EOFError, lzma.LZMAError) as e:
-                raise UsageError(f"--input_file: cannot read {path}: {e}") from None
-            finally:
-                self.bytes_done_in_closed_files += os.path.getsize(path)
-                self._raw = None
-                stream.close()
-                raw.close()
-
-    def chunks(self):
-        """Yields (chunk_index, first_doc_index, [document, ...]) in input order."""
-        chunk, chars, chunk_index, doc_index = [], 0, 0, 0
-        for doc in self.documents():
-            chunk.append(doc)
-            chars += sum(len(s) for _, s in doc[1])
-            if len(chunk) >= DOCS_PER_CHUNK or chars >= CHARS_PER_CHUNK:
-                yield chunk_index, doc_index, chunk
-                doc_index += len(chunk)
-                chunk_index += 1
-                chunk, chars = [], 0
-        if chunk:
-            yield chunk_index, doc_index, chunk
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -696,7 +480,10 @@ def output_settings(o, vocab, vocab_sha256, input_files):
 def sidecars(o, vocab, settings, counts, totals, replaced_chars, split_lines):
     """One sidecar per output shard holding counts[i] records; totals as from `new_stats`."""
     kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
-    return [dict(settings, **kind_keys, num_instances=n, num_output_shards=len(counts),
+    # Where the vocab was: run_pretraining.py copies it into its output folder when the hash matches.
+    # Not a setting (a moved vocab does not make finished outputs stale).
+    vocab_file = o.vocab_file if records.is_remote(o.vocab_file) else os.path.abspath(o.vocab_file)
+    return [dict(settings, **kind_keys, vocab_file=vocab_file, num_instances=n, num_output_shards=len(counts),
                  total_instances=totals["instances"], num_documents=totals["documents"],
                  replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]
 
@@ -713,13 +500,13 @@ def generate(o, log=print):
     except ValueError as e:
         raise UsageError(f"--vocab_file: {e}") from None
     outputs = records.shard_paths(o.output_file, o.num_output_shards)
-    input_paths = resolve_input_files(o.input_file)
+    input_paths = corpus.resolve_input_files(o.input_file)
     settings = output_settings(o, vocab, tokenization.vocab_sha256(o.vocab_file),
                                [(os.path.abspath(p), os.path.getsize(p)) for p in input_paths])
     if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
         log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
         return {"skipped": True, "outputs": outputs}
-    reader = InputReader(input_paths, o.input_format)  # checks the encodings before any output is touched
+    reader = corpus.InputReader(input_paths, o.input_format)  # checks the encodings before any output is touched
     if o.segmenter == "rjieba":
         make_segmenter("rjieba")  # fail fast in the parent when it is not installed
 
@@ -782,12 +569,24 @@ def define_flags(fv=flags.FLAGS):
 def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}")
-    generate(Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)}))
+    o = Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)})
+    if _BEAM_ARGS and not o.runner:
+        raise UsageError(f"{_BEAM_ARGS[0]}: --beam_<option> settings need --runner=<Beam runner>")
+    if o.runner:  # the local path never imports Beam
+        import beam_pretraining_data
+        beam_pretraining_data.run(o, o.runner, _BEAM_ARGS)
+    else:
+        generate(o)
 
 
 EXAMPLE = ("python create_pretraining_data.py --input_file=resources/corpus/*.txt "
            "--output_file=/tmp/records/train.tfrecord --vocab_file=resources/vocab.txt "
            "--max_seq_length=128 --max_predictions_per_seq=20 --dupe_factor=5 --num_workers=2")
 
+_BEAM_ARGS = []
+
 if __name__ == "__main__":
+    # absl rejects flags it does not define: --beam_<option>=value go to Beam instead.
+    _BEAM_ARGS += [a for a in sys.argv[1:] if a.startswith("--beam_")]
+    sys.argv = [a for a in sys.argv if not a.startswith("--beam_")]
     train_utils.run_script(main, __doc__, EXAMPLE, define_flags)

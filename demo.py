@@ -190,26 +190,28 @@ def main(argv):
 
     # 5a. MLM export (needed for fill-mask whether or not we fine-tune).
     hf_mlm = os.path.join(out, "hf_mlm")
-    run("export_mlm", ["export_to_pytorch.py", f"--checkpoint={pretrain_dir}", f"--bert_config_file={config}",
-                       f"--vocab_file={vocab}", "--task=mlm", f"--output_dir={hf_mlm}", "--overwrite"], logs)
+    # The pretraining folder is self-describing (checkpoint, bert_config.json, vocab.txt): no other flags.
+    run("export_mlm", ["export_to_pytorch.py", f"--checkpoint={pretrain_dir}", "--task=mlm",
+                       f"--output_dir={hf_mlm}", "--overwrite"], logs)
 
     hf_cls = None
     if sentiment_dir:
         # 4. Fine-tuning from the pretrained checkpoint.
         finetune_dir = os.path.join(out, "finetune_sentiment")
         output = run("finetune", [
+            # train.tsv / dev.tsv are found in --data_dir by their usual names; the model folder
+            # gives bert_config.json and vocab.txt.
             "run_classifier.py", "--task_name=chnsenticorp", f"--data_dir={sentiment_dir}",
-            "--train_file=train.tsv", "--dev_file=dev.tsv", f"--vocab_file={vocab}",
-            f"--bert_config_file={config}", f"--init_checkpoint={pretrain_dir}", "--do_train",
-            "--do_eval", "--max_seq_length=128", "--train_batch_size=32", "--learning_rate=1e-4",
+            f"--init_checkpoint={pretrain_dir}", "--do_train=true", "--do_eval=true",
+            "--max_seq_length=128", "--train_batch_size=32", "--learning_rate=1e-4",
             f"--num_train_epochs={FLAGS.finetune_epochs}", f"--output_dir={finetune_dir}",
             f"--seed={FLAGS.seed}"], logs)
         summary["finetune_dev"] = last_json_line(output, "finetune")
         # 5b. Classifier export.
         hf_cls = os.path.join(out, "hf_sentiment")
         run("export_classifier", [
-            "export_to_pytorch.py", f"--checkpoint={finetune_dir}/best", f"--bert_config_file={config}",
-            f"--vocab_file={vocab}", "--task=classifier", "--labels=0,1", f"--output_dir={hf_cls}",
+            # best/ names its task and labels (model_info.json): the folder alone is enough.
+            "export_to_pytorch.py", f"--checkpoint={finetune_dir}/best", f"--output_dir={hf_cls}",
             "--overwrite"], logs)
 
     # 6. transformers pipelines on the exported folders (offline).

@@ -173,14 +173,14 @@ def _latest_tf2(folder):
             state = tf.train.get_checkpoint_state(folder)
         except Exception:  # pylint: disable=broad-except  (a text-proto parse error of several types)
             state = None
-        prefix = state and state.model_checkpoint_path
-        if prefix and not os.path.isabs(prefix) and "://" not in prefix:
-            prefix = os.path.join(folder, prefix)
-        if not prefix or not tf.io.gfile.exists(prefix + ".index"):
-            raise train_utils.UsageError(
-                f"{state_file}: unreadable or names a missing checkpoint ({prefix!r}); point at a "
-                f"ckpt-N prefix in {folder} instead, or restore the file")
-        return prefix
+        named = state and state.model_checkpoint_path  # TF already joined a relative one to `folder`
+        # A folder moved or copied after its run keeps an absolute path to the old place: look beside.
+        for prefix in ([named, os.path.join(folder, os.path.basename(named))] if named else []):
+            if tf.io.gfile.exists(prefix + ".index"):
+                return prefix
+        raise train_utils.UsageError(
+            f"{state_file}: unreadable or names a missing checkpoint ({named!r}); point at a "
+            f"ckpt-N prefix in {folder} instead, or restore the file")
     numbers = [int(m.group(1)) for m in (re.search(r"ckpt-(\d+)\.index$", p)
                for p in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index"))) if m]
     return os.path.join(folder, f"ckpt-{max(numbers)}") if numbers else None
@@ -335,16 +335,17 @@ def resolve(path, bert_config_file=None, vocab_file=None, flag="--checkpoint"):
 def check_output_dir(output_dir, overwrite=False, sources=()):
     """Fails early (before any work) if `output_dir` holds something and `overwrite` is off, or if
     replacing it would delete one of `sources` (the model being converted)."""
-    out = os.path.realpath(output_dir)
+    real = (lambda p: p.rstrip("/")) if _is_remote(output_dir) else os.path.realpath
+    out = real(output_dir)
     for source in sources:
-        src = os.path.realpath(source)
-        if src == out or src.startswith(out.rstrip(os.sep) + os.sep):
+        src = real(source)
+        if src == out or src.startswith(out.rstrip("/" if _is_remote(output_dir) else os.sep) + "/"):
             raise ValueError(f"--output_dir={output_dir} holds the input {source}; writing there "
                              f"would replace it: choose another --output_dir")
-    if os.path.exists(output_dir):
-        if not os.path.isdir(output_dir):
+    if tf.io.gfile.exists(output_dir):
+        if not tf.io.gfile.isdir(output_dir):
             raise ValueError(f"--output_dir={output_dir} is an existing file, not a folder")
-        if os.listdir(output_dir) and not overwrite:
+        if tf.io.gfile.listdir(output_dir) and not overwrite:
             raise ValueError(f"--output_dir={output_dir} already exists and is not empty; "
                              f"pass --overwrite to replace it")
 
@@ -392,6 +393,10 @@ def atomic_output_dir(output_dir, overwrite=False, sources=()):
     `output_dir` is replaced only after the new one is complete. The folder gets the user's umask
     (mkdtemp alone makes it 0700).
     """
+    if _is_remote(output_dir):
+        with _remote_output_dir(output_dir, overwrite, sources) as tmp:
+            yield tmp
+        return
     output_dir = os.path.abspath(output_dir)
     check_output_dir(output_dir, overwrite, sources)
     parent, base = os.path.split(output_dir)
@@ -413,3 +418,25 @@ def atomic_output_dir(output_dir, overwrite=False, sources=()):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _is_remote(path):
+    return "://" in os.fspath(path)
+
+
+@contextlib.contextmanager
+def _remote_output_dir(output_dir, overwrite, sources):
+    """gs:// (any tf.io.gfile scheme): the output is made in a local temp folder and copied up only
+    when complete, so a failed run writes nothing there. (Cloud storage has no atomic folder
+    rename: with --overwrite the old files are deleted just before the copy.)"""
+    check_output_dir(output_dir, overwrite, sources)
+    with tempfile.TemporaryDirectory(prefix="roberta_zh-export-") as tmp:
+        yield tmp
+        if tf.io.gfile.exists(output_dir):
+            tf.io.gfile.rmtree(output_dir)
+        for root, _, files in os.walk(tmp):
+            rel = os.path.relpath(root, tmp)
+            target = output_dir.rstrip("/") + ("" if rel == "." else "/" + rel)
+            tf.io.gfile.makedirs(target)
+            for name in files:
+                tf.io.gfile.copy(os.path.join(root, name), f"{target.rstrip('/')}/{name}", overwrite=True)

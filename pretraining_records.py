@@ -100,7 +100,9 @@ def sidecar_path(path):
 
 # Sidecar keys. Readers check READ_KEYS; SETTINGS_KEYS say how the file was made (the generator
 # compares them to skip a finished output on a re-run). The generator also writes counts:
-# num_output_shards, total_instances, num_documents, replaced_invalid_utf8_chars, split_long_lines.
+# num_output_shards, total_instances, num_documents, replaced_invalid_utf8_chars, split_long_lines,
+# and `vocab_file` (where the vocab was; run_pretraining.py copies it into its run folder when
+# vocab_sha256 matches).
 READ_KEYS = ("kind", "format_version", "max_seq_length", "max_predictions_per_seq", "vocab_size",
              "num_instances")
 SETTINGS_KEYS = ("vocab_sha256", "do_lower_case", "do_whole_word_mask", "masked_lm_prob",
@@ -820,7 +822,7 @@ def mask_whole_words(ids, num_tokens, word_start, uniform, *, max_pred, masked_l
     pos = tf.range(seq)[None, :]                                                        # [1, S]
     n = num_tokens[:, None]                                                             # [B, 1]
     body = (pos >= 1) & (pos <= n)                                                      # [B, S]
-    word_start = word_start & body
+    word_start = (word_start & body) | (pos == 1)  # the first token always starts a word
     # word[b, t]: index of the word holding token t (words are numbered 0.. in text order).
     word = tf.cumsum(tf.cast(word_start, tf.int32), axis=1) - 1                         # [B, S]
     num_words = word[:, -1:] + 1                                                        # [B, 1]

@@ -33,6 +33,9 @@ setup(
         "fast": ["rjieba"],
         "demo": ["matplotlib", "snownlp"],
         "tfds": ["tensorflow-datasets"],  # run_classifier.py --tfds_name
+        # create_pretraining_data.py --runner=...: Beam pins protobuf<7 (TF 2.21 accepts >=6.31.1,<8).
+        "beam": ["apache-beam>=2.77"],
+        "dataflow": ["apache-beam[gcp]>=2.77"],  # DataflowRunner and gs:// paths
         "test": ["pytest", "torch>=2.1", "transformers>=4.40", "safetensors", "rjieba",
                  "matplotlib", "snownlp", "tensorflow-datasets"],
     },

@@ -199,7 +199,8 @@ class FullTokenizer:
         edges = np.flatnonzero(np.diff(np.concatenate(([1], simple, [1])).astype(np.int8)))
         bounds = edges.reshape(-1, 2)  # [R, 2] runs of non-simple characters, (start, end)
         runs, analyze = self._runs, self._analyze_run
-        found = [runs.get(text[a:b]) or analyze(text[a:b]) for a, b in bounds.tolist()]
+        found = [runs.get(text[a:b]) or analyze(text[a:b])  # (zip allocates no list per run)
+                 for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist())]
         per_run = np.fromiter((len(f[0]) for f in found), np.int64, len(found))  # [R] tokens per run
         n = int(per_run.sum())
         chain = _chain_field

@@ -59,6 +59,7 @@ def cpu():
 
 
 def profile_stages(corpus, args):
+    from corpus import InputReader
     import create_pretraining_data as cpd
     import pretraining_records
 
@@ -66,7 +67,7 @@ def profile_stages(corpus, args):
     o = cpd.Options(input_file=corpus, output_file="/dev/null", vocab_file=args.vocab_file,
                     max_seq_length=128, max_predictions_per_seq=20, dupe_factor=1)
     chunks = [[(corpus, sentences) for _, sentences in docs]
-              for _, _, docs in cpd.InputReader([corpus], o.input_format).chunks()]
+              for _, _, docs in InputReader([corpus], o.input_format).chunks()]
     docs = [d for chunk in chunks for d in chunk]
     texts = ["\n".join(s for _, s in sentences) for _, sentences in docs]
     chunk_texts = ["\n".join(s for _, sentences in chunk for _, s in sentences) for chunk in chunks]

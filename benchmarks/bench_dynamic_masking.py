@@ -8,7 +8,7 @@ bench_create_pretraining_data.prepare_corpus). Seq 128, 20 predictions, masked_l
   1. disk: record bytes / input text bytes for unmasked records and static records at dupe 5 and 10;
   2. generation speed: MB of text per CPU second, --dynamic_masking vs static dupe 5 (one worker,
      in-process, alternating rounds, best round of each);
-  3. masking cost: CPU seconds per batch of 32 through run_pretraining.train_dataset_fn (read, parse,
+  3. masking cost: CPU seconds per batch of 32 through the trainer's input pipeline (read, parse,
      and for unmasked records draw the masks) for both kinds, against the CPU seconds of one
      training step at L4/H256, seq 128, batch 32 (benchmarks/bench_pretraining.make_ours, XLA);
   4. the share of words masked by word length (1, 2, 3, 4, 5+ tokens), static (the generator's
@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import numpy as np  # noqa: E402
 
+from corpus import InputReader  # noqa: E402
+
 import create_pretraining_data as cpd  # noqa: E402
 import pretraining_records as records  # noqa: E402
 from bench_create_pretraining_data import prepare_corpus  # noqa: E402
@@ -58,10 +60,10 @@ def pipeline_cpu_per_batch(path, batches, seed=0):
     """CPU seconds per training batch of run_pretraining's input pipeline over `path`."""
     import tensorflow as tf
 
-    import run_pretraining
+    import pretraining_resume
     parse = records.make_parser(records.read_info([path]), SEQ, PRED, seed=seed)
     count = records.read_sidecar(path)["num_instances"]
-    dataset_fn = run_pretraining.train_dataset_fn([path], [count], BATCH, seed, 1000, 0, parse)
+    dataset_fn = pretraining_resume.train_dataset_fn([path], [count], BATCH, seed, 1000, 0, parse)
     it = iter(dataset_fn(tf.distribute.InputContext()))
     for _ in range(5):
         next(it)
@@ -89,7 +91,7 @@ def word_lengths_static(corpus, vocab, segmenter, max_pred):
     o = cpd.Options(input_file=corpus, output_file="unused", vocab_file=vocab, max_seq_length=SEQ,
                     max_predictions_per_seq=max_pred, segmenter=segmenter)
     maker = cpd.InstanceMaker(o)
-    docs = [(corpus, doc) for _, doc in cpd.InputReader([corpus], o.input_format).documents()]
+    docs = [(corpus, doc) for _, doc in InputReader([corpus], o.input_format).documents()]
     counts = collections.defaultdict(lambda: [0, 0])
     for d, pieces in enumerate(maker.featurize_many(docs)[0]):
         if not pieces:

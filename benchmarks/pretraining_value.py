@@ -78,6 +78,8 @@ def define_flags(fv=flags.FLAGS):
         flags.DEFINE_string("tasks", ",".join(TASKS), f"Comma list of: {', '.join(TASKS)}.", flag_values=fv)
         flags.DEFINE_string("mlm_eval_file", "", "Held-out pretraining records: masked-LM accuracy of each "
                             "checkpoint (run_pretraining.py --do_eval).", flag_values=fv)
+        flags.DEFINE_boolean("report_only", False, "Start no fine-tuning: tabulate the cached runs; a task/arm "
+                             "with runs missing is left out and named in the log.", flag_values=fv)
         flags.DEFINE_boolean("smoke", False, "Tiny model, a few examples, one rate, one seed, a 20-step "
                              "pretraining on resources/corpus: checks the pipeline, measures nothing.",
                              flag_values=fv)
@@ -179,8 +181,9 @@ def carve(name, spec, data_dir, out_dir, val_fraction, data_seed):
             raise UsageError(f"{source}: {len(pool)} rows, too few for {spec['n_train']} + {spec['n_test']}")
     os.makedirs(folder, exist_ok=True)
     for split, rows in (("train", train), ("val", val), ("test", test)):
-        with open(paths[split], "w", encoding="utf-8") as f:
+        with open(paths[split] + ".tmp", "w", encoding="utf-8") as f:
             f.write("".join(r + "\n" for r in ([head] if head else []) + rows))
+        os.replace(paths[split] + ".tmp", paths[split])  # atomic: another invocation may be reading it
     gold = [r.split("\t")[spec["label_col"]] for r in test] if "label_col" in spec else None
     return paths, gold, train
 
@@ -215,12 +218,15 @@ def score_predictions(spec, run_dir, test_path, gold):
 
 
 def finetune(fv, name, spec, paths, gold, arm, checkpoint, lr, seed):
-    """One fine-tuning run (cached). Returns {"val", "test", "best_epoch", "cpu_s"}."""
+    """One fine-tuning run (cached). Returns {"val", "test", "best_epoch", "cpu_s"}, or None when it is
+    not cached and --report_only."""
     run_dir = os.path.join(fv.output_dir, "runs", name, arm, f"lr{lr:g}_seed{seed}")
     summary_path = os.path.join(run_dir, "run.json")
     if os.path.isfile(summary_path):
         with open(summary_path, encoding="utf-8") as f:
             return json.load(f)
+    if fv.report_only:
+        return None
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)  # an interrupted run: start it again
     os.makedirs(run_dir)
@@ -477,10 +483,15 @@ def main(argv):
         random_row = None
         for arm, checkpoint in [("random", "")] + arms:
             runs = {lr: [finetune(fv, name, spec, paths, gold, arm, checkpoint, lr, s) for s in seeds] for lr in lrs}
+            missing = sum(r is None for rs in runs.values() for r in rs)
+            if missing:
+                logging.warning("%s %s: %d of %d runs not done; left out of the table", name, arm, missing,
+                                len(lrs) * len(seeds))
+                continue
             row = summarize(name, arm, runs)
-            if random_row is None:
+            if arm == "random":
                 random_row = row
-            else:
+            elif random_row is not None:
                 row.update(compare(row, random_row))
             rows.append(row)
             logging.info("%s", json.dumps(row))

@@ -15,6 +15,8 @@ import jieba
 import numpy as np
 import pytest
 
+
+import corpus as corpus_module
 import create_pretraining_data as cpd
 import pretraining_records
 import tokenization
@@ -307,7 +309,7 @@ def test_no_instance_mixes_two_documents(tmp_path, tokenizer):
 
 def test_giant_document_is_cut_into_parts_without_loss(tmp_path, monkeypatch, tokenizer):
     # A file without blank lines is one document; it is read in bounded parts, nothing dropped.
-    monkeypatch.setattr(cpd, "CHARS_PER_CHUNK", 300)
+    monkeypatch.setattr(corpus_module, "CHARS_PER_CHUNK", 300)
     sentences = [s for doc in _corpus_sentences(CORPUS[:2]) for s in doc]
     path = tmp_path / "no_blank_lines.txt"
     path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
@@ -330,7 +332,7 @@ def test_doc_per_line_input_splits_sentences_without_loss(tmp_path, tokenizer):
     docs = _corpus_sentences(CORPUS[:2])
     path = tmp_path / "docs.txt"
     path.write_text("\n".join("".join(d) for d in docs) + "\n", encoding="utf-8")
-    assert cpd.split_sentences("他说：“来了！”你呢？好") == ["他说：“来了！”", "你呢？", "好"]
+    assert corpus_module.split_sentences("他说：“来了！”你呢？好") == ["他说：“来了！”", "你呢？", "好"]
     o = _options(tmp_path, input_file=str(path), input_format="doc_per_line", short_seq_prob=0.0)
     summary = _generate(o)
     assert summary["documents"] == len(docs)
@@ -345,7 +347,7 @@ def test_doc_per_line_input_splits_sentences_without_loss(tmp_path, tokenizer):
 # ---------------------------------------------------------------------------------------------------
 
 def test_output_bytes_do_not_depend_on_worker_count(tmp_path, monkeypatch):
-    monkeypatch.setattr(cpd, "DOCS_PER_CHUNK", 8)  # several chunks from the small corpus
+    monkeypatch.setattr(corpus_module, "DOCS_PER_CHUNK", 8)  # several chunks from the small corpus
     outputs = []
     for workers in (1, 2):
         o = _options(tmp_path, name=f"w{workers}.tfrecord", num_workers=workers, dupe_factor=2)

@@ -15,8 +15,8 @@ def test_demo_runs_every_stage_and_outputs_are_sane(tmp_path, repo_root):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "demo.py", f"--output_dir={out}", "--pretrain_steps=60",
-         "--finetune_examples=300", "--dev_examples=100", "--corpus_documents=1500",
-         "--finetune_epochs=1"],
+         "--finetune_examples=1000", "--dev_examples=200", "--corpus_documents=1500",
+         "--finetune_epochs=2"],
         cwd=repo_root, capture_output=True, text=True, timeout=900,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -6,7 +6,6 @@ run the parser over several epochs of them (each epoch is a new stream position,
 """
 
 import collections
-import glob
 import json
 import os
 import re
@@ -17,6 +16,8 @@ import time
 
 import numpy as np
 import pytest
+
+import corpus
 
 import create_pretraining_data as cpd
 import pretraining_records as records
@@ -105,7 +106,7 @@ def test_word_starts_are_the_static_generators_masking_groups(data):
     """The stored word boundaries are the generator's own groups (jieba words, ## joined)."""
     o = cpd.Options(input_file=CORPUS, output_file="unused", vocab_file=VOCAB, max_seq_length=SEQ)
     maker = cpd.InstanceMaker(o)
-    reader = cpd.InputReader(CORPUS.split(","), o.input_format)
+    reader = corpus.InputReader(CORPUS.split(","), o.input_format)
     groups = set()
     for pieces in maker.featurize_many([(CORPUS, doc) for _, doc in reader.documents()])[0]:
         for ids, starts in pieces:
@@ -239,14 +240,14 @@ def test_model_tensors_match_static_records_in_names_shapes_and_dtypes(data):
     """What run_pretraining hands the model: identical structure for both kinds, train and eval."""
     import tensorflow as tf
 
-    import run_pretraining
+    import pretraining_resume
     for training in (True, False):
         specs = []
         for kind in ("static", "unmasked"):
             files, counts = [data[kind]], [_meta(data[kind])["num_instances"]]
             parse = records.make_parser(records.read_info(files), SEQ, PRED, training=training)
-            dataset_fn = (run_pretraining.train_dataset_fn(files, counts, 8, 0, 100, 0, parse)
-                          if training else run_pretraining.eval_dataset_fn(files, counts, 8, 2, parse))
+            dataset_fn = (pretraining_resume.train_dataset_fn(files, counts, 8, 0, 100, 0, parse)
+                          if training else pretraining_resume.eval_dataset_fn(files, counts, 8, 2, parse))
             specs.append(dataset_fn(tf.distribute.InputContext()).element_spec)
         assert specs[0] == specs[1]
         assert all(s.shape.is_fully_defined() for s in specs[1].values())

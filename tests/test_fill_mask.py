@@ -124,7 +124,12 @@ def test_hf_folder_and_imported_checkpoint_give_the_same_candidates(trained, tmp
     from_hf = fill_mask.fill_masks(*fill_mask.load_masked_lm(hf_dir), text, top_k=3)
     convert_checkpoint.hf_to_tf2(hf_dir, str(tmp_path / "imported"))
     imported = fill_mask.fill_masks(*fill_mask.load_masked_lm(str(tmp_path / "imported")), text, top_k=3)
-    for got in (from_hf, imported):
+    # A transformers-5 style folder: tokenizer.json instead of vocab.txt.
+    transformers = pytest.importorskip("transformers")
+    transformers.AutoTokenizer.from_pretrained(hf_dir).save_pretrained(hf_dir)
+    os.remove(os.path.join(hf_dir, "vocab.txt"))
+    from_t5 = fill_mask.fill_masks(*fill_mask.load_masked_lm(hf_dir), text, top_k=3)
+    for got in (from_hf, imported, from_t5):
         assert [w for w, _ in got[0]] == [w for w, _ in expected[0]]
         np.testing.assert_allclose([s for _, s in got[0]], [s for _, s in expected[0]], rtol=1e-6)
 

@@ -1,4 +1,4 @@
-"""create_pretraining_data.InputReader: a corpus that is not UTF-8 is refused with one line naming the
+"""corpus.InputReader: a corpus that is not UTF-8 is refused with one line naming the
 file, its first bad line and the likely encoding, and nothing already on disk changes; the odd invalid
 byte in a UTF-8 corpus is still replaced, counted and reported."""
 
@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+
+import corpus as corpus_module
+from corpus import InputReader
 
 import create_pretraining_data as cpd
 import train_utils
@@ -77,21 +80,21 @@ def test_short_samples_name_every_equally_likely_encoding(tmp_path):
     corpus = tmp_path / "short.txt"
     corpus.write_bytes("中国的首都是北京。\n我们爱北京。\n".encode("gbk"))
     with pytest.raises(train_utils.UsageError, match=r"likely encoding one of .*GB18030"):
-        cpd.InputReader([str(corpus)], "sentence_per_line")
+        InputReader([str(corpus)], "sentence_per_line")
 
 
 def test_binary_data_is_not_given_an_encoding(tmp_path):
     corpus = tmp_path / "corpus.txt"  # a compressed file without its .gz name
     corpus.write_bytes(gzip.compress(_corpus_text().encode()))
     with pytest.raises(train_utils.UsageError, match=r"not recognised \(binary or compressed data\?\)"):
-        cpd.InputReader([str(corpus)], "sentence_per_line")
+        InputReader([str(corpus)], "sentence_per_line")
 
 
 def test_gbk_after_the_checked_head_fails_before_the_output_is_replaced(tmp_path, earlier_output,
                                                                         monkeypatch):
     # A UTF-8 file with a GBK file appended: the head check passes, the end-of-file check fails.
     head = _corpus_text(20)
-    monkeypatch.setattr(cpd, "ENCODING_CHECK_BYTES", len(head.encode()) // 2)
+    monkeypatch.setattr(corpus_module, "ENCODING_CHECK_BYTES", len(head.encode()) // 2)
     corpus = tmp_path / "mixed.txt"
     corpus.write_bytes(head.encode() + "\n".encode() + _corpus_text(200).encode("gbk"))
     first_bad = head.count("\n") + 2
@@ -120,7 +123,7 @@ def test_share_rule_needs_two_bad_lines_above_one_percent_of_bytes(tmp_path):
         path = tmp_path / "c.txt"
         path.write_bytes(b"".join(lines))
         try:
-            cpd.InputReader([str(path)], "sentence_per_line")
+            InputReader([str(path)], "sentence_per_line")
         except train_utils.UsageError:
             return "refused"
         return "read"

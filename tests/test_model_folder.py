@@ -155,3 +155,36 @@ def test_write_refuses_a_vocab_that_does_not_fit_the_config(tmp_path):
     with pytest.raises(train_utils.UsageError, match="2 tokens, but the bert config says vocab_size=8"):
         model_folder.write(tmp_path / "run", config=_config(), vocab_file=str(bad), do_lower_case=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_output_folder_on_a_gfile_filesystem_is_written_only_when_complete():
+    """gs:// outputs go through a local temp folder and tf.io.gfile (ram:// stands in for gs://)."""
+    out = "ram://model_folder_test/export"
+    with pytest.raises(RuntimeError):
+        with model_folder.atomic_output_dir(out) as tmp:
+            open(os.path.join(tmp, "half.bin"), "w").write("x")
+            raise RuntimeError("killed half way")
+    assert not tf.io.gfile.exists(out)
+    with model_folder.atomic_output_dir(out) as tmp:
+        os.makedirs(os.path.join(tmp, "sub"))
+        open(os.path.join(tmp, "config.json"), "w").write("{}")
+        open(os.path.join(tmp, "sub", "a.txt"), "w").write("a")
+    assert sorted(tf.io.gfile.listdir(out)) == ["config.json", "sub/"] or \
+        sorted(tf.io.gfile.listdir(out)) == ["config.json", "sub"]
+    assert tf.io.gfile.GFile(out + "/sub/a.txt").read() == "a"
+    with pytest.raises(ValueError, match="already exists and is not empty; pass --overwrite"):
+        with model_folder.atomic_output_dir(out):
+            pass
+
+
+def test_relative_and_moved_folders_resolve(tmp_path, monkeypatch):
+    """A relative --checkpoint (the README's out/pretrain), and a folder copied elsewhere."""
+    run = tmp_path / "out" / "pretrain"
+    _fake_tf2_checkpoint(str(run), step=5)
+    model_folder.write(run, config=_config(), vocab_file=_vocab(tmp_path), do_lower_case=True)
+    monkeypatch.chdir(tmp_path)
+    assert model_folder.resolve("out/pretrain").checkpoint == os.path.join("out", "pretrain", "ckpt-5")
+    state = (run / "checkpoint").read_text()
+    (run / "checkpoint").write_text(state.replace('"ckpt-5"', '"/elsewhere/old_run/ckpt-5"'))
+    assert "/elsewhere/" in (run / "checkpoint").read_text()
+    assert model_folder.resolve(str(run)).checkpoint == os.path.join(str(run), "ckpt-5")

@@ -307,6 +307,17 @@ def test_train_eval_predict_on_ram_filesystem_and_best_is_a_model_folder(tmp_pat
     assert tf.io.gfile.GFile(f"{ram}/out/best/checkpoint").read() == before
 
 
+def test_predict_alone_reuses_best_of_a_relative_output_dir(tmp_path, google_vocab, monkeypatch):
+    _pair_data(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, data_dir="data", output_dir="out",
+                                         do_train=True, max_train_steps=2)))
+    # No --init_checkpoint, config or vocab: out/best/ (a relative folder) describes the model.
+    run_classifier.run(_opts(task_name="lcqmc", data_dir="data", output_dir="out", do_predict=True,
+                             max_seq_length=16))
+    assert len((tmp_path / "out" / "test_predictions.tsv").read_text(encoding="utf-8").splitlines()) == 6
+
+
 def _xnli_mock(builder, split=None, **kwargs):
     """Chinese XNLI-shaped examples for tfds.testing.mock_data (premise: Translation, hypothesis:
     TranslationVariableLanguages, label: ClassLabel), so nothing is downloaded."""
@@ -389,6 +400,14 @@ def test_roberta_zh_lcqmc_command_runs_verbatim_with_only_paths_and_sizes_change
     assert (folder.task, folder.labels, folder.do_lower_case) == ("classifier", ["0", "1"], True)
     assert folder.checkpoint.endswith("ckpt-1") and os.path.dirname(folder.vocab_file) == os.path.dirname(
         folder.bert_config_file) == str(tmp_path / "checkpoint_lcqmc" / "best")
+    export = subprocess.run(
+        [sys.executable, str(repo_root / "export_to_pytorch.py"), f"--checkpoint={tmp_path}/checkpoint_lcqmc/best",
+         f"--output_dir={tmp_path}/hf_lcqmc"], capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert export.returncode == 0, export.stderr[-2000:]
+    hf_config = json.loads((tmp_path / "hf_lcqmc" / "config.json").read_text(encoding="utf-8"))
+    assert hf_config["architectures"] == ["BertForSequenceClassification"]
+    assert hf_config["id2label"] == {"0": "0", "1": "1"}
 
 
 def _write_tf1_checkpoint(config, prefix):
