@@ -248,23 +248,37 @@ def write_json(path, obj):
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
+def _sha256(path):
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def vocab_and_casing(opts, files):
-    """-> (vocab file or None, do_lower_case) for the run folder, checked against the sidecars."""
+    """-> (vocab file or None, do_lower_case) for the run folder, checked against the sidecars.
+
+    The vocab: --vocab_file, which must be the one the records were made with (their sidecars'
+    vocab_sha256); without the flag, the file the sidecars name (`vocab_file`) if it is still there
+    with that hash; else None (the run trains, and warns that the folder lacks vocab.txt).
+    """
     metas = [(p, m) for p, m in pretraining_records.read_info(files).metas if m]
+    hashes = {m["vocab_sha256"] for _, m in metas if m.get("vocab_sha256")}
     vocab_file = opts.vocab_file
-    if not vocab_file:  # the sidecar may name the vocab it was made with
-        named = [m.get("vocab_file") for _, m in metas if m.get("vocab_file")]
-        if named and tf.io.gfile.exists(named[0]):
-            vocab_file = named[0]
     if vocab_file:
         if not tf.io.gfile.exists(vocab_file) or tf.io.gfile.isdir(vocab_file):
             raise UsageError(f"--vocab_file={vocab_file}: no such file")
-        with tf.io.gfile.GFile(vocab_file, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()
+        sha = _sha256(vocab_file)
         for path, meta in metas:
             if meta.get("vocab_sha256") not in (None, sha):
                 raise UsageError(f"--vocab_file={vocab_file} is not the vocab {path} was made with "
                                  f"(vocab_sha256 differs in {path}.meta.json)")
+    else:
+        named = next((m["vocab_file"] for _, m in metas if m.get("vocab_file")), None)
+        if named and tf.io.gfile.exists(named) and not tf.io.gfile.isdir(named) \
+                and hashes <= {_sha256(named)}:
+            vocab_file = named
+        elif named:
+            logging.warning("the records' sidecar names %s, but it is gone or changed since; "
+                            "give --vocab_file to make the run folder self-describing", named)
     cased = {m["do_lower_case"] for _, m in metas if "do_lower_case" in m}
     lower = opts.do_lower_case
     if lower is None:
