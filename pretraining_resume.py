@@ -52,7 +52,8 @@ def train_dataset_fn(files, counts, per_replica_batch, seed, shuffle_buffer_size
     """-> dataset_fn(input_context) for `strategy.distribute_datasets_from_function`.
 
     Each pipeline's stream is a deterministic function of (files, seed): epoch e reads its files in
-    an order drawn from (seed, e), interleaved, and shuffles records with seed (seed, e). Every
+    an order drawn from (seed, e), interleaved, and shuffles records within windows of
+    shuffle_buffer_size by draws from (seed, position). Every
     record carries its stream position e * records_per_epoch + i. Resuming at `start_step` skips
     the records already consumed (raw reads, no parsing, at most one epoch) instead of restoring
     iterator state, which tf.distribute's per-replica iterators cannot save. Batches are
@@ -65,10 +66,11 @@ def train_dataset_fn(files, counts, per_replica_batch, seed, shuffle_buffer_size
         mine, shard_records, per_epoch = pipeline_files(files, counts, num_pipelines, pipeline_id)
         first_epoch, skip = divmod(start_step * per_replica_batch * local_replicas, per_epoch)
         names = tf.constant(mine)
+        seed64 = tf.constant(seed, tf.int64)
 
         def epoch(e):
             order = tf.random.experimental.stateless_shuffle(
-                tf.range(len(mine)), seed=tf.stack([tf.constant(seed, tf.int64), e]))
+                tf.range(len(mine)), seed=tf.stack([seed64, e]))
             d = tf.data.Dataset.from_tensor_slices(tf.gather(names, order))
             d = d.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),
                              cycle_length=min(4, len(mine)), num_parallel_calls=tf.data.AUTOTUNE,
@@ -76,7 +78,15 @@ def train_dataset_fn(files, counts, per_replica_batch, seed, shuffle_buffer_size
             if shard_records:
                 d = d.shard(num_pipelines, pipeline_id)
             d = tf.data.Dataset.zip(tf.data.Dataset.range(e * per_epoch, (e + 1) * per_epoch), d)
-            return d.shuffle(shuffle_buffer_size, seed=seed * 1_000_003 + e)
+            # Shuffled within windows of shuffle_buffer_size records by stateless draws keyed by
+            # (seed, the window's first position): the order depends on nothing else (not the
+            # global seed, not an iterator's state).
+            return d.batch(shuffle_buffer_size).map(shuffle_window).unbatch()
+
+        def shuffle_window(positions, serialized):                          # [W], [W]
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(tf.shape(positions)[0]), seed=tf.stack([seed64, positions[0]]))
+            return tf.gather(positions, order), tf.gather(serialized, order)
 
         d = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(skip)
         d = d.batch(per_replica_batch, drop_remainder=True)
@@ -248,23 +258,37 @@ def write_json(path, obj):
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
 
 
+def _sha256(path):
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def vocab_and_casing(opts, files):
-    """-> (vocab file or None, do_lower_case) for the run folder, checked against the sidecars."""
+    """-> (vocab file or None, do_lower_case) for the run folder, checked against the sidecars.
+
+    The vocab: --vocab_file, which must be the one the records were made with (their sidecars'
+    vocab_sha256); without the flag, the file the sidecars name (`vocab_file`) if it is still there
+    with that hash; else None (the run trains, and warns that the folder lacks vocab.txt).
+    """
     metas = [(p, m) for p, m in pretraining_records.read_info(files).metas if m]
+    hashes = {m["vocab_sha256"] for _, m in metas if m.get("vocab_sha256")}
     vocab_file = opts.vocab_file
-    if not vocab_file:  # the sidecar may name the vocab it was made with
-        named = [m.get("vocab_file") for _, m in metas if m.get("vocab_file")]
-        if named and tf.io.gfile.exists(named[0]):
-            vocab_file = named[0]
     if vocab_file:
         if not tf.io.gfile.exists(vocab_file) or tf.io.gfile.isdir(vocab_file):
             raise UsageError(f"--vocab_file={vocab_file}: no such file")
-        with tf.io.gfile.GFile(vocab_file, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()
+        sha = _sha256(vocab_file)
         for path, meta in metas:
             if meta.get("vocab_sha256") not in (None, sha):
                 raise UsageError(f"--vocab_file={vocab_file} is not the vocab {path} was made with "
                                  f"(vocab_sha256 differs in {path}.meta.json)")
+    else:
+        named = next((m["vocab_file"] for _, m in metas if m.get("vocab_file")), None)
+        if named and tf.io.gfile.exists(named) and not tf.io.gfile.isdir(named) \
+                and hashes <= {_sha256(named)}:
+            vocab_file = named
+        elif named:
+            logging.warning("the records' sidecar names %s, but it is gone or changed since; "
+                            "give --vocab_file to make the run folder self-describing", named)
     cased = {m["do_lower_case"] for _, m in metas if "do_lower_case" in m}
     lower = opts.do_lower_case
     if lower is None:

@@ -68,7 +68,8 @@ def define_flags(fv=flags.FLAGS):
         integer("max_predictions_per_seq", 20, "Masked positions per sequence in the records.")
         number("masked_lm_prob", 0.10, "Share of tokens to predict, for records masked at training "
                "time (create_pretraining_data.py --dynamic_masking); static records keep theirs.")
-        integer("shuffle_buffer_size", 1000, "Records in the shuffle buffer.")
+        integer("shuffle_buffer_size", 1000, "Records per shuffle window (records are shuffled "
+                "within consecutive windows of this size, by draws from --seed and position).")
         boolean("check_input_files", True, "Read every record once before training (CRC, count "
                 "against the .meta.json) so bad data fails before step 1.")
     with train_utils.flag_group("Model and checkpoints", fv):

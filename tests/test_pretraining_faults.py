@@ -3,6 +3,7 @@ resume that would read another stream. Each case: a one-line UsageError naming t
 what to do, and `output_dir` byte-identical afterwards (never a fresh start over old checkpoints).
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -179,3 +180,20 @@ def test_unreadable_state_from_the_command_line_is_one_line_exit_2(data, trained
     assert len(lines) == 1 and lines[0].startswith("run_pretraining.py: error: ") and \
         "checkpoint is unreadable" in lines[0], lines
     assert _snapshot(out) == before
+
+
+def test_run_folder_takes_the_vocab_the_records_sidecar_names(data, tmp_path):  # noqa: F811
+    """Without --vocab_file, the vocab named in the records' .meta.json (create_pretraining_data
+    writes it) is copied when it still has the records' vocab_sha256."""
+    import mlm_instances as records
+    vocab = tmp_path / "vocab.txt"
+    shutil.copy(data["vocab_file"], vocab)
+    path = str(tmp_path / "named.tfrecord")
+    meta = records.write_records(path, data["instances"][:64], str(vocab), 64, 10)
+    with open(path + ".meta.json", "w", encoding="utf-8") as f:  # as the generator writes it now
+        json.dump(dict(meta, vocab_file=str(vocab)), f)
+    out = str(tmp_path / "run")
+    _run(data, out, f"--input_file={path}", "--do_train", "--num_train_steps=2",
+         "--jit_compile=false")
+    with open(os.path.join(out, "vocab.txt"), "rb") as a, open(vocab, "rb") as b:
+        assert a.read() == b.read()

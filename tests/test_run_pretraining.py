@@ -187,7 +187,8 @@ def test_accumulated_micro_batches_equal_one_large_batch(data, tmp_path, optimiz
     assert large.keys() == micro.keys() == initial.keys() and len(large) > 10
     for name in large:
         np.testing.assert_allclose(micro[name], large[name], atol=3e-6, err_msg=name)
-        assert np.abs(large[name] - initial[name]).max() > 0, f"{name} did not move"
+        if "pooler" not in name:  # the pooler is not trained by the masked-LM loss (modeling.py)
+            assert np.abs(large[name] - initial[name]).max() > 0, f"{name} did not move"
     # Same schedule position, same losses: the schedule counts updates, not micro-batches.
     a, b = _scalars(str(tmp_path / "large")), _scalars(str(tmp_path / "micro"))
     np.testing.assert_allclose([v for _, v in b["loss"]], [v for _, v in a["loss"]], rtol=1e-5)
