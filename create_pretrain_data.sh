@@ -53,6 +53,10 @@ if ((${#positional[@]} != 2)) || ! [[ "${positional[0]}" =~ ^[0-9]+$ && "${posit
 fi
 START=$((10#${positional[0]}))
 END=$((10#${positional[1]}))
+if ((START > END)); then
+  echo "error: START ($START) is after END ($END): nothing to convert; give START <= END" >&2
+  exit 2
+fi
 if ! [[ "$PARALLEL" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: PARALLEL/-j must be a positive number, got '$PARALLEL'" >&2
   exit 2

@@ -232,6 +232,9 @@ def run(fv):
     found = model_folder.resolve(fv.checkpoint, fv.bert_config_file, fv.vocab_file, flag="--checkpoint")
     if found.kind == "hf":
         raise train_utils.UsageError(f"--checkpoint={fv.checkpoint} is already a HuggingFace folder")
+    if fv.task and found.task and fv.task != found.task:  # the other heads are not in the checkpoint
+        raise train_utils.UsageError(f"--task={fv.task}, but {fv.checkpoint} holds a {found.task} model "
+                                     f"(model_info.json); drop --task or give a {fv.task} model")
     task = fv.task or found.task or "mlm"
     labels = convert_checkpoint.parse_labels(fv.labels) or found.labels
     if task in ("classifier", "ner") and not labels:

@@ -358,9 +358,14 @@ def run(opts, task):
         task.model = modeling.build_model(task.make_model(config), seq_len=8)
     if resolved.checkpoint:
         try:
-            modeling.load_pretrained(task.model, resolved.checkpoint)  # logs loaded / new tensors
+            report = modeling.load_pretrained(task.model, resolved.checkpoint)  # logs loaded / new tensors
         except ValueError as e:
             raise UsageError(f"--init_checkpoint: {e}") from None
+        untrained = [n for n in report.newly_initialized if "pooler" not in n]
+        if untrained and not opts.do_train:  # evaluating or predicting with a random task head
+            raise UsageError(f"--init_checkpoint={resolved.checkpoint} has no trained {task.kind} head "
+                             f"({', '.join(untrained)} not in it): --do_eval/--do_predict without "
+                             "--do_train need a fine-tuned model, e.g. output_dir/best of a training run")
     else:
         logging.warning("no --init_checkpoint: training from a RANDOM initialisation")
 

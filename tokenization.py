@@ -109,6 +109,8 @@ def load_vocab(vocab_file):
                 vocab.setdefault(token.strip() if token.strip() else token, index)
     except FileNotFoundError:
         raise ValueError(f"vocab file not found: {vocab_file}") from None
+    except IsADirectoryError:
+        raise ValueError(f"vocab file {vocab_file} is a directory; give its vocab.txt") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"vocab file {vocab_file} is not UTF-8: {e}") from None
     if not vocab:

@@ -201,14 +201,12 @@ def test_plot_on_a_full_disk_is_one_line_and_keeps_the_previous_png(tmp_path, mo
 # the fix turns them red until the marker is removed.
 # ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="tok: tokenization.load_vocab lets IsADirectoryError through (traceback)")
 def test_vocab_that_is_a_folder_is_one_line(tmp_path):
     (tmp_path / "vocab").mkdir()
     result = _generator(tmp_path, f"--input_file={CORPUS}", "--output_file=out.tfrecord", vocab="vocab")
     _one_line_error(result, "create_pretraining_data.py", "--vocab_file", "vocab")
 
 
-@pytest.mark.xfail(strict=True, reason="dyn: create_pretrain_data.sh 5 2 prints 'all -2 files complete', exit 0")
 def test_shell_range_with_start_after_end_is_a_bad_argument(tmp_path):
     result = subprocess.run(["bash", str(REPO_ROOT / "create_pretrain_data.sh"), "5", "2"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=60)
@@ -232,7 +230,6 @@ def test_pretraining_output_dir_that_is_a_file_is_one_line(tmp_path):
     assert _tree(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="interop: --task=ner from a classifier folder exports a 2-tag NER model, exit 0")
 def test_export_with_another_task_than_the_folder_holds_is_refused(tmp_path):
     from test_export import make_checkpoint_dir, run_export
     ckpt = str(tmp_path / "classifier")
@@ -243,8 +240,6 @@ def test_export_with_another_task_than_the_folder_holds_is_refused(tmp_path):
     assert _tree(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="ft: --do_predict alone from a pretraining folder predicts with an "
-                                       "untrained classifier head, exit 0")
 def test_predicting_from_a_pretraining_folder_alone_is_refused(tmp_path):
     import run_classifier
     from test_export import make_checkpoint_dir
