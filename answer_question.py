@@ -17,6 +17,8 @@ import json
 import sys
 import types
 
+import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
+
 from absl import flags
 
 import convert_checkpoint
@@ -25,7 +27,6 @@ import model_folder
 import modeling
 import run_cmrc
 import tokenization
-import train_utils
 
 
 def load_qa_model(checkpoint, bert_config_file=None, vocab_file=None, do_lower_case=None):

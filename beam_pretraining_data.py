@@ -392,7 +392,8 @@ def run(o, runner, beam_args=(), log=print):
     # writes nothing itself: the workers write and Finalize renames).
     local = not any(map(records.is_remote, outputs))
     start = time.perf_counter()
-    with records.RecordOutputs(outputs, inputs=paths) if local else contextlib.nullcontext():
+    with records.RecordOutputs(outputs, inputs=paths + cpd.side_inputs(o)) if local \
+            else contextlib.nullcontext():
         result = pipeline.run()
         try:
             result.wait_until_finish()

@@ -31,6 +31,8 @@ import json
 import os
 import struct
 
+import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -38,7 +40,6 @@ from absl import flags, logging
 
 import model_folder
 import modeling
-import train_utils
 
 TASK_ARCHITECTURES = model_folder.TASK_ARCHITECTURES
 ARCHITECTURE_TASKS = model_folder.ARCHITECTURE_TASKS

@@ -43,6 +43,11 @@ def resolve_input_files(spec):
                 raise UsageError(f"--input_file: file not found: {path}")
             if os.path.isdir(path):
                 raise UsageError(f"--input_file: {path} is a directory (give files or a glob)")
+            if not os.path.isfile(path):
+                # A pipe (`<(xzcat ...)`) could be read once, but the encoding check reads the start
+                # of every file before the corpus is read.
+                raise UsageError(f"--input_file: {path} is not a regular file (a pipe?); write it to a "
+                                 "file first (.gz/.xz/.bz2 are read directly)")
             if os.path.getsize(path) == 0:
                 raise UsageError(f"--input_file: {path} is empty")
             if path not in paths:

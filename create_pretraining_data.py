@@ -100,8 +100,23 @@ def validate_options(o):
         raise UsageError(f"--input_format={o.input_format!r} must be one of {corpus.INPUT_FORMATS}")
     if o.segmenter not in SEGMENTERS:
         raise UsageError(f"--segmenter={o.segmenter!r} must be one of {SEGMENTERS}")
-    if o.jieba_user_dict and not os.path.isfile(o.jieba_user_dict):
-        raise UsageError(f"--jieba_user_dict: file not found: {o.jieba_user_dict}")
+    if o.jieba_user_dict:
+        _check_user_dict(o.jieba_user_dict)
+
+
+def _check_user_dict(path):
+    """The user dictionary is read by every worker: a wrong path or encoding fails here, once."""
+    if os.path.isdir(path):
+        raise UsageError(f"--jieba_user_dict: {path} is a directory; give the dictionary file")
+    if not os.path.isfile(path):
+        raise UsageError(f"--jieba_user_dict: file not found: {path}")
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError(f"--jieba_user_dict: {path}:{line_no}: not UTF-8 (jieba reads UTF-8 only); "
+                                 "convert it, e.g. `iconv -f GBK -t UTF-8`") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,6 +503,11 @@ def sidecars(o, vocab, settings, counts, totals, replaced_chars, split_lines):
                  replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]
 
 
+def side_inputs(o):
+    """Files read besides the corpus, which an output must not replace either."""
+    return [p for p in (o.vocab_file, o.jieba_user_dict) if p]
+
+
 def generate(o, log=print):
     """Runs the generator; returns a summary dict. Raises UsageError (one line) on bad input.
 
@@ -517,7 +537,7 @@ def generate(o, log=print):
     progress = ProgressLogger(total=total_kb, unit="KB", every_secs=o.progress_every_secs,
                               name="create_pretraining_data")
     start = time.perf_counter()
-    with records.RecordOutputs(outputs, inputs=input_paths) as out:
+    with records.RecordOutputs(outputs, inputs=input_paths + side_inputs(o)) as out:
         for shard_bytes, per_shard, stats in _results(o, reader, input_paths):
             out.write(shard_bytes, per_shard)
             for k, v in stats.items():

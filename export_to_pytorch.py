@@ -28,6 +28,8 @@ import os
 import shutil
 import struct
 
+import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
+
 import numpy as np
 from absl import flags, logging
 
@@ -35,7 +37,6 @@ import convert_checkpoint
 import model_folder
 import modeling
 import tokenization
-import train_utils
 
 # safetensors dtype codes of the numpy dtypes we write.
 _NP_TO_ST = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",

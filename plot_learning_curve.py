@@ -112,8 +112,38 @@ def plot(scalars, output, title=""):
         fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    # Written beside and renamed: a killed run never leaves half a PNG under the name asked for.
+    tmp = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=110, format=os.path.splitext(output)[1][1:])
+        os.replace(tmp, output)
+    except OSError as e:  # a full disk, a read-only folder
+        raise train_utils.UsageError(f"--output={output}: cannot write: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return output
+
+
+def check_output(output):
+    """The PNG path the run will write: a name without an extension gets .png, a folder is refused.
+
+    Checked before the event files are read, so a bad --output fails at once.
+    """
+    if os.path.isdir(output):
+        raise train_utils.UsageError(f"--output={output} is a directory; give a file name, e.g. "
+                                     f"{os.path.join(output, 'learning_curve.png')}")
+    extension = os.path.splitext(output)[1][1:].lower()
+    if not extension:
+        return output + ".png"
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if extension not in formats:
+        raise train_utils.UsageError(f"--output={output}: .{extension} is not an image format matplotlib "
+                                     f"writes ({', '.join(sorted(formats))})")
     return output
 
 
@@ -132,7 +162,7 @@ def main(argv):
     if len(argv) > 1:
         raise train_utils.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     fv = flags.FLAGS
-    output = fv.output or os.path.join(fv.logdir, "learning_curve.png")
+    output = check_output(fv.output or os.path.join(fv.logdir, "learning_curve.png"))
     try:
         path = plot(read_scalars(fv.logdir), output, fv.title)
     except ValueError as e:

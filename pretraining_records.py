@@ -415,18 +415,28 @@ class RecordOutputs:
     def write(self, shard_bytes, counts=None):
         """Appends shard_bytes[i] (framed records) to output i; counts[i] records, if given."""
         for i, (f, data) in enumerate(zip(self._files, shard_bytes)):
-            f.write(data)
+            try:
+                f.write(data)
+            except OSError as e:
+                self._write_failed(i, e)
             if counts is not None:
                 self.counts[i] += counts[i]
 
+    def _write_failed(self, i, error):
+        # A full disk is the usual cause; the temp files go on leaving the block, the old output stays.
+        raise UsageError(f"{self.flag}: cannot write {self.paths[i]}: {error.strerror or error}; "
+                         "nothing was replaced") from None
+
     def commit(self, metas):
         """Puts every output and its sidecar (metas[i]) in place."""
-        for f in self._files:
-            f.close()
         meta_tmps = [t + SIDECAR_SUFFIX for t in self._tmps]
-        for tmp, meta in zip(meta_tmps, metas):
-            with open(tmp, "w", encoding="utf-8") as f:
-                _dump_json(meta, f)
+        for i, (f, tmp, meta) in enumerate(zip(self._files, meta_tmps, metas)):
+            try:
+                f.close()  # flushes: the disk can fill here too
+                with open(tmp, "w", encoding="utf-8") as g:
+                    _dump_json(meta, g)
+            except OSError as e:
+                self._write_failed(i, e)
         for path, tmp, meta_tmp in zip(self.paths, self._tmps, meta_tmps):
             if is_remote(path):
                 gfile = _gfile()
@@ -443,7 +453,10 @@ class RecordOutputs:
 
     def _cleanup(self):
         for f in self._files:
-            f.close()
+            try:
+                f.close()
+            except OSError:  # a full disk fails the flush again; the file is removed below anyway
+                pass
         for tmp in self._tmps:
             for p in (tmp, tmp + SIDECAR_SUFFIX):
                 if os.path.exists(p):

@@ -24,12 +24,13 @@ import json
 import os
 from collections import Counter
 
+import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
+
 import numpy as np
 from absl import flags
 
 import finetune_utils
 import modeling
-import train_utils
 from train_utils import UsageError
 
 

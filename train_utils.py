@@ -5,6 +5,7 @@ TensorFlow prints while it loads (oneDNN, "Could not find cuda drivers", "failed
 which absl's logging flags cannot reach because they are written before logging starts.
 """
 
+import errno
 import importlib.abc
 import importlib.util
 import os
@@ -278,11 +279,13 @@ def run_script(main, doc, example, define_flags=None):
         try:
             rest = flags.FLAGS(argv)
         except flags.Error as e:
-            sys.exit(f"{prog}: {e}\nSee `python {prog} --help`.")
+            print(f"{prog}: error: {e} (see `python {prog} --help`)", file=sys.stderr)
+            sys.exit(2)
         missing = [name for name in _REQUIRED if flags.FLAGS[name].value in (None, "")]
         if missing:
-            sys.exit(f"{prog}: missing required flag(s): {', '.join('--' + m for m in missing)}\n"
-                     f"example:\n  {example}\nSee `python {prog} --help` for every flag.")
+            print(f"{prog}: missing required flag(s): {', '.join('--' + m for m in missing)}\n"
+                  f"example:\n  {example}\nSee `python {prog} --help` for every flag.", file=sys.stderr)
+            sys.exit(2)
         return rest
 
     def guarded_main(argv):
@@ -290,6 +293,13 @@ def run_script(main, doc, example, define_flags=None):
             return main(argv)
         except UsageError as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except Exception as e:  # a full disk can hit any write (TF's ResourceExhaustedError, OSError)
+            if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+                raise
+            print(f"{prog}: error: no space left on device ({type(e).__name__}); free space and rerun "
+                  "the same command: outputs are written under temporary names, and a rerun resumes "
+                  "or replaces them", file=sys.stderr)
             sys.exit(2)
 
     app.run(guarded_main, flags_parser=parse)

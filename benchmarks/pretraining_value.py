@@ -249,6 +249,7 @@ def finetune(fv, name, spec, paths, gold, arm, checkpoint, lr, seed):
                "cpu_s": round(cpu, 1), "wall_s": round(time.time() - start, 1)}
     with open(os.path.join(run_dir, "train_history.json"), encoding="utf-8") as f:
         history = json.load(f)
+    history = history["epochs"] if isinstance(history, dict) else history  # older scripts wrote the bare list
     summary["best_epoch"] = max(history, key=lambda h: h[METRIC[spec["script"]]])["epoch"]
     summary["first_epoch_train_loss"] = history[0]["train_loss"]
     shutil.rmtree(os.path.join(run_dir, "best"), ignore_errors=True)  # weights are not needed any more
@@ -366,18 +367,19 @@ def compare(row, random_row):
     n1, n2 = row["n_seeds"], random_row["n_seeds"]
     se = math.sqrt(row["test_std"] ** 2 / n1 + random_row["test_std"] ** 2 / n2)
     gain = row["test_mean"] - random_row["test_mean"]
-    return {"gain": gain, "gain_se": se, "wins": gain > 2 * se and n1 > 1 and n2 > 1}
+    spread = n1 > 1 and n2 > 1  # no spread, no claim either way
+    return {"gain": gain, "gain_se": se, "wins": spread and gain > 2 * se, "loses": spread and gain < -2 * se}
 
 
 def write_markdown(path, rows, baselines, arms_info):
     lines = ["| task | majority | arm | pretraining CPU-h | held-out MLM acc | lr (chosen on val) | "
-             "epochs | score, mean +- std | gain vs random | beyond noise? |", "|" + "---|" * 10]
+             "epochs | score, mean +- std | gain vs random (+- SE) | beyond 2 SE? |", "|" + "---|" * 10]
     for row in rows:
         info = arms_info.get(row["arm"], {})
         cpu = f"{info['cpu_s'] / 3600:.2f}" if info.get("cpu_s") is not None else ("0" if row["arm"] == "random" else "?")
         mlm = f"{info['mlm']['masked_lm_accuracy'] * 100:.1f}%" if info.get("mlm") else "-"
         gain = (f"{row['gain'] * 100:+.1f} +- {row['gain_se'] * 100:.1f}" if "gain" in row else "")
-        wins = ("**yes**" if row.get("wins") else "no") if "gain" in row else ""
+        wins = ("**yes**" if row.get("wins") else "worse" if row.get("loses") else "no") if "gain" in row else ""
         lines.append(f"| {row['task']} | {baselines[row['task']] * 100:.1f} | {row['arm']} | {cpu} | {mlm} | "
                      f"{row['lr']:g} | {','.join(str(e) for e in row['epochs'])} | "
                      f"{row['test_mean'] * 100:.1f} +- {row['test_std'] * 100:.1f} (n={row['n_seeds']}) | "

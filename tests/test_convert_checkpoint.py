@@ -308,7 +308,9 @@ def test_transformers5_folder_without_vocab_txt_imports(tmp_path):
     """save_pretrained of transformers 5: config.json, model.safetensors, tokenizer.json, no vocab.txt."""
     folder = str(tmp_path / "hf")
     hf_model = hf_folder(folder, "BertForMaskedLM", seed=12)
-    tokenizer = transformers.BertTokenizer(os.path.join(folder, "vocab.txt"), do_lower_case=False)
+    # The fast tokenizer writes tokenizer.json (transformers 5's BertTokenizer is the fast one).
+    fast = getattr(transformers, "BertTokenizerFast", transformers.BertTokenizer)
+    tokenizer = fast(os.path.join(folder, "vocab.txt"), do_lower_case=False)
     os.remove(os.path.join(folder, "vocab.txt"))
     tokenizer.save_pretrained(folder)
     if os.path.exists(os.path.join(folder, "vocab.txt")):  # transformers 4 still writes it

@@ -41,9 +41,11 @@ def test_a_gain_counts_only_beyond_two_standard_errors():
     clear = pretraining_value.compare({"test_mean": 0.86, "test_std": 0.02, "n_seeds": 3}, random_row)
     one_seed = pretraining_value.compare({"test_mean": 0.9, "test_std": 0.0, "n_seeds": 1},
                                          dict(random_row, test_std=0.0, n_seeds=1))
-    assert close["gain"] == pytest.approx(0.02) and not close["wins"]
+    worse = pretraining_value.compare({"test_mean": 0.74, "test_std": 0.02, "n_seeds": 3}, random_row)
+    assert close["gain"] == pytest.approx(0.02) and not close["wins"] and not close["loses"]
+    assert worse["loses"] and not worse["wins"]
     assert clear["wins"] and clear["gain_se"] == pytest.approx(0.0163, abs=1e-4)
-    assert not one_seed["wins"]  # no spread, no claim
+    assert not one_seed["wins"] and not one_seed["loses"]  # no spread, no claim
 
 
 @pytest.mark.slow

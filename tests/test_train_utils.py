@@ -23,6 +23,9 @@ SCRIPT = textwrap.dedent('''
     def main(argv):
         if flags.FLAGS.input_file == "bad":
             raise train_utils.UsageError("--input_file: bad is not a file")
+        if flags.FLAGS.input_file == "full":
+            import errno
+            raise OSError(errno.ENOSPC, "No space left on device")
         print("ran", flags.FLAGS.input_file, flags.FLAGS.output_dir)
     if __name__ == "__main__":
         train_utils.run_script(main, __doc__, "python toy.py --input_file=a --output_dir=b", define_flags)
@@ -70,6 +73,15 @@ def test_usage_error_is_one_line_with_exit_2(toy):
     proc = toy("--input_file=bad", "--output_dir=b")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "toy.py: error: --input_file: bad is not a file"
+
+
+def test_full_disk_and_rejected_flag_values_are_one_line_with_exit_2(toy):
+    proc = toy("--input_file=full", "--output_dir=b")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("toy.py: error: no space left on device (OSError); free space")
+    proc = toy("--input_file=a", "--output_dir=b", "--max_seq_length=x")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("toy.py: error: flag --max_seq_length=x")
 
 
 def test_progress_line_has_rate_and_eta():
