@@ -222,7 +222,8 @@ def input_state(opts, files, num_pipelines):
     """What the input position at step N depends on; must be equal to resume exactly."""
     return {"input_files": [_fingerprint(p) for p in files],
             "train_batch_size": opts.train_batch_size, "seed": opts.seed,
-            "shuffle_buffer_size": opts.shuffle_buffer_size, "input_pipelines": num_pipelines}
+            "shuffle_buffer_size": opts.shuffle_buffer_size, "input_pipelines": num_pipelines,
+            "masked_lm_prob": opts.masked_lm_prob}  # unmasked records: the masks drawn at each position
 
 
 def check_resume_input(output_dir, state):
@@ -244,8 +245,8 @@ def check_resume_input(output_dir, state):
                   else "same names, other contents (size or .meta.json differ)")
         raise UsageError(f"--input_file differs from the records {output_dir} was trained on "
                          f"({detail}; see {path}): resume with the same records, or {advice}")
-    for key in ("seed", "shuffle_buffer_size", "input_pipelines"):
-        if before.get(key) != state[key]:
+    for key in ("seed", "shuffle_buffer_size", "input_pipelines", "masked_lm_prob"):
+        if key in before and before[key] != state[key]:  # runs before masked_lm_prob was recorded resume
             flag = {"input_pipelines": "number of workers"}.get(key, "--" + key)
             raise UsageError(f"{flag} is {state[key]}, but {output_dir} was trained with "
                              f"{before.get(key)}: the input position would not resume exactly; "

@@ -383,6 +383,8 @@ def check_flags(opts):
         if opts["iterations_per_loop"].present and opts.iterations_per_loop != opts.steps_per_loop:
             raise UsageError(f"--steps_per_loop={opts.steps_per_loop} and --iterations_per_loop="
                              f"{opts.iterations_per_loop} disagree; give one of them")
+    if not 0 < opts.masked_lm_prob <= 1:  # also false for NaN
+        raise UsageError(f"--masked_lm_prob={opts.masked_lm_prob} must be in (0, 1]")
     if not (math.isfinite(opts.clip_norm) and opts.clip_norm >= 0):
         raise UsageError(f"--clip_norm must be a finite number >= 0, got {opts.clip_norm}")
     if opts.do_train:
@@ -399,7 +401,9 @@ def check_flags(opts):
 
 
 def _check_output_dir(output_dir, config):
-    """UsageError if output_dir holds a run of a different model (never overwrite it)."""
+    """UsageError if output_dir is not a folder or holds a run of a different model (never overwrite it)."""
+    if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+        raise UsageError(f"--output_dir={output_dir} is a file, not a folder; choose another --output_dir")
     path = os.path.join(output_dir, "bert_config.json")
     if tf.io.gfile.exists(path):
         existing = modeling.BertConfig.from_json_file(path)

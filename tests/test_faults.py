@@ -214,7 +214,6 @@ def test_shell_range_with_start_after_end_is_a_bad_argument(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="train: an --output_dir that is a file is a FailedPreconditionError traceback")
 def test_pretraining_output_dir_that_is_a_file_is_one_line(tmp_path):
     assert _generator(tmp_path, f"--input_file={CORPUS}", "--output_file=train.tfrecord").returncode == 0
     (tmp_path / "out").write_text("a file, not a folder\n")

@@ -104,6 +104,7 @@ _BAD_FLAGS = {
     "--num_warmup_steps=7": r"--num_warmup_steps=7 > --num_train_steps=6",
     "--clip_norm=-1": r"--clip_norm must be a finite number >= 0",
     "--steps_per_loop=0": r"--steps_per_loop must be >= 1",
+    "--masked_lm_prob=nan": r"--masked_lm_prob=nan must be in \(0, 1\]",
 }
 
 
