@@ -1,4 +1,4 @@
-"""demo.py end to end with tiny settings: every stage's output exists and is sane."""
+"""demo.py end to end, as shipped: every stage runs and its output is what a user should see."""
 
 import json
 import os
@@ -14,9 +14,9 @@ def test_demo_runs_every_stage_and_outputs_are_sane(tmp_path, repo_root):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "demo.py", f"--output_dir={out}", "--pretrain_steps=60",
-         "--finetune_examples=1000", "--dev_examples=200", "--corpus_documents=1500",
-         "--finetune_epochs=2"],
+        # The demo as shipped (about 2.5 minutes on 2 idle cores): at smaller sizes the tiny model's
+        # fine-tuning stays at chance, which would hide a real failure behind a weak assertion.
+        [sys.executable, "demo.py", f"--output_dir={out}"],
         cwd=repo_root, capture_output=True, text=True, timeout=900,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -33,8 +33,8 @@ def test_demo_runs_every_stage_and_outputs_are_sane(tmp_path, repo_root):
     first, last = summary["train_loss_first_last"]
     assert last < first - 0.5
     ev = summary["pretrain_eval"]
-    # An untrained model is right on ~1/9339 of the masked tokens; 60 steps learn the frequent ones.
-    assert ev["global_step"] == 60 and ev["masked_lm_accuracy"] > 0.02
+    # An untrained model is right on ~1/9339 of the masked tokens; 400 steps learn the frequent ones.
+    assert ev["global_step"] == 400 and ev["masked_lm_accuracy"] > 0.02
     assert abs(ev["perplexity"] - __import__("math").exp(ev["masked_lm_loss"])) < 1e-2 * ev["perplexity"]
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     import plot_learning_curve  # the plot finds every series a real pretraining run writes
