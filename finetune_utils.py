@@ -236,12 +236,7 @@ def json_lines(path):
         yield n, record
 
 
-def write_text(path, text):
-    """Writes `text` via a temporary name and a rename, so a failing run leaves no half file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+write_text = model_folder.atomic_write  # one owner of "temp name, then rename"
 
 
 def check_outputs(output_dir, names):

@@ -91,10 +91,11 @@ class ModelFolder:
 # Writing
 # ------------------------------------------------------------------------------------------------
 
-def _atomic_write(path, data):
-    """Writes bytes to `path` via a temp name in the same folder and a rename (gfile: gs:// works)."""
+def atomic_write(path, data):
+    """Writes bytes or text to `path` via a temp name in the same folder and a rename, so a reader
+    (or a failing run) never leaves half a file (gfile: gs:// works)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
+    with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
@@ -137,13 +138,13 @@ def write(folder, *, config, vocab_file, do_lower_case, task=None, labels=None):
                                      f"config says vocab_size={vocab_size}")
     folder = os.fspath(folder)
     tf.io.gfile.makedirs(folder)
-    _atomic_write(os.path.join(folder, CONFIG_FILE), config_json.encode("utf-8"))
+    atomic_write(os.path.join(folder, CONFIG_FILE), config_json.encode("utf-8"))
     target = os.path.join(folder, VOCAB_FILE)
     if not (tf.io.gfile.exists(target) and _read_bytes(target, "vocab") == vocab):
-        _atomic_write(target, vocab)
+        atomic_write(target, vocab)
     info = {"do_lower_case": bool(do_lower_case), "task": task,
             "labels": [str(label) for label in labels] if labels else None}
-    _atomic_write(os.path.join(folder, INFO_FILE),
+    atomic_write(os.path.join(folder, INFO_FILE),
                   (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return folder
 
@@ -242,7 +243,7 @@ def vocab_from_tokenizer_json(path):
         raise train_utils.UsageError(f"{path}: vocabulary ids are not 0..{len(tokens) - 1}; pass --vocab_file")
     out = os.path.join(tempfile.gettempdir(), f"vocab-{hashlib.sha256(data).hexdigest()[:16]}.txt")
     if not os.path.isfile(out):
-        _atomic_write(out, "".join(t + "\n" for t in tokens).encode("utf-8"))
+        atomic_write(out, "".join(t + "\n" for t in tokens).encode("utf-8"))
     return out
 
 

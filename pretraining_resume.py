@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+import model_folder
 import pretraining_records
 
 UsageError = train_utils.UsageError
@@ -254,9 +255,7 @@ def check_resume_input(output_dir, state):
 
 
 def write_json(path, obj):
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    model_folder.atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _sha256(path):

@@ -31,9 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train_utils  # noqa: E402,I001 -- first: it hides TensorFlow's C++ start-up lines
 
-import numpy as np  # noqa: E402
 
-from bench_pretraining import train_flops_per_sequence  # noqa: E402
+from bench_pretraining import random_batch, train_flops_per_sequence  # noqa: E402
 
 MODELS = {  # name -> (layers, hidden)
     "base": (12, 768),
@@ -64,18 +63,6 @@ def gpu_name_and_peak(override=None):
     return name, None
 
 
-def _batch(batch, seq, pred, seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "input_ids": rng.integers(1000, VOCAB, size=(batch, seq)).astype(np.int32),
-        "input_mask": np.ones((batch, seq), np.int32),
-        "segment_ids": np.zeros((batch, seq), np.int32),
-        "masked_lm_positions": np.sort(rng.integers(1, seq, size=(batch, pred)), 1).astype(np.int32),
-        "masked_lm_ids": rng.integers(1000, VOCAB, size=(batch, pred)).astype(np.int32),
-        "masked_lm_weights": np.ones((batch, pred), np.float32),
-    }
-
-
 def measure(layers, hidden, seq, batch, steps, mixed_precision, jit_compile=True):
     """Builds the trainer for one configuration; -> (sequences/s over `steps` steps, precision)."""
     import keras
@@ -98,7 +85,7 @@ def measure(layers, hidden, seq, batch, steps, mixed_precision, jit_compile=True
         optimizer.build(model.trainable_variables)
     trainer = run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=batch,
                                               jit_compile=jit_compile)
-    data = tf.data.Dataset.from_tensors(_batch(batch, seq, pred)).repeat()
+    data = tf.data.Dataset.from_tensors(random_batch(batch, seq, pred)).repeat()
     iterator = iter(strategy.distribute_datasets_from_function(lambda _: data))
 
     def run(n):

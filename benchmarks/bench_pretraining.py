@@ -55,15 +55,16 @@ def measure_matmul_peak(n=2048, repeats=10):
     return best
 
 
-def _random_batch(batch, seed=0):
+def random_batch(batch, seq=SEQ, pred=PRED, seed=0):
+    """A pretraining batch of random ids (shared with bench_gpu.py): dict of [batch, seq|pred]."""
     rng = np.random.default_rng(seed)
     return {
-        "input_ids": rng.integers(1000, VOCAB, size=(batch, SEQ)).astype(np.int32),
-        "input_mask": np.ones((batch, SEQ), np.int32),
-        "segment_ids": np.zeros((batch, SEQ), np.int32),
-        "masked_lm_positions": np.sort(rng.integers(1, SEQ, size=(batch, PRED)), 1).astype(np.int32),
-        "masked_lm_ids": rng.integers(1000, VOCAB, size=(batch, PRED)).astype(np.int32),
-        "masked_lm_weights": np.ones((batch, PRED), np.float32),
+        "input_ids": rng.integers(1000, VOCAB, size=(batch, seq)).astype(np.int32),
+        "input_mask": np.ones((batch, seq), np.int32),
+        "segment_ids": np.zeros((batch, seq), np.int32),
+        "masked_lm_positions": np.sort(rng.integers(1, seq, size=(batch, pred)), 1).astype(np.int32),
+        "masked_lm_ids": rng.integers(1000, VOCAB, size=(batch, pred)).astype(np.int32),
+        "masked_lm_weights": np.ones((batch, pred), np.float32),
     }
 
 
@@ -89,7 +90,7 @@ def make_ours(layers, hidden, batch, jit_compile, grads_only=False, dropout=0.1)
         optimizer.build(model.trainable_variables)
     trainer = run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=batch,
                                               jit_compile=jit_compile)
-    data = tf.data.Dataset.from_tensors(_random_batch(batch)).repeat()
+    data = tf.data.Dataset.from_tensors(random_batch(batch)).repeat()
     iterator = iter(strategy.distribute_datasets_from_function(lambda _: data))
 
     def step(n):
@@ -97,7 +98,7 @@ def make_ours(layers, hidden, batch, jit_compile, grads_only=False, dropout=0.1)
         assert bool(finite) and int(ran) == n
 
     grads_fn = tf.function(trainer._loss_and_grads, jit_compile=True)
-    batch_k = {k: tf.constant(v[np.newaxis]) for k, v in _random_batch(batch).items()}  # [k=1, B, ...]
+    batch_k = {k: tf.constant(v[np.newaxis]) for k, v in random_batch(batch).items()}  # [k=1, B, ...]
 
     def grads_step(n):
         for _ in range(n):
@@ -119,7 +120,7 @@ def make_peer(layers, hidden, batch):
     model = transformers.BertForMaskedLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01)
     b = {k: torch.from_numpy(v).long() if v.dtype == np.int32 else torch.from_numpy(v)
-         for k, v in _random_batch(batch).items()}
+         for k, v in random_batch(batch).items()}
     rows = torch.arange(batch)[:, None]
 
     def step(n):
