@@ -114,6 +114,7 @@ def _snapshot(directory):
     return out
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------------------------------
 # Learning
 # ------------------------------------------------------------------------------------------------
@@ -172,6 +173,7 @@ def test_masked_positions_line_up_with_their_labels(data, tmp_path):
     assert accuracies[-1] > 0.25, accuracies
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------------------------------
 # The trainer owns the gradients: accumulation, one all-reduce, scaling, clipping
 # ------------------------------------------------------------------------------------------------
@@ -271,6 +273,7 @@ def _run_in_two_cpu_process(argv):
     return json.loads(line[len("RESULT "):]), proc.stderr
 
 
+@pytest.mark.slow
 def test_mirrored_two_cpus_with_accumulation_matches_one_device(data, tmp_path):
     common = ["--do_train", "--do_eval", "--num_train_steps=6", "--iterations_per_loop=1",
               "--save_checkpoints_steps=6", "--jit_compile=true", "--max_eval_steps=2"]
@@ -522,3 +525,44 @@ def test_tpu_strategy_off_a_tpu_vm_asks_for_a_tpu_name(data, tmp_path):
                        match=r"--strategy=tpu needs --tpu_name .* Cloud TPU VM \(--tpu_name=local\)"):
         _run(data, out, "--do_train", "--strategy=tpu")
     assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_roberta_zh_pretraining_command_runs_verbatim_with_only_paths_and_sizes_changed(tmp_path):
+    """brightmart/roberta_zh's README: data from create_pretraining_data.py (so `tf*.tfrecord` sits
+    beside its .meta.json), `--do_train=True`, and Google's `bert_model.ckpt` as --init_checkpoint.
+    The run folder it leaves is enough for fill_mask.py alone."""
+    from test_run_classifier import _write_tf1_checkpoint
+
+    import modeling
+
+    base = tmp_path / "chinese_roberta_zh"
+    base.mkdir()
+    config = _config(open(RESOURCES / "vocab.txt", encoding="utf-8").read().count("\n"))
+    _write_json(base / "bert_config_large.json", config)
+    _write_tf1_checkpoint(modeling.BertConfig.from_dict(config), str(base / "bert_model.ckpt"))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", BERT_BASE_DIR=str(base))
+    make = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "create_pretraining_data.py"), "--do_whole_word_mask=True",
+         f"--input_file={RESOURCES / 'corpus' / 'science_tech.txt'}",
+         "--output_file=./data/tf_news_2016_zh_raw_news2016zh_1.tfrecord",
+         f"--vocab_file={RESOURCES / 'vocab.txt'}", "--do_lower_case=True", f"--max_seq_length={SEQ}",
+         f"--max_predictions_per_seq={PRED}", "--masked_lm_prob=0.10", "--random_seed=12345",
+         "--dupe_factor=2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert make.returncode == 0, make.stderr[-2000:]
+    command = ("python run_pretraining.py --input_file=./data/tf*.tfrecord --output_dir=my_new_model_path "
+               "--do_train=True --do_eval=True --bert_config_file=$BERT_BASE_DIR/bert_config_large.json "
+               f"--train_batch_size=8 --max_seq_length={SEQ} --max_predictions_per_seq={PRED} "
+               "--num_train_steps=4 --num_warmup_steps=1 --learning_rate=1e-4 --save_checkpoints_steps=2 "
+               "--init_checkpoint=$BERT_BASE_DIR/bert_model.ckpt")
+    command = command.replace("python run_pretraining.py", f"{sys.executable} {REPO_ROOT / 'run_pretraining.py'}")
+    proc = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bert_model.ckpt" in proc.stderr and '"global_step": 4' in proc.stdout
+    out = tmp_path / "my_new_model_path"
+    assert {"ckpt-4.index", "bert_config.json", "vocab.txt", "model_info.json"} <= set(os.listdir(out))
+    fill = subprocess.run([sys.executable, str(REPO_ROOT / "fill_mask.py"), f"--checkpoint={out}",
+                           "中国的首都是[MASK]京。"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert fill.returncode == 0, fill.stderr[-2000:]
