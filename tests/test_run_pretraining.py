@@ -119,6 +119,7 @@ def _snapshot(directory):
 # Learning
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_lowers_mlm_loss_and_raises_accuracy(data, tmp_path, capsys):
     out = str(tmp_path / "run")
     result = _run(data, out, "--do_train", "--do_eval", "--num_train_steps=100",
@@ -178,6 +179,7 @@ def test_masked_positions_line_up_with_their_labels(data, tmp_path):
 # The trainer owns the gradients: accumulation, one all-reduce, scaling, clipping
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer,jit", [("adamw", "true"), ("lamb", "false")])
 def test_accumulated_micro_batches_equal_one_large_batch(data, tmp_path, optimizer, jit):
     common = ["--do_train", "--num_train_steps=3", "--iterations_per_loop=3",
