@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_utils  # noqa: E402,I001 -- first: it hides TensorFlow's C++ start-up lines
 
 
-from bench_pretraining import random_batch, train_flops_per_sequence  # noqa: E402
+from bench_pretraining import train_flops_per_sequence, trainer_on_random_batches  # noqa: E402
 
 MODELS = {  # name -> (layers, hidden)
     "base": (12, 768),
@@ -66,11 +66,8 @@ def gpu_name_and_peak(override=None):
 def measure(layers, hidden, seq, batch, steps, mixed_precision, jit_compile=True):
     """Builds the trainer for one configuration; -> (sequences/s over `steps` steps, precision)."""
     import keras
-    import tensorflow as tf
 
     import modeling
-    import optimization
-    import run_pretraining
 
     pred = PREDICTIONS.get(seq, max(1, seq * 3 // 20))
     strategy = train_utils.make_strategy("one_device")
@@ -79,19 +76,7 @@ def measure(layers, hidden, seq, batch, steps, mixed_precision, jit_compile=True
     config = modeling.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
                                  num_attention_heads=hidden // 64, intermediate_size=4 * hidden,
                                  max_position_embeddings=max(512, seq))
-    with strategy.scope():
-        model = modeling.build_model(modeling.BertPretrainer(config))
-        optimizer = optimization.create_optimizer(1e-4, 10_000, 100, clip_norm=0)
-        optimizer.build(model.trainable_variables)
-    trainer = run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=batch,
-                                              jit_compile=jit_compile)
-    data = tf.data.Dataset.from_tensors(random_batch(batch, seq, pred)).repeat()
-    iterator = iter(strategy.distribute_datasets_from_function(lambda _: data))
-
-    def run(n):
-        _, _, ran, finite = trainer.train_loop(iterator, tf.constant(n))
-        if not (bool(finite) and int(ran) == n):
-            raise RuntimeError("non-finite loss in the benchmark")
+    _, run = trainer_on_random_batches(config, strategy, batch, seq, pred, jit_compile)
 
     run(2)  # compile + warm up
     start = time.perf_counter()

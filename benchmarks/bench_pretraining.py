@@ -68,6 +68,31 @@ def random_batch(batch, seq=SEQ, pred=PRED, seed=0):
     }
 
 
+def trainer_on_random_batches(config, strategy, batch, seq, pred, jit_compile):
+    """Our MaskedLMTrainer (AdamW, no clipping) over one repeated random batch, built under
+    `strategy`; -> (trainer, step(n)) where step runs n steps in one host call (shared with
+    bench_gpu.py)."""
+    import tensorflow as tf
+
+    import modeling
+    import optimization
+    import run_pretraining
+    with strategy.scope():
+        model = modeling.build_model(modeling.BertPretrainer(config))
+        optimizer = optimization.create_optimizer(1e-4, 10_000, 100, clip_norm=0)
+        optimizer.build(model.trainable_variables)
+    trainer = run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=batch,
+                                              jit_compile=jit_compile)
+    data = tf.data.Dataset.from_tensors(random_batch(batch, seq, pred)).repeat()
+    iterator = iter(strategy.distribute_datasets_from_function(lambda _: data))
+
+    def step(n):
+        _, _, ran, finite = trainer.train_loop(iterator, tf.constant(n))
+        if not (bool(finite) and int(ran) == n):
+            raise RuntimeError("non-finite loss in the benchmark")
+    return trainer, step
+
+
 def make_ours(layers, hidden, batch, jit_compile, grads_only=False, dropout=0.1):
     """-> step(n): runs n training steps of our trainer (one host call, as --steps_per_loop=n).
 
@@ -76,26 +101,14 @@ def make_ours(layers, hidden, batch, jit_compile, grads_only=False, dropout=0.1)
     import tensorflow as tf
 
     import modeling
-    import optimization
-    import run_pretraining
     import train_utils
     config = modeling.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
                                  num_attention_heads=hidden // 64, intermediate_size=4 * hidden,
                                  max_position_embeddings=512, hidden_dropout_prob=dropout,
                                  attention_probs_dropout_prob=dropout)
     strategy = train_utils.make_strategy("one_device")
-    with strategy.scope():
-        model = modeling.build_model(modeling.BertPretrainer(config))
-        optimizer = optimization.create_optimizer(1e-4, 10_000, 100, clip_norm=0)
-        optimizer.build(model.trainable_variables)
-    trainer = run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=batch,
-                                              jit_compile=jit_compile)
-    data = tf.data.Dataset.from_tensors(random_batch(batch)).repeat()
-    iterator = iter(strategy.distribute_datasets_from_function(lambda _: data))
-
-    def step(n):
-        _, _, ran, finite = trainer.train_loop(iterator, tf.constant(n))
-        assert bool(finite) and int(ran) == n
+    trainer, step = trainer_on_random_batches(config, strategy, batch, SEQ, PRED, jit_compile)
+    model = trainer.model
 
     grads_fn = tf.function(trainer._loss_and_grads, jit_compile=True)
     batch_k = {k: tf.constant(v[np.newaxis]) for k, v in random_batch(batch).items()}  # [k=1, B, ...]
