@@ -165,32 +165,87 @@ def _load_json(path):
         raise train_utils.UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def _latest_tf2(folder):
-    """The newest ckpt-N prefix in `folder`, or None. An unreadable `checkpoint` state file is an
-    error (it must never read as "no checkpoint"): the caller would otherwise start afresh."""
-    state_file = os.path.join(folder, "checkpoint")
-    if tf.io.gfile.exists(state_file):
-        try:
-            state = tf.train.get_checkpoint_state(folder)
-        except Exception:  # pylint: disable=broad-except  (a text-proto parse error of several types)
-            state = None
-        named = state and state.model_checkpoint_path  # TF already joined a relative one to `folder`
-        # A folder moved or copied after its run keeps an absolute path to the old place: look beside.
-        for prefix in ([named, os.path.join(folder, os.path.basename(named))] if named else []):
-            if tf.io.gfile.exists(prefix + ".index"):
-                return prefix
-        raise train_utils.UsageError(
-            f"{state_file}: unreadable or names a missing checkpoint ({named!r}); point at a "
-            f"ckpt-N prefix in {folder} instead, or restore the file")
-    numbers = [int(m.group(1)) for m in (re.search(r"ckpt-(\d+)\.index$", p)
-               for p in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index"))) if m]
-    return os.path.join(folder, f"ckpt-{max(numbers)}") if numbers else None
+STATE_FILE = "checkpoint"  # TF's checkpoint state file: protobuf text naming the newest ckpt-N
+
+
+def _checkpoint_numbers(folder):
+    """ckpt-N checkpoints in `folder` (by their .index files) -> sorted N."""
+    found = []
+    for path in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index")):
+        match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(path))
+        if match:
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def _state_file_prefix(state_path):
+    """model_checkpoint_path of a `checkpoint` state file (protobuf text: `key: "value"` lines), or
+    None; ValueError saying which line is wrong. Read here rather than by
+    tf.train.get_checkpoint_state, which logs a parse error and answers "no checkpoint"."""
+    try:
+        with tf.io.gfile.GFile(state_path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    latest = None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        match = re.fullmatch(r'(\w+)\s*:\s*(?:"((?:[^"\\]|\\.)*)"|[-+0-9.eE]+)', line)
+        if not match:
+            raise ValueError(f"line {number} is not `key: value`")
+        if match.group(1) == "model_checkpoint_path":
+            latest = match.group(2)
+    return latest
+
+
+def latest_checkpoint(folder, resume=False):
+    """The ckpt-N prefix `folder`'s `checkpoint` state file names, or None when it holds none.
+
+    The one reader of the state file (model folders and pretraining resume alike). A relative
+    name is joined to `folder`; an absolute one that is gone (a folder moved or copied after its
+    run) is looked for beside the state file. Training state that exists but cannot be read is a
+    UsageError, never "no checkpoint", which would make a caller start afresh over it: an
+    unreadable state file, one naming a checkpoint that is not there, or one naming none while
+    ckpt-N files are there. Without a state file, a reader (`resume=False`) takes the newest
+    ckpt-N by name; a resume refuses, since TF's CheckpointManager would then start again at
+    ckpt-1 and delete the run's checkpoints as it saves.
+    """
+    numbers = _checkpoint_numbers(folder)
+    state_path = os.path.join(folder, STATE_FILE)
+    if resume:
+        fix = (f"write the line `model_checkpoint_path: \"ckpt-{numbers[-1]}\"` into {state_path} "
+               f"to resume from the newest, or use a new --output_dir" if numbers
+               else "delete it to start fresh")
+    else:
+        fix = f"point at a ckpt-N prefix in {folder} instead, or restore the file"
+    if not tf.io.gfile.exists(state_path):
+        if numbers and resume:
+            raise train_utils.UsageError(f"{state_path} is missing but {folder} holds "
+                                         f"ckpt-{numbers[-1]}: {fix}")
+        return os.path.join(folder, f"ckpt-{numbers[-1]}") if numbers else None
+    try:
+        named = _state_file_prefix(state_path)
+    except ValueError as e:
+        raise train_utils.UsageError(f"{state_path} is unreadable ({e}): {fix}") from None
+    if not named:
+        if numbers:
+            raise train_utils.UsageError(f"{state_path} names no checkpoint but {folder} holds "
+                                         f"ckpt-{numbers[-1]}: {fix}")
+        return None
+    if not os.path.isabs(named) and "://" not in named:
+        named = os.path.join(folder, named)
+    for prefix in (named, os.path.join(folder, os.path.basename(named))):
+        if tf.io.gfile.exists(prefix + ".index"):
+            return prefix
+    raise train_utils.UsageError(f"{state_path} names {named}, which is not there: {fix}")
 
 
 def find_checkpoint(path, flag="--checkpoint"):
     """(kind, checkpoint, folder) for a folder or a checkpoint prefix; UsageError if none."""
     if tf.io.gfile.isdir(path):
-        latest = _latest_tf2(path)
+        latest = latest_checkpoint(path)
         if latest:
             return "tf2", latest, path
         if tf.io.gfile.exists(os.path.join(path, "bert_model.ckpt.index")):
