@@ -33,7 +33,6 @@ run on across file boundaries; here they stop at the end of each file).
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -55,8 +54,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import corpus
-
 import create_pretraining_data as cpd
+import file_output
 import pretraining_records as records
 import tokenization
 from train_utils import UsageError
@@ -109,7 +108,7 @@ class ReadChunks(beam.DoFn):
 def _local_copy(path):
     """A local file with `path`'s bytes: `path` itself, or for gs://... a temporary copy (same
     suffix, so .xz/.gz/.bz2 are still recognized) that the reader streams as it does locally."""
-    if not records.is_remote(path):
+    if not file_output.is_remote(path):
         yield path
         return
     with tempfile.NamedTemporaryFile(suffix="-" + path.rsplit("/", 1)[-1]) as local:
@@ -246,11 +245,7 @@ def finalize(_, written, stats, file_counts, options, vocab, settings, paths, ou
     per_shard = stats["per_shard"] + [0] * (len(outputs) - len(stats["per_shard"]))
     metas = cpd.sidecars(options, vocab, settings, per_shard, stats, replaced, stats["split_count"])
     for path, meta in zip(outputs, metas):
-        with FileSystems.create(records.sidecar_path(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            text = io.TextIOWrapper(f, encoding="utf-8")
-            records._dump_json(meta, text)
-            text.flush()
-            text.detach()
+        _write_bytes(records.sidecar_path(path), records.sidecar_text(meta).encode("utf-8"))
     text_bytes = sum(c["text_bytes"] for c in counts.values())
     first_bad = [counts[i]["first_replacement"] for i in sorted(counts) if counts[i]["first_replacement"]]
     return dict({k: stats[k] for k in _STAT_KEYS}, input_mb=round(text_bytes / 1e6, 3),
@@ -322,7 +317,7 @@ def pipeline_options(runner, beam_args, num_workers):
 def _resolve_inputs(spec):
     """--input_file -> [(path, size)]: local files as the local generator resolves them, else Beam's match."""
     items = [s.strip() for s in spec.split(",") if s.strip()]
-    if not any(map(records.is_remote, items)):
+    if not any(map(file_output.is_remote, items)):
         return [(p, os.path.getsize(p)) for p in corpus.resolve_input_files(spec)]
     found = []
     for item in items:
@@ -359,7 +354,7 @@ def _launch_inputs(o):
             raise UsageError(f"--vocab_file: {e}") from None
         vocab_sha = tokenization.vocab_sha256(local_vocab)
     settings = cpd.output_settings(o, vocab, vocab_sha, [
-        (p if records.is_remote(p) else os.path.abspath(p), n) for p, n in files])
+        (p if file_output.is_remote(p) else os.path.abspath(p), n) for p, n in files])
     shipped = {"vocab_file": vocab_bytes, "jieba_user_dict": user_dict}
     return [p for p, _ in files], shipped, vocab, settings
 
@@ -371,8 +366,8 @@ def run(o, runner, beam_args=(), log=print):
     paths, shipped, vocab, settings = _launch_inputs(o)
     # Constructing the reader runs the local path's early input checks (e.g. the encoding of each
     # file's head) here, before any output is touched; workers repeat them on what they read.
-    corpus.InputReader([p for p in paths if not records.is_remote(p)], o.input_format)
-    if not _is_direct(runner) and not any(map(records.is_remote, paths)):
+    corpus.InputReader([p for p in paths if not file_output.is_remote(p)], o.input_format)
+    if not _is_direct(runner) and not any(map(file_output.is_remote, paths)):
         log(f"create_pretraining_data: warning: --runner={runner} reads --input_file on its workers; "
             f"local paths work only where every worker sees the same file system (use gs://... on Dataflow)")
     outputs = records.shard_paths(o.output_file, o.num_output_shards)
@@ -390,7 +385,7 @@ def run(o, runner, beam_args=(), log=print):
 
     # Local outputs: RecordOutputs checks the names and holds their locks for the whole run (it
     # writes nothing itself: the workers write and Finalize renames).
-    local = not any(map(records.is_remote, outputs))
+    local = not any(map(file_output.is_remote, outputs))
     start = time.perf_counter()
     with records.RecordOutputs(outputs, inputs=paths + cpd.side_inputs(o)) if local \
             else contextlib.nullcontext():

@@ -38,14 +38,12 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
+import file_output
 import model_folder
 import modeling
 
 TASK_ARCHITECTURES = model_folder.TASK_ARCHITECTURES
 ARCHITECTURE_TASKS = model_folder.ARCHITECTURE_TASKS
-
-check_output_dir = model_folder.check_output_dir
-atomic_output_dir = model_folder.atomic_output_dir
 
 # ----------------------------------------------------------------------------------------------
 # safetensors and pytorch_model.bin readers (the writer is in export_to_pytorch.py)
@@ -436,14 +434,14 @@ def hf_to_tf2(input_dir, output_dir, task=None, overwrite=False, vocab_file=None
 
     vocab_file: needed only when the folder has neither vocab.txt nor tokenizer.json.
     """
-    check_output_dir(output_dir, overwrite, sources=[input_dir])
+    file_output.check_output_dir(output_dir, overwrite, sources=[input_dir])
     folder = HFFolder(input_dir, vocab_file)
     if task and task != folder.task:
         raise ValueError(f"{folder.config_path}: holds a {folder.task} model "
                          f"({folder.hf_config.get('architectures')}), not --task={task}")
     model = build_task_model(folder.config, folder.task, len(folder.labels) if folder.labels else None)
     assign_from_hf(model, folder)
-    with atomic_output_dir(output_dir, overwrite, sources=[input_dir]) as tmp:
+    with file_output.atomic_output_dir(output_dir, overwrite, sources=[input_dir]) as tmp:
         save_tf2_checkpoint(model, folder.config, folder.vocab_file, tmp, folder.labels,
                             do_lower_case=folder.do_lower_case)
     logging.info("Wrote %s (%s, %d tensors)", output_dir, folder.task, len(modeling.name_table(model)))
@@ -467,7 +465,7 @@ def _google_task(prefix, task):
 def google_to_tf2(prefix, bert_config_file, vocab_file, output_dir, task=None, labels=None,
                   overwrite=False, do_lower_case=True):
     """Google/brightmart TF1 `bert_model.ckpt` -> our checkpoint folder."""
-    check_output_dir(output_dir, overwrite, sources=[prefix])
+    file_output.check_output_dir(output_dir, overwrite, sources=[prefix])
     config = modeling.BertConfig.from_json_file(bert_config_file)
     check_vocab_size(vocab_file, config, bert_config_file)
     if os.path.isdir(prefix):  # a released folder like chinese_L-12_H-768_A-12/
@@ -481,7 +479,7 @@ def google_to_tf2(prefix, bert_config_file, vocab_file, output_dir, task=None, l
         labels = [str(i) for i in range(num_labels)]
         logging.warning("no --labels: naming the %d labels %s", num_labels, ", ".join(labels))
     model = load_checkpoint_fully(prefix, config, task, num_labels)
-    with atomic_output_dir(output_dir, overwrite, sources=[prefix]) as tmp:
+    with file_output.atomic_output_dir(output_dir, overwrite, sources=[prefix]) as tmp:
         save_tf2_checkpoint(model, config, vocab_file, tmp, labels, task, do_lower_case)
     return output_dir
 
@@ -496,7 +494,7 @@ def tf2_to_google(checkpoint, bert_config_file, vocab_file, output_dir, task="ml
     imported from transformers) is refused unless `approximate_gelu`, which writes "gelu" and logs
     the measured difference.
     """
-    check_output_dir(output_dir, overwrite, sources=[checkpoint])
+    file_output.check_output_dir(output_dir, overwrite, sources=[checkpoint])
     config = modeling.BertConfig.from_json_file(bert_config_file)
     check_vocab_size(vocab_file, config, bert_config_file)
     if config.hidden_act not in ("gelu", "gelu_new", "relu"):
@@ -510,7 +508,7 @@ def tf2_to_google(checkpoint, bert_config_file, vocab_file, output_dir, task="ml
         logging.warning("--approximate_gelu: wrote hidden_act \"gelu\" (tanh); the encoder output "
                         "moves by up to %.2e on a random batch", diff)
     table = modeling.name_table(model)
-    with atomic_output_dir(output_dir, overwrite, sources=[checkpoint]) as tmp:
+    with file_output.atomic_output_dir(output_dir, overwrite, sources=[checkpoint]) as tmp:
         # SaveV2 writes a plain name -> tensor bundle: the TF1 Saver format, no object graph.
         tf.raw_ops.SaveV2(prefix=os.path.join(tmp, "bert_model.ckpt"),
                           tensor_names=[w.google_name for w in table],

@@ -33,6 +33,7 @@ import numpy as np
 from absl import flags
 
 import corpus
+import file_output
 import pretraining_records as records
 import tokenization
 import train_utils
@@ -497,7 +498,7 @@ def sidecars(o, vocab, settings, counts, totals, replaced_chars, split_lines):
     kind_keys = records.unmasked_sidecar_keys(vocab) if o.dynamic_masking else {}
     # Where the vocab was: run_pretraining.py copies it into its output folder when the hash matches.
     # Not a setting (a moved vocab does not make finished outputs stale).
-    vocab_file = o.vocab_file if records.is_remote(o.vocab_file) else os.path.abspath(o.vocab_file)
+    vocab_file = o.vocab_file if file_output.is_remote(o.vocab_file) else os.path.abspath(o.vocab_file)
     return [dict(settings, **kind_keys, vocab_file=vocab_file, num_instances=n, num_output_shards=len(counts),
                  total_instances=totals["instances"], num_documents=totals["documents"],
                  replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
+import file_output
 import model_folder
 import modeling
 import optimization
@@ -236,7 +237,7 @@ def json_lines(path):
         yield n, record
 
 
-write_text = model_folder.atomic_write  # one owner of "temp name, then rename"
+write_text = file_output.atomic_write  # one owner of "temp name, fsync, rename"
 
 
 def check_outputs(output_dir, names):

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+import file_output
 import model_folder
 import pretraining_records
 
@@ -198,7 +199,7 @@ def check_resume_input(output_dir, state):
 
 
 def write_json(path, obj):
-    model_folder.atomic_write(path, json.dumps(obj, indent=1))
+    file_output.atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _sha256(path):

@@ -35,6 +35,7 @@ import pytest
 from conftest import REPO_ROOT, RESOURCES
 
 import create_pretraining_data as cpd
+import file_output
 import pretraining_records as records
 from train_utils import UsageError
 
@@ -139,7 +140,7 @@ def _disk_is_full(monkeypatch):
         f = real_open(path, mode, *args, **kwargs)
         return Full(f) if "w" in mode else f
 
-    monkeypatch.setattr(records, "open", fake_open, raising=False)
+    monkeypatch.setattr(file_output, "open", fake_open, raising=False)
 
 
 @pytest.mark.parametrize("fills_at", ["records", "sidecar"])

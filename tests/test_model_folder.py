@@ -157,26 +157,6 @@ def test_write_refuses_a_vocab_that_does_not_fit_the_config(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_an_output_folder_on_a_gfile_filesystem_is_written_only_when_complete():
-    """gs:// outputs go through a local temp folder and tf.io.gfile (ram:// stands in for gs://)."""
-    out = "ram://model_folder_test/export"
-    with pytest.raises(RuntimeError):
-        with model_folder.atomic_output_dir(out) as tmp:
-            open(os.path.join(tmp, "half.bin"), "w").write("x")
-            raise RuntimeError("killed half way")
-    assert not tf.io.gfile.exists(out)
-    with model_folder.atomic_output_dir(out) as tmp:
-        os.makedirs(os.path.join(tmp, "sub"))
-        open(os.path.join(tmp, "config.json"), "w").write("{}")
-        open(os.path.join(tmp, "sub", "a.txt"), "w").write("a")
-    assert sorted(tf.io.gfile.listdir(out)) == ["config.json", "sub/"] or \
-        sorted(tf.io.gfile.listdir(out)) == ["config.json", "sub"]
-    assert tf.io.gfile.GFile(out + "/sub/a.txt").read() == "a"
-    with pytest.raises(ValueError, match="already exists and is not empty; pass --overwrite"):
-        with model_folder.atomic_output_dir(out):
-            pass
-
-
 def test_relative_and_moved_folders_resolve(tmp_path, monkeypatch):
     """A relative --checkpoint (the README's out/pretrain), and a folder copied elsewhere."""
     run = tmp_path / "out" / "pretrain"
