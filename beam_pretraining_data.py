@@ -371,8 +371,7 @@ def run(o, runner, beam_args=(), log=print):
         log(f"create_pretraining_data: warning: --runner={runner} reads --input_file on its workers; "
             f"local paths work only where every worker sees the same file system (use gs://... on Dataflow)")
     outputs = records.shard_paths(o.output_file, o.num_output_shards)
-    if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
-        log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
+    if cpd.outputs_complete(outputs, settings, log):
         return {"skipped": True, "outputs": outputs}
     if o.segmenter == "rjieba":
         cpd.make_segmenter("rjieba")  # fail here, not on every worker, when it is not installed

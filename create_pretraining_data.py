@@ -18,9 +18,10 @@ The stage, in the order of this file (DESIGN.md section 3):
   write    Google's record schema plus `<output>.meta.json`, through `pretraining_records` (exclusive
            temp files, sidecar last; a re-run whose sidecar matches the settings skips the file).
 
-Determinism: each (document, dupe copy) has an RNG seeded from (random_seed, document index, copy),
-each chunk's instances are shuffled with an RNG seeded from (random_seed, chunk index), and chunks
-are written in input order: the bytes depend only on (input, flags), not on `--num_workers`.
+Determinism: each (document, dupe copy) has two RNGs seeded from (random_seed, document index, copy),
+one for packing and one for masking; each chunk's instances are shuffled with an RNG seeded from
+(random_seed, chunk index), and chunks are written in input order: the bytes depend only on (input,
+flags), not on `--num_workers` or the Beam runner.
 """
 
 import dataclasses
@@ -389,6 +390,18 @@ def new_stats():
             "predictions": 0, "split_lines": []}
 
 
+def random_streams(random_seed, document, copy):
+    """(packing RNG, masking RNG) of one document copy: seeded from (seed, global document index,
+    copy) only, so they do not depend on chunking, worker count or runner. Separate streams: the
+    packing of copy 0 is the same whether its masks are drawn (static) or not (unmasked), and
+    whatever the masking settings. Distinct seeds for documents < 2**46 and copies < 2**16."""
+    key = (random_seed << 64) | (document << 16) | copy
+    return random.Random(key), random.Random(key | _MASK_STREAM)
+
+
+_MASK_STREAM = 1 << 62  # shuffle_and_shard's seeds set bit 63
+
+
 def document_records(maker, docs, first_doc, stats):
     """Documents -> serialized records: the per-document unit of work (a worker's, or a Beam stage's).
 
@@ -413,16 +426,13 @@ def document_records(maker, docs, first_doc, stats):
         ids, starts, bounds = maker.flatten(pieces)
         stats["tokens"] += len(ids)
         for dupe in range(1 if o.dynamic_masking else o.dupe_factor):
-            # Seeded from (seed, document, copy) only: independent of chunking and worker count.
-            rng = random.Random((o.random_seed << 64) | ((first_doc + d) << 16) | dupe)
-            for instance in maker.instances(bounds, rng):
-                input_ids, positions, labels = maker.mask(ids, starts, instance, rng)
-                if o.dynamic_masking:
-                    # The mask above only keeps `rng` in step with static copy 0, so both kinds
-                    # pack the same instances; training draws the masks (pretraining_records).
+            pack_rng, mask_rng = random_streams(o.random_seed, first_doc + d, dupe)
+            for instance in maker.instances(bounds, pack_rng):
+                if o.dynamic_masking:  # training draws the masks (pretraining_records)
                     a, b, g0, g1 = instance
                     out.append(maker.unmasked_encoder.encode(ids[a:b], [x - a for x in starts[g0:g1]]))
                     continue
+                input_ids, positions, labels = maker.mask(ids, starts, instance, mask_rng)
                 stats["predictions"] += len(positions)
                 out.append(maker.encoder.encode(input_ids, positions, labels))
     stats["instances"] += len(out)
@@ -488,6 +498,7 @@ def output_settings(o, vocab, vocab_sha256, input_files):
     settings = {k: getattr(o, k) for k in records.READ_KEYS + records.SETTINGS_KEYS if hasattr(o, k)}
     settings.update(kind=records.UNMASKED if o.dynamic_masking else records.STATIC,
                     dupe_factor=1 if o.dynamic_masking else o.dupe_factor,
+                    settings_version=records.SETTINGS_VERSION,
                     format_version=records.FORMAT_VERSION, vocab_size=len(vocab), vocab_sha256=vocab_sha256,
                     input_files=[{"path": p, "bytes": n} for p, n in input_files])
     return settings
@@ -502,6 +513,22 @@ def sidecars(o, vocab, settings, counts, totals, replaced_chars, split_lines):
     return [dict(settings, **kind_keys, vocab_file=vocab_file, num_instances=n, num_output_shards=len(counts),
                  total_instances=totals["instances"], num_documents=totals["documents"],
                  replaced_invalid_utf8_chars=replaced_chars, split_long_lines=split_lines) for n in counts]
+
+
+def outputs_complete(outputs, settings, log):
+    """True when every output's sidecar says it was made with `settings` (the run is then skipped,
+    and says so). Outputs made with the same flags by an older settings version are not complete:
+    one line says they are regenerated and why."""
+    if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
+        log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
+        return True
+    flags_only = {k: v for k, v in settings.items() if k != "settings_version"}
+    older = [p for p in outputs if records.sidecar_matches(p, flags_only, num_output_shards=len(outputs))]
+    if older:
+        version = records.settings_version(records.read_sidecar(older[0]))
+        log(f"create_pretraining_data: {older[0]} has settings version {version}, this generator "
+            f"writes {records.SETTINGS_VERSION} (other bytes for the same flags); regenerating")
+    return False
 
 
 def side_inputs(o):
@@ -524,8 +551,7 @@ def generate(o, log=print):
     input_paths = corpus.resolve_input_files(o.input_file)
     settings = output_settings(o, vocab, tokenization.vocab_sha256(o.vocab_file),
                                [(os.path.abspath(p), os.path.getsize(p)) for p in input_paths])
-    if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
-        log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
+    if outputs_complete(outputs, settings, log):
         return {"skipped": True, "outputs": outputs}
     reader = corpus.InputReader(input_paths, o.input_format)  # checks the encodings before any output is touched
     if o.segmenter == "rjieba":

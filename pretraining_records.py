@@ -104,7 +104,19 @@ READ_KEYS = ("kind", "format_version", "max_seq_length", "max_predictions_per_se
              "num_instances")
 SETTINGS_KEYS = ("vocab_sha256", "do_lower_case", "do_whole_word_mask", "masked_lm_prob",
                  "dupe_factor", "short_seq_prob", "random_seed", "segmenter", "jieba_user_dict",
-                 "input_format", "input_files")  # input_files: [{"path": absolute, "bytes": size}]
+                 "input_format", "input_files",  # input_files: [{"path": absolute, "bytes": size}]
+                 "settings_version")
+# How the generator turns the settings into records; bumped whenever the same flags give other bytes.
+#   1 (no key in the sidecar): packing and masking drew from one random stream per (document, copy).
+#   2: each has its own stream, so packing does not depend on the masking settings, and unmasked
+#      records no longer draw (and throw away) static masks to keep packing in step.
+# Readers take records of every version; a re-run of the generator over older outputs regenerates them.
+SETTINGS_VERSION = 2
+
+
+def settings_version(meta):
+    """The generator settings version a sidecar records (1 for sidecars written before the key)."""
+    return meta.get("settings_version", 1)
 
 
 def _gfile():

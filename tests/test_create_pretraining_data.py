@@ -354,9 +354,67 @@ def test_output_bytes_do_not_depend_on_worker_count(tmp_path, monkeypatch):
         _generate(o)
         outputs.append(open(o.output_file, "rb").read())
     assert outputs[0] == outputs[1] and len(outputs[0]) > 10_000
+    o = _options(tmp_path, name="dyn1.tfrecord", dynamic_masking=True)
+    _generate(o)
+    dynamic = open(o.output_file, "rb").read()
+    o = _options(tmp_path, name="dyn2.tfrecord", dynamic_masking=True, num_workers=2)
+    _generate(o)
+    assert open(o.output_file, "rb").read() == dynamic and len(dynamic) > 10_000
     o = _options(tmp_path, name="seed2.tfrecord", random_seed=7, dupe_factor=2)
     _generate(o)
     assert open(o.output_file, "rb").read() != outputs[0]
+
+
+def _unmasked_sequences(rec):
+    """Static records -> their input_ids with every masked position given back its label."""
+    ids = rec["input_ids"].copy()
+    for row, positions, labels, weights in zip(ids, rec["masked_lm_positions"], rec["masked_lm_ids"],
+                                               rec["masked_lm_weights"]):
+        k = int(weights.sum())
+        row[positions[:k]] = labels[:k]
+    return ids
+
+
+def test_packing_does_not_depend_on_the_masking_settings(tmp_path):
+    """Packing and masking draw from separate streams (settings version 2): other masking settings
+    give other masks on the very same sequences, in the same order."""
+    sequences, positions = [], []
+    for prob in (0.1, 0.2):
+        o = _options(tmp_path, name=f"p{prob}.tfrecord", masked_lm_prob=prob)
+        _generate(o)
+        rec = _read_records(o.output_file, 64, 10)
+        sequences.append(_unmasked_sequences(rec))
+        positions.append(rec["masked_lm_positions"])
+    assert len(sequences[0]) > 50 and np.array_equal(sequences[0], sequences[1])
+    assert not np.array_equal(positions[0], positions[1])
+
+
+def test_unmasked_records_draw_no_static_masks(tmp_path, monkeypatch):
+    def no_masks(*args):
+        raise AssertionError("the unmasked kind drew a static mask")
+
+    monkeypatch.setattr(cpd.InstanceMaker, "mask", no_masks)
+    summary = _generate(_options(tmp_path, dynamic_masking=True))
+    assert summary["instances"] > 50 and summary["predictions"] == 0
+
+
+def test_outputs_of_an_older_settings_version_are_regenerated_with_one_line(tmp_path):
+    o = _options(tmp_path)
+    _generate(o)
+    sidecar = o.output_file + ".meta.json"
+    meta = json.load(open(sidecar))
+    assert meta["settings_version"] == pretraining_records.SETTINGS_VERSION == 2
+    del meta["settings_version"]  # as written before the key existed: version 1
+    with open(sidecar, "w") as f:
+        json.dump(meta, f)
+    assert pretraining_records.check_records(o.output_file, 64, 10, meta["vocab_size"]).meta == meta
+    summary = _generate(o)
+    said = [line for line in summary["log"] if "settings version" in line]
+    assert not summary["skipped"] and said == [
+        f"create_pretraining_data: {o.output_file} has settings version 1, this generator writes 2 "
+        "(other bytes for the same flags); regenerating"]
+    assert json.load(open(sidecar))["settings_version"] == 2
+    assert _generate(o)["skipped"]
 
 
 def test_compressed_inputs_give_the_same_records(tmp_path):
