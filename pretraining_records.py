@@ -327,6 +327,25 @@ class RecordOutputs(file_output.LockedOutputs):
         super().commit([sidecar_text(m) for m in metas])
 
 
+def commit_records(written, metas, fs):
+    """Puts record files written under temp names in place, sidecars last, for writers that are not
+    `RecordOutputs` (Beam's workers write the shards; its Finalize step commits them).
+
+    written: [(temp name, or None when an earlier attempt already renamed it, output path)].
+    metas: the sidecar dicts, one per output. fs: the files' file system, with exists(path),
+    remove(path), rename(src, dst) and write(path, bytes). Every old sidecar is removed before
+    any records are replaced (a sidecar must never describe other records than its file's).
+    """
+    for _, path in written:
+        if fs.exists(sidecar_path(path)):
+            fs.remove(sidecar_path(path))
+    for tmp, path in written:
+        if tmp is not None:
+            fs.rename(tmp, path)
+    for (_, path), meta in zip(written, metas):
+        fs.write(sidecar_path(path), sidecar_text(meta).encode("utf-8"))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Listing
 # ----------------------------------------------------------------------------------------------------

@@ -249,3 +249,11 @@ def test_command_line_runner_flag_and_beam_options(tmp_path):
         cwd=str(REPO), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "on DirectRunner" in proc.stdout and _sidecar(str(out))["total_instances"] > 0
+
+
+def test_the_beam_module_does_not_import_the_command_line():
+    """No import cycle: Beam gets the generator's work from pretraining_instances, not from
+    create_pretraining_data (which imports Beam for --runner)."""
+    code = "import sys, beam_pretraining_data; print('create_pretraining_data' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

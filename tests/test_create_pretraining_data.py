@@ -18,6 +18,7 @@ import pytest
 
 import corpus as corpus_module
 import create_pretraining_data as cpd
+import pretraining_instances
 import pretraining_records
 import tokenization
 from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
@@ -141,7 +142,7 @@ TRICKY = [
 
 @pytest.mark.parametrize("lower", [True, False])
 def test_fast_tokenizer_gives_identical_ids_to_full_tokenizer(lower):
-    span_tok = cpd.SpanTokenizer(VOCAB, lower)
+    span_tok = pretraining_instances.SpanTokenizer(VOCAB, lower)
     full = tokenization.FullTokenizer(VOCAB, do_lower_case=lower)
     sentences = [s for doc in _corpus_sentences(CORPUS) for s in doc] + TRICKY
     for s in sentences:
@@ -156,7 +157,7 @@ def test_fast_tokenizer_matches_on_wikipedia_with_google_vocab(google_vocab):
         pytest.skip("shared corpus shard absent")
     with lzma.open(shard, "rt", encoding="utf-8") as f:
         lines = [line.strip() for _, line in zip(range(4000), f) if line.strip()]
-    span_tok = cpd.SpanTokenizer(str(google_vocab), True)
+    span_tok = pretraining_instances.SpanTokenizer(str(google_vocab), True)
     full = tokenization.FullTokenizer(str(google_vocab))
     for s in lines:
         (ids, _), = span_tok.tokenize_sentences([s], b"\x01" * len(s))
@@ -168,7 +169,7 @@ def test_fast_tokenizer_matches_on_wikipedia_with_google_vocab(google_vocab):
 # ---------------------------------------------------------------------------------------------------
 
 def test_groups_are_jieba_words_of_any_length(tmp_path):
-    maker = cpd.InstanceMaker(_options(tmp_path, max_seq_length=128))
+    maker = pretraining_instances.InstanceMaker(_options(tmp_path, max_seq_length=128))
     long_words = 0
     for doc in _corpus_sentences(CORPUS):
         pieces, _ = maker.featurize([(i + 1, s) for i, s in enumerate(doc)], "corpus")
@@ -183,7 +184,7 @@ def test_groups_are_jieba_words_of_any_length(tmp_path):
 
 
 def test_wordpiece_continuations_join_their_word(tmp_path):
-    maker = cpd.InstanceMaker(_options(tmp_path))
+    maker = pretraining_instances.InstanceMaker(_options(tmp_path))
     (ids, starts), = maker.featurize([(1, "他说unaffable和running都是英文。")], "x")[0]
     tokens = maker.tok.full.convert_ids_to_tokens(ids)
     for i, t in enumerate(tokens):
@@ -323,7 +324,7 @@ def test_giant_document_is_cut_into_parts_without_loss(tmp_path, monkeypatch, to
 
 
 def test_without_whole_word_mask_every_token_is_its_own_group(tmp_path):
-    maker = cpd.InstanceMaker(_options(tmp_path, do_whole_word_mask=False))
+    maker = pretraining_instances.InstanceMaker(_options(tmp_path, do_whole_word_mask=False))
     (ids, starts), = maker.featurize([(1, "人工智能是一门研究如何让机器模仿人类思维的学科。")], "x")[0]
     assert starts == list(range(len(ids)))
 
@@ -393,7 +394,7 @@ def test_unmasked_records_draw_no_static_masks(tmp_path, monkeypatch):
     def no_masks(*args):
         raise AssertionError("the unmasked kind drew a static mask")
 
-    monkeypatch.setattr(cpd.InstanceMaker, "mask", no_masks)
+    monkeypatch.setattr(pretraining_instances.InstanceMaker, "mask", no_masks)
     summary = _generate(_options(tmp_path, dynamic_masking=True))
     assert summary["instances"] > 50 and summary["predictions"] == 0
 
@@ -490,16 +491,16 @@ def test_user_dict_words_become_single_groups(tmp_path):
     user_dict = tmp_path / "user.txt"
     user_dict.write_text("全词遮盖法 100 n\n", encoding="utf-8")
     sentence = [(1, "我们研究全词遮盖法的效果。")]
-    plain = cpd.InstanceMaker(_options(tmp_path)).featurize(sentence, "x")[0][0][1]
-    custom = cpd.InstanceMaker(_options(tmp_path, jieba_user_dict=str(user_dict))).featurize(sentence, "x")[0][0][1]
+    plain = pretraining_instances.InstanceMaker(_options(tmp_path)).featurize(sentence, "x")[0][0][1]
+    custom = pretraining_instances.InstanceMaker(_options(tmp_path, jieba_user_dict=str(user_dict))).featurize(sentence, "x")[0][0][1]
     assert 4 in custom and custom[custom.index(4) + 1] == 9  # 全词遮盖法 = tokens 4..8
     assert plain != custom
 
 
 def test_rjieba_segmenter_gives_the_same_groups_on_most_sentences(tmp_path):
     pytest.importorskip("rjieba")
-    a = cpd.InstanceMaker(_options(tmp_path))
-    b = cpd.InstanceMaker(_options(tmp_path, segmenter="rjieba"))
+    a = pretraining_instances.InstanceMaker(_options(tmp_path))
+    b = pretraining_instances.InstanceMaker(_options(tmp_path, segmenter="rjieba"))
     same = total = 0
     for doc in _corpus_sentences(CORPUS):
         sents = [(i, s) for i, s in enumerate(doc)]
