@@ -452,6 +452,22 @@ class BertSpanQA(keras.Model):
         return logits[..., 0], logits[..., 1]
 
 
+# The model class of each task name (model_folder.TASKS; run folders say theirs in model_info.json).
+TASK_MODELS = {"mlm": BertPretrainer, "classifier": BertClassifier, "ner": BertTokenClassifier,
+               "qa": BertSpanQA}
+
+
+def make_task_model(config, task, num_labels=None):
+    """A built model for `task` (mlm | classifier | ner | qa); classifier and ner need num_labels."""
+    if task not in TASK_MODELS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASK_MODELS)}")
+    if task in ("classifier", "ner"):
+        if not num_labels:
+            raise ValueError(f"task {task} needs the number of labels")
+        return build_model(TASK_MODELS[task](config, num_labels))
+    return build_model(TASK_MODELS[task](config))
+
+
 def build_model(model, seq_len=8):
     """Creates all variables of `model` with one dummy call; returns the model."""
     dummy = {
