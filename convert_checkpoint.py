@@ -301,17 +301,6 @@ class HFFolder:
 POOLER_NAMES = ("bert/pooler/dense/kernel", "bert/pooler/dense/bias")
 
 
-def build_task_model(config, task, num_labels=None):
-    """A built (variables created) model for task mlm | classifier | ner | qa."""
-    if task in ("classifier", "ner") and not num_labels:
-        raise ValueError(f"--task={task} needs the label set (--labels)")
-    model = {"mlm": lambda: modeling.BertPretrainer(config),
-             "classifier": lambda: modeling.BertClassifier(config, num_labels),
-             "ner": lambda: modeling.BertTokenClassifier(config, num_labels),
-             "qa": lambda: modeling.BertSpanQA(config)}[task]()
-    return modeling.build_model(model)
-
-
 def save_tf2_checkpoint(model, config, vocab_file, output_dir, labels=None, task=None,
                         do_lower_case=True):
     """Writes output_dir/ckpt-1 (Google-named weights) and the model_folder files beside it."""
@@ -323,9 +312,8 @@ def save_tf2_checkpoint(model, config, vocab_file, output_dir, labels=None, task
 
 
 def model_task(model):
-    """mlm | classifier | ner | qa of a built model."""
-    return {modeling.BertPretrainer: "mlm", modeling.BertClassifier: "classifier",
-            modeling.BertTokenClassifier: "ner", modeling.BertSpanQA: "qa"}[type(model)]
+    """mlm | classifier | ner | qa of a built model (modeling.TASK_MODELS read backwards)."""
+    return next(task for task, cls in modeling.TASK_MODELS.items() if type(model) is cls)
 
 
 def init_pooler_deterministically(model, seed=0):
@@ -344,7 +332,7 @@ def load_checkpoint_fully(path, config, task, num_labels=None):
     The one exception is the pooler of a checkpoint written before every model held one (or of an
     MLM-only import): it gets a deterministic initialisation, and a warning says so.
     """
-    model = build_task_model(config, task, num_labels)
+    model = modeling.make_task_model(config, task, num_labels)
     report = modeling.load_pretrained(model, path)
     missing = [name for name in report.newly_initialized if name not in POOLER_NAMES]
     if missing:
@@ -424,6 +412,30 @@ def _approximate_gelu_config(model, config):
     return approx, float(diff)
 
 
+def load_model(path, task, bert_config_file=None, vocab_file=None, flag="--checkpoint"):
+    """The `task` model of any model folder, every weight restored -> (model, model_folder.ModelFolder).
+
+    path: what model_folder.resolve reads (our folders and ckpt-N prefixes, Google's bert_model.ckpt,
+    HuggingFace folders); bert_config_file, vocab_file override what the folder says. The one loader
+    behind fill_mask.py, answer_question.py and the conversions: a folder that holds another task's
+    model, or an HF BertModel folder asked for its (absent) masked-LM head, is a ValueError naming it.
+    """
+    found = model_folder.resolve(path, bert_config_file, vocab_file, flag=flag)
+    if found.task not in (None, task):
+        raise ValueError(f"{flag}={path}: holds a {found.task} model, not a {task} model")
+    num_labels = len(found.labels) if found.labels else None
+    if found.kind == "hf":
+        folder = HFFolder(found.checkpoint, found.vocab_file)
+        if task == "mlm" and (folder.hf_config.get("architectures") or ["BertModel"])[0] == "BertModel":
+            raise ValueError(f"{folder.config_path}: a BertModel folder has no masked-LM head")
+        model = modeling.make_task_model(folder.config, task, num_labels)
+        assign_from_hf(model, folder)
+        return model, found
+    config = modeling.BertConfig.from_json_file(found.bert_config_file)
+    check_vocab_size(found.vocab_file, config, found.bert_config_file)
+    return load_checkpoint_fully(found.checkpoint, config, task, num_labels), found
+
+
 # ----------------------------------------------------------------------------------------------
 # The three conversions
 # ----------------------------------------------------------------------------------------------
@@ -439,7 +451,7 @@ def hf_to_tf2(input_dir, output_dir, task=None, overwrite=False, vocab_file=None
     if task and task != folder.task:
         raise ValueError(f"{folder.config_path}: holds a {folder.task} model "
                          f"({folder.hf_config.get('architectures')}), not --task={task}")
-    model = build_task_model(folder.config, folder.task, len(folder.labels) if folder.labels else None)
+    model = modeling.make_task_model(folder.config, folder.task, len(folder.labels) if folder.labels else None)
     assign_from_hf(model, folder)
     with file_output.atomic_output_dir(output_dir, overwrite, sources=[input_dir]) as tmp:
         save_tf2_checkpoint(model, folder.config, folder.vocab_file, tmp, folder.labels,

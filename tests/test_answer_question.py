@@ -62,7 +62,7 @@ def test_answer_is_the_best_span_of_transformers_logits(qa_folders):
 def test_a_model_of_another_task_is_refused(tmp_path):
     ckpt = str(tmp_path / "cls")
     make_checkpoint_dir(ckpt, "classifier", seed=6)
-    with pytest.raises(ValueError, match="holds a classifier model, not a QA model"):
+    with pytest.raises(ValueError, match="holds a classifier model, not a qa model"):
         answer_question.load_qa_model(ckpt)
 
 

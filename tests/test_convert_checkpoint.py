@@ -121,6 +121,17 @@ def test_save_pretrained_folder_gives_transformers_logits_here(tmp_path, hf_clas
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+def test_load_model_gives_the_task_model_a_folder_holds_with_its_labels(tmp_path):
+    """One loader for every consumer: the folder says its labels; asking for another head fails."""
+    original = make_checkpoint_dir(str(tmp_path / "clf"), "classifier", seed=3)
+    model, found = convert_checkpoint.load_model(str(tmp_path / "clf"), "classifier")
+    assert type(model) is modeling.TASK_MODELS["classifier"] and found.labels == LABELS["classifier"]
+    for name, value in weights_of(original).items():
+        np.testing.assert_array_equal(weights_of(model)[name], value, err_msg=name)
+    with pytest.raises(ValueError, match=r"--init_checkpoint=.*clf: holds a classifier model, not a qa model"):
+        convert_checkpoint.load_model(str(tmp_path / "clf"), "qa", flag="--init_checkpoint")
+
+
 def test_pooler_of_a_pretraining_folder_reaches_a_classifier(tmp_path):
     """bert-base-chinese style folders (BertForPreTraining: pooler + NSP) keep their pooler."""
     folder = str(tmp_path / "hf")

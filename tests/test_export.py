@@ -64,7 +64,7 @@ def make_checkpoint_dir(folder, task, seed=0, hidden_act="gelu"):
     os.makedirs(folder, exist_ok=True)
     config = tiny_config(hidden_act)
     labels = LABELS.get(task)
-    model = randomize(convert_checkpoint.build_task_model(config, task, len(labels) if labels else None), seed)
+    model = randomize(modeling.make_task_model(config, task, len(labels) if labels else None), seed)
     vocab = write_vocab(os.path.dirname(os.path.abspath(folder)))
     convert_checkpoint.save_tf2_checkpoint(model, config, vocab, folder, labels=labels)
     return model
