@@ -9,7 +9,7 @@ import pytest
 
 import answer_question
 import export_to_pytorch
-from test_export import make_checkpoint_dir
+from helpers import make_checkpoint_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = [("首都是哪里", "中国的首都是北京。上海是大学生的好地方。"),

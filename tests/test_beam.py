@@ -91,6 +91,7 @@ def test_one_file_gives_byte_identical_shards_with_other_flags(tmp_path):
               random_seed=7, dupe_factor=3, do_whole_word_mask=False, num_output_shards=2,
               input_format="doc_per_line")
     local, on_beam, _ = _run_both(tmp_path, _corpus_files(tmp_path, n_files=1), **kw)
+    assert len(local) == len(on_beam) == 2  # zip below would pass over a missing shard
     for a, b in zip(local, on_beam):
         assert open(a, "rb").read() == open(b, "rb").read()
 

@@ -21,8 +21,8 @@ transformers = pytest.importorskip("transformers")
 import convert_checkpoint  # noqa: E402
 import export_to_pytorch  # noqa: E402
 import modeling  # noqa: E402
-from test_export import (LABELS, VOCAB, hf_logits, leftovers, make_checkpoint_dir, our_logits,  # noqa: E402
-                         padded_batch, tiny_config, write_vocab)
+from helpers import (LABELS, VOCAB, hf_logits, leftovers, make_checkpoint_dir, our_logits,  # noqa: E402
+                     padded_batch, tiny_config, write_vocab)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -187,9 +187,9 @@ def test_wordpiece_continuations_join_their_word(tmp_path):
     maker = pretraining_instances.InstanceMaker(_options(tmp_path))
     (ids, starts), = maker.featurize([(1, "他说unaffable和running都是英文。")], "x")[0]
     tokens = maker.tok.full.convert_ids_to_tokens(ids)
-    for i, t in enumerate(tokens):
-        if t.startswith("##"):
-            assert i not in starts, tokens
+    continuations = [i for i, t in enumerate(tokens) if t.startswith("##")]
+    assert continuations, tokens  # the case under test must be there
+    assert not set(continuations) & set(starts), tokens
 
 
 def test_every_masked_group_is_one_whole_jieba_word(masked_words):

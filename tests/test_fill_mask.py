@@ -16,7 +16,7 @@ import convert_checkpoint
 import fill_mask
 import modeling
 import tokenization
-from test_export import randomize, tiny_config, write_vocab
+from helpers import randomize, tiny_config, write_vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES = ["中国的首都是北京。", "我们爱北京。", "他是大学生。"]
