@@ -258,8 +258,8 @@ class LockedOutputs:
         try:
             self._check()
             if any(map(is_remote, self.paths)):
-                self._staging = tempfile.mkdtemp(prefix="records-")
-                self._tmps = [os.path.join(self._staging, f"{i}.tfrecord") for i in range(len(self.paths))]
+                self._staging = tempfile.mkdtemp(prefix="roberta_zh-out-")
+                self._tmps = [os.path.join(self._staging, f"{i}.part") for i in range(len(self.paths))]
             else:
                 for path in self.paths:
                     self._lock(path)
