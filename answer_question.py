@@ -23,27 +23,14 @@ from absl import flags
 
 import convert_checkpoint
 import finetune_utils
-import model_folder
-import modeling
 import run_cmrc
 import tokenization
 
 
 def load_qa_model(checkpoint, bert_config_file=None, vocab_file=None, do_lower_case=None):
     """Returns (BertSpanQA with every weight restored, FullTokenizer) from any model folder."""
-    found = model_folder.resolve(checkpoint, bert_config_file, vocab_file, flag="--checkpoint")
+    model, found = convert_checkpoint.load_model(checkpoint, "qa", bert_config_file, vocab_file)
     do_lower_case = found.do_lower_case if do_lower_case is None else do_lower_case
-    if found.task not in (None, "qa"):
-        raise ValueError(f"--checkpoint={checkpoint}: holds a {found.task} model, not a QA model "
-                         f"(fine-tune one with run_cmrc.py)")
-    if found.kind == "hf":
-        folder = convert_checkpoint.HFFolder(found.checkpoint, found.vocab_file)
-        model = convert_checkpoint.build_task_model(folder.config, "qa")
-        convert_checkpoint.assign_from_hf(model, folder)
-    else:
-        config = modeling.BertConfig.from_json_file(found.bert_config_file)
-        convert_checkpoint.check_vocab_size(found.vocab_file, config, found.bert_config_file)
-        model = convert_checkpoint.load_checkpoint_fully(found.checkpoint, config, "qa")
     return model, tokenization.FullTokenizer(found.vocab_file, do_lower_case)
 
 

@@ -9,8 +9,8 @@
 `--beam_<option>=value` reaches Beam as `--<option>=value` (`--beam_project=...`, `--beam_region=...`).
 With DirectRunner, `--num_workers=N` means N worker processes on this machine.
 
-Stages (the work on documents is the local generator's own: `create_pretraining_data.document_records`,
-`shuffle_and_shard`, `pretraining_records.frame`, the steps of its worker's `process_chunk`):
+Stages (the work on documents is the local generator's own: `pretraining_instances.document_records`,
+`shuffle_and_shard`, `pretraining_records.frame`, as in create_pretraining_data's `process_chunk`):
   1. ReadChunks, one element per input file (a gs://... file is first copied to the worker's disk):
      stream the file's documents and cut them into the local generator's chunks (<= DOCS_PER_CHUNK
      documents or CHARS_PER_CHUNK characters); also output the file's document and chunk counts.
@@ -21,8 +21,8 @@ Stages (the work on documents is the local generator's own: `create_pretraining_
      the unmasked kind), encode, shuffle, frame -> (shard, (chunk number, zlib'd TFRecord bytes)).
   4. GroupByKey(shard) + WriteShard: a shard's pieces are spilled to local disk and written in chunk
      order to a temporary file, so a worker's memory holds one chunk and an index, never a shard.
-  5. Finalize, once: the local path's checks (empty files, no instances), temporary files renamed
-     to the outputs, the sidecars written last.
+  5. Finalize, once: the local path's checks (`pretraining_instances.check_produced`), then
+     `pretraining_records.commit_records`: temporary files renamed to the outputs, sidecars last.
 
 Same records: every document's RNG is seeded from (random_seed, global document index, copy), as
 locally, so the outputs hold exactly the local generator's serialized instances, whatever the runner
@@ -33,7 +33,6 @@ run on across file boundaries; here they stop at the end of each file).
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -55,8 +54,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 import corpus
-
-import create_pretraining_data as cpd
+import file_output
+import pretraining_instances as instances
 import pretraining_records as records
 import tokenization
 from train_utils import UsageError
@@ -74,6 +73,20 @@ def _read_bytes(path):
 def _write_bytes(path, data):
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.write(data)
+
+
+class _BeamFiles:
+    """The file operations `pretraining_records.commit_records` needs, on Beam's file systems."""
+    exists = staticmethod(FileSystems.exists)
+    write = staticmethod(_write_bytes)
+
+    @staticmethod
+    def remove(path):
+        FileSystems.delete([path])
+
+    @staticmethod
+    def rename(src, dst):
+        FileSystems.rename([src], [dst])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,7 +122,7 @@ class ReadChunks(beam.DoFn):
 def _local_copy(path):
     """A local file with `path`'s bytes: `path` itself, or for gs://... a temporary copy (same
     suffix, so .xz/.gz/.bz2 are still recognized) that the reader streams as it does locally."""
-    if not records.is_remote(path):
+    if not file_output.is_remote(path):
         yield path
         return
     with tempfile.NamedTemporaryFile(suffix="-" + path.rsplit("/", 1)[-1]) as local:
@@ -152,7 +165,7 @@ class MakeRecords(beam.DoFn):
                 with open(local[name], "wb") as f:
                     f.write(data)
         # The local generator's InstanceMaker, hence the same tokens, packing and masks.
-        self.maker = cpd.InstanceMaker(dataclasses.replace(self.options, **local))
+        self.maker = instances.InstanceMaker(dataclasses.replace(self.options, **local))
 
     def teardown(self):
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -162,10 +175,10 @@ class MakeRecords(beam.DoFn):
         doc0, chunk0 = offsets[file_index]
         number = chunk0 + chunk_in_file
         # The local worker's steps (create_pretraining_data.process_chunk), with this chunk's numbers.
-        stats = cpd.new_stats()
+        stats = instances.new_stats()
         path = self.paths[file_index]
-        serialized = cpd.document_records(self.maker, [(path, s) for _, s in docs], doc0 + first_doc_in_file, stats)
-        shards = cpd.shuffle_and_shard(serialized, number, self.maker.o)
+        serialized = instances.document_records(self.maker, [(path, s) for _, s in docs], doc0 + first_doc_in_file, stats)
+        shards = instances.shuffle_and_shard(serialized, number, self.maker.o)
         shard_bytes = [records.frame(r) for r in shards]
         stats["per_shard"] = [len(r) for r in shards]
         self.documents.inc(stats["documents"])
@@ -224,33 +237,21 @@ class WriteShard(beam.DoFn):
 
 def finalize(_, written, stats, file_counts, options, vocab, settings, paths, outputs, tmp_names):
     """Once, after every shard is written: the local path's checks, then renames, then sidecars."""
+    counts = dict(file_counts)
+    replaced = sum(c["replaced_chars"] for c in counts.values())
+    per_shard = stats["per_shard"] + [0] * (len(outputs) - len(stats["per_shard"]))
+    metas = instances.sidecars(options, vocab, settings, per_shard, stats, replaced, stats["split_count"])
     try:
-        counts = dict(file_counts)
-        for file_index, path in enumerate(paths):
-            if counts.get(file_index, {}).get("documents", 0) == 0:
-                raise UsageError(f"--input_file: {path} contains no text (only blank lines)")
-        if stats["instances"] == 0:
-            raise UsageError("--input_file: no instance produced (every document was empty)")
+        instances.check_produced(paths, [counts.get(i, {}).get("documents", 0) for i in range(len(paths))],
+                                 stats["instances"])
         for shard in set(range(len(outputs))) - set(written):
             _write_bytes(tmp_names[shard], b"")  # a shard that got no records is an empty file
-        for path in outputs:  # an old sidecar must never describe new records
-            if FileSystems.exists(records.sidecar_path(path)):
-                FileSystems.delete([records.sidecar_path(path)])
         # Only what is still there: a retried Finalize finds the shards its first attempt renamed.
-        present = [i for i, t in enumerate(tmp_names) if FileSystems.exists(t)]
-        FileSystems.rename([tmp_names[i] for i in present], [outputs[i] for i in present])
+        records.commit_records([(t if FileSystems.exists(t) else None, p) for t, p in zip(tmp_names, outputs)],
+                               metas, _BeamFiles)
     except BaseException:
         FileSystems.delete([t for t in tmp_names if FileSystems.exists(t)])
         raise
-    replaced = sum(c["replaced_chars"] for c in counts.values())
-    per_shard = stats["per_shard"] + [0] * (len(outputs) - len(stats["per_shard"]))
-    metas = cpd.sidecars(options, vocab, settings, per_shard, stats, replaced, stats["split_count"])
-    for path, meta in zip(outputs, metas):
-        with FileSystems.create(records.sidecar_path(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            text = io.TextIOWrapper(f, encoding="utf-8")
-            records._dump_json(meta, text)
-            text.flush()
-            text.detach()
     text_bytes = sum(c["text_bytes"] for c in counts.values())
     first_bad = [counts[i]["first_replacement"] for i in sorted(counts) if counts[i]["first_replacement"]]
     return dict({k: stats[k] for k in _STAT_KEYS}, input_mb=round(text_bytes / 1e6, 3),
@@ -313,7 +314,7 @@ def pipeline_options(runner, beam_args, num_workers):
     if _is_direct(runner) and num_workers > 1 and "--direct_num_workers" not in given:
         argv += [f"--direct_num_workers={num_workers}", "--direct_running_mode=multi_processing"]
         # Worker processes import our modules; make sure they find these, not another checkout's.
-        here = os.path.dirname(os.path.abspath(cpd.__file__))
+        here = os.path.dirname(os.path.abspath(__file__))
         rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
         os.environ["PYTHONPATH"] = os.pathsep.join([here] + rest)
     return PipelineOptions(argv)
@@ -322,7 +323,7 @@ def pipeline_options(runner, beam_args, num_workers):
 def _resolve_inputs(spec):
     """--input_file -> [(path, size)]: local files as the local generator resolves them, else Beam's match."""
     items = [s.strip() for s in spec.split(",") if s.strip()]
-    if not any(map(records.is_remote, items)):
+    if not any(map(file_output.is_remote, items)):
         return [(p, os.path.getsize(p)) for p in corpus.resolve_input_files(spec)]
     found = []
     for item in items:
@@ -358,29 +359,28 @@ def _launch_inputs(o):
         except ValueError as e:
             raise UsageError(f"--vocab_file: {e}") from None
         vocab_sha = tokenization.vocab_sha256(local_vocab)
-    settings = cpd.output_settings(o, vocab, vocab_sha, [
-        (p if records.is_remote(p) else os.path.abspath(p), n) for p, n in files])
+    settings = instances.output_settings(o, vocab, vocab_sha, [
+        (p if file_output.is_remote(p) else os.path.abspath(p), n) for p, n in files])
     shipped = {"vocab_file": vocab_bytes, "jieba_user_dict": user_dict}
     return [p for p, _ in files], shipped, vocab, settings
 
 
 def run(o, runner, beam_args=(), log=print):
     """Runs the generator on Beam; returns the summary dict. Raises UsageError (one line) on bad input."""
-    cpd.validate_options(o)
+    instances.validate_options(o)
     options = pipeline_options(runner, beam_args, o.num_workers)
     paths, shipped, vocab, settings = _launch_inputs(o)
     # Constructing the reader runs the local path's early input checks (e.g. the encoding of each
     # file's head) here, before any output is touched; workers repeat them on what they read.
-    corpus.InputReader([p for p in paths if not records.is_remote(p)], o.input_format)
-    if not _is_direct(runner) and not any(map(records.is_remote, paths)):
+    corpus.InputReader([p for p in paths if not file_output.is_remote(p)], o.input_format)
+    if not _is_direct(runner) and not any(map(file_output.is_remote, paths)):
         log(f"create_pretraining_data: warning: --runner={runner} reads --input_file on its workers; "
             f"local paths work only where every worker sees the same file system (use gs://... on Dataflow)")
     outputs = records.shard_paths(o.output_file, o.num_output_shards)
-    if all(records.sidecar_matches(p, settings, num_output_shards=len(outputs)) for p in outputs):
-        log(f"create_pretraining_data: {', '.join(outputs)} already complete (same settings); skipped")
+    if instances.outputs_complete(outputs, settings, log):
         return {"skipped": True, "outputs": outputs}
     if o.segmenter == "rjieba":
-        cpd.make_segmenter("rjieba")  # fail here, not on every worker, when it is not installed
+        instances.make_segmenter("rjieba")  # fail here, not on every worker, when it is not installed
     job = uuid.uuid4().hex[:12]
     tmp_names = [os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.tmp-beam-{job}") for p in outputs]
     pipeline = beam.Pipeline(runner=_direct_runner(options) if _is_direct(runner) else None, options=options)
@@ -390,9 +390,9 @@ def run(o, runner, beam_args=(), log=print):
 
     # Local outputs: RecordOutputs checks the names and holds their locks for the whole run (it
     # writes nothing itself: the workers write and Finalize renames).
-    local = not any(map(records.is_remote, outputs))
+    local = not any(map(file_output.is_remote, outputs))
     start = time.perf_counter()
-    with records.RecordOutputs(outputs, inputs=paths + cpd.side_inputs(o)) if local \
+    with records.RecordOutputs(outputs, inputs=paths + instances.side_inputs(o)) if local \
             else contextlib.nullcontext():
         result = pipeline.run()
         try:

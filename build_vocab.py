@@ -28,6 +28,8 @@ import os
 
 from absl import flags
 
+import file_output
+
 import tokenization
 import train_utils
 
@@ -134,11 +136,7 @@ def main(argv):
     if os.path.isdir(output):
         raise train_utils.UsageError(f"--output: {fv.output} is a directory; give a file name")
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    tmp = f"{output}.tmp-{os.getpid()}"  # a failed write never leaves a truncated vocab behind
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for tok in tokens:
-            f.write(tok + "\n")
-    os.replace(tmp, output)
+    file_output.atomic_write(output, "".join(tok + "\n" for tok in tokens))  # never half a vocab
     print("wrote %d tokens to %s" % (len(tokens), fv.output))
 
 

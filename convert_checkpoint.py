@@ -38,14 +38,12 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
+import file_output
 import model_folder
 import modeling
 
 TASK_ARCHITECTURES = model_folder.TASK_ARCHITECTURES
 ARCHITECTURE_TASKS = model_folder.ARCHITECTURE_TASKS
-
-check_output_dir = model_folder.check_output_dir
-atomic_output_dir = model_folder.atomic_output_dir
 
 # ----------------------------------------------------------------------------------------------
 # safetensors and pytorch_model.bin readers (the writer is in export_to_pytorch.py)
@@ -303,17 +301,6 @@ class HFFolder:
 POOLER_NAMES = ("bert/pooler/dense/kernel", "bert/pooler/dense/bias")
 
 
-def build_task_model(config, task, num_labels=None):
-    """A built (variables created) model for task mlm | classifier | ner | qa."""
-    if task in ("classifier", "ner") and not num_labels:
-        raise ValueError(f"--task={task} needs the label set (--labels)")
-    model = {"mlm": lambda: modeling.BertPretrainer(config),
-             "classifier": lambda: modeling.BertClassifier(config, num_labels),
-             "ner": lambda: modeling.BertTokenClassifier(config, num_labels),
-             "qa": lambda: modeling.BertSpanQA(config)}[task]()
-    return modeling.build_model(model)
-
-
 def save_tf2_checkpoint(model, config, vocab_file, output_dir, labels=None, task=None,
                         do_lower_case=True):
     """Writes output_dir/ckpt-1 (Google-named weights) and the model_folder files beside it."""
@@ -325,9 +312,8 @@ def save_tf2_checkpoint(model, config, vocab_file, output_dir, labels=None, task
 
 
 def model_task(model):
-    """mlm | classifier | ner | qa of a built model."""
-    return {modeling.BertPretrainer: "mlm", modeling.BertClassifier: "classifier",
-            modeling.BertTokenClassifier: "ner", modeling.BertSpanQA: "qa"}[type(model)]
+    """mlm | classifier | ner | qa of a built model (modeling.TASK_MODELS read backwards)."""
+    return next(task for task, cls in modeling.TASK_MODELS.items() if type(model) is cls)
 
 
 def init_pooler_deterministically(model, seed=0):
@@ -346,7 +332,7 @@ def load_checkpoint_fully(path, config, task, num_labels=None):
     The one exception is the pooler of a checkpoint written before every model held one (or of an
     MLM-only import): it gets a deterministic initialisation, and a warning says so.
     """
-    model = build_task_model(config, task, num_labels)
+    model = modeling.make_task_model(config, task, num_labels)
     report = modeling.load_pretrained(model, path)
     missing = [name for name in report.newly_initialized if name not in POOLER_NAMES]
     if missing:
@@ -426,6 +412,30 @@ def _approximate_gelu_config(model, config):
     return approx, float(diff)
 
 
+def load_model(path, task, bert_config_file=None, vocab_file=None, flag="--checkpoint"):
+    """The `task` model of any model folder, every weight restored -> (model, model_folder.ModelFolder).
+
+    path: what model_folder.resolve reads (our folders and ckpt-N prefixes, Google's bert_model.ckpt,
+    HuggingFace folders); bert_config_file, vocab_file override what the folder says. The one loader
+    behind fill_mask.py, answer_question.py and the conversions: a folder that holds another task's
+    model, or an HF BertModel folder asked for its (absent) masked-LM head, is a ValueError naming it.
+    """
+    found = model_folder.resolve(path, bert_config_file, vocab_file, flag=flag)
+    if found.task not in (None, task):
+        raise ValueError(f"{flag}={path}: holds a {found.task} model, not a {task} model")
+    num_labels = len(found.labels) if found.labels else None
+    if found.kind == "hf":
+        folder = HFFolder(found.checkpoint, found.vocab_file)
+        if task == "mlm" and (folder.hf_config.get("architectures") or ["BertModel"])[0] == "BertModel":
+            raise ValueError(f"{folder.config_path}: a BertModel folder has no masked-LM head")
+        model = modeling.make_task_model(folder.config, task, num_labels)
+        assign_from_hf(model, folder)
+        return model, found
+    config = modeling.BertConfig.from_json_file(found.bert_config_file)
+    check_vocab_size(found.vocab_file, config, found.bert_config_file)
+    return load_checkpoint_fully(found.checkpoint, config, task, num_labels), found
+
+
 # ----------------------------------------------------------------------------------------------
 # The three conversions
 # ----------------------------------------------------------------------------------------------
@@ -436,14 +446,14 @@ def hf_to_tf2(input_dir, output_dir, task=None, overwrite=False, vocab_file=None
 
     vocab_file: needed only when the folder has neither vocab.txt nor tokenizer.json.
     """
-    check_output_dir(output_dir, overwrite, sources=[input_dir])
+    file_output.check_output_dir(output_dir, overwrite, sources=[input_dir])
     folder = HFFolder(input_dir, vocab_file)
     if task and task != folder.task:
         raise ValueError(f"{folder.config_path}: holds a {folder.task} model "
                          f"({folder.hf_config.get('architectures')}), not --task={task}")
-    model = build_task_model(folder.config, folder.task, len(folder.labels) if folder.labels else None)
+    model = modeling.make_task_model(folder.config, folder.task, len(folder.labels) if folder.labels else None)
     assign_from_hf(model, folder)
-    with atomic_output_dir(output_dir, overwrite, sources=[input_dir]) as tmp:
+    with file_output.atomic_output_dir(output_dir, overwrite, sources=[input_dir]) as tmp:
         save_tf2_checkpoint(model, folder.config, folder.vocab_file, tmp, folder.labels,
                             do_lower_case=folder.do_lower_case)
     logging.info("Wrote %s (%s, %d tensors)", output_dir, folder.task, len(modeling.name_table(model)))
@@ -467,7 +477,7 @@ def _google_task(prefix, task):
 def google_to_tf2(prefix, bert_config_file, vocab_file, output_dir, task=None, labels=None,
                   overwrite=False, do_lower_case=True):
     """Google/brightmart TF1 `bert_model.ckpt` -> our checkpoint folder."""
-    check_output_dir(output_dir, overwrite, sources=[prefix])
+    file_output.check_output_dir(output_dir, overwrite, sources=[prefix])
     config = modeling.BertConfig.from_json_file(bert_config_file)
     check_vocab_size(vocab_file, config, bert_config_file)
     if os.path.isdir(prefix):  # a released folder like chinese_L-12_H-768_A-12/
@@ -481,7 +491,7 @@ def google_to_tf2(prefix, bert_config_file, vocab_file, output_dir, task=None, l
         labels = [str(i) for i in range(num_labels)]
         logging.warning("no --labels: naming the %d labels %s", num_labels, ", ".join(labels))
     model = load_checkpoint_fully(prefix, config, task, num_labels)
-    with atomic_output_dir(output_dir, overwrite, sources=[prefix]) as tmp:
+    with file_output.atomic_output_dir(output_dir, overwrite, sources=[prefix]) as tmp:
         save_tf2_checkpoint(model, config, vocab_file, tmp, labels, task, do_lower_case)
     return output_dir
 
@@ -496,7 +506,7 @@ def tf2_to_google(checkpoint, bert_config_file, vocab_file, output_dir, task="ml
     imported from transformers) is refused unless `approximate_gelu`, which writes "gelu" and logs
     the measured difference.
     """
-    check_output_dir(output_dir, overwrite, sources=[checkpoint])
+    file_output.check_output_dir(output_dir, overwrite, sources=[checkpoint])
     config = modeling.BertConfig.from_json_file(bert_config_file)
     check_vocab_size(vocab_file, config, bert_config_file)
     if config.hidden_act not in ("gelu", "gelu_new", "relu"):
@@ -510,7 +520,7 @@ def tf2_to_google(checkpoint, bert_config_file, vocab_file, output_dir, task="ml
         logging.warning("--approximate_gelu: wrote hidden_act \"gelu\" (tanh); the encoder output "
                         "moves by up to %.2e on a random batch", diff)
     table = modeling.name_table(model)
-    with atomic_output_dir(output_dir, overwrite, sources=[checkpoint]) as tmp:
+    with file_output.atomic_output_dir(output_dir, overwrite, sources=[checkpoint]) as tmp:
         # SaveV2 writes a plain name -> tensor bundle: the TF1 Saver format, no object graph.
         tf.raw_ops.SaveV2(prefix=os.path.join(tmp, "bert_model.ckpt"),
                           tensor_names=[w.google_name for w in table],

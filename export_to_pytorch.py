@@ -34,6 +34,7 @@ import numpy as np
 from absl import flags, logging
 
 import convert_checkpoint
+import file_output
 import model_folder
 import modeling
 import tokenization
@@ -156,7 +157,7 @@ def export_model(model, task, vocab_file, output_dir, labels=None, do_lower_case
         raise ValueError(f"--labels has {len(labels or ())} labels, the model has {model.num_labels}")
     vocab = tokenization.load_vocab(vocab_file)
     entries = hf_tensors(model)
-    with model_folder.atomic_output_dir(output_dir, overwrite, sources) as tmp:
+    with file_output.atomic_output_dir(output_dir, overwrite, sources) as tmp:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config_dict(config, task, labels, vocab.get(tokenization.PAD, 0)), f,
                       indent=2, ensure_ascii=False)
@@ -190,7 +191,7 @@ def write_pytorch_bin(path, entries):
 def export_checkpoint(checkpoint, bert_config_file, vocab_file, output_dir, task="mlm",
                       labels=None, do_lower_case=True, pytorch_bin=False, overwrite=False):
     """Loads our (or a TF1) checkpoint fully for `task` and exports it; returns output_dir."""
-    model_folder.check_output_dir(output_dir, overwrite, sources=[checkpoint])
+    file_output.check_output_dir(output_dir, overwrite, sources=[checkpoint])
     config = modeling.BertConfig.from_json_file(bert_config_file)
     convert_checkpoint.check_vocab_size(vocab_file, config, bert_config_file)
     if task in ("classifier", "ner") and not labels:

@@ -26,8 +26,6 @@ import tensorflow as tf
 from absl import flags
 
 import convert_checkpoint
-import model_folder
-import modeling
 import tokenization
 
 
@@ -37,20 +35,8 @@ def load_masked_lm(checkpoint, bert_config_file=None, vocab_file=None, do_lower_
     `checkpoint` is a model folder or prefix (model_folder.resolve: ours, Google's, or a HuggingFace
     folder, also transformers 5's without vocab.txt); the other arguments override what it says.
     """
-    found = model_folder.resolve(checkpoint, bert_config_file, vocab_file, flag="--checkpoint")
+    model, found = convert_checkpoint.load_model(checkpoint, "mlm", bert_config_file, vocab_file)
     do_lower_case = found.do_lower_case if do_lower_case is None else do_lower_case
-    if found.kind == "hf":
-        folder = convert_checkpoint.HFFolder(found.checkpoint, found.vocab_file)
-        if (folder.hf_config.get("architectures") or ["BertModel"])[0] == "BertModel":
-            raise ValueError(f"{folder.config_path}: a BertModel folder has no masked-LM head")
-        model = convert_checkpoint.build_task_model(folder.config, "mlm")
-        convert_checkpoint.assign_from_hf(model, folder)
-    else:
-        if found.task not in (None, "mlm"):
-            raise ValueError(f"{checkpoint}: holds a {found.task} model, which has no masked-LM head")
-        config = modeling.BertConfig.from_json_file(found.bert_config_file)
-        convert_checkpoint.check_vocab_size(found.vocab_file, config, found.bert_config_file)
-        model = convert_checkpoint.load_checkpoint_fully(found.checkpoint, config, "mlm")
     return model, tokenization.FullTokenizer(found.vocab_file, do_lower_case)
 
 

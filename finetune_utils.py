@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
+import file_output
 import model_folder
 import modeling
 import optimization
@@ -236,7 +237,7 @@ def json_lines(path):
         yield n, record
 
 
-write_text = model_folder.atomic_write  # one owner of "temp name, then rename"
+write_text = file_output.atomic_write  # one owner of "temp name, fsync, rename"
 
 
 def check_outputs(output_dir, names):
@@ -274,14 +275,15 @@ def make_tokenizer(vocab_file, do_lower_case):
 class Task:
     """What a task script gives `run`; the driver sets `opts`, `tokenizer`, `labels` and `model`.
 
-    kind: the model_folder task ("classifier", "ner", "qa"; export_to_pytorch's --task).
+    kind: the model_folder task ("classifier", "ner", "qa"; export_to_pytorch's --task), which also
+      picks the model (modeling.make_task_model, with len(labels) outputs where there are labels).
     key: the dev metric that picks the best epoch (higher is better).
     file_names: {split: usual file names in --data_dir, first found wins}.
     prediction_files: files it writes into output_dir (checked before training).
     loss: None for masked_sparse_ce, or a list (one per output).
     Methods: check() flag checks; find_files() {split: path}; read(path, split) -> (examples, Counter
     of skipped items by reason); label_list(train) label names in id order (None without labels);
-    validate(data) check the splits against self.labels; make_model(config); train_data(examples)
+    validate(data) check the splits against self.labels; train_data(examples)
     -> (features dict of [N, S] int32, y); evaluate(examples, output_dir=None) dev metrics (writing
     the dev predictions when output_dir is given); predict(examples, output_dir) -> file written.
     """
@@ -350,7 +352,7 @@ def run(opts, task):
     train_utils.set_seed(opts.seed)
     train_utils.set_precision(opts.mixed_precision, strategy)
     with strategy.scope():
-        task.model = modeling.build_model(task.make_model(config), seq_len=8)
+        task.model = modeling.make_task_model(config, task.kind, len(task.labels) if task.labels else None)
     if resolved.checkpoint:
         try:
             report = modeling.load_pretrained(task.model, resolved.checkpoint)  # logs loaded / new tensors

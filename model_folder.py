@@ -23,18 +23,16 @@ flags win over what the folder says; anything still missing is a `train_utils.Us
 file and the flag that supplies it. Paths go through `tf.io.gfile`, so `gs://` folders work.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 
 import tensorflow as tf
-from absl import logging
 
+import file_output
 import train_utils
 
 INFO_FILE = "model_info.json"
@@ -91,15 +89,6 @@ class ModelFolder:
 # Writing
 # ------------------------------------------------------------------------------------------------
 
-def atomic_write(path, data):
-    """Writes bytes or text to `path` via a temp name in the same folder and a rename, so a reader
-    (or a failing run) never leaves half a file (gfile: gs:// works)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def _read_bytes(path, flag):
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
@@ -138,13 +127,13 @@ def write(folder, *, config, vocab_file, do_lower_case, task=None, labels=None):
                                      f"config says vocab_size={vocab_size}")
     folder = os.fspath(folder)
     tf.io.gfile.makedirs(folder)
-    atomic_write(os.path.join(folder, CONFIG_FILE), config_json.encode("utf-8"))
+    file_output.atomic_write(os.path.join(folder, CONFIG_FILE), config_json.encode("utf-8"))
     target = os.path.join(folder, VOCAB_FILE)
     if not (tf.io.gfile.exists(target) and _read_bytes(target, "vocab") == vocab):
-        atomic_write(target, vocab)
+        file_output.atomic_write(target, vocab)
     info = {"do_lower_case": bool(do_lower_case), "task": task,
             "labels": [str(label) for label in labels] if labels else None}
-    atomic_write(os.path.join(folder, INFO_FILE),
+    file_output.atomic_write(os.path.join(folder, INFO_FILE),
                   (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return folder
 
@@ -165,32 +154,87 @@ def _load_json(path):
         raise train_utils.UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def _latest_tf2(folder):
-    """The newest ckpt-N prefix in `folder`, or None. An unreadable `checkpoint` state file is an
-    error (it must never read as "no checkpoint"): the caller would otherwise start afresh."""
-    state_file = os.path.join(folder, "checkpoint")
-    if tf.io.gfile.exists(state_file):
-        try:
-            state = tf.train.get_checkpoint_state(folder)
-        except Exception:  # pylint: disable=broad-except  (a text-proto parse error of several types)
-            state = None
-        named = state and state.model_checkpoint_path  # TF already joined a relative one to `folder`
-        # A folder moved or copied after its run keeps an absolute path to the old place: look beside.
-        for prefix in ([named, os.path.join(folder, os.path.basename(named))] if named else []):
-            if tf.io.gfile.exists(prefix + ".index"):
-                return prefix
-        raise train_utils.UsageError(
-            f"{state_file}: unreadable or names a missing checkpoint ({named!r}); point at a "
-            f"ckpt-N prefix in {folder} instead, or restore the file")
-    numbers = [int(m.group(1)) for m in (re.search(r"ckpt-(\d+)\.index$", p)
-               for p in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index"))) if m]
-    return os.path.join(folder, f"ckpt-{max(numbers)}") if numbers else None
+STATE_FILE = "checkpoint"  # TF's checkpoint state file: protobuf text naming the newest ckpt-N
+
+
+def _checkpoint_numbers(folder):
+    """ckpt-N checkpoints in `folder` (by their .index files) -> sorted N."""
+    found = []
+    for path in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index")):
+        match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(path))
+        if match:
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def _state_file_prefix(state_path):
+    """model_checkpoint_path of a `checkpoint` state file (protobuf text: `key: "value"` lines), or
+    None; ValueError saying which line is wrong. Read here rather than by
+    tf.train.get_checkpoint_state, which logs a parse error and answers "no checkpoint"."""
+    try:
+        with tf.io.gfile.GFile(state_path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    latest = None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        match = re.fullmatch(r'(\w+)\s*:\s*(?:"((?:[^"\\]|\\.)*)"|[-+0-9.eE]+)', line)
+        if not match:
+            raise ValueError(f"line {number} is not `key: value`")
+        if match.group(1) == "model_checkpoint_path":
+            latest = match.group(2)
+    return latest
+
+
+def latest_checkpoint(folder, resume=False):
+    """The ckpt-N prefix `folder`'s `checkpoint` state file names, or None when it holds none.
+
+    The one reader of the state file (model folders and pretraining resume alike). A relative
+    name is joined to `folder`; an absolute one that is gone (a folder moved or copied after its
+    run) is looked for beside the state file. Training state that exists but cannot be read is a
+    UsageError, never "no checkpoint", which would make a caller start afresh over it: an
+    unreadable state file, one naming a checkpoint that is not there, or one naming none while
+    ckpt-N files are there. Without a state file, a reader (`resume=False`) takes the newest
+    ckpt-N by name; a resume refuses, since TF's CheckpointManager would then start again at
+    ckpt-1 and delete the run's checkpoints as it saves.
+    """
+    numbers = _checkpoint_numbers(folder)
+    state_path = os.path.join(folder, STATE_FILE)
+    if resume:
+        fix = (f"write the line `model_checkpoint_path: \"ckpt-{numbers[-1]}\"` into {state_path} "
+               f"to resume from the newest, or use a new --output_dir" if numbers
+               else "delete it to start fresh")
+    else:
+        fix = f"point at a ckpt-N prefix in {folder} instead, or restore the file"
+    if not tf.io.gfile.exists(state_path):
+        if numbers and resume:
+            raise train_utils.UsageError(f"{state_path} is missing but {folder} holds "
+                                         f"ckpt-{numbers[-1]}: {fix}")
+        return os.path.join(folder, f"ckpt-{numbers[-1]}") if numbers else None
+    try:
+        named = _state_file_prefix(state_path)
+    except ValueError as e:
+        raise train_utils.UsageError(f"{state_path} is unreadable ({e}): {fix}") from None
+    if not named:
+        if numbers:
+            raise train_utils.UsageError(f"{state_path} names no checkpoint but {folder} holds "
+                                         f"ckpt-{numbers[-1]}: {fix}")
+        return None
+    if not os.path.isabs(named) and "://" not in named:
+        named = os.path.join(folder, named)
+    for prefix in (named, os.path.join(folder, os.path.basename(named))):
+        if tf.io.gfile.exists(prefix + ".index"):
+            return prefix
+    raise train_utils.UsageError(f"{state_path} names {named}, which is not there: {fix}")
 
 
 def find_checkpoint(path, flag="--checkpoint"):
     """(kind, checkpoint, folder) for a folder or a checkpoint prefix; UsageError if none."""
     if tf.io.gfile.isdir(path):
-        latest = _latest_tf2(path)
+        latest = latest_checkpoint(path)
         if latest:
             return "tf2", latest, path
         if tf.io.gfile.exists(os.path.join(path, "bert_model.ckpt.index")):
@@ -243,7 +287,7 @@ def vocab_from_tokenizer_json(path):
         raise train_utils.UsageError(f"{path}: vocabulary ids are not 0..{len(tokens) - 1}; pass --vocab_file")
     out = os.path.join(tempfile.gettempdir(), f"vocab-{hashlib.sha256(data).hexdigest()[:16]}.txt")
     if not os.path.isfile(out):
-        atomic_write(out, "".join(t + "\n" for t in tokens).encode("utf-8"))
+        file_output.atomic_write(out, "".join(t + "\n" for t in tokens).encode("utf-8"))
     return out
 
 
@@ -327,117 +371,3 @@ def resolve(path, bert_config_file=None, vocab_file=None, flag="--checkpoint"):
                            bool(info.get("do_lower_case", True)), info.get("task"), info.get("labels"))
     task, labels = _old_labels(folder)
     return ModelFolder(checkpoint, kind, folder, bert_config_file, vocab_file, True, task, labels)
-
-
-# ------------------------------------------------------------------------------------------------
-# Output folders of converters and exporters: a temp folder beside the target, renamed at the end
-# ------------------------------------------------------------------------------------------------
-
-def check_output_dir(output_dir, overwrite=False, sources=()):
-    """Fails early (before any work) if `output_dir` holds something and `overwrite` is off, or if
-    replacing it would delete one of `sources` (the model being converted)."""
-    real = (lambda p: p.rstrip("/")) if _is_remote(output_dir) else os.path.realpath
-    out = real(output_dir)
-    for source in sources:
-        src = real(source)
-        if src == out or src.startswith(out.rstrip("/" if _is_remote(output_dir) else os.sep) + "/"):
-            raise ValueError(f"--output_dir={output_dir} holds the input {source}; writing there "
-                             f"would replace it: choose another --output_dir")
-    if tf.io.gfile.exists(output_dir):
-        if not tf.io.gfile.isdir(output_dir):
-            raise ValueError(f"--output_dir={output_dir} is an existing file, not a folder")
-        if tf.io.gfile.listdir(output_dir) and not overwrite:
-            raise ValueError(f"--output_dir={output_dir} already exists and is not empty; "
-                             f"pass --overwrite to replace it")
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def clean_stale_temp_dirs(output_dir):
-    """Removes `.NAME.tmp-PID-*` folders that a killed run left beside `output_dir`.
-
-    Only our own naming pattern, and only for processes that no longer exist on this machine. A
-    `.NAME.old-PID-*` folder holds the previous output, moved aside during --overwrite: if the run
-    died before the new output took its place, it is moved back rather than deleted.
-    """
-    parent, base = os.path.split(os.path.abspath(output_dir))
-    if not os.path.isdir(parent):
-        return
-    pattern = re.compile(rf"^\.{re.escape(base)}\.(tmp|old)-(\d+)-")
-    for name in sorted(os.listdir(parent)):
-        m = pattern.match(name)
-        if not m or _pid_alive(int(m.group(2))):
-            continue
-        path = os.path.join(parent, name)
-        previous = os.path.join(path, "x")
-        if m.group(1) == "old" and os.path.isdir(previous) and not os.path.exists(output_dir):
-            os.rename(previous, output_dir)
-            logging.warning("restored %s from %s (a run was killed while replacing it)", output_dir, path)
-        logging.info("removing %s, left by a killed run (pid %s)", path, m.group(2))
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(output_dir, overwrite=False, sources=()):
-    """Yields a temp folder beside `output_dir`; on success it becomes `output_dir`.
-
-    On any exception the temp folder is removed, so a failed run leaves no partial output; what a
-    killed run left is removed by the next run (clean_stale_temp_dirs). With `overwrite`, an existing
-    `output_dir` is replaced only after the new one is complete. The folder gets the user's umask
-    (mkdtemp alone makes it 0700).
-    """
-    if _is_remote(output_dir):
-        with _remote_output_dir(output_dir, overwrite, sources) as tmp:
-            yield tmp
-        return
-    output_dir = os.path.abspath(output_dir)
-    check_output_dir(output_dir, overwrite, sources)
-    parent, base = os.path.split(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    clean_stale_temp_dirs(output_dir)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{base}.tmp-{os.getpid()}-")
-    try:
-        os.chmod(tmp, 0o777 & ~umask)
-        yield tmp
-        old = None
-        if os.path.exists(output_dir):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{base}.old-{os.getpid()}-")
-            os.rename(output_dir, os.path.join(old, "x"))
-        os.rename(tmp, output_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _is_remote(path):
-    return "://" in os.fspath(path)
-
-
-@contextlib.contextmanager
-def _remote_output_dir(output_dir, overwrite, sources):
-    """gs:// (any tf.io.gfile scheme): the output is made in a local temp folder and copied up only
-    when complete, so a failed run writes nothing there. (Cloud storage has no atomic folder
-    rename: with --overwrite the old files are deleted just before the copy.)"""
-    check_output_dir(output_dir, overwrite, sources)
-    with tempfile.TemporaryDirectory(prefix="roberta_zh-export-") as tmp:
-        yield tmp
-        if tf.io.gfile.exists(output_dir):
-            tf.io.gfile.rmtree(output_dir)
-        for root, _, files in os.walk(tmp):
-            rel = os.path.relpath(root, tmp)
-            target = output_dir.rstrip("/") + ("" if rel == "." else "/" + rel)
-            tf.io.gfile.makedirs(target)
-            for name in files:
-                tf.io.gfile.copy(os.path.join(root, name), f"{target.rstrip('/')}/{name}", overwrite=True)

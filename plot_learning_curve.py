@@ -12,6 +12,7 @@ import os
 
 from absl import flags
 
+import file_output
 import train_utils
 
 # The tags run_pretraining.py writes (train/) and fine-tuning's Keras logs use; tests/test_demo.py
@@ -113,16 +114,13 @@ def plot(scalars, output, title=""):
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     # Written beside and renamed: a killed run never leaves half a PNG under the name asked for.
-    tmp = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, dpi=110, format=os.path.splitext(output)[1][1:])
-        os.replace(tmp, output)
+        with file_output.replacing(output) as tmp:
+            fig.savefig(tmp, dpi=110, format=os.path.splitext(output)[1][1:])
     except OSError as e:  # a full disk, a read-only folder
         raise train_utils.UsageError(f"--output={output}: cannot write: {e.strerror or e}") from None
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return output
 
 

@@ -19,8 +19,8 @@ Sidecar `<file>.meta.json` (written last, after the records are complete): `READ
 
 Pieces, in pipeline order:
   writing  `ExampleEncoder` (static records -> serialized tf.train.Example), `frame` (TFRecord
-           framing, CRC-32C by the google-crc32c package), `RecordOutputs` (exclusive, atomic output
-           files + sidecars). TensorFlow-free, so generator worker processes never import it.
+           framing, CRC-32C by the google-crc32c package), `RecordOutputs` (file_output's exclusive,
+           atomic outputs, with sidecars). TensorFlow-free, so generator worker processes never import it.
   listing  `record_files`: comma-separated globs; sidecars, temp and lock files never match.
   reading  `check_records` (sidecar vs flags, record shapes and ids, CRCs and count) and
            `make_parser` (serialized records -> the model's tensors). These import TensorFlow.
@@ -31,19 +31,16 @@ import functools
 import glob
 import json
 import os
-import shutil
 import struct
-import tempfile
 
 import google_crc32c
 
+import file_output
 from train_utils import UsageError
 
 FORMAT_VERSION = 1
 STATIC = "static"
 SIDECAR_SUFFIX = ".meta.json"
-_LOCK_SUFFIX = ".lock"
-_TMP_MARK = ".tmp-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +104,19 @@ READ_KEYS = ("kind", "format_version", "max_seq_length", "max_predictions_per_se
              "num_instances")
 SETTINGS_KEYS = ("vocab_sha256", "do_lower_case", "do_whole_word_mask", "masked_lm_prob",
                  "dupe_factor", "short_seq_prob", "random_seed", "segmenter", "jieba_user_dict",
-                 "input_format", "input_files")  # input_files: [{"path": absolute, "bytes": size}]
+                 "input_format", "input_files",  # input_files: [{"path": absolute, "bytes": size}]
+                 "settings_version")
+# How the generator turns the settings into records; bumped whenever the same flags give other bytes.
+#   1 (no key in the sidecar): packing and masking drew from one random stream per (document, copy).
+#   2: each has its own stream, so packing does not depend on the masking settings, and unmasked
+#      records no longer draw (and throw away) static masks to keep packing in step.
+# Readers take records of every version; a re-run of the generator over older outputs regenerates them.
+SETTINGS_VERSION = 2
+
+
+def settings_version(meta):
+    """The generator settings version a sidecar records (1 for sidecars written before the key)."""
+    return meta.get("settings_version", 1)
 
 
 def _gfile():
@@ -115,16 +124,11 @@ def _gfile():
     return tf.io.gfile
 
 
-def is_remote(path):
-    """gs://, s3://, ram:// ... : read and written through tf.io.gfile."""
-    return "://" in path
-
-
 def read_sidecar(path):
     """`path`'s sidecar as a dict (with `kind` filled in), or None when there is none."""
     meta_path = sidecar_path(path)
     try:
-        if is_remote(path):
+        if file_output.is_remote(path):
             if not _gfile().exists(meta_path):
                 return None
             with _gfile().GFile(meta_path) as f:
@@ -152,13 +156,13 @@ def sidecar_matches(path, settings, **more):
     if meta is None:
         return False
     want = dict(settings, **more)
-    exists = _gfile().exists(path) if is_remote(path) else os.path.isfile(path)
+    exists = _gfile().exists(path) if file_output.is_remote(path) else os.path.isfile(path)
     return exists and all(meta.get(k) == v for k, v in want.items())
 
 
-def _dump_json(obj, f):
-    json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
-    f.write("\n")
+def sidecar_text(meta):
+    """A sidecar's file contents: sorted keys, one per line, so sidecars diff well."""
+    return json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,173 +311,39 @@ def shard_paths(output_file, num_shards, flag="--output_file"):
     return names
 
 
-def _hidden(path, suffix):
-    head, tail = os.path.split(os.path.abspath(path))
-    return os.path.join(head, f".{tail}{suffix}")
-
-
-class RecordOutputs:
-    """Writes record files and their sidecars so that a failing or concurrent run harms nothing.
+class RecordOutputs(file_output.LockedOutputs):
+    """file_output.LockedOutputs for record files: exclusive, atomic, each with its sidecar.
 
         with RecordOutputs(paths, inputs=input_paths) as out:
-            out.write([bytes for shard 0, bytes for shard 1, ...])   # as often as needed
-            out.commit([sidecar of shard 0, ...])                      # all or nothing
-
-    - Before anything is written: each path must not be a directory or one of `inputs`, and its
-      folder must be writable (UsageError naming the flag and path).
-    - A lock (`.<name>.lock`, flock) is held per output for the whole run: a second run on the
-      same output fails at once with a one-line message; a killed run's lock dies with it.
-    - Records go to `.<name>.tmp-<pid>`; only the lock holder removes stale temp files of killed
-      runs. `commit` writes the sidecars to temp files, then per output: removes the old sidecar,
-      renames the records into place, renames the sidecar into place. Leaving the block without
-      `commit` (an error) removes the temp files; files already on disk are never touched.
-    - Remote paths (gs://...) are written locally first and copied through tf.io.gfile at commit
-      (no lock there: object stores have none).
+            out.write([bytes for shard 0, bytes for shard 1, ...])   # framed records
+            out.commit([sidecar dict of shard 0, ...])                 # all or nothing
     """
 
     def __init__(self, paths, inputs=(), flag="--output_file"):
-        self.paths, self.inputs, self.flag = list(paths), list(inputs), flag
-        self._locks, self._files, self._tmps = [], [], []
-        self._staging = None
-        self.counts = [0] * len(self.paths)
-
-    def __enter__(self):
-        try:
-            self._check()
-            if any(map(is_remote, self.paths)):
-                self._staging = tempfile.mkdtemp(prefix="records-")
-                self._tmps = [os.path.join(self._staging, f"{i}.tfrecord") for i in range(len(self.paths))]
-            else:
-                for path in self.paths:
-                    self._lock(path)
-                self._tmps = [_hidden(p, f"{_TMP_MARK}{os.getpid()}") for p in self.paths]
-                for path in self.paths:
-                    self._remove_stale_tmps(path)
-            self._files = [open(t, "wb") for t in self._tmps]
-        except BaseException:
-            self._cleanup()
-            raise
-        return self
-
-    def _check(self):
-        inputs = {os.path.realpath(p) for p in self.inputs if not is_remote(p)}
-        for path in self.paths:
-            if is_remote(path):
-                if path in self.inputs:
-                    raise UsageError(f"{self.flag}: {path} is also an input file; choose another name")
-                continue
-            if os.path.isdir(path) or path.endswith(("/", os.sep)):
-                raise UsageError(f"{self.flag}: {path} is a directory; give a file name inside it")
-            if os.path.realpath(path) in inputs:
-                raise UsageError(f"{self.flag}: {path} is also an input file; choose another name")
-            if path.endswith(SIDECAR_SUFFIX):
-                raise UsageError(f"{self.flag}: {path} ends in {SIDECAR_SUFFIX}, the sidecar suffix")
-            directory = os.path.dirname(os.path.abspath(path))
-            try:
-                os.makedirs(directory, exist_ok=True)
-            except OSError as e:
-                raise UsageError(f"{self.flag}: cannot write to {directory}: {e.strerror or e}") from None
-            if not os.access(directory, os.W_OK | os.X_OK):
-                raise UsageError(f"{self.flag}: cannot write to {directory}: permission denied")
-            if os.path.exists(path) and not os.access(path, os.W_OK):
-                raise UsageError(f"{self.flag}: {path} is read-only; make it writable or choose "
-                                 "another name")
-
-    def _lock(self, path):
-        import fcntl
-        lock_path = _hidden(path, _LOCK_SUFFIX)
-        while True:
-            try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise UsageError(f"{self.flag}: cannot write to {os.path.dirname(lock_path)}: "
-                                 f"{e.strerror or e}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise UsageError(f"{self.flag}: {path} is being written by another run (lock "
-                                 f"{lock_path} is held); wait for it or choose another name") from None
-            # The holder we waited for may have removed the lock file meanwhile: lock the new one.
-            try:
-                same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._locks.append((lock_path, fd))
-                return
-            os.close(fd)
-
-    @staticmethod
-    def _remove_stale_tmps(path):
-        for stale in glob.glob(glob.escape(_hidden(path, _TMP_MARK)) + "*"):
-            try:
-                os.remove(stale)
-            except OSError:
-                pass
-
-    def write(self, shard_bytes, counts=None):
-        """Appends shard_bytes[i] (framed records) to output i; counts[i] records, if given."""
-        for i, (f, data) in enumerate(zip(self._files, shard_bytes)):
-            try:
-                f.write(data)
-            except OSError as e:
-                self._write_failed(i, e)
-            if counts is not None:
-                self.counts[i] += counts[i]
-
-    def _write_failed(self, i, error):
-        # A full disk is the usual cause; the temp files go on leaving the block, the old output stays.
-        raise UsageError(f"{self.flag}: cannot write {self.paths[i]}: {error.strerror or error}; "
-                         "nothing was replaced") from None
+        super().__init__(paths, inputs, flag, sidecar_suffix=SIDECAR_SUFFIX)
 
     def commit(self, metas):
-        """Puts every output and its sidecar (metas[i]) in place."""
-        meta_tmps = [t + SIDECAR_SUFFIX for t in self._tmps]
-        for i, (f, tmp, meta) in enumerate(zip(self._files, meta_tmps, metas)):
-            try:
-                f.close()  # flushes: the disk can fill here too
-                with open(tmp, "w", encoding="utf-8") as g:
-                    _dump_json(meta, g)
-            except OSError as e:
-                self._write_failed(i, e)
-        for path, tmp, meta_tmp in zip(self.paths, self._tmps, meta_tmps):
-            if is_remote(path):
-                gfile = _gfile()
-                if gfile.exists(sidecar_path(path)):
-                    gfile.remove(sidecar_path(path))
-                gfile.copy(tmp, path, overwrite=True)
-                gfile.copy(meta_tmp, sidecar_path(path), overwrite=True)
-                continue
-            if os.path.exists(sidecar_path(path)):  # an old sidecar must never describe new records
-                os.remove(sidecar_path(path))
-            os.replace(tmp, path)
-            os.replace(meta_tmp, sidecar_path(path))
-        self._tmps = []
+        """Puts every record file and its sidecar (metas[i], a dict) in place."""
+        super().commit([sidecar_text(m) for m in metas])
 
-    def _cleanup(self):
-        for f in self._files:
-            try:
-                f.close()
-            except OSError:  # a full disk fails the flush again; the file is removed below anyway
-                pass
-        for tmp in self._tmps:
-            for p in (tmp, tmp + SIDECAR_SUFFIX):
-                if os.path.exists(p):
-                    os.remove(p)
-        if self._staging:
-            shutil.rmtree(self._staging, ignore_errors=True)
-        for lock_path, fd in self._locks:
-            try:
-                os.remove(lock_path)  # while still locked: a waiter re-checks the inode
-            except OSError:
-                pass
-            os.close(fd)
-        self._files, self._tmps, self._locks = [], [], []
 
-    def __exit__(self, *exc):
-        self._cleanup()
-        return False
+def commit_records(written, metas, fs):
+    """Puts record files written under temp names in place, sidecars last, for writers that are not
+    `RecordOutputs` (Beam's workers write the shards; its Finalize step commits them).
+
+    written: [(temp name, or None when an earlier attempt already renamed it, output path)].
+    metas: the sidecar dicts, one per output. fs: the files' file system, with exists(path),
+    remove(path), rename(src, dst) and write(path, bytes). Every old sidecar is removed before
+    any records are replaced (a sidecar must never describe other records than its file's).
+    """
+    for _, path in written:
+        if fs.exists(sidecar_path(path)):
+            fs.remove(sidecar_path(path))
+    for tmp, path in written:
+        if tmp is not None:
+            fs.rename(tmp, path)
+    for (_, path), meta in zip(written, metas):
+        fs.write(sidecar_path(path), sidecar_text(meta).encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -483,9 +353,7 @@ class RecordOutputs:
 def _is_record_name(path):
     """False for our sidecars, temp and lock files (which a glob like 'records/*' also matches)."""
     name = os.path.basename(path.rstrip("/"))
-    if name.endswith(SIDECAR_SUFFIX):
-        return False
-    return not (name.startswith(".") and (_TMP_MARK in name or name.endswith(_LOCK_SUFFIX)))
+    return not (name.endswith(SIDECAR_SUFFIX) or file_output.is_temp_or_lock(name))
 
 
 def record_files(patterns, flag="--input_file"):
@@ -497,7 +365,7 @@ def record_files(patterns, flag="--input_file"):
     """
     files = []
     for pattern in filter(None, (p.strip() for p in (patterns or "").split(","))):
-        if is_remote(pattern):
+        if file_output.is_remote(pattern):
             gfile = _gfile()
             matched = sorted(gfile.glob(pattern))
             is_dir = gfile.isdir

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+import file_output
 import model_folder
 import pretraining_records
 
@@ -129,71 +130,14 @@ def eval_dataset_fn(files, counts, per_replica_batch, steps, parse):
 # The output folder: checkpoints to resume, inputs a resume must match, the run-folder files
 # ------------------------------------------------------------------------------------------------
 
-def _checkpoint_numbers(directory):
-    """ckpt-N files in `directory` -> sorted N (by their .index files)."""
-    found = []
-    for path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index")):
-        match = re.fullmatch(r"ckpt-(\d+)\.index", os.path.basename(path))
-        if match:
-            found.append(int(match.group(1)))
-    return sorted(found)
-
-
-def _state_file_latest(state_path):
-    """model_checkpoint_path of a `checkpoint` state file (protobuf text: `key: "value"` lines), or
-    None; ValueError saying which line is wrong. Read here rather than by
-    tf.train.get_checkpoint_state, which logs a parse error and answers "no checkpoint"."""
-    try:
-        with tf.io.gfile.GFile(state_path, "rb") as f:
-            text = f.read().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8 text") from None
-    latest = None
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        match = re.fullmatch(r'(\w+)\s*:\s*(?:"((?:[^"\\]|\\.)*)"|[-+0-9.eE]+)', line)
-        if not match:
-            raise ValueError(f"line {number} is not `key: value`")
-        if match.group(1) == "model_checkpoint_path":
-            latest = match.group(2)
-    return latest
-
-
 def latest_checkpoint(directory):
     """The checkpoint to resume from in `directory`, or None when it holds none.
 
-    Training state that exists but cannot be read is an error, never a fresh start that would
-    overwrite it: ckpt-N files with a missing or unreadable `checkpoint` state file, or a state file
-    naming a checkpoint that is not there. (`ckpt-N_temp/` folders, left by a kill during a save,
-    are not checkpoints: `remove_partial_saves` deletes them.)
+    model_folder's state-file reader with the resume rules: training state that exists but cannot
+    be read is an error, never a fresh start that would overwrite it. (`ckpt-N_temp/` folders, left
+    by a kill during a save, are not checkpoints: `remove_partial_saves` deletes them.)
     """
-    numbers = _checkpoint_numbers(directory)
-    state_path = os.path.join(directory, "checkpoint")
-    fix = (f"write the line `model_checkpoint_path: \"ckpt-{numbers[-1]}\"` into {state_path} to "
-           f"resume from the newest, or use a new --output_dir" if numbers else "")
-    if not tf.io.gfile.exists(state_path):
-        if numbers:
-            raise UsageError(f"{state_path} is missing but {directory} holds ckpt-{numbers[-1]}: "
-                             f"{fix}")
-        return None
-    try:
-        prefix = _state_file_latest(state_path)
-    except ValueError as e:
-        raise UsageError(f"{state_path} is unreadable ({e}): "
-                         f"{fix or 'delete it to start fresh'}") from None
-    if not prefix:
-        if numbers:
-            raise UsageError(f"{state_path} names no checkpoint but {directory} holds "
-                             f"ckpt-{numbers[-1]}: {fix}")
-        return None
-    if not os.path.isabs(prefix) and "://" not in prefix:
-        prefix = os.path.join(directory, prefix)
-    if not tf.io.gfile.exists(prefix + ".index"):
-        raise UsageError(f"{state_path} names {prefix}, which is not there: "
-                         f"{fix or 'delete the state file to start fresh'}")
-    return prefix
+    return model_folder.latest_checkpoint(directory, resume=True)
 
 
 def restore(checkpoint, prefix):
@@ -255,7 +199,7 @@ def check_resume_input(output_dir, state):
 
 
 def write_json(path, obj):
-    model_folder.atomic_write(path, json.dumps(obj, indent=1))
+    file_output.atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _sha256(path):

@@ -31,7 +31,6 @@ import numpy as np
 from absl import flags
 
 import finetune_utils
-import modeling
 from train_utils import UsageError
 
 
@@ -382,9 +381,6 @@ class ClassifierTask(finetune_utils.Task):
         self.label_map = {label: i for i, label in enumerate(self.labels)}
         counts = Counter(ex.label for ex in data.get("train") or data.get("dev", ()))
         self.majority = counts.most_common(1)[0][0] if counts else None
-
-    def make_model(self, config):
-        return modeling.BertClassifier(config, num_labels=len(self.labels))
 
     def train_data(self, examples):
         return convert_examples(examples, self.label_map, self.opts.max_seq_length, self.tokenizer)

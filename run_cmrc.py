@@ -29,7 +29,6 @@ import numpy as np
 from absl import flags
 
 import finetune_utils
-import modeling
 from train_utils import UsageError
 
 
@@ -306,9 +305,6 @@ class QATask(finetune_utils.Task):
                 skipped["answers covering no token (whitespace only)"] += uncovered
             self.summary = {"train_questions": len(examples), "train_windows": len(self.positions[0])}
         return examples, skipped
-
-    def make_model(self, config):
-        return modeling.BertSpanQA(config)
 
     loss = [finetune_utils.masked_sparse_ce] * 2
 

@@ -30,7 +30,6 @@ import numpy as np
 from absl import flags
 
 import finetune_utils
-import modeling
 from train_utils import UsageError
 
 
@@ -305,9 +304,6 @@ class NerTask(finetune_utils.Task):
             if unknown:
                 raise UsageError(f"{split} file: entity types the model has no tags for: {sorted(unknown)}")
         self.tag_map = {t: i for i, t in enumerate(self.labels)}
-
-    def make_model(self, config):
-        return modeling.BertTokenClassifier(config, num_labels=len(self.labels))
 
     def train_data(self, examples):
         features, y, _ = window_features(self.encoded, self.tokenizer, self.tag_map, self.opts.max_seq_length)

@@ -61,6 +61,7 @@ def cpu():
 def profile_stages(corpus, args):
     from corpus import InputReader
     import create_pretraining_data as cpd
+    import pretraining_instances
     import pretraining_records
 
     mb = os.path.getsize(corpus) / 1e6
@@ -83,14 +84,14 @@ def profile_stages(corpus, args):
 
     for name in ("jieba", "rjieba"):
         try:
-            seg = cpd.make_segmenter(name)
+            seg = pretraining_instances.make_segmenter(name)
         except ValueError as e:
             print(f"  ({e})")
             continue
         t, _ = best(lambda: [seg(x) for x in texts])
         rows.append((f"segmentation ({name})", t))
 
-    maker = cpd.InstanceMaker(o)
+    maker = pretraining_instances.InstanceMaker(o)
     full = maker.tok.full
     t, _ = best(lambda: [full.convert_tokens_to_ids(full.tokenize(s)) for _, ss in docs for _, s in ss])
     rows.append(("reference FullTokenizer (not used on the hot path)", t))

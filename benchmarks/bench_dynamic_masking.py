@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from corpus import InputReader  # noqa: E402
 
 import create_pretraining_data as cpd  # noqa: E402
+import pretraining_instances
 import pretraining_records as records  # noqa: E402
 from bench_create_pretraining_data import prepare_corpus  # noqa: E402
 
@@ -90,7 +91,7 @@ def word_lengths_static(corpus, vocab, segmenter, max_pred):
     """{length bucket: (words, masked words)} of the static generator's masks (dupe 1)."""
     o = cpd.Options(input_file=corpus, output_file="unused", vocab_file=vocab, max_seq_length=SEQ,
                     max_predictions_per_seq=max_pred, segmenter=segmenter)
-    maker = cpd.InstanceMaker(o)
+    maker = pretraining_instances.InstanceMaker(o)
     docs = [(corpus, doc) for _, doc in InputReader([corpus], o.input_format).documents()]
     counts = collections.defaultdict(lambda: [0, 0])
     for d, pieces in enumerate(maker.featurize_many(docs)[0]):

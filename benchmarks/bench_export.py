@@ -47,22 +47,22 @@ def run_step(step, work):
 
     # Time spent building the Keras model (random init + a dummy call), separate from the I/O.
     build_seconds = [0.0]
-    build_task_model = convert_checkpoint.build_task_model
+    make_task_model = modeling.make_task_model
 
     def timed_build(*args, **kwargs):
         t = time.perf_counter()
         try:
-            return build_task_model(*args, **kwargs)
+            return make_task_model(*args, **kwargs)
         finally:
             build_seconds[0] += time.perf_counter() - t
 
-    convert_checkpoint.build_task_model = timed_build
+    modeling.make_task_model = timed_build
     baseline = _rss_mb("VmRSS")
     config_file, vocab = os.path.join(work, "bert_config.json"), os.path.join(work, "vocab.txt")
     start = time.perf_counter()
     if step == "make":
         config = modeling.BertConfig.from_json_file(config_file)
-        model = convert_checkpoint.build_task_model(config, "mlm")
+        model = modeling.make_task_model(config, "mlm")
         convert_checkpoint.save_tf2_checkpoint(model, config, vocab, os.path.join(work, "ours"))
         extra = {"params": int(sum(w.variable.shape.num_elements() for w in modeling.name_table(model)))}
     elif step == "export_hf":

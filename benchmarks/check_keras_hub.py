@@ -53,7 +53,7 @@ def check_exports(work):
     worst = 0.0
     for task in ("mlm", "classifier", "ner", "qa"):
         labels = ["a", "b", "c"] if task in ("classifier", "ner") else None
-        model = convert_checkpoint.build_task_model(config, task, len(labels) if labels else None)
+        model = modeling.make_task_model(config, task, len(labels) if labels else None)
         for w in modeling.name_table(model):
             w.variable.assign(rng.normal(0, 0.2, tuple(w.variable.shape)).astype(np.float32)
                               + (1.0 if w.google_name.endswith("gamma") else 0.0))

@@ -38,3 +38,10 @@ def google_vocab(shared_data):
     if not path.is_file():
         pytest.skip(f"Google vocab not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def pretraining_data(tmp_path_factory):
+    """Pretraining train/eval records from real text, tiny configs and the vocab (helpers.py)."""
+    import helpers
+    return helpers.make_pretraining_data(tmp_path_factory.mktemp("pretraining_data"))

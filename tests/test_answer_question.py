@@ -9,7 +9,7 @@ import pytest
 
 import answer_question
 import export_to_pytorch
-from test_export import make_checkpoint_dir
+from helpers import make_checkpoint_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = [("首都是哪里", "中国的首都是北京。上海是大学生的好地方。"),
@@ -62,7 +62,7 @@ def test_answer_is_the_best_span_of_transformers_logits(qa_folders):
 def test_a_model_of_another_task_is_refused(tmp_path):
     ckpt = str(tmp_path / "cls")
     make_checkpoint_dir(ckpt, "classifier", seed=6)
-    with pytest.raises(ValueError, match="holds a classifier model, not a QA model"):
+    with pytest.raises(ValueError, match="holds a classifier model, not a qa model"):
         answer_question.load_qa_model(ckpt)
 
 

@@ -91,6 +91,7 @@ def test_one_file_gives_byte_identical_shards_with_other_flags(tmp_path):
               random_seed=7, dupe_factor=3, do_whole_word_mask=False, num_output_shards=2,
               input_format="doc_per_line")
     local, on_beam, _ = _run_both(tmp_path, _corpus_files(tmp_path, n_files=1), **kw)
+    assert len(local) == len(on_beam) == 2  # zip below would pass over a missing shard
     for a, b in zip(local, on_beam):
         assert open(a, "rb").read() == open(b, "rb").read()
 
@@ -249,3 +250,11 @@ def test_command_line_runner_flag_and_beam_options(tmp_path):
         cwd=str(REPO), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "on DirectRunner" in proc.stdout and _sidecar(str(out))["total_instances"] > 0
+
+
+def test_the_beam_module_does_not_import_the_command_line():
+    """No import cycle: Beam gets the generator's work from pretraining_instances, not from
+    create_pretraining_data (which imports Beam for --runner)."""
+    code = "import sys, beam_pretraining_data; print('create_pretraining_data' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -21,8 +21,8 @@ transformers = pytest.importorskip("transformers")
 import convert_checkpoint  # noqa: E402
 import export_to_pytorch  # noqa: E402
 import modeling  # noqa: E402
-from test_export import (LABELS, VOCAB, hf_logits, leftovers, make_checkpoint_dir, our_logits,  # noqa: E402
-                         padded_batch, tiny_config, write_vocab)
+from helpers import (LABELS, VOCAB, hf_logits, leftovers, make_checkpoint_dir, our_logits,  # noqa: E402
+                     padded_batch, tiny_config, write_vocab)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,6 +119,17 @@ def test_save_pretrained_folder_gives_transformers_logits_here(tmp_path, hf_clas
     if task == "ner":
         expected, got = expected[mask.astype(bool)], got[mask.astype(bool)]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_load_model_gives_the_task_model_a_folder_holds_with_its_labels(tmp_path):
+    """One loader for every consumer: the folder says its labels; asking for another head fails."""
+    original = make_checkpoint_dir(str(tmp_path / "clf"), "classifier", seed=3)
+    model, found = convert_checkpoint.load_model(str(tmp_path / "clf"), "classifier")
+    assert type(model) is modeling.TASK_MODELS["classifier"] and found.labels == LABELS["classifier"]
+    for name, value in weights_of(original).items():
+        np.testing.assert_array_equal(weights_of(model)[name], value, err_msg=name)
+    with pytest.raises(ValueError, match=r"--init_checkpoint=.*clf: holds a classifier model, not a qa model"):
+        convert_checkpoint.load_model(str(tmp_path / "clf"), "qa", flag="--init_checkpoint")
 
 
 def test_pooler_of_a_pretraining_folder_reaches_a_classifier(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 
 import corpus as corpus_module
 import create_pretraining_data as cpd
+import pretraining_instances
 import pretraining_records
 import tokenization
 from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
@@ -141,7 +142,7 @@ TRICKY = [
 
 @pytest.mark.parametrize("lower", [True, False])
 def test_fast_tokenizer_gives_identical_ids_to_full_tokenizer(lower):
-    span_tok = cpd.SpanTokenizer(VOCAB, lower)
+    span_tok = pretraining_instances.SpanTokenizer(VOCAB, lower)
     full = tokenization.FullTokenizer(VOCAB, do_lower_case=lower)
     sentences = [s for doc in _corpus_sentences(CORPUS) for s in doc] + TRICKY
     for s in sentences:
@@ -156,7 +157,7 @@ def test_fast_tokenizer_matches_on_wikipedia_with_google_vocab(google_vocab):
         pytest.skip("shared corpus shard absent")
     with lzma.open(shard, "rt", encoding="utf-8") as f:
         lines = [line.strip() for _, line in zip(range(4000), f) if line.strip()]
-    span_tok = cpd.SpanTokenizer(str(google_vocab), True)
+    span_tok = pretraining_instances.SpanTokenizer(str(google_vocab), True)
     full = tokenization.FullTokenizer(str(google_vocab))
     for s in lines:
         (ids, _), = span_tok.tokenize_sentences([s], b"\x01" * len(s))
@@ -168,7 +169,7 @@ def test_fast_tokenizer_matches_on_wikipedia_with_google_vocab(google_vocab):
 # ---------------------------------------------------------------------------------------------------
 
 def test_groups_are_jieba_words_of_any_length(tmp_path):
-    maker = cpd.InstanceMaker(_options(tmp_path, max_seq_length=128))
+    maker = pretraining_instances.InstanceMaker(_options(tmp_path, max_seq_length=128))
     long_words = 0
     for doc in _corpus_sentences(CORPUS):
         pieces, _ = maker.featurize([(i + 1, s) for i, s in enumerate(doc)], "corpus")
@@ -183,12 +184,12 @@ def test_groups_are_jieba_words_of_any_length(tmp_path):
 
 
 def test_wordpiece_continuations_join_their_word(tmp_path):
-    maker = cpd.InstanceMaker(_options(tmp_path))
+    maker = pretraining_instances.InstanceMaker(_options(tmp_path))
     (ids, starts), = maker.featurize([(1, "他说unaffable和running都是英文。")], "x")[0]
     tokens = maker.tok.full.convert_ids_to_tokens(ids)
-    for i, t in enumerate(tokens):
-        if t.startswith("##"):
-            assert i not in starts, tokens
+    continuations = [i for i, t in enumerate(tokens) if t.startswith("##")]
+    assert continuations, tokens  # the case under test must be there
+    assert not set(continuations) & set(starts), tokens
 
 
 def test_every_masked_group_is_one_whole_jieba_word(masked_words):
@@ -323,7 +324,7 @@ def test_giant_document_is_cut_into_parts_without_loss(tmp_path, monkeypatch, to
 
 
 def test_without_whole_word_mask_every_token_is_its_own_group(tmp_path):
-    maker = cpd.InstanceMaker(_options(tmp_path, do_whole_word_mask=False))
+    maker = pretraining_instances.InstanceMaker(_options(tmp_path, do_whole_word_mask=False))
     (ids, starts), = maker.featurize([(1, "人工智能是一门研究如何让机器模仿人类思维的学科。")], "x")[0]
     assert starts == list(range(len(ids)))
 
@@ -354,9 +355,67 @@ def test_output_bytes_do_not_depend_on_worker_count(tmp_path, monkeypatch):
         _generate(o)
         outputs.append(open(o.output_file, "rb").read())
     assert outputs[0] == outputs[1] and len(outputs[0]) > 10_000
+    o = _options(tmp_path, name="dyn1.tfrecord", dynamic_masking=True)
+    _generate(o)
+    dynamic = open(o.output_file, "rb").read()
+    o = _options(tmp_path, name="dyn2.tfrecord", dynamic_masking=True, num_workers=2)
+    _generate(o)
+    assert open(o.output_file, "rb").read() == dynamic and len(dynamic) > 10_000
     o = _options(tmp_path, name="seed2.tfrecord", random_seed=7, dupe_factor=2)
     _generate(o)
     assert open(o.output_file, "rb").read() != outputs[0]
+
+
+def _unmasked_sequences(rec):
+    """Static records -> their input_ids with every masked position given back its label."""
+    ids = rec["input_ids"].copy()
+    for row, positions, labels, weights in zip(ids, rec["masked_lm_positions"], rec["masked_lm_ids"],
+                                               rec["masked_lm_weights"]):
+        k = int(weights.sum())
+        row[positions[:k]] = labels[:k]
+    return ids
+
+
+def test_packing_does_not_depend_on_the_masking_settings(tmp_path):
+    """Packing and masking draw from separate streams (settings version 2): other masking settings
+    give other masks on the very same sequences, in the same order."""
+    sequences, positions = [], []
+    for prob in (0.1, 0.2):
+        o = _options(tmp_path, name=f"p{prob}.tfrecord", masked_lm_prob=prob)
+        _generate(o)
+        rec = _read_records(o.output_file, 64, 10)
+        sequences.append(_unmasked_sequences(rec))
+        positions.append(rec["masked_lm_positions"])
+    assert len(sequences[0]) > 50 and np.array_equal(sequences[0], sequences[1])
+    assert not np.array_equal(positions[0], positions[1])
+
+
+def test_unmasked_records_draw_no_static_masks(tmp_path, monkeypatch):
+    def no_masks(*args):
+        raise AssertionError("the unmasked kind drew a static mask")
+
+    monkeypatch.setattr(pretraining_instances.InstanceMaker, "mask", no_masks)
+    summary = _generate(_options(tmp_path, dynamic_masking=True))
+    assert summary["instances"] > 50 and summary["predictions"] == 0
+
+
+def test_outputs_of_an_older_settings_version_are_regenerated_with_one_line(tmp_path):
+    o = _options(tmp_path)
+    _generate(o)
+    sidecar = o.output_file + ".meta.json"
+    meta = json.load(open(sidecar))
+    assert meta["settings_version"] == pretraining_records.SETTINGS_VERSION == 2
+    del meta["settings_version"]  # as written before the key existed: version 1
+    with open(sidecar, "w") as f:
+        json.dump(meta, f)
+    assert pretraining_records.check_records(o.output_file, 64, 10, meta["vocab_size"]).meta == meta
+    summary = _generate(o)
+    said = [line for line in summary["log"] if "settings version" in line]
+    assert not summary["skipped"] and said == [
+        f"create_pretraining_data: {o.output_file} has settings version 1, this generator writes 2 "
+        "(other bytes for the same flags); regenerating"]
+    assert json.load(open(sidecar))["settings_version"] == 2
+    assert _generate(o)["skipped"]
 
 
 def test_compressed_inputs_give_the_same_records(tmp_path):
@@ -432,16 +491,16 @@ def test_user_dict_words_become_single_groups(tmp_path):
     user_dict = tmp_path / "user.txt"
     user_dict.write_text("全词遮盖法 100 n\n", encoding="utf-8")
     sentence = [(1, "我们研究全词遮盖法的效果。")]
-    plain = cpd.InstanceMaker(_options(tmp_path)).featurize(sentence, "x")[0][0][1]
-    custom = cpd.InstanceMaker(_options(tmp_path, jieba_user_dict=str(user_dict))).featurize(sentence, "x")[0][0][1]
+    plain = pretraining_instances.InstanceMaker(_options(tmp_path)).featurize(sentence, "x")[0][0][1]
+    custom = pretraining_instances.InstanceMaker(_options(tmp_path, jieba_user_dict=str(user_dict))).featurize(sentence, "x")[0][0][1]
     assert 4 in custom and custom[custom.index(4) + 1] == 9  # 全词遮盖法 = tokens 4..8
     assert plain != custom
 
 
 def test_rjieba_segmenter_gives_the_same_groups_on_most_sentences(tmp_path):
     pytest.importorskip("rjieba")
-    a = cpd.InstanceMaker(_options(tmp_path))
-    b = cpd.InstanceMaker(_options(tmp_path, segmenter="rjieba"))
+    a = pretraining_instances.InstanceMaker(_options(tmp_path))
+    b = pretraining_instances.InstanceMaker(_options(tmp_path, segmenter="rjieba"))
     same = total = 0
     for doc in _corpus_sentences(CORPUS):
         sents = [(i, s) for i, s in enumerate(doc)]

@@ -20,6 +20,7 @@ import pytest
 import corpus
 
 import create_pretraining_data as cpd
+import pretraining_instances
 import pretraining_records as records
 import tokenization
 from conftest import REPO_ROOT, RESOURCES
@@ -105,7 +106,7 @@ def test_unmasked_records_hold_each_instance_of_static_copy_zero_once(data):
 def test_word_starts_are_the_static_generators_masking_groups(data):
     """The stored word boundaries are the generator's own groups (jieba words, ## joined)."""
     o = cpd.Options(input_file=CORPUS, output_file="unused", vocab_file=VOCAB, max_seq_length=SEQ)
-    maker = cpd.InstanceMaker(o)
+    maker = pretraining_instances.InstanceMaker(o)
     reader = corpus.InputReader(CORPUS.split(","), o.input_format)
     groups = set()
     for pieces in maker.featurize_many([(CORPUS, doc) for _, doc in reader.documents()])[0]:

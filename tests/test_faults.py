@@ -11,15 +11,15 @@ the cross-script probe that no other test file pins. Where each class is tested:
 - corrupt or mismatched records, sidecars and kinds; a vocab that did not make the records:
   test_pretraining_records.py, test_pretraining_faults.py.
 - data in another encoding or shape (GBK corpus, JSON rows that are lists, labels or answers of the
-  wrong type, empty labels, CMRC questions that cannot be trained on): test_input_encoding.py,
+  wrong type, empty labels, CMRC questions that cannot be trained on): test_corpus.py,
   test_run_classifier.py, test_run_ner.py, test_run_cmrc.py, test_tokenization.py (vocab).
 - flags that cannot be right (NaN/negative learning rates, warmup, sequence settings, repeated
   labels): test_pretraining_faults.py, test_create_pretraining_data.py, test_run_classifier.py,
   test_train_utils.py.
 - outputs that are inputs, directories, or in use by another run: test_create_pretraining_data.py,
-  test_pretraining_records.py, test_export.py, test_convert_checkpoint.py, test_run_classifier.py.
+  test_pretraining_records.py, test_export_to_pytorch.py, test_convert_checkpoint.py, test_run_classifier.py.
 - killed runs: test_create_pretraining_data.py (generator, slow), test_run_pretraining.py and
-  test_dynamic_masking.py (pretraining), test_export.py (export), test_beam.py (Finalize retried).
+  test_dynamic_masking.py (pretraining), test_export_to_pytorch.py (export), test_beam.py (Finalize retried).
 - this file: outputs that are the vocab or the user dictionary, a full disk, pipes and folders
   given as files, plot outputs, and the cases routed to their owners (strict xfail until fixed).
 """
@@ -35,7 +35,9 @@ import pytest
 from conftest import REPO_ROOT, RESOURCES
 
 import create_pretraining_data as cpd
+import file_output
 import pretraining_records as records
+from helpers import make_checkpoint_dir, run_export
 from train_utils import UsageError
 
 VOCAB = RESOURCES / "vocab.txt"
@@ -139,7 +141,7 @@ def _disk_is_full(monkeypatch):
         f = real_open(path, mode, *args, **kwargs)
         return Full(f) if "w" in mode else f
 
-    monkeypatch.setattr(records, "open", fake_open, raising=False)
+    monkeypatch.setattr(file_output, "open", fake_open, raising=False)
 
 
 @pytest.mark.parametrize("fills_at", ["records", "sidecar"])
@@ -230,7 +232,6 @@ def test_pretraining_output_dir_that_is_a_file_is_one_line(tmp_path):
 
 
 def test_export_with_another_task_than_the_folder_holds_is_refused(tmp_path):
-    from test_export import make_checkpoint_dir, run_export
     ckpt = str(tmp_path / "classifier")
     make_checkpoint_dir(ckpt, "classifier")
     before = _tree(tmp_path)
@@ -240,13 +241,18 @@ def test_export_with_another_task_than_the_folder_holds_is_refused(tmp_path):
 
 
 def test_predicting_from_a_pretraining_folder_alone_is_refused(tmp_path):
+    import finetune_utils
     import run_classifier
-    from test_export import make_checkpoint_dir
-    from test_run_classifier import _opts, _pair_data
     ckpt = str(tmp_path / "pretrain")
     make_checkpoint_dir(ckpt, "mlm")
-    _pair_data(tmp_path / "data")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows in (("train.txt", "我们\t你们\t1\n他们\t天地\t0\n"), ("dev.txt", "我们\t你们\t1\n"),
+                       ("test.txt", "我们\t你们\n")):
+        (data / name).write_text(rows, encoding="utf-8")
+    opts = finetune_utils.parse_flags(run_classifier.define_flags, task_name="lcqmc_pair", data_dir=str(data),
+                                      init_checkpoint=ckpt, output_dir=str(tmp_path / "out"), max_seq_length=16,
+                                      do_predict=True)
     with pytest.raises(UsageError, match="init_checkpoint"):
-        run_classifier.run(_opts(task_name="lcqmc_pair", data_dir=str(tmp_path / "data"), init_checkpoint=ckpt,
-                                 output_dir=str(tmp_path / "out"), max_seq_length=16, do_predict=True))
+        run_classifier.run(opts)
     assert not (tmp_path / "out").exists()

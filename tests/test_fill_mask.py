@@ -16,7 +16,7 @@ import convert_checkpoint
 import fill_mask
 import modeling
 import tokenization
-from test_export import randomize, tiny_config, write_vocab
+from helpers import randomize, tiny_config, write_vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES = ["中国的首都是北京。", "我们爱北京。", "他是大学生。"]
@@ -64,7 +64,7 @@ def trained(tmp_path_factory):
     vocab = write_vocab(str(root))
     config = tiny_config()
     tokenizer = tokenization.FullTokenizer(vocab)
-    model = randomize(convert_checkpoint.build_task_model(config, "mlm"), seed=0)
+    model = randomize(modeling.make_task_model(config, "mlm"), seed=0)
     ckpt_dir = str(root / "pretrain")
     manager = tf.train.CheckpointManager(modeling.make_checkpoint(model), ckpt_dir, max_to_keep=3)
     manager.save()
@@ -144,9 +144,9 @@ def test_bad_text_is_a_clear_error(trained):
 
 def test_a_pretraining_checkpoint_without_mlm_head_is_refused(tmp_path):
     config = tiny_config()
-    qa_model = convert_checkpoint.build_task_model(config, "qa")
+    qa_model = modeling.make_task_model(config, "qa")
     convert_checkpoint.save_tf2_checkpoint(qa_model, config, write_vocab(str(tmp_path)), str(tmp_path / "qa"))
-    with pytest.raises(ValueError, match="holds a qa model, which has no masked-LM head"):
+    with pytest.raises(ValueError, match="holds a qa model, not a mlm model"):
         fill_mask.load_masked_lm(str(tmp_path / "qa"))
     os.remove(tmp_path / "qa" / "model_info.json")  # a folder that does not say: the tensors decide
     with pytest.raises(ValueError, match="cls/predictions"):

@@ -77,7 +77,7 @@ def test_unreadable_checkpoint_state_is_an_error_not_an_empty_folder(tmp_path):
     _fake_tf2_checkpoint(str(run))
     model_folder.write(run, config=_config(), vocab_file=_vocab(tmp_path), do_lower_case=True)
     (run / "checkpoint").write_text("garbage {{{")
-    with pytest.raises(train_utils.UsageError, match="checkpoint: unreadable"):
+    with pytest.raises(train_utils.UsageError, match="checkpoint is unreadable"):
         model_folder.resolve(str(run))
     # Without a state file the newest ckpt-N is found by name.
     os.remove(run / "checkpoint")
@@ -157,26 +157,6 @@ def test_write_refuses_a_vocab_that_does_not_fit_the_config(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_an_output_folder_on_a_gfile_filesystem_is_written_only_when_complete():
-    """gs:// outputs go through a local temp folder and tf.io.gfile (ram:// stands in for gs://)."""
-    out = "ram://model_folder_test/export"
-    with pytest.raises(RuntimeError):
-        with model_folder.atomic_output_dir(out) as tmp:
-            open(os.path.join(tmp, "half.bin"), "w").write("x")
-            raise RuntimeError("killed half way")
-    assert not tf.io.gfile.exists(out)
-    with model_folder.atomic_output_dir(out) as tmp:
-        os.makedirs(os.path.join(tmp, "sub"))
-        open(os.path.join(tmp, "config.json"), "w").write("{}")
-        open(os.path.join(tmp, "sub", "a.txt"), "w").write("a")
-    assert sorted(tf.io.gfile.listdir(out)) == ["config.json", "sub/"] or \
-        sorted(tf.io.gfile.listdir(out)) == ["config.json", "sub"]
-    assert tf.io.gfile.GFile(out + "/sub/a.txt").read() == "a"
-    with pytest.raises(ValueError, match="already exists and is not empty; pass --overwrite"):
-        with model_folder.atomic_output_dir(out):
-            pass
-
-
 def test_relative_and_moved_folders_resolve(tmp_path, monkeypatch):
     """A relative --checkpoint (the README's out/pretrain), and a folder copied elsewhere."""
     run = tmp_path / "out" / "pretrain"
@@ -188,3 +168,30 @@ def test_relative_and_moved_folders_resolve(tmp_path, monkeypatch):
     (run / "checkpoint").write_text(state.replace('"ckpt-5"', '"/elsewhere/old_run/ckpt-5"'))
     assert "/elsewhere/" in (run / "checkpoint").read_text()
     assert model_folder.resolve(str(run)).checkpoint == os.path.join(str(run), "ckpt-5")
+
+
+def test_one_state_file_reader_serves_model_folders_and_resume(tmp_path):
+    """model_folder.latest_checkpoint reads the state file for both; only a missing state file with
+    checkpoints left differs: a reader takes the newest ckpt-N, a resume refuses (a fresh
+    CheckpointManager would save over them)."""
+    import pretraining_resume
+    run = tmp_path / "run"
+    _fake_tf2_checkpoint(str(run), step=5)
+    want = os.path.join(str(run), "ckpt-5")
+    assert model_folder.latest_checkpoint(str(run)) == pretraining_resume.latest_checkpoint(str(run)) == want
+    # Moved folder: an absolute name of the old place is found beside the state file, by both.
+    state = (run / "checkpoint").read_text()
+    (run / "checkpoint").write_text(state.replace('"ckpt-5"', '"/elsewhere/old_run/ckpt-5"'))
+    assert model_folder.latest_checkpoint(str(run)) == pretraining_resume.latest_checkpoint(str(run)) == want
+    (run / "checkpoint").write_text('model_checkpoint_path: "ckpt-9"\n')
+    for read in (model_folder.latest_checkpoint, pretraining_resume.latest_checkpoint):
+        with pytest.raises(train_utils.UsageError, match=r"names .*ckpt-9, which is not there"):
+            read(str(run))
+    os.remove(run / "checkpoint")
+    assert model_folder.latest_checkpoint(str(run)) == want
+    with pytest.raises(train_utils.UsageError, match=r"checkpoint is missing but .* holds ckpt-5"):
+        pretraining_resume.latest_checkpoint(str(run))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert model_folder.latest_checkpoint(str(empty)) is None
+    assert pretraining_resume.latest_checkpoint(str(empty)) is None

@@ -12,15 +12,16 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from test_run_pretraining import _argv, _run, _snapshot, data  # noqa: F401 -- `data` is a fixture
+import helpers
+from helpers import pretrain, pretraining_argv, snapshot
 
 
 @pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):  # noqa: F811
+def trained(pretraining_data, tmp_path_factory):
     """A finished 4-step run (ckpt-2, ckpt-4) to copy and damage."""
     out = str(tmp_path_factory.mktemp("trained") / "run")
-    _run(data, out, "--do_train", "--num_train_steps=4", "--iterations_per_loop=2",
-         "--save_checkpoints_steps=2", "--jit_compile=false", f"--vocab_file={data['vocab_file']}")
+    pretrain(pretraining_data, out, "--do_train", "--num_train_steps=4", "--iterations_per_loop=2",
+         "--save_checkpoints_steps=2", "--jit_compile=false", f"--vocab_file={pretraining_data['vocab_file']}")
     return out
 
 
@@ -30,15 +31,15 @@ def _copy(trained, tmp_path):
     return out
 
 
-def _fails(data, out, match, *extra):  # noqa: F811
+def _fails(pretraining_data, out, match, *extra):
     """Runs a resume of `out` (6 steps) that must fail with `match`, leaving `out` untouched."""
     import run_pretraining
-    before = _snapshot(out)
+    before = snapshot(out)
     with pytest.raises(run_pretraining.UsageError, match=match) as error:
-        _run(data, out, "--do_train", "--num_train_steps=6", "--iterations_per_loop=2",
+        pretrain(pretraining_data, out, "--do_train", "--num_train_steps=6", "--iterations_per_loop=2",
              "--save_checkpoints_steps=2", "--jit_compile=false", *extra)
     assert "\n" not in str(error.value)
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     return str(error.value)
 
 
@@ -46,46 +47,46 @@ def _fails(data, out, match, *extra):  # noqa: F811
 # Training state that cannot be read is an error, never a fresh start
 # ------------------------------------------------------------------------------------------------
 
-def test_garbage_checkpoint_state_file_is_an_error_not_a_fresh_start(data, trained, tmp_path):  # noqa: F811
+def test_garbage_checkpoint_state_file_is_an_error_not_a_fresh_start(pretraining_data, trained, tmp_path):
     out = _copy(trained, tmp_path)
     with open(os.path.join(out, "checkpoint"), "wb") as f:
         f.write(b"\x00\xffnot a checkpoint state {{{")
-    message = _fails(data, out, r"run/checkpoint is unreadable")
+    message = _fails(pretraining_data, out, r"run/checkpoint is unreadable")
     assert 'model_checkpoint_path: "ckpt-4"' in message   # says how to repair it
 
 
-def test_deleted_checkpoint_state_file_with_checkpoints_left_is_an_error(data, trained, tmp_path):  # noqa: F811
+def test_deleted_checkpoint_state_file_with_checkpoints_left_is_an_error(pretraining_data, trained, tmp_path):
     out = _copy(trained, tmp_path)
     os.remove(os.path.join(out, "checkpoint"))
-    _fails(data, out, r"run/checkpoint is missing but .*run holds ckpt-4: write the line "
+    _fails(pretraining_data, out, r"run/checkpoint is missing but .*run holds ckpt-4: write the line "
                       r"`model_checkpoint_path: \"ckpt-4\"`")
 
 
-def test_state_file_naming_a_missing_checkpoint_is_an_error(data, trained, tmp_path):  # noqa: F811
+def test_state_file_naming_a_missing_checkpoint_is_an_error(pretraining_data, trained, tmp_path):
     out = _copy(trained, tmp_path)
     for name in os.listdir(out):
         if name.startswith("ckpt-4."):
             os.remove(os.path.join(out, name))
-    _fails(data, out, r"run/checkpoint names .*ckpt-4, which is not there")
+    _fails(pretraining_data, out, r"run/checkpoint names .*ckpt-4, which is not there")
 
 
-def test_truncated_checkpoint_data_file_is_an_error_naming_it(data, trained, tmp_path):  # noqa: F811
+def test_truncated_checkpoint_data_file_is_an_error_naming_it(pretraining_data, trained, tmp_path):
     out = _copy(trained, tmp_path)
     path = os.path.join(out, "ckpt-4.data-00000-of-00001")
     with open(path, "rb") as f:
         raw = f.read()
     with open(path, "wb") as f:
         f.write(raw[: len(raw) // 2])
-    _fails(data, out, r"cannot restore .*ckpt-4 .*ckpt-4\.data-00000-of-00001\) are damaged")
+    _fails(pretraining_data, out, r"cannot restore .*ckpt-4 .*ckpt-4\.data-00000-of-00001\) are damaged")
 
 
-def test_partial_save_folder_from_a_kill_is_removed_and_training_resumes(data, trained, tmp_path):  # noqa: F811
+def test_partial_save_folder_from_a_kill_is_removed_and_training_resumes(pretraining_data, trained, tmp_path):
     import tensorflow as tf
     out = _copy(trained, tmp_path)
     os.makedirs(os.path.join(out, "ckpt-6_temp"))
     with open(os.path.join(out, "ckpt-6_temp", "part-00000-of-00001.data-00000-of-00001"), "wb") as f:
         f.write(b"half a save")
-    _run(data, out, "--do_train", "--num_train_steps=6", "--iterations_per_loop=2",
+    pretrain(pretraining_data, out, "--do_train", "--num_train_steps=6", "--iterations_per_loop=2",
          "--save_checkpoints_steps=2", "--jit_compile=false")
     assert not os.path.exists(os.path.join(out, "ckpt-6_temp"))
     assert tf.train.latest_checkpoint(out).endswith("ckpt-6")
@@ -109,92 +110,90 @@ _BAD_FLAGS = {
 
 
 @pytest.mark.parametrize("flag", sorted(_BAD_FLAGS))
-def test_impossible_flag_fails_before_anything_is_built(data, trained, tmp_path, flag):  # noqa: F811
+def test_impossible_flag_fails_before_anything_is_built(pretraining_data, trained, tmp_path, flag):
     import run_pretraining
     out = _copy(trained, tmp_path)
-    before = _snapshot(out)
-    argv = _argv(data, out, "--do_train", "--num_train_steps=6", flag)
+    before = snapshot(out)
+    argv = pretraining_argv(pretraining_data, out, "--do_train", "--num_train_steps=6", flag)
     opts = run_pretraining.parse_flags(argv)
     with pytest.raises(run_pretraining.UsageError, match=_BAD_FLAGS[flag]):
         run_pretraining.check_flags(opts)  # the first thing run() does
     with pytest.raises(run_pretraining.UsageError, match=_BAD_FLAGS[flag]):
         run_pretraining.run(opts)
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 # ------------------------------------------------------------------------------------------------
 # A resume that would read another stream is refused
 # ------------------------------------------------------------------------------------------------
 
-def test_resume_with_another_batch_size_is_refused_with_a_friendly_message(data, trained, tmp_path):  # noqa: F811
+def test_resume_with_another_batch_size_is_refused_with_a_friendly_message(pretraining_data, trained, tmp_path):
     out = _copy(trained, tmp_path)
-    _fails(data, out, r"--train_batch_size=32, but .*run was trained with 16: resume with the same "
+    _fails(pretraining_data, out, r"--train_batch_size=32, but .*run was trained with 16: resume with the same "
                       r"batch size, or to train on, start a new --output_dir with --init_checkpoint",
            "--train_batch_size=32")
 
 
-def test_resume_with_other_record_files_is_refused(data, trained, tmp_path):  # noqa: F811
+def test_resume_with_other_record_files_is_refused(pretraining_data, trained, tmp_path):
     out = _copy(trained, tmp_path)
-    _fails(data, out, r"--input_file differs from the records .*run was trained on \(1 file\(s\) then, "
-                      r"2 now", f"--input_file={data['train']},{data['eval']}")
+    _fails(pretraining_data, out, r"--input_file differs from the records .*run was trained on \(1 file\(s\) then, "
+                      r"2 now", f"--input_file={pretraining_data['train']},{pretraining_data['eval']}")
 
 
-def test_resume_with_same_names_but_other_records_is_refused(data, trained, tmp_path):  # noqa: F811
-    import mlm_instances as records
+def test_resume_with_same_names_but_other_records_is_refused(pretraining_data, trained, tmp_path):
     out = _copy(trained, tmp_path)
     other = tmp_path / "other"
     other.mkdir()
-    path = str(other / os.path.basename(data["train"]))
-    records.write_records(path, data["instances"][:200], data["vocab_file"], 64, 10)
-    _fails(data, out, r"same names, other contents", f"--input_file={path}")
+    path = str(other / os.path.basename(pretraining_data["train"]))
+    helpers.write_records(path, pretraining_data["instances"][:200], pretraining_data["vocab_file"], 64, 10)
+    _fails(pretraining_data, out, r"same names, other contents", f"--input_file={path}")
 
 
-def test_vocab_that_did_not_make_the_records_is_refused(data, trained, tmp_path):  # noqa: F811
+def test_vocab_that_did_not_make_the_records_is_refused(pretraining_data, trained, tmp_path):
     out = _copy(trained, tmp_path)
     vocab = tmp_path / "vocab.txt"
-    with open(data["vocab_file"], encoding="utf-8") as f:
+    with open(pretraining_data["vocab_file"], encoding="utf-8") as f:
         vocab.write_text(f.read().replace("[MASK]", "[MASK2]", 1), encoding="utf-8")
-    _fails(data, out, r"--vocab_file=.*vocab\.txt is not the vocab .* was made with", f"--vocab_file={vocab}")
+    _fails(pretraining_data, out, r"--vocab_file=.*vocab\.txt is not the vocab .* was made with", f"--vocab_file={vocab}")
 
 
-def test_run_folder_is_self_describing(data, trained):  # noqa: F811
+def test_run_folder_is_self_describing(pretraining_data, trained):
     import model_folder
     folder = model_folder.resolve(trained)
     assert folder.checkpoint.endswith("ckpt-4")
     assert folder.task == "mlm" and folder.do_lower_case is True
-    with open(folder.vocab_file, "rb") as a, open(data["vocab_file"], "rb") as b:
+    with open(folder.vocab_file, "rb") as a, open(pretraining_data["vocab_file"], "rb") as b:
         assert a.read() == b.read()
 
 
 @pytest.mark.slow
-def test_unreadable_state_from_the_command_line_is_one_line_exit_2(data, trained, tmp_path):  # noqa: F811
+def test_unreadable_state_from_the_command_line_is_one_line_exit_2(pretraining_data, trained, tmp_path):
     out = _copy(trained, tmp_path)
     with open(os.path.join(out, "checkpoint"), "w", encoding="utf-8") as f:
         f.write("garbage {")
-    before = _snapshot(out)
+    before = snapshot(out)
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "run_pretraining.py"),
-                           *_argv(data, out, "--do_train", "--num_train_steps=6")],
+                           *pretraining_argv(pretraining_data, out, "--do_train", "--num_train_steps=6")],
                           capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("run_pretraining.py: error: ") and \
         "checkpoint is unreadable" in lines[0], lines
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
-def test_run_folder_takes_the_vocab_the_records_sidecar_names(data, tmp_path):  # noqa: F811
+def test_run_folder_takes_the_vocab_the_records_sidecar_names(pretraining_data, tmp_path):
     """Without --vocab_file, the vocab named in the records' .meta.json (create_pretraining_data
     writes it) is copied when it still has the records' vocab_sha256."""
-    import mlm_instances as records
     vocab = tmp_path / "vocab.txt"
-    shutil.copy(data["vocab_file"], vocab)
+    shutil.copy(pretraining_data["vocab_file"], vocab)
     path = str(tmp_path / "named.tfrecord")
-    meta = records.write_records(path, data["instances"][:64], str(vocab), 64, 10)
+    meta = helpers.write_records(path, pretraining_data["instances"][:64], str(vocab), 64, 10)
     with open(path + ".meta.json", "w", encoding="utf-8") as f:  # as the generator writes it now
         json.dump(dict(meta, vocab_file=str(vocab)), f)
     out = str(tmp_path / "run")
-    _run(data, out, f"--input_file={path}", "--do_train", "--num_train_steps=2",
+    pretrain(pretraining_data, out, f"--input_file={path}", "--do_train", "--num_train_steps=2",
          "--jit_compile=false")
     with open(os.path.join(out, "vocab.txt"), "rb") as a, open(vocab, "rb") as b:
         assert a.read() == b.read()

@@ -294,3 +294,40 @@ def test_files_that_are_not_pretraining_records_are_one_line_errors(tmp_path, co
     with pytest.raises(UsageError, match=rf"^{path}: {message}") as err:
         records.check_records(str(path), SEQ, PRED, VOCAB)
     assert "function_node" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_commit_records_removes_old_sidecars_first_and_writes_new_ones_last(tmp_path):
+    """The commit Beam's Finalize uses: a retried commit (a shard renamed already) completes too."""
+    calls = []
+
+    class Files:
+        @staticmethod
+        def exists(path):
+            return os.path.exists(path)
+
+        @staticmethod
+        def remove(path):
+            calls.append(("remove", os.path.basename(path)))
+            os.remove(path)
+
+        @staticmethod
+        def rename(src, dst):
+            calls.append(("rename", os.path.basename(dst)))
+            os.replace(src, dst)
+
+        @staticmethod
+        def write(path, data):
+            calls.append(("write", os.path.basename(path)))
+            with open(path, "wb") as f:
+                f.write(data)
+
+    a, b = str(tmp_path / "a.tfrecord"), str(tmp_path / "b.tfrecord")
+    _write(a, _good(1))
+    (tmp_path / ".a.tmp").write_bytes(records.frame([b"new"]))
+    (tmp_path / "b.tfrecord").write_bytes(records.frame([b"renamed by an earlier attempt"]))
+    records.commit_records([(str(tmp_path / ".a.tmp"), a), (None, b)], [{"n": 1}, {"n": 2}], Files)
+    assert calls == [("remove", "a.tfrecord.meta.json"), ("rename", "a.tfrecord"),
+                     ("write", "a.tfrecord.meta.json"), ("write", "b.tfrecord.meta.json")]
+    assert records.read_sidecar(b) == {"n": 2, "kind": "static"}
+    assert sorted(os.listdir(tmp_path)) == ["a.tfrecord", "a.tfrecord.meta.json", "b.tfrecord",
+                                            "b.tfrecord.meta.json"]

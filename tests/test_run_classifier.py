@@ -14,6 +14,7 @@ import pytest
 
 import finetune_utils
 import run_classifier
+from helpers import write_tf1_checkpoint
 from train_utils import UsageError
 
 TINY = {"vocab_size": 21128, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -381,7 +382,7 @@ def test_roberta_zh_lcqmc_command_runs_verbatim_with_only_paths_and_sizes_change
     (base / "vocab.txt").write_bytes(google_vocab.read_bytes())
     config = modeling.BertConfig.from_dict(TINY)
     config.to_json_file(str(base / "bert_config_large.json"))
-    _write_tf1_checkpoint(config, str(base / "roberta_zh_large_model.ckpt"))
+    write_tf1_checkpoint(config, str(base / "roberta_zh_large_model.ckpt"))
     proc = subprocess.run(
         f"cd {tmp_path} && {sys.executable} {repo_root / 'run_classifier.py'} --task_name=lcqmc_pair "
         f"--do_train=true --do_eval=true --data_dir={data} --vocab_file={base}/vocab.txt "
@@ -408,20 +409,6 @@ def test_roberta_zh_lcqmc_command_runs_verbatim_with_only_paths_and_sizes_change
     hf_config = json.loads((tmp_path / "hf_lcqmc" / "config.json").read_text(encoding="utf-8"))
     assert hf_config["architectures"] == ["BertForSequenceClassification"]
     assert hf_config["id2label"] == {"0": "0", "1": "1"}
-
-
-def _write_tf1_checkpoint(config, prefix):
-    """A name-based checkpoint as Google's TF1 code saves it (bert/..., no object graph)."""
-    import tensorflow as tf
-
-    import modeling
-
-    model = modeling.build_model(modeling.BertPretrainer(config), seq_len=8)
-    values = {w.google_name: w.variable.numpy() for w in modeling.name_table(model)}
-    with tf.compat.v1.Graph().as_default(), tf.compat.v1.Session() as session:
-        variables = [tf.compat.v1.Variable(value, name=name) for name, value in values.items()]
-        session.run(tf.compat.v1.global_variables_initializer())
-        tf.compat.v1.train.Saver(variables).save(session, prefix, write_meta_graph=False)
 
 
 @pytest.mark.slow

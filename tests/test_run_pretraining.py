@@ -2,11 +2,10 @@
 early and clear errors on bad input, NaN handling.
 
 Records are built from real text (the shared zhwiki corpus when present, else resources/) with the
-Google vocab when present (else resources/vocab.txt), by tests/mlm_instances.py.
+Google vocab when present (else resources/vocab.txt), by tests/helpers.py.
 """
 
 import glob
-import hashlib
 import json
 import math
 import os
@@ -19,68 +18,9 @@ import time
 import numpy as np
 import pytest
 
+import helpers
 from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
-
-SEQ, PRED = 64, 10
-
-
-def _vocab_file():
-    google = SHARED_DATA / "vocab" / "vocab.txt"
-    return str(google if google.is_file() else RESOURCES / "vocab.txt")
-
-
-def _config(vocab_size, dropout=0.0, **overrides):
-    config = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=256, hidden_act="gelu", hidden_dropout_prob=dropout,
-                  attention_probs_dropout_prob=dropout, max_position_embeddings=SEQ,
-                  type_vocab_size=2, initializer_range=0.02)
-    config.update(overrides)
-    return config
-
-
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """train/eval records, configs (with and without dropout) and the vocab size."""
-    import mlm_instances as records
-    import tokenization
-
-    root = tmp_path_factory.mktemp("pretraining_data")
-    vocab_file = _vocab_file()
-    tokenizer = tokenization.FullTokenizer(vocab_file)
-    lines = records.corpus_sentences(str(SHARED_DATA), str(RESOURCES), max_chars=70_000)
-    instances = records.make_instances(tokenizer, lines, SEQ, PRED, seed=1)
-    assert len(instances) > 100, "too little text for the training tests"
-    train, evaluation = str(root / "train.tfrecord"), str(root / "eval.tfrecord")
-    records.write_records(train, instances[:-32], vocab_file, SEQ, PRED)
-    records.write_records(evaluation, instances[-32:], vocab_file, SEQ, PRED)
-    vocab_size = len(tokenizer.vocab)
-    return {
-        "root": root, "train": train, "eval": evaluation, "vocab_file": vocab_file,
-        "vocab_size": vocab_size, "instances": instances,
-        "config": _write_json(root / "config.json", _config(vocab_size)),
-        "config_dropout": _write_json(root / "config_dropout.json", _config(vocab_size, dropout=0.1)),
-    }
-
-
-def _argv(data, output_dir, *extra, config=None):
-    return [f"--input_file={data['train']}", f"--eval_input_file={data['eval']}",
-            f"--output_dir={output_dir}", f"--bert_config_file={config or data['config']}",
-            f"--max_seq_length={SEQ}", f"--max_predictions_per_seq={PRED}",
-            "--train_batch_size=16", "--eval_batch_size=32", "--learning_rate=2e-3",
-            "--num_warmup_steps=2", "--shuffle_buffer_size=200", *extra]
-
-
-def _run(data, output_dir, *extra, config=None):
-    import run_pretraining
-    argv = _argv(data, output_dir, *extra, config=config)
-    return run_pretraining.run(run_pretraining.parse_flags(argv))
-
+from helpers import PRED, SEQ, pretrain, pretraining_argv, pretraining_config, snapshot, write_json
 
 def _scalars(output_dir):
     """TensorBoard scalars -> {name: [(step, value), ...]} (sorted by step)."""
@@ -101,28 +41,15 @@ def _weights(checkpoint_prefix):
             if k.startswith(("bert", "cls")) and "OPTIMIZER_SLOT" not in k}
 
 
-def _snapshot(directory):
-    """Every file under `directory` -> (size, mtime, sha256); None if it does not exist."""
-    if not os.path.exists(directory):
-        return None
-    out = {}
-    for path in sorted(glob.glob(os.path.join(directory, "**"), recursive=True)):
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                out[path] = (os.path.getsize(path), os.stat(path).st_mtime_ns,
-                             hashlib.sha256(f.read()).hexdigest())
-    return out
-
-
 @pytest.mark.slow
 # ------------------------------------------------------------------------------------------------
 # Learning
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_training_lowers_mlm_loss_and_raises_accuracy(data, tmp_path, capsys):
+def test_training_lowers_mlm_loss_and_raises_accuracy(pretraining_data, tmp_path, capsys):
     out = str(tmp_path / "run")
-    result = _run(data, out, "--do_train", "--do_eval", "--num_train_steps=100",
+    result = pretrain(pretraining_data, out, "--do_train", "--do_eval", "--num_train_steps=100",
                   "--iterations_per_loop=20", "--save_checkpoints_steps=60", "--learning_rate=3e-3",
                   "--num_warmup_steps=10", "--train_batch_size=32")
 
@@ -133,7 +60,7 @@ def test_training_lowers_mlm_loss_and_raises_accuracy(data, tmp_path, capsys):
     losses = [v for _, v in scalars["loss"]]
     accuracies = [v for _, v in scalars["masked_lm_accuracy"]]
     # A random model starts at ln(V) ~ 10 nats and ~0 accuracy.
-    assert losses[-1] < losses[0] - 1.5 and losses[-1] < math.log(data["vocab_size"]) - 3, losses
+    assert losses[-1] < losses[0] - 1.5 and losses[-1] < math.log(pretraining_data["vocab_size"]) - 3, losses
     assert accuracies[-1] > max(0.03, accuracies[0]), accuracies
     assert all(math.isfinite(v) and v > 0 for _, v in scalars["grad_norm"])
 
@@ -144,7 +71,7 @@ def test_training_lowers_mlm_loss_and_raises_accuracy(data, tmp_path, capsys):
     assert printed["global_step"] == 100
     # Held-out text (small when only resources/ is there): better than a random model's ln(V)
     # loss and ~1/V accuracy, by less than on the training stream.
-    assert printed["masked_lm_loss"] < math.log(data["vocab_size"]) - 1.0
+    assert printed["masked_lm_loss"] < math.log(pretraining_data["vocab_size"]) - 1.0
     assert printed["perplexity"] == pytest.approx(math.exp(printed["masked_lm_loss"]), rel=1e-6)
     assert printed["masked_lm_accuracy"] > 0.01
 
@@ -152,21 +79,20 @@ def test_training_lowers_mlm_loss_and_raises_accuracy(data, tmp_path, capsys):
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "ckpt-*.index"))) == [
         "ckpt-100.index", "ckpt-60.index"]
     with open(os.path.join(out, "bert_config.json"), encoding="utf-8") as f:
-        assert json.load(f)["vocab_size"] == data["vocab_size"]
+        assert json.load(f)["vocab_size"] == pretraining_data["vocab_size"]
 
 
-def test_masked_positions_line_up_with_their_labels(data, tmp_path):
+def test_masked_positions_line_up_with_their_labels(pretraining_data, tmp_path):
     """Records whose chosen tokens stay visible: predicting them is copying the input at the
     gathered position, learnt within ~50 steps only if positions, ids and weights line up."""
-    import mlm_instances as records
     import tokenization
-    tokenizer = tokenization.FullTokenizer(data["vocab_file"])
-    lines = records.corpus_sentences(str(SHARED_DATA), str(RESOURCES), max_chars=30_000)
+    tokenizer = tokenization.FullTokenizer(pretraining_data["vocab_file"])
+    lines = helpers.corpus_sentences(str(SHARED_DATA), str(RESOURCES), max_chars=30_000)
     copy = str(tmp_path / "copy.tfrecord")
-    records.write_records(copy, records.make_instances(tokenizer, lines, SEQ, PRED, mask_prob=0.0,
-                                                       random_prob=0.0), data["vocab_file"], SEQ, PRED)
+    helpers.write_records(copy, helpers.make_instances(tokenizer, lines, SEQ, PRED, mask_prob=0.0,
+                                                       random_prob=0.0), pretraining_data["vocab_file"], SEQ, PRED)
     out = str(tmp_path / "run")
-    _run(data, out, f"--input_file={copy}", "--do_train", "--num_train_steps=60",
+    pretrain(pretraining_data, out, f"--input_file={copy}", "--do_train", "--num_train_steps=60",
          "--iterations_per_loop=20", "--save_checkpoints_steps=60", "--learning_rate=3e-3",
          "--num_warmup_steps=10", "--train_batch_size=32")
     accuracies = [v for _, v in _scalars(out)["masked_lm_accuracy"]]
@@ -181,13 +107,13 @@ def test_masked_positions_line_up_with_their_labels(data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer,jit", [("adamw", "true"), ("lamb", "false")])
-def test_accumulated_micro_batches_equal_one_large_batch(data, tmp_path, optimizer, jit):
+def test_accumulated_micro_batches_equal_one_large_batch(pretraining_data, tmp_path, optimizer, jit):
     common = ["--do_train", "--num_train_steps=3", "--iterations_per_loop=3",
               "--save_checkpoints_steps=3", f"--optimizer={optimizer}", f"--jit_compile={jit}"]
-    _run(data, tmp_path / "large", *common)
-    _run(data, tmp_path / "micro", *common, "--gradient_accumulation_steps=4")  # 4 x 4 sequences
+    pretrain(pretraining_data, tmp_path / "large", *common)
+    pretrain(pretraining_data, tmp_path / "micro", *common, "--gradient_accumulation_steps=4")  # 4 x 4 sequences
     large, micro = _weights(str(tmp_path / "large" / "ckpt-3")), _weights(str(tmp_path / "micro" / "ckpt-3"))
-    initial = _weights_of_fresh_model(data, str(tmp_path / "initial"))
+    initial = _weights_of_fresh_model(pretraining_data, str(tmp_path / "initial"))
     assert large.keys() == micro.keys() == initial.keys() and len(large) > 10
     for name in large:
         np.testing.assert_allclose(micro[name], large[name], atol=3e-6, err_msg=name)
@@ -220,7 +146,7 @@ def test_bf16_step_compiles_whole_with_float32_weights_and_accumulation():
     try:
         strategy = train_utils.make_strategy("one_device")
         with strategy.scope():
-            model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig(**_config(500))))
+            model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig(**pretraining_config(500))))
             optimizer = optimization.create_optimizer(1e-3, 10, 1, clip_norm=0)
             optimizer.build(model.trainable_variables)
         trainer = run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=4,
@@ -236,12 +162,12 @@ def test_bf16_step_compiles_whole_with_float32_weights_and_accumulation():
     assert 0 < float(means["loss"]) < 2 * math.log(500)
 
 
-def _weights_of_fresh_model(data, prefix):
+def _weights_of_fresh_model(pretraining_data, prefix):
     import modeling
     import train_utils
     train_utils.set_seed(12345)  # run_pretraining's default --seed
     model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig.from_json_file(
-        data["config"])))
+        pretraining_data["config"])))
     return _weights(modeling.make_checkpoint(model).write(prefix))
 
 
@@ -276,12 +202,12 @@ def _run_in_two_cpu_process(argv):
 
 
 @pytest.mark.slow
-def test_mirrored_two_cpus_with_accumulation_matches_one_device(data, tmp_path):
+def test_mirrored_two_cpus_with_accumulation_matches_one_device(pretraining_data, tmp_path):
     common = ["--do_train", "--do_eval", "--num_train_steps=6", "--iterations_per_loop=1",
               "--save_checkpoints_steps=6", "--jit_compile=true", "--max_eval_steps=2"]
-    one = _argv(data, tmp_path / "one", *common, "--strategy=one_device")
+    one = pretraining_argv(pretraining_data, tmp_path / "one", *common, "--strategy=one_device")
     # Same global batch of 16: 2 replicas x 2 micro-batches x 4 sequences.
-    two = _argv(data, tmp_path / "two", *common, "--strategy=mirrored",
+    two = pretraining_argv(pretraining_data, tmp_path / "two", *common, "--strategy=mirrored",
                 "--gradient_accumulation_steps=2")
     import run_pretraining  # in-process: the one-device reference
     reference_eval = run_pretraining.run(run_pretraining.parse_flags(one))
@@ -326,7 +252,7 @@ def _two_cpu_command(argv):
 
 
 @pytest.mark.slow
-def test_sigkilled_mirrored_run_resumes_to_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
+def test_sigkilled_mirrored_run_resumes_to_the_same_weights_as_an_uninterrupted_run(pretraining_data, tmp_path):
     """Per-replica input under MirroredStrategy (2 logical CPUs): the stream is positioned by the
     global step, so a run killed between checkpoints reads exactly what an uninterrupted one reads."""
     import tensorflow as tf
@@ -334,10 +260,10 @@ def test_sigkilled_mirrored_run_resumes_to_the_same_weights_as_an_uninterrupted_
     common = ["--do_train", "--num_train_steps=10", "--iterations_per_loop=1",
               "--save_checkpoints_steps=2", "--jit_compile=false", "--strategy=mirrored",
               "--shuffle_buffer_size=50"]
-    config = data["config_dropout"]  # dropout on: the seed states must resume too
+    config = pretraining_data["config_dropout"]  # dropout on: the seed states must resume too
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(_two_cpu_command(_argv(data, killed, *common, config=config)),
+    proc = subprocess.Popen(_two_cpu_command(pretraining_argv(pretraining_data, killed, *common, config=config)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
     while not os.path.exists(os.path.join(killed, "ckpt-4.index")) and proc.poll() is None:
@@ -350,7 +276,7 @@ def test_sigkilled_mirrored_run_resumes_to_the_same_weights_as_an_uninterrupted_
     assert 4 <= resumed_from < 10
 
     for out in (killed, str(tmp_path / "uninterrupted")):  # the same command again: resumes
-        done = subprocess.run(_two_cpu_command(_argv(data, out, *common, config=config)),
+        done = subprocess.run(_two_cpu_command(pretraining_argv(pretraining_data, out, *common, config=config)),
                               capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         assert "2 replica(s)" in done.stderr
@@ -368,14 +294,14 @@ def test_sigkilled_mirrored_run_resumes_to_the_same_weights_as_an_uninterrupted_
         np.testing.assert_allclose(resumed[name], reference[name], atol=1e-6, err_msg=name)
 
 
-def test_input_stream_resumed_at_a_step_equals_the_stream_read_through(data):
+def test_input_stream_resumed_at_a_step_equals_the_stream_read_through(pretraining_data):
     """The pipeline positioned at step s yields exactly the batches s, s+1, ... of a pipeline read
     from step 0, across an epoch boundary, with every record once per epoch."""
     import tensorflow as tf
 
     import pretraining_records
     import pretraining_resume
-    files, counts = [data["train"], data["eval"]], [len(data["instances"]) - 32, 32]
+    files, counts = [pretraining_data["train"], pretraining_data["eval"]], [len(pretraining_data["instances"]) - 32, 32]
     parse = pretraining_records.make_parser(pretraining_records.read_info(files), SEQ, PRED)
     per_epoch, batch = sum(counts), 48
     strategy = tf.distribute.get_strategy()
@@ -392,18 +318,17 @@ def test_input_stream_resumed_at_a_step_equals_the_stream_read_through(data):
         np.testing.assert_array_equal(a, b)
     first_epoch = np.concatenate(through)[:per_epoch]             # every record exactly once
     assert sorted(row.tobytes() for row in first_epoch) == sorted(
-        np.asarray(i["input_ids"], np.int32).tobytes() for i in data["instances"])
+        np.asarray(i["input_ids"], np.int32).tobytes() for i in pretraining_data["instances"])
 
 
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear error before any training step, nothing in output_dir overwritten
 # ------------------------------------------------------------------------------------------------
 
-def _bad_records(data, tmp_path, kind):
-    import mlm_instances as records
+def _bad_records(pretraining_data, tmp_path, kind):
     path = str(tmp_path / f"{kind}.tfrecord")
     if kind in ("truncated", "corrupt"):
-        records.write_records(path, data["instances"][:50], data["vocab_file"], SEQ, PRED)
+        helpers.write_records(path, pretraining_data["instances"][:50], pretraining_data["vocab_file"], SEQ, PRED)
         with open(path, "rb") as f:
             raw = bytearray(f.read())
         if kind == "truncated":
@@ -414,11 +339,11 @@ def _bad_records(data, tmp_path, kind):
             f.write(raw)
     elif kind == "seq_len":
         import tokenization
-        tokenizer = tokenization.FullTokenizer(data["vocab_file"])
-        short = records.make_instances(tokenizer, ["这是一个句子。"] * 20, 32, PRED)
-        records.write_records(path, short, data["vocab_file"], 32, PRED)
+        tokenizer = tokenization.FullTokenizer(pretraining_data["vocab_file"])
+        short = helpers.make_instances(tokenizer, ["这是一个句子。"] * 20, 32, PRED)
+        helpers.write_records(path, short, pretraining_data["vocab_file"], 32, PRED)
     elif kind == "seq_len_no_meta":
-        _bad_records(data, tmp_path, "seq_len")
+        _bad_records(pretraining_data, tmp_path, "seq_len")
         os.rename(path.replace("_no_meta", ""), path)
         os.remove(path.replace("_no_meta", "") + ".meta.json")
     return path
@@ -439,41 +364,41 @@ _BAD_INPUT_CASES = {  # case -> the error message (regex)
 @pytest.mark.parametrize("existing_output", [False, True], ids=["fresh_dir", "previous_run"])
 @pytest.mark.parametrize("case", sorted(_BAD_INPUT_CASES))
 def test_bad_input_fails_before_training_and_leaves_output_dir_alone(
-        data, tmp_path, case, existing_output):
+        pretraining_data, tmp_path, case, existing_output):
     import run_pretraining
     out = str(tmp_path / "out")
     if existing_output:  # a previous run's directory of the same model must come through untouched
         os.makedirs(out)
-        with open(data["config"], encoding="utf-8") as f:
+        with open(pretraining_data["config"], encoding="utf-8") as f:
             config_text = f.read()
         with open(os.path.join(out, "bert_config.json"), "w", encoding="utf-8") as f:
             f.write(config_text)
         with open(os.path.join(out, "notes.txt"), "w", encoding="utf-8") as f:
             f.write("keep me")
-    before = _snapshot(out)
+    before = snapshot(out)
 
-    argv = _argv(data, out, "--do_train", "--do_eval", "--num_train_steps=5")
+    argv = pretraining_argv(pretraining_data, out, "--do_train", "--do_eval", "--num_train_steps=5")
     if case in ("truncated", "corrupt", "seq_len", "seq_len_no_meta"):
-        argv[0] = f"--input_file={_bad_records(data, tmp_path, case)}"
+        argv[0] = f"--input_file={_bad_records(pretraining_data, tmp_path, case)}"
     elif case == "vocab":
-        argv[3] = f"--bert_config_file={_write_json(tmp_path / 'small_vocab.json', _config(500))}"
+        argv[3] = f"--bert_config_file={write_json(tmp_path / 'small_vocab.json', pretraining_config(500))}"
     elif case == "config_missing_field":
-        config = _config(data["vocab_size"])
+        config = pretraining_config(pretraining_data["vocab_size"])
         del config["num_hidden_layers"]
-        argv[3] = f"--bert_config_file={_write_json(tmp_path / 'config_missing.json', config)}"
+        argv[3] = f"--bert_config_file={write_json(tmp_path / 'config_missing.json', config)}"
     elif case == "batch_not_divisible":
         argv.append("--gradient_accumulation_steps=3")
 
     with pytest.raises(run_pretraining.UsageError, match=_BAD_INPUT_CASES[case]):
         run_pretraining.run(run_pretraining.parse_flags(argv))
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
-def test_command_line_error_is_one_line_without_traceback(data, tmp_path):
-    config = _config(data["vocab_size"])
+def test_command_line_error_is_one_line_without_traceback(pretraining_data, tmp_path):
+    config = pretraining_config(pretraining_data["vocab_size"])
     del config["hidden_size"]
-    argv = _argv(data, tmp_path / "out", "--do_train",
-                 config=_write_json(tmp_path / "c.json", config))
+    argv = pretraining_argv(pretraining_data, tmp_path / "out", "--do_train",
+                 config=write_json(tmp_path / "c.json", config))
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "run_pretraining.py")] + argv,
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
@@ -490,14 +415,14 @@ def test_command_line_error_is_one_line_without_traceback(data, tmp_path):
 # Divergence
 # ------------------------------------------------------------------------------------------------
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(pretraining_data, tmp_path):
     import run_pretraining
     out = str(tmp_path / "run")
     # An absurd learning rate: step 1 (finite loss) blows the weights up, step 2's loss is NaN/inf.
     with pytest.raises(run_pretraining.TrainingDivergedError,
                        match=r"NaN/inf at step 2; stopped without saving\. "
                              r"Last good checkpoint: .*ckpt-1"):
-        _run(data, out, "--do_train", "--num_train_steps=8", "--iterations_per_loop=4",
+        pretrain(pretraining_data, out, "--do_train", "--num_train_steps=8", "--iterations_per_loop=4",
              "--save_checkpoints_steps=1", "--num_warmup_steps=0", "--learning_rate=1e38",
              "--jit_compile=false")
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "ckpt-*"))) == [
@@ -518,14 +443,14 @@ def test_gpu_benchmark_runs_end_to_end_in_smoke_mode():
     assert (model, seq, batch) == ("tiny", "32", "8") and float(rate) > 0
 
 
-def test_tpu_strategy_off_a_tpu_vm_asks_for_a_tpu_name(data, tmp_path):
+def test_tpu_strategy_off_a_tpu_vm_asks_for_a_tpu_name(pretraining_data, tmp_path):
     """`--strategy=tpu` on a machine that is no Cloud TPU VM (no /dev/accel*, no libtpu) and without
     --tpu_name is a one-line error naming both ways to reach a TPU; nothing is written."""
     import run_pretraining
     out = str(tmp_path / "out")
     with pytest.raises(run_pretraining.UsageError,
                        match=r"--strategy=tpu needs --tpu_name .* Cloud TPU VM \(--tpu_name=local\)"):
-        _run(data, out, "--do_train", "--strategy=tpu")
+        pretrain(pretraining_data, out, "--do_train", "--strategy=tpu")
     assert not os.path.exists(out)
 
 
@@ -534,15 +459,14 @@ def test_roberta_zh_pretraining_command_runs_verbatim_with_only_paths_and_sizes_
     """brightmart/roberta_zh's README: data from create_pretraining_data.py (so `tf*.tfrecord` sits
     beside its .meta.json), `--do_train=True`, and Google's `bert_model.ckpt` as --init_checkpoint.
     The run folder it leaves is enough for fill_mask.py alone."""
-    from test_run_classifier import _write_tf1_checkpoint
 
     import modeling
 
     base = tmp_path / "chinese_roberta_zh"
     base.mkdir()
-    config = _config(open(RESOURCES / "vocab.txt", encoding="utf-8").read().count("\n"))
-    _write_json(base / "bert_config_large.json", config)
-    _write_tf1_checkpoint(modeling.BertConfig.from_dict(config), str(base / "bert_model.ckpt"))
+    config = pretraining_config(open(RESOURCES / "vocab.txt", encoding="utf-8").read().count("\n"))
+    write_json(base / "bert_config_large.json", config)
+    helpers.write_tf1_checkpoint(modeling.BertConfig.from_dict(config), str(base / "bert_model.ckpt"))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", BERT_BASE_DIR=str(base))
     make = subprocess.run(
         [sys.executable, str(REPO_ROOT / "create_pretraining_data.py"), "--do_whole_word_mask=True",

@@ -1,6 +1,7 @@
-"""corpus.InputReader: a corpus that is not UTF-8 is refused with one line naming the
-file, its first bad line and the likely encoding, and nothing already on disk changes; the odd invalid
-byte in a UTF-8 corpus is still replaced, counted and reported."""
+"""corpus.py: input files -> documents of sentences -> chunks of documents, in both input formats;
+a corpus that is not UTF-8 is refused with one line naming the file, its first bad line and the
+likely encoding, and nothing already on disk changes; the odd invalid byte in a UTF-8 corpus is
+still replaced, counted and reported."""
 
 import gzip
 import os
@@ -23,6 +24,51 @@ CORPUS = sorted((RESOURCES / "corpus").glob("*.txt"))
 def _corpus_text(max_lines=60):
     lines = CORPUS[0].read_text(encoding="utf-8").splitlines()[:max_lines]
     return "\n".join(lines) + "\n"
+
+
+def test_input_file_lists_and_globs_resolve_to_each_file_once(tmp_path):
+    for name in ("b.txt", "a.txt"):
+        (tmp_path / name).write_text("句子。\n", encoding="utf-8")
+    a, b = str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
+    assert corpus_module.resolve_input_files(f"{b}, {tmp_path}/*.txt,{a}") == [b, a]
+    (tmp_path / "empty.txt").write_text("")
+    for spec, message in ((f"{tmp_path}/*.md", "matched no files"), (f"{tmp_path}/c.txt", "file not found"),
+                          (str(tmp_path), "is a directory"), (f"{tmp_path}/empty.txt", "is empty"),
+                          (" , ", "--input_file is required")):
+        with pytest.raises(train_utils.UsageError, match=message):
+            corpus_module.resolve_input_files(spec)
+
+
+def test_sentences_split_after_end_marks_and_closing_quotes_without_loss():
+    text = "他说：“来了！”你呢？好……然后"
+    pieces = corpus_module.split_sentences(text)
+    assert pieces == ["他说：“来了！”", "你呢？", "好……", "然后"] and "".join(pieces) == text
+
+
+@pytest.mark.parametrize("input_format, text, documents", [
+    ("sentence_per_line", "一。\n二。\n\n\n三。\n", [[(1, "一。"), (2, "二。")], [(5, "三。")]]),
+    ("doc_per_line", "一。二。\n\n三。\n", [[(1, "一。"), (1, "二。")], [(3, "三。")]]),
+])
+def test_documents_keep_their_line_numbers_in_both_formats(tmp_path, input_format, text, documents):
+    path = tmp_path / "c.txt"
+    path.write_text(text, encoding="utf-8")
+    reader = InputReader([str(path)], input_format)
+    assert [sentences for _, sentences in reader.documents()] == documents
+    assert reader.docs_per_file == [2] and reader.text_bytes == len(text.encode("utf-8"))
+
+
+def test_chunks_number_documents_across_files_and_depend_only_on_the_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_module, "DOCS_PER_CHUNK", 2)
+    paths = []
+    for i, n in enumerate((3, 2)):
+        paths.append(str(tmp_path / f"{i}.txt"))
+        with open(paths[-1], "w", encoding="utf-8") as f:
+            f.write("".join(f"文件{i}文档{d}。\n\n" for d in range(n)))
+    chunks = list(InputReader(paths, "sentence_per_line").chunks())
+    assert [(c, first, [(p, s[0][1]) for p, s in docs]) for c, first, docs in chunks] == [
+        (0, 0, [(0, "文件0文档0。"), (0, "文件0文档1。")]),
+        (1, 2, [(0, "文件0文档2。"), (1, "文件1文档0。")]),  # chunks run on across files
+        (2, 4, [(1, "文件1文档1。")])]
 
 
 def _options(tmp_path, input_file, **kw):

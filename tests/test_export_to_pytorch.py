@@ -16,95 +16,20 @@ import pytest
 try:
     import torch
     import transformers
-except ImportError:  # the helpers below are shared with test_fill_mask, which needs neither
+except ImportError:
     torch = transformers = None
 pytestmark = pytest.mark.skipif(transformers is None, reason="needs torch + transformers (.[export])")
 
-import convert_checkpoint  # noqa: E402
 import export_to_pytorch  # noqa: E402
 import fill_mask  # noqa: E402
-import modeling  # noqa: E402
+from helpers import (LABELS, VOCAB, hf_logits, leftovers, make_checkpoint_dir, our_logits,  # noqa: E402
+                     padded_batch, run_export, write_vocab)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-         + list("中国的首都是北京。上海南天津我爱你他们好人大学生问题答案") + ["a", "b", "##c", "hello"])
-LABELS = {"classifier": ["negative", "positive", "neutral"], "ner": ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]}
 HF_CLASSES = {"mlm": "BertForMaskedLM", "classifier": "BertForSequenceClassification",
               "ner": "BertForTokenClassification", "qa": "BertForQuestionAnswering"}
 # Both GELU variants are exercised: our "gelu" (tanh) must become HF "gelu_new", "gelu_exact" HF "gelu".
 HIDDEN_ACT = {"mlm": "gelu", "classifier": "gelu_exact", "ner": "gelu", "qa": "gelu_exact"}
-
-
-# ---- helpers shared with the other interop tests (plain functions, imported there) ----
-
-def write_vocab(folder, tokens=VOCAB):
-    path = os.path.join(folder, "vocab.txt")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(t + "\n" for t in tokens))
-    return path
-
-
-def tiny_config(hidden_act="gelu", vocab_size=len(VOCAB)):
-    return modeling.BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, intermediate_size=128,
-                               max_position_embeddings=40, hidden_act=hidden_act)
-
-
-def randomize(model, seed):
-    """Random values for every weight (LayerNorm gammas around 1), so no tensor can be skipped."""
-    rng = np.random.default_rng(seed)
-    for w in modeling.name_table(model):
-        value = rng.normal(0.0, 0.2, tuple(w.variable.shape))
-        w.variable.assign((value + 1.0 if w.google_name.endswith("gamma") else value).astype(np.float32))
-    return model
-
-
-def make_checkpoint_dir(folder, task, seed=0, hidden_act="gelu"):
-    """Our checkpoint folder (ckpt-1 + bert_config.json + vocab.txt [+ labels.txt]) with random weights."""
-    os.makedirs(folder, exist_ok=True)
-    config = tiny_config(hidden_act)
-    labels = LABELS.get(task)
-    model = randomize(convert_checkpoint.build_task_model(config, task, len(labels) if labels else None), seed)
-    vocab = write_vocab(os.path.dirname(os.path.abspath(folder)))
-    convert_checkpoint.save_tf2_checkpoint(model, config, vocab, folder, labels=labels)
-    return model
-
-
-def padded_batch():
-    """Two sequences, the second padded: ids [2, 12], mask, segments (a sentence pair in row 0)."""
-    ids = np.zeros([2, 12], np.int32)
-    ids[0, :10] = [2, 5, 6, 7, 4, 3, 12, 13, 14, 3]
-    ids[1, :6] = [2, 21, 22, 23, 24, 3]
-    mask = (ids > 0).astype(np.int32)
-    segments = np.zeros_like(ids)
-    segments[0, 6:10] = 1
-    return ids, mask, segments
-
-
-def our_logits(model, task, ids, mask, segments):
-    """Our model's outputs in transformers' layout: mlm [B,S,V] (all positions), classifier [B,C],
-    ner [B,S,C], qa [2,B,S]."""
-    inputs = {"input_ids": ids, "input_mask": mask, "segment_ids": segments}
-    if task == "mlm":
-        positions = np.tile(np.arange(ids.shape[1], dtype=np.int32), [ids.shape[0], 1])
-        return model(dict(inputs, masked_lm_positions=positions)).numpy()
-    if task == "qa":
-        return np.stack([t.numpy() for t in model(inputs)])
-    return model(inputs).numpy()
-
-
-def hf_logits(hf_model, task, ids, mask, segments):
-    with torch.no_grad():
-        out = hf_model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                       token_type_ids=torch.from_numpy(segments).long())
-    if task == "qa":
-        return np.stack([out.start_logits.numpy(), out.end_logits.numpy()])
-    return out.logits.numpy()
-
-
-def leftovers(parent, name):
-    """Temp folders a conversion left beside `parent/name`."""
-    return [e for e in os.listdir(parent) if e.startswith(f".{name}.")]
 
 
 # ---- fixtures ----
@@ -305,11 +230,6 @@ def test_existing_output_dir_is_kept_unless_overwrite(exported, tmp_path):
     export_to_pytorch.export_model(model, "qa", vocab, str(out), overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert not leftovers(str(tmp_path), "hf")
-
-
-def run_export(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "export_to_pytorch.py"), *args],
-                          capture_output=True, text=True, timeout=180, cwd=REPO)
 
 
 def snapshot(folder):
