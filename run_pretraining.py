@@ -543,6 +543,9 @@ def _parser(opts, files, training):
         seed=opts.seed, masked_lm_prob=opts.masked_lm_prob, training=training)
 
 
+HOST_CALL_SECONDS = 30.0  # longest a host call may run: progress shows at least this often
+
+
 def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
     step = int(trainer.optimizer.iterations.numpy())
     if step >= opts.num_train_steps:
@@ -552,10 +555,14 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
               else tf.summary.create_noop_writer())
     progress = train_utils.ProgressLogger(total=opts.num_train_steps, unit="steps", name="pretrain",
                                           start=step)
+    seconds_per_step = None  # measured on the last host call; unknown before the first
     while step < opts.num_train_steps:
-        # Host calls end on checkpoint boundaries, so saves happen exactly every N steps.
+        # Host calls end on checkpoint boundaries, so saves happen exactly every N steps. A call
+        # lasts at most ~HOST_CALL_SECONDS (one step first, while it compiles), so a slow device
+        # still shows progress whatever --iterations_per_loop; the input stream is the same.
         next_save = (step // opts.save_checkpoints_steps + 1) * opts.save_checkpoints_steps
-        n = min(steps_per_loop, opts.num_train_steps - step, next_save - step)
+        n = min(steps_per_loop, opts.num_train_steps - step, next_save - step,
+                1 if seconds_per_step is None else max(1, int(HOST_CALL_SECONDS / seconds_per_step)))
         start = time.perf_counter()
         try:
             means, learning_rate, ran, finite = trainer.train_loop(iterator, tf.constant(n))
@@ -565,6 +572,7 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
                                  f"{e.message.splitlines()[0]}") from None
             raise
         ran, elapsed = int(ran), time.perf_counter() - start
+        seconds_per_step = elapsed / max(ran, 1)
         if not bool(finite):
             last = manager.latest_checkpoint or "none written yet"
             raise TrainingDivergedError(

@@ -1,13 +1,20 @@
 """Small pieces every script shares: the command line, device strategy, progress lines, seeding.
 
-Import this module before TensorFlow: on machines without an NVIDIA GPU it hides the C++ lines
-TensorFlow prints while it loads (oneDNN, "Could not find cuda drivers", "failed call to cuInit"),
-which absl's logging flags cannot reach because they are written before logging starts.
+Import this module before TensorFlow. It keeps TensorFlow's own chatter out of our output:
+- on machines without an NVIDIA GPU, the C++ lines TensorFlow prints while it loads (oneDNN, "Could
+  not find cuda drivers", "failed call to cuInit"), which no logging setting reaches because they are
+  written before logging starts;
+- TensorFlow's C++ info and warning lines after that ("Compiled cluster using XLA!",
+  `dump_mlir_util.cc`, `tf_record_dataset_op.cc`): TF_CPP_MIN_LOG_LEVEL=2 unless you set it yourself
+  (its C++ runtime reads it once, so it must be set before TensorFlow loads); errors still show;
+- the INFO lines TensorFlow's Python code logs through absl ("Sharding callback duration").
+ROBERTA_ZH_TF_STARTUP_LOG=1 shows all of them.
 """
 
 import errno
 import importlib.abc
 import importlib.util
+import logging as std_logging
 import os
 import random
 import sys
@@ -53,9 +60,22 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if ("tensorflow" not in sys.modules and not os.environ.get("ROBERTA_ZH_TF_STARTUP_LOG")
-        and not os.path.exists("/proc/driver/nvidia")):
-    sys.meta_path.insert(0, _QuietTensorFlowImport())
+class _DropTensorFlowInfo:
+    """A logging filter: drops records below WARNING logged from TensorFlow's own Python code."""
+
+    _tf_dir = os.path.join(os.sep, "tensorflow", "python", "")
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or self._tf_dir not in record.pathname
+
+
+if not os.environ.get("ROBERTA_ZH_TF_STARTUP_LOG"):
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if not os.path.exists("/proc/driver/nvidia"):
+            sys.meta_path.insert(0, _QuietTensorFlowImport())
+    for _logger in (logging.get_absl_logger(), std_logging.getLogger("tensorflow")):
+        _logger.addFilter(_DropTensorFlowInfo())
 
 
 def _on_tpu_vm():
