@@ -17,6 +17,7 @@ import importlib.util
 import logging as std_logging
 import os
 import random
+import re
 import sys
 import time
 
@@ -200,6 +201,16 @@ class ProgressLogger:
         if force or now - self._last_log >= self.every_secs:
             self._last_log = now
             logging.info(self.line(**metrics))
+
+    # What `line` writes, found inside a log line whatever the logging prefix: "[name: ]done[/total]
+    # unit, rate unit/s..." (demo.py echoes these lines of each stage while it runs).
+    LINE_PATTERN = re.compile(r"(?:^|\] )((?:[^\s:\]][^:\]]*: )?\d+(?:/\d+)? \S+, [\d.]+ \S+/s(?:,.*)?)$")
+
+    @classmethod
+    def find_line(cls, text):
+        """The progress message in one line of a script's output, or None."""
+        match = cls.LINE_PATTERN.search(text.rstrip("\n"))
+        return match.group(1) if match else None
 
     def line(self, **metrics):
         rate = self.rate
