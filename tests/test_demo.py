@@ -183,3 +183,16 @@ def test_make_demo_data_after_make_demo_just_works_and_keeps_the_first(tmp_path,
     again = demo("--corpus=a.txt")
     assert "[pretrain] finished in an earlier run of this demo: reused" in again
     assert "everything is under demo_output_a" in again
+
+
+def test_make_install_shows_its_progress(tmp_path, repo_root):
+    """`make demo` / `make test` start with an install of several minutes: pip runs with its own
+    progress lines (never --quiet), each step announced."""
+    venv = tmp_path / "venv"
+    proc = subprocess.run(["make", "-n", "demo", f"VENV={venv}"], cwd=repo_root, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pip_lines = [line for line in proc.stdout.splitlines() if "pip install" in line]
+    assert len(pip_lines) == 2 and not any("--quiet" in line or " -q" in line for line in pip_lines)
+    assert "[install 1/2]" in proc.stdout and "[install 2/2]" in proc.stdout
+    assert f"{venv}/bin/python demo.py" in proc.stdout
