@@ -405,17 +405,15 @@ def run(o, runner, beam_args=(), log=print):
     elapsed = time.perf_counter() - start
     summary = json.loads(_read_bytes(_summary_name(tmp_names[0])))
     FileSystems.delete([_summary_name(tmp_names[0])])
-    for line in summary.pop("split_examples"):
-        log(f"create_pretraining_data: warning: long line split into several instances: {line}")
+    examples = summary.pop("split_examples")
+    if summary["split_lines"]:
+        log(cpd.split_lines_warning(summary["split_lines"], examples, o.max_seq_length))
     summary.update(outputs=outputs, seconds=round(elapsed, 2), skipped=False, runner=runner,
                    counters=_counters(result))
     bad = (f"; replaced {summary['replaced_chars']} invalid UTF-8 characters with U+FFFD "
            f"(first at {summary['first_replacement']})" if summary["replaced_chars"] else "")
-    log(f"create_pretraining_data: wrote {summary['instances']} instances from {summary['documents']} "
-        f"documents ({summary['tokens']} tokens, {summary['predictions']} predictions, "
-        f"{summary['empty_documents']} empty documents, {summary['split_lines']} long lines split) to "
-        f"{', '.join(outputs)} on {runner} in {elapsed:.1f}s "
-        f"({summary['input_mb'] / max(elapsed, 1e-9):.2f} MB of text/s){bad}")
+    log(cpd.summary_line(o, summary, f"on {runner} in {elapsed:.1f}s "
+                         f"({summary['input_mb'] / max(elapsed, 1e-9):.2f} MB of text/s){bad}"))
     return summary
 
 

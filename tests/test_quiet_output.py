@@ -1,0 +1,51 @@
+"""What a normal run prints: one line per fact, no noise from our tools or from the libraries we drive.
+
+The generator (local and Beam) and the transformers load of our exports.
+"""
+
+import pytest
+
+import create_pretraining_data as cpd
+from conftest import RESOURCES
+
+CORPUS = sorted(str(p) for p in (RESOURCES / "corpus").glob("*.txt"))
+VOCAB = str(RESOURCES / "vocab.txt")
+
+
+def _corpus_with_long_lines(tmp_path, count):
+    """A corpus whose lines 1, 3, 5, ... are each longer than a 64-token sequence."""
+    text = open(CORPUS[0], encoding="utf-8").read()
+    long_line = "".join(ch for ch in text if "\u4e00" <= ch <= "\u9fff")[:150]
+    path = tmp_path / "long.txt"
+    path.write_text("\n\n".join([long_line] * count) + "\n\n" + text, encoding="utf-8")
+    return path
+
+
+def _generate(tmp_path, path, **options):
+    lines = []
+    o = cpd.Options(input_file=str(path), output_file=str(tmp_path / "out.tfrecord"),
+                    vocab_file=VOCAB, max_seq_length=64, max_predictions_per_seq=10, dupe_factor=1,
+                    **options)
+    summary = cpd.generate(o, log=lines.append)
+    return summary, lines
+
+
+def test_long_lines_are_counted_in_one_warning_line(tmp_path):
+    path = _corpus_with_long_lines(tmp_path, 8)
+    summary, lines = _generate(tmp_path, path)
+    warnings = [line for line in lines if "warning" in line]
+    assert summary["split_lines"] == 8
+    assert len(warnings) == 1, lines
+    assert "8 input lines longer than a sequence (62 tokens) split" in warnings[0]
+    assert f"{path}:1 (" in warnings[0] and warnings[0].endswith(", ...")
+    assert "8 long lines split" in lines[-1]
+
+
+def test_dynamic_summary_says_masks_come_at_training_time(tmp_path):
+    summary, lines = _generate(tmp_path, CORPUS[0], dynamic_masking=True)
+    assert summary["predictions"] == 0  # the counter stays (sidecar, API); the line says why
+    assert "masks drawn at training time" in lines[-1] and "0 predictions" not in lines[-1]
+    (tmp_path / "s").mkdir()
+    static, lines = _generate(tmp_path / "s", CORPUS[0])
+    assert f"{static['predictions']} predictions" in lines[-1] and static["predictions"] > 0
+
