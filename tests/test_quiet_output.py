@@ -49,3 +49,26 @@ def test_dynamic_summary_says_masks_come_at_training_time(tmp_path):
     static, lines = _generate(tmp_path / "s", CORPUS[0])
     assert f"{static['predictions']} predictions" in lines[-1] and static["predictions"] > 0
 
+
+
+@pytest.mark.slow
+def test_a_normal_beam_run_prints_only_our_lines_and_each_workers_start_up(tmp_path, repo_root):
+    """DirectRunner with two worker processes. Left: the two lines each worker process prints while
+    it imports Beam, before any option of ours reaches it (apitools, "Logging handler created")."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("apache_beam")
+    proc = subprocess.run(
+        [sys.executable, "create_pretraining_data.py", "--runner=DirectRunner", "--num_workers=2",
+         f"--input_file={','.join(CORPUS[:2])}", f"--output_file={tmp_path / 'train.tfrecord'}",
+         f"--vocab_file={VOCAB}", "--max_seq_length=64", "--max_predictions_per_seq=8",
+         "--num_output_shards=2"],
+        cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    worker_start_up = ("WARNING:root:apitools not found", "INFO:__main__:Logging handler created.")
+    others = [line for line in lines if not line.startswith(("create_pretraining_data: ", *worker_start_up))]
+    assert others == [], "\n".join(others)
+    assert sum(line.startswith(worker_start_up) for line in lines) <= 4
+    assert proc.stdout.splitlines()[-1].startswith("create_pretraining_data: wrote ")
