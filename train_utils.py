@@ -189,13 +189,21 @@ class ProgressLogger:
         self._start_done = start
         self._start_time = time.perf_counter()
         self._last_log = self._start_time
+        self._first_update = None  # (done, time) after the first update
 
     @property
     def rate(self):
-        elapsed = time.perf_counter() - self._start_time
-        return (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
+        """Units per second since the first update (so start-up and compilation before it do not
+        count), or since the start while there has been only one."""
+        done, start = self._start_done, self._start_time
+        if self._first_update and self.done > self._first_update[0]:
+            done, start = self._first_update
+        elapsed = time.perf_counter() - start
+        return (self.done - done) / elapsed if elapsed > 0 else 0.0
 
     def update(self, n=1, force=False, **metrics):
+        if self._first_update is None:
+            self._first_update = (self.done + n, time.perf_counter())
         self.done += n
         now = time.perf_counter()
         if force or now - self._last_log >= self.every_secs:
