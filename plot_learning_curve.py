@@ -77,9 +77,9 @@ def thin_run_note(scalars):
     if key is None or len(scalars[key]) > 2:
         return None
     n = len(scalars[key])
-    return (f"only {n} logged point{'s' if n > 1 else ''}: run_pretraining.py logs once per host call "
-            "(--iterations_per_loop steps, at most ~30 s), fine-tuning once per epoch; train longer "
-            "or lower --iterations_per_loop for a curve")
+    return (f"only {n} logged point{'s' if n > 1 else ''}: run_pretraining.py writes one per "
+            "--iterations_per_loop steps (and one at each checkpoint), fine-tuning one per epoch; "
+            "train longer or lower --iterations_per_loop for a curve")
 
 
 def plot(scalars, output, title=""):
