@@ -191,8 +191,8 @@ def claim_output_dir(settings):
             if held == {} or held == settings:
                 break
             if n == 1:
-                print(f"[prepare] {show(out)} holds another demo (other data or settings); it is "
-                      "kept, this one goes to a new folder")
+                print(f"[prepare] {show(out)} holds another demo (other data or settings) or other "
+                      "files; it is kept, this one goes to a new folder")
     if _held_settings(out) == settings:
         print(f"[prepare] {show(out)} holds this demo already (same data and settings): its "
               "finished stages are reused; delete the folder to start over")

@@ -3,6 +3,8 @@
 The generator (local and Beam) and the transformers load of our exports.
 """
 
+import pathlib
+
 import pytest
 
 import create_pretraining_data as cpd
@@ -14,7 +16,7 @@ VOCAB = str(RESOURCES / "vocab.txt")
 
 def _corpus_with_long_lines(tmp_path, count):
     """A corpus whose lines 1, 3, 5, ... are each longer than a 64-token sequence."""
-    text = open(CORPUS[0], encoding="utf-8").read()
+    text = pathlib.Path(CORPUS[0]).read_text(encoding="utf-8")
     long_line = "".join(ch for ch in text if "\u4e00" <= ch <= "\u9fff")[:150]
     path = tmp_path / "long.txt"
     path.write_text("\n\n".join([long_line] * count) + "\n\n" + text, encoding="utf-8")

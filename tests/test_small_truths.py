@@ -2,6 +2,7 @@
 
 import glob
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ def test_every_script_our_code_names_exists():
             for p in glob.glob(str(REPO_ROOT / pattern))}
     missing = []
     for path in sorted(glob.glob(str(REPO_ROOT / "*.py"))):
-        text = open(path, encoding="utf-8").read()
+        text = pathlib.Path(path).read_text(encoding="utf-8")
         for name in re.findall(r"(?<![\w/.-])([A-Za-z_]\w*\.py)\b", text):
             if name not in here:
                 missing.append(f"{os.path.basename(path)} names {name}")
