@@ -3,6 +3,10 @@ r"""The whole pipeline in one command, on the embedded default data (or on your 
     python demo.py                          # `make demo` runs this after installing what it needs
     python demo.py --corpus=my_corpus.txt   # pretrain on your own text (Google's corpus format)
 
+Everything goes to demo_output/ (demo_output_my_corpus/ for --corpus=my_corpus.txt). A folder holding
+another demo is never written to; running the same demo again reuses the stages it finished. Each
+stage's progress lines are shown as they come; its whole output is in <folder>/logs/<stage>.log.
+
 Stages, each a real command of this toolkit (printed as it runs, so you can copy them):
   1. data      create_pretraining_data.py: whole-word-masked TFRecords from the corpus
   2. pretrain  run_pretraining.py: a tiny BERT (resources/bert_config_tiny.json), MLM only, + eval
