@@ -12,10 +12,15 @@ DATA ?=
 .PHONY: install demo test test-slow test-all bench
 
 # --system-site-packages reuses what the machine already has (nothing is installed outside .venv).
+# pip's own lines (Collecting / Downloading / Installing) are the progress: a first install takes
+# several minutes, so it is never run --quiet.
 $(VENV)/.installed: setup.py
 	@$(PYTHON) -m venv --system-site-packages $(VENV) || { echo "make: cannot create $(VENV): install Python's venv module (Debian/Ubuntu: apt install python3-venv)"; exit 1; }
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@echo "make: [install 1/2] $(TORCH) (CPU build) into $(VENV)"
+	$(PY) -m pip install "$(TORCH)"
+	@echo "make: [install 2/2] this project with extras [$(EXTRAS)] into $(VENV) (TensorFlow, transformers, ...: a few minutes the first time)"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	@echo "make: install complete ($(VENV)); later runs skip it"
 	@touch $@
 
 install: $(VENV)/.installed

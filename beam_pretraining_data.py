@@ -43,6 +43,19 @@ import time
 import uuid
 import zlib
 
+
+
+class _BeamImportNoise(logging.Filter):
+    """Beam's bigquery client says at import, on the root logger, that it cannot work without
+    apitools (a Google Cloud extra this pipeline never uses)."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("apitools not found")
+
+
+# Beam's INFO lines (import-time notes, job service chatter) would drown our own log lines.
+logging.getLogger("apache_beam").setLevel(logging.WARNING)
+logging.getLogger().addFilter(_BeamImportNoise())
 try:
     import apache_beam as beam
 except ImportError:  # run_script prints this as a one-line error
@@ -309,8 +322,12 @@ def pipeline_options(runner, beam_args, num_workers):
             raise UsageError(f"{arg}: Beam options are given as --beam_<option>=value")
         argv.append("--" + arg[len("--beam_"):])
     given = {a.split("=", 1)[0] for a in argv}
-    if "--default_sdk_harness_log_level" not in given:  # workers' INFO lines would drown our log
-        argv.append("--default_sdk_harness_log_level=WARNING")
+    if "--default_sdk_harness_log_level" not in given:
+        # Workers' INFO lines would drown our log; local workers' warnings are Beam's notes on its
+        # own set-up (no staging folder, runner-only options), each printed once per worker and
+        # again by the job service. Errors still show; DirectRunner's failures raise here anyway.
+        level = "ERROR" if _is_direct(runner) else "WARNING"
+        argv.append(f"--default_sdk_harness_log_level={level}")
     if _is_direct(runner) and num_workers > 1 and "--direct_num_workers" not in given:
         argv += [f"--direct_num_workers={num_workers}", "--direct_running_mode=multi_processing"]
         # Worker processes import our modules; make sure they find these, not another checkout's.
@@ -386,7 +403,6 @@ def run(o, runner, beam_args=(), log=print):
     pipeline = beam.Pipeline(runner=_direct_runner(options) if _is_direct(runner) else None, options=options)
     summary = build(pipeline, o, paths, shipped, vocab, settings, outputs, tmp_names)
     summary | "KeepSummary" >> beam.Map(_write_json, _summary_name(tmp_names[0]))
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
     # Local outputs: RecordOutputs checks the names and holds their locks for the whole run (it
     # writes nothing itself: the workers write and Finalize renames).
@@ -405,17 +421,15 @@ def run(o, runner, beam_args=(), log=print):
     elapsed = time.perf_counter() - start
     summary = json.loads(_read_bytes(_summary_name(tmp_names[0])))
     FileSystems.delete([_summary_name(tmp_names[0])])
-    for line in summary.pop("split_examples"):
-        log(f"create_pretraining_data: warning: long line split into several instances: {line}")
+    examples = summary.pop("split_examples")
+    if summary["split_lines"]:
+        log(cpd.split_lines_warning(summary["split_lines"], examples, o.max_seq_length))
     summary.update(outputs=outputs, seconds=round(elapsed, 2), skipped=False, runner=runner,
                    counters=_counters(result))
     bad = (f"; replaced {summary['replaced_chars']} invalid UTF-8 characters with U+FFFD "
            f"(first at {summary['first_replacement']})" if summary["replaced_chars"] else "")
-    log(f"create_pretraining_data: wrote {summary['instances']} instances from {summary['documents']} "
-        f"documents ({summary['tokens']} tokens, {summary['predictions']} predictions, "
-        f"{summary['empty_documents']} empty documents, {summary['split_lines']} long lines split) to "
-        f"{', '.join(outputs)} on {runner} in {elapsed:.1f}s "
-        f"({summary['input_mb'] / max(elapsed, 1e-9):.2f} MB of text/s){bad}")
+    log(cpd.summary_line(o, summary, f"on {runner} in {elapsed:.1f}s "
+                         f"({summary['input_mb'] / max(elapsed, 1e-9):.2f} MB of text/s){bad}"))
     return summary
 
 

@@ -4,7 +4,8 @@
 #   bash create_pretrain_data.sh START END [-j N] [-- extra create_pretraining_data.py flags]
 #
 # Input file i is $INPUT_DIR/$(printf "$INPUT_PATTERN" i), output $OUTPUT_DIR/$(printf "$OUTPUT_PATTERN" i),
-# log $LOG_DIR/<output name>.log (each run appends to it). Files whose output is already complete
+# log $LOG_DIR/<output name>.log (each run appends to it; the default $OUTPUT_DIR/.logs is hidden, so
+# --input_file='$OUTPUT_DIR/*' still means the records). Files whose output is already complete
 # (record + .meta.json written with the same settings) are skipped by create_pretraining_data.py itself,
 # so re-running after a crash only redoes what is missing. Exit status: 0 if every file succeeded or
 # was skipped, 1 if any failed, 2 for bad arguments.
@@ -12,16 +13,18 @@
 # Settings (environment variables, defaults in brackets):
 #   INPUT_DIR [./raw_text_data]          INPUT_PATTERN [news_zh_%d.txt]   (printf pattern, e.g. zhwiki_%02d.txt.xz)
 #   OUTPUT_DIR [./tf_records]            OUTPUT_PATTERN [news_zh_%d.tfrecord]
-#   LOG_DIR [$OUTPUT_DIR/logs]           PARALLEL [number of CPUs]  (files converted at the same time; -j N)
-#   VOCAB_FILE [resources/vocab.txt beside this script]   DO_LOWER_CASE [true]
+#   LOG_DIR [$OUTPUT_DIR/.logs]          PARALLEL [number of CPUs]  (files converted at the same time; -j N)
+#   VOCAB_FILE [resources/vocab.txt beside this script: the demo's 9,339-token vocab; give your model's,
+#              e.g. Google's 21,128-token chinese_L-12_H-768_A-12/vocab.txt]   DO_LOWER_CASE [true]
 #   MAX_SEQ_LENGTH [256]  MAX_PREDICTIONS_PER_SEQ [26]  MASKED_LM_PROB [0.10]  DUPE_FACTOR [5]
-#   SHORT_SEQ_PROB [0.1]  RANDOM_SEED [12345]  SEGMENTER [jieba]  WORKERS_PER_FILE [1]  PYTHON [python3]
+#   SHORT_SEQ_PROB [0.1]  RANDOM_SEED [12345]  SEGMENTER [jieba]  WORKERS_PER_FILE [1]
+#   PYTHON [the project's .venv/bin/python beside this script if there is one, else python3]
 #   DYNAMIC_MASKING [false]  (true: each instance once, unmasked; run_pretraining.py masks every epoch
 #                             afresh, DUPE_FACTOR is ignored)
 #
 # Example:
 #   INPUT_DIR=../shared/data/corpus/zhwiki INPUT_PATTERN=zhwiki_%02d.txt.xz OUTPUT_PATTERN=zhwiki_%02d.tfrecord \
-#     bash create_pretrain_data.sh 0 9 -j 4 -- --max_seq_length=128 --max_predictions_per_seq=20
+#     VOCAB_FILE=vocab.txt bash create_pretrain_data.sh 0 9 -j 4 -- --max_seq_length=128 --max_predictions_per_seq=20
 set -u -o pipefail
 
 usage() { sed -n '2,/^set -u/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -31,10 +34,14 @@ INPUT_DIR="${INPUT_DIR:-./raw_text_data}"
 INPUT_PATTERN="${INPUT_PATTERN:-news_zh_%d.txt}"
 OUTPUT_DIR="${OUTPUT_DIR:-./tf_records}"
 OUTPUT_PATTERN="${OUTPUT_PATTERN:-news_zh_%d.tfrecord}"
-LOG_DIR="${LOG_DIR:-$OUTPUT_DIR/logs}"
+LOG_DIR="${LOG_DIR:-$OUTPUT_DIR/.logs}"
 PARALLEL="${PARALLEL:-$(nproc 2>/dev/null || echo 2)}"
-VOCAB_FILE="${VOCAB_FILE:-$SCRIPT_DIR/resources/vocab.txt}"
-PYTHON="${PYTHON:-python3}"
+DEMO_VOCAB="$SCRIPT_DIR/resources/vocab.txt"
+VOCAB_FILE="${VOCAB_FILE:-$DEMO_VOCAB}"
+# The project's interpreter: a plain python3 outside the venv lacks absl, TensorFlow, jieba.
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$SCRIPT_DIR/.venv/bin/python" ]]; then PYTHON="$SCRIPT_DIR/.venv/bin/python"; else PYTHON=python3; fi
+fi
 
 positional=()
 extra=()
@@ -59,6 +66,18 @@ if ((START > END)); then
 fi
 if ! [[ "$PARALLEL" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: PARALLEL/-j must be a positive number, got '$PARALLEL'" >&2
+  exit 2
+fi
+if ! "$PYTHON" -c "import absl" 2>/dev/null; then
+  echo "error: $PYTHON cannot import absl: run 'make install' in $SCRIPT_DIR (it creates .venv, which this" \
+    "script then uses), or set PYTHON=<the python of an environment with this project installed>" >&2
+  exit 2
+fi
+for arg in "${extra[@]}"; do  # a --vocab_file after -- wins (the last flag does)
+  [[ "$arg" == --vocab_file=* ]] && VOCAB_FILE="${arg#--vocab_file=}"
+done
+if [[ "$VOCAB_FILE" != gs://* && ! -f "$VOCAB_FILE" ]]; then
+  echo "error: vocab file not found: $VOCAB_FILE (set VOCAB_FILE=...)" >&2
   exit 2
 fi
 mkdir -p "$OUTPUT_DIR" "$LOG_DIR" || { echo "error: cannot create $OUTPUT_DIR or $LOG_DIR" >&2; exit 2; }
@@ -91,7 +110,13 @@ convert() {  # convert INDEX: runs one file, records its exit status, prints one
   fi
 }
 
-echo "converting files $START..$END, $PARALLEL at a time; logs in $LOG_DIR"
+echo "converting files $START..$END, $PARALLEL at a time with $PYTHON; logs in $LOG_DIR"
+if [[ "$VOCAB_FILE" -ef "$DEMO_VOCAB" ]]; then
+  echo "vocab: $VOCAB_FILE, the demo's own $(wc -l <"$VOCAB_FILE")-token vocab; for a model with another" \
+    "vocab (Google's Chinese BERT: 21128 tokens) set VOCAB_FILE=its vocab.txt"
+else
+  echo "vocab: $VOCAB_FILE$([[ -f "$VOCAB_FILE" ]] && echo " ($(wc -l <"$VOCAB_FILE") tokens)")"
+fi
 for ((i = START; i <= END; i++)); do
   while (($(jobs -rp | wc -l) >= PARALLEL)); do
     wait -n 2>/dev/null || sleep 0.2

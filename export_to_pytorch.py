@@ -12,12 +12,18 @@ task and labels are read from it; --bert_config_file, --vocab_file, --task, --la
     transformers.pipeline("fill-mask" | "text-classification" | "token-classification", model="hf_lcqmc/")
 
 runs and gives our logits (transformers 4.x also has "question-answering"; transformers 5 removed
-that pipeline: use `AutoModelForQuestionAnswering`, or `answer.py` here, on a --task=qa export).
+that pipeline: use `AutoModelForQuestionAnswering`, or `answer_question.py` here, on a --task=qa export).
 
 Every export carries the model's pooler (`bert.pooler.dense.*`, which keras-hub's BertBackbone and
 transformers' BertModel need): trained for a classifier, inherited unchanged from the init checkpoint
 otherwise (Google's checkpoints carry a trained one), and for a model pretrained here (MLM only, no
-loss reaches it) an initialised, untrained one. `--pytorch_bin` also writes `pytorch_model.bin`
+loss reaches it) an initialised, untrained one. transformers 5's BertForMaskedLM, ...ForTokenClassification
+and ...ForQuestionAnswering have no pooler and, unlike transformers 4, list it as UNEXPECTED in a
+load report (a logging warning; `transformers.logging.set_verbosity_error()` hides it); the weights
+load the same. No layout avoids it: keras-hub reads the pooler under exactly that name from the
+same files (it follows model.safetensors.index.json when there is one, transformers prefers a lone
+model.safetensors), so leaving it out of what transformers reads would leave AutoModel/BertModel
+with a random pooler. `--pytorch_bin` also writes `pytorch_model.bin`
 (needs torch) as transformers 4 writes it: with the tied MLM decoder keys
 `cls.predictions.decoder.weight` (= the word embeddings) and `cls.predictions.decoder.bias`
 (= `cls.predictions.bias`), which UER-py's converter reads.

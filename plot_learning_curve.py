@@ -68,8 +68,27 @@ def find_series(scalars):
             "eval_accuracy": _find(scalars, ACCURACY_TAGS, runs=("eval",))}
 
 
+# Below this many points a series gets a marker on each point (a single point has no line to show).
+MARKERS_BELOW = 20
+
+
+def thin_run_note(scalars):
+    """A sentence saying why the curve is thin when the training loss has one or two points, else None."""
+    key = find_series(scalars)["loss"]
+    if key is None or len(scalars[key]) > 2:
+        return None
+    n = len(scalars[key])
+    return (f"only {n} logged point{'s' if n > 1 else ''}: run_pretraining.py writes one per "
+            "--iterations_per_loop steps (and one at each checkpoint), fine-tuning one per epoch; "
+            "train longer or lower --iterations_per_loop for a curve")
+
+
 def plot(scalars, output, title=""):
-    """Draws loss (+ learning rate on a twin axis) over MLM accuracy against step; writes `output`."""
+    """Draws loss (+ learning rate on a twin axis) over MLM accuracy against step; writes `output`.
+
+    Short series are drawn with a marker on every point, and a run with one or two points says so
+    on the figure (`thin_run_note`).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,16 +100,17 @@ def plot(scalars, output, title=""):
     if loss_key is None:
         raise ValueError(f"no loss scalar ({', '.join(LOSS_TAGS)}) among tags {sorted(scalars)}")
 
-    def draw(ax, key, style, color, label):
+    def draw(ax, key, style, color, label, markers=False):
         """Plots one scalar series if the run has it; returns whether it did."""
         if key:
             steps, values = zip(*scalars[key])
-            ax.plot(steps, values, style, color=color, label=label)
+            marker = "o" if markers or len(steps) < MARKERS_BELOW else None
+            ax.plot(steps, values, style, color=color, label=label, marker=marker)
         return bool(key)
 
     fig, (ax_loss, ax_acc) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
     draw(ax_loss, loss_key, "-", "tab:blue", "train MLM loss")
-    draw(ax_loss, eval_loss_key, "o-", "tab:orange", "eval MLM loss")
+    draw(ax_loss, eval_loss_key, "-", "tab:orange", "eval MLM loss", markers=True)
     ax_loss.set_ylabel("MLM loss")
     ax_loss.grid(alpha=0.3)
     handles, labels = ax_loss.get_legend_handles_labels()
@@ -103,7 +123,8 @@ def plot(scalars, output, title=""):
     ax_loss.legend(handles, labels, loc="upper right")
 
     has_train_accuracy = draw(ax_acc, accuracy_key, "-", "tab:green", "train MLM accuracy")
-    has_eval_accuracy = draw(ax_acc, eval_accuracy_key, "o-", "tab:red", "eval MLM accuracy")
+    has_eval_accuracy = draw(ax_acc, eval_accuracy_key, "-", "tab:red", "eval MLM accuracy",
+                             markers=True)
     ax_acc.set_ylabel("MLM accuracy")
     ax_acc.set_xlabel("step")
     ax_acc.grid(alpha=0.3)
@@ -111,7 +132,10 @@ def plot(scalars, output, title=""):
         ax_acc.legend(loc="lower right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    note = thin_run_note(scalars)
+    if note:
+        fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=7, wrap=True, color="tab:gray")
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     # Written beside and renamed: a killed run never leaves half a PNG under the name asked for.
     try:
@@ -162,9 +186,13 @@ def main(argv):
     fv = flags.FLAGS
     output = check_output(fv.output or os.path.join(fv.logdir, "learning_curve.png"))
     try:
-        path = plot(read_scalars(fv.logdir), output, fv.title)
+        scalars = read_scalars(fv.logdir)
+        path = plot(scalars, output, fv.title)
     except ValueError as e:
         raise train_utils.UsageError(str(e)) from None
+    note = thin_run_note(scalars)
+    if note:
+        print(f"plot_learning_curve.py: {note}")
     print(path)
 
 

@@ -543,6 +543,9 @@ def _parser(opts, files, training):
         seed=opts.seed, masked_lm_prob=opts.masked_lm_prob, training=training)
 
 
+HOST_CALL_SECONDS = 30.0  # longest a host call may run: progress shows at least this often
+
+
 def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
     step = int(trainer.optimizer.iterations.numpy())
     if step >= opts.num_train_steps:
@@ -552,10 +555,19 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
               else tf.summary.create_noop_writer())
     progress = train_utils.ProgressLogger(total=opts.num_train_steps, unit="steps", name="pretrain",
                                           start=step)
+    seconds_per_step = None  # measured on the last host call; unknown before the first
+    window = None  # the summary point being summed up
     while step < opts.num_train_steps:
-        # Host calls end on checkpoint boundaries, so saves happen exactly every N steps.
-        next_save = (step // opts.save_checkpoints_steps + 1) * opts.save_checkpoints_steps
-        n = min(steps_per_loop, opts.num_train_steps - step, next_save - step)
+        # One summary point per --iterations_per_loop steps; windows end on checkpoint boundaries,
+        # so saves happen exactly every N steps. A host call lasts at most ~HOST_CALL_SECONDS (one
+        # step first, while it compiles), so a slow device shows progress whatever the loop size;
+        # the points, the input stream and the updates do not depend on how calls are cut.
+        if window is None:
+            next_save = (step // opts.save_checkpoints_steps + 1) * opts.save_checkpoints_steps
+            window = dict(end=step + min(steps_per_loop, opts.num_train_steps - step, next_save - step),
+                          steps=0, seconds=0.0, loss=0.0, masked_lm_accuracy=0.0, grad_norm=0.0)
+        n = min(window["end"] - step,
+                1 if seconds_per_step is None else max(1, int(HOST_CALL_SECONDS / seconds_per_step)))
         start = time.perf_counter()
         try:
             means, learning_rate, ran, finite = trainer.train_loop(iterator, tf.constant(n))
@@ -565,21 +577,30 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
                                  f"{e.message.splitlines()[0]}") from None
             raise
         ran, elapsed = int(ran), time.perf_counter() - start
+        seconds_per_step = elapsed / max(ran, 1)
         if not bool(finite):
             last = manager.latest_checkpoint or "none written yet"
             raise TrainingDivergedError(
                 f"loss became NaN/inf at step {step + ran}; stopped without saving. Last good "
                 f"checkpoint: {last}. Lower --learning_rate or check the data, then rerun to resume.")
         step += ran
-        metrics = {k: float(v) for k, v in means.items()}
+        for name, value in means.items():
+            window[name] += float(value) * ran
+        window["steps"] += ran
+        window["seconds"] += elapsed
+        progress.update(ran, force=step >= opts.num_train_steps, loss=float(means["loss"]),
+                        acc=float(means["masked_lm_accuracy"]),
+                        seq_per_s=ran * opts.train_batch_size / elapsed)
+        if step < window["end"]:
+            continue
+        metrics = {name: window[name] / window["steps"] for name in means}
         metrics["learning_rate"] = float(learning_rate)
-        metrics["sequences_per_second"] = ran * opts.train_batch_size / elapsed
+        metrics["sequences_per_second"] = window["steps"] * opts.train_batch_size / window["seconds"]
+        window = None
         with writer.as_default(step=step):
             for name, value in metrics.items():
                 tf.summary.scalar(name, value)
         writer.flush()
-        progress.update(ran, force=step >= opts.num_train_steps, loss=metrics["loss"],
-                        acc=metrics["masked_lm_accuracy"], seq_per_s=metrics["sequences_per_second"])
         if step % opts.save_checkpoints_steps == 0 or step >= opts.num_train_steps:
             manager.save(checkpoint_number=step)
             logging.info("saved %s", manager.latest_checkpoint)

@@ -1,15 +1,23 @@
 """Small pieces every script shares: the command line, device strategy, progress lines, seeding.
 
-Import this module before TensorFlow: on machines without an NVIDIA GPU it hides the C++ lines
-TensorFlow prints while it loads (oneDNN, "Could not find cuda drivers", "failed call to cuInit"),
-which absl's logging flags cannot reach because they are written before logging starts.
+Import this module before TensorFlow. It keeps TensorFlow's own chatter out of our output:
+- on machines without an NVIDIA GPU, the C++ lines TensorFlow prints while it loads (oneDNN, "Could
+  not find cuda drivers", "failed call to cuInit"), which no logging setting reaches because they are
+  written before logging starts;
+- TensorFlow's C++ info and warning lines after that ("Compiled cluster using XLA!",
+  `dump_mlir_util.cc`, `tf_record_dataset_op.cc`): TF_CPP_MIN_LOG_LEVEL=2 unless you set it yourself
+  (its C++ runtime reads it once, so it must be set before TensorFlow loads); errors still show;
+- the INFO lines TensorFlow's Python code logs through absl ("Sharding callback duration").
+ROBERTA_ZH_TF_STARTUP_LOG=1 shows all of them.
 """
 
 import errno
 import importlib.abc
 import importlib.util
+import logging as std_logging
 import os
 import random
+import re
 import sys
 import time
 
@@ -53,9 +61,22 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if ("tensorflow" not in sys.modules and not os.environ.get("ROBERTA_ZH_TF_STARTUP_LOG")
-        and not os.path.exists("/proc/driver/nvidia")):
-    sys.meta_path.insert(0, _QuietTensorFlowImport())
+class _DropTensorFlowInfo:
+    """A logging filter: drops records below WARNING logged from TensorFlow's own Python code."""
+
+    _tf_dir = os.path.join(os.sep, "tensorflow", "python", "")
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or self._tf_dir not in record.pathname
+
+
+if not os.environ.get("ROBERTA_ZH_TF_STARTUP_LOG"):
+    if "tensorflow" not in sys.modules:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if not os.path.exists("/proc/driver/nvidia"):
+            sys.meta_path.insert(0, _QuietTensorFlowImport())
+    for _logger in (logging.get_absl_logger(), std_logging.getLogger("tensorflow")):
+        _logger.addFilter(_DropTensorFlowInfo())
 
 
 def _on_tpu_vm():
@@ -168,18 +189,36 @@ class ProgressLogger:
         self._start_done = start
         self._start_time = time.perf_counter()
         self._last_log = self._start_time
+        self._first_update = None  # (done, time) after the first update
 
     @property
     def rate(self):
-        elapsed = time.perf_counter() - self._start_time
-        return (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
+        """Units per second since the first update (so start-up and compilation before it do not
+        count), or since the start while there has been only one."""
+        done, start = self._start_done, self._start_time
+        if self._first_update and self.done > self._first_update[0]:
+            done, start = self._first_update
+        elapsed = time.perf_counter() - start
+        return (self.done - done) / elapsed if elapsed > 0 else 0.0
 
     def update(self, n=1, force=False, **metrics):
+        if self._first_update is None:
+            self._first_update = (self.done + n, time.perf_counter())
         self.done += n
         now = time.perf_counter()
         if force or now - self._last_log >= self.every_secs:
             self._last_log = now
             logging.info(self.line(**metrics))
+
+    # What `line` writes, found inside a log line whatever the logging prefix: "[name: ]done[/total]
+    # unit, rate unit/s..." (demo.py echoes these lines of each stage while it runs).
+    LINE_PATTERN = re.compile(r"(?:^|\] )((?:[^\s:\]][^:\]]*: )?\d+(?:/\d+)? \S+, [\d.]+ \S+/s(?:,.*)?)$")
+
+    @classmethod
+    def find_line(cls, text):
+        """The progress message in one line of a script's output, or None."""
+        match = cls.LINE_PATTERN.search(text.rstrip("\n"))
+        return match.group(1) if match else None
 
     def line(self, **metrics):
         rate = self.rate
