@@ -423,12 +423,12 @@ def run(o, runner, beam_args=(), log=print):
     FileSystems.delete([_summary_name(tmp_names[0])])
     examples = summary.pop("split_examples")
     if summary["split_lines"]:
-        log(cpd.split_lines_warning(summary["split_lines"], examples, o.max_seq_length))
+        log(instances.split_lines_warning(summary["split_lines"], examples, o.max_seq_length))
     summary.update(outputs=outputs, seconds=round(elapsed, 2), skipped=False, runner=runner,
                    counters=_counters(result))
     bad = (f"; replaced {summary['replaced_chars']} invalid UTF-8 characters with U+FFFD "
            f"(first at {summary['first_replacement']})" if summary["replaced_chars"] else "")
-    log(cpd.summary_line(o, summary, f"on {runner} in {elapsed:.1f}s "
+    log(instances.summary_line(o, summary, f"on {runner} in {elapsed:.1f}s "
                          f"({summary['input_mb'] / max(elapsed, 1e-9):.2f} MB of text/s){bad}"))
     return summary
 

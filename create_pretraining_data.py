@@ -165,32 +165,13 @@ def generate(o, log=print):
     elapsed = time.perf_counter() - start
     mb = reader.text_bytes / 1e6
     if split_lines:
-        log(split_lines_warning(len(split_lines), split_lines, o.max_seq_length))
+        log(instances.split_lines_warning(len(split_lines), split_lines, o.max_seq_length))
     summary = dict(totals, outputs=outputs, seconds=round(elapsed, 2), input_mb=round(mb, 3),
                    replaced_chars=reader.replaced_chars, split_lines=len(split_lines), skipped=False)
     bad = (f"; replaced {reader.replaced_chars} invalid UTF-8 characters with U+FFFD "
            f"(first at {reader.first_replacement})" if reader.replaced_chars else "")
-    log(summary_line(o, summary, f"in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.2f} MB of text/s){bad}"))
+    log(instances.summary_line(o, summary, f"in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.2f} MB of text/s){bad}"))
     return summary
-
-
-def split_lines_warning(count, examples, max_seq_length):
-    """The one warning line for input lines too long for one sequence (all counted, a few named)."""
-    named = ", ".join(examples[:3]) + (", ..." if count > 3 else "")
-    return (f"create_pretraining_data: warning: {count} input line{'s' if count > 1 else ''} longer "
-            f"than a sequence ({max_seq_length - 2} tokens) split at word boundaries into several "
-            f"instances, none dropped: {named}")
-
-
-def summary_line(o, totals, tail):
-    """The closing line of a run (local or Beam): what was written, then `tail` (where, how fast)."""
-    # Dynamic records hold no masks: training draws them, so there is no prediction count yet.
-    masks = ("masks drawn at training time" if o.dynamic_masking
-             else f"{totals['predictions']} predictions")
-    return (f"create_pretraining_data: wrote {totals['instances']} instances from "
-            f"{totals['documents']} documents ({totals['tokens']} tokens, {masks}, "
-            f"{totals['empty_documents']} empty documents, {totals['split_lines']} long lines split) "
-            f"to {', '.join(totals['outputs'])} {tail}")
 
 
 def define_flags(fv=flags.FLAGS):

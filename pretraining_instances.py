@@ -451,3 +451,22 @@ def check_produced(paths, docs_per_file, total_instances):
             raise UsageError(f"--input_file: {path} contains no text (only blank lines)")
     if total_instances == 0:
         raise UsageError("--input_file: no instance produced (every document was empty)")
+
+
+def split_lines_warning(count, examples, max_seq_length):
+    """The one warning line for input lines too long for one sequence (all counted, a few named)."""
+    named = ", ".join(examples[:3]) + (", ..." if count > 3 else "")
+    return (f"create_pretraining_data: warning: {count} input line{'s' if count > 1 else ''} longer "
+            f"than a sequence ({max_seq_length - 2} tokens) split at word boundaries into several "
+            f"instances, none dropped: {named}")
+
+
+def summary_line(o, totals, tail):
+    """The closing line of a run (local or Beam): what was written, then `tail` (where, how fast)."""
+    # Dynamic records hold no masks: training draws them, so there is no prediction count yet.
+    masks = ("masks drawn at training time" if o.dynamic_masking
+             else f"{totals['predictions']} predictions")
+    return (f"create_pretraining_data: wrote {totals['instances']} instances from "
+            f"{totals['documents']} documents ({totals['tokens']} tokens, {masks}, "
+            f"{totals['empty_documents']} empty documents, {totals['split_lines']} long lines split) "
+            f"to {', '.join(totals['outputs'])} {tail}")
