@@ -44,7 +44,8 @@ def worker(args):
     backend = keras.backend.backend()
     config = modeling.BertConfig(vocab_size=VOCAB, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                  num_attention_heads=args.hidden // 64, intermediate_size=4 * args.hidden,
-                                 max_position_embeddings=512)
+                                 max_position_embeddings=512, hidden_dropout_prob=args.dropout,
+                                 attention_probs_dropout_prob=args.dropout)
     keras.utils.set_random_seed(0)
     model = modeling.make_task_model(config, "mlm")
     batch = random_batch(args.batch)
@@ -102,7 +103,7 @@ _BLOCK_TF = "import sys; sys.modules['tensorflow'] = None; import runpy; sys.arg
 def run_backend(backend, args):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
     flags = ["--worker", f"--layers={args.layers}", f"--hidden={args.hidden}", f"--batch={args.batch}",
-             f"--steps={args.steps}"]
+             f"--steps={args.steps}", f"--dropout={args.dropout}"]
     command = [sys.executable, __file__, *flags]
     if backend == "jax":
         command = [sys.executable, "-c", _BLOCK_TF, __file__, *flags]
@@ -120,11 +121,13 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round, after compiling")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.1, help="0: what the dropout masks cost")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     print(f"L{args.layers}/H{args.hidden}, batch {args.batch}, seq 128, 20 masked positions, fp32, "
+          f"dropout {args.dropout}, "
           f"{args.steps} steps x {args.rounds} rounds; {os.cpu_count()} CPUs", flush=True)
     figures = {b: [] for b in BACKENDS}
     for r in range(args.rounds):
