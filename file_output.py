@@ -30,13 +30,63 @@ LOCK_SUFFIX = ".lock"
 
 
 def _gfile():
-    import tensorflow as tf
-    return tf.io.gfile
+    return import_tensorflow("a gs:// path").io.gfile
 
 
 def is_remote(path):
     """gs://, s3://, ram:// ... : read and written through tf.io.gfile."""
     return "://" in os.fspath(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading and listing: local paths through the standard library, remote ones through tf.io.gfile
+# ------------------------------------------------------------------------------------------------
+
+class LocalFiles:
+    """The tf.io.gfile calls our modules make, for local paths (no TensorFlow import: JAX machines)."""
+    exists, isdir, listdir, glob = os.path.exists, os.path.isdir, os.listdir, glob.glob
+    rmtree, remove = shutil.rmtree, os.remove
+
+    @staticmethod
+    def GFile(path, mode="r"):  # noqa: N802 (gfile's name)
+        return open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+    @staticmethod
+    def rename(src, dst, overwrite=False):
+        del overwrite  # os.replace always replaces, as every caller here wants
+        os.replace(src, dst)
+
+    @staticmethod
+    def makedirs(path):
+        os.makedirs(path, exist_ok=True)
+
+    @staticmethod
+    def copy(src, dst, overwrite=False):
+        del overwrite
+        shutil.copyfile(src, dst)
+
+
+def import_tensorflow(what):
+    """TensorFlow, for `what` (a path that needs it); without it (a JAX-only machine) a ValueError
+    naming the path rather than an ImportError from deep inside."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ValueError(f"{what}: reading it needs TensorFlow, which is not installed here") from None
+    return tf
+
+
+def fs(path):
+    """tf.io.gfile for a remote path (TensorFlow imported on first use), else LocalFiles."""
+    return import_tensorflow(path).io.gfile if is_remote(path) else LocalFiles
+
+
+def read_errors(path):
+    """The exceptions a failed read of `path` raises (TF's own for remote paths)."""
+    if is_remote(path):
+        tf = import_tensorflow(path)
+        return (OSError, tf.errors.NotFoundError, tf.errors.FailedPreconditionError)
+    return (OSError,)
 
 
 def hidden(path, suffix):
