@@ -307,3 +307,22 @@ def write_records(path, instances, vocab_file, max_seq_length, max_predictions_p
         {name: ("float32" if v.dtype == np.float32 else "int64", v.tolist()) for name, v in instance.items()})
         for instance in instances]
     return pretraining_records.write_records(path, serialized, meta)
+
+
+def scalars(output_dir):
+    """TensorBoard scalars -> {name: [(step, value), ...]} (sorted by step)."""
+    import tensorflow as tf
+    out = {}
+    for path in sorted(glob.glob(os.path.join(output_dir, "train", "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def checkpoint_weights(checkpoint_prefix):
+    """Model weights (Google names) of one of our checkpoints -> {name: array}."""
+    import tensorflow as tf
+    reader = tf.train.load_checkpoint(checkpoint_prefix)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith(("bert", "cls")) and "OPTIMIZER_SLOT" not in k}

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_export import LABELS, padded_batch, randomize, tiny_config
+from helpers import LABELS, padded_batch, randomize, tiny_config
 
 import modeling
 

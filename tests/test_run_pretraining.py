@@ -20,26 +20,7 @@ import pytest
 
 import helpers
 from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
-from helpers import PRED, SEQ, pretrain, pretraining_argv, pretraining_config, snapshot, write_json
-
-def _scalars(output_dir):
-    """TensorBoard scalars -> {name: [(step, value), ...]} (sorted by step)."""
-    import tensorflow as tf
-    out = {}
-    for path in sorted(glob.glob(os.path.join(output_dir, "train", "events.out.tfevents.*"))):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                out.setdefault(value.tag, []).append((event.step, float(tf.make_ndarray(value.tensor))))
-    return {k: sorted(v) for k, v in out.items()}
-
-
-def _weights(checkpoint_prefix):
-    """Model weights (Google names) of one of our checkpoints -> {name: array}."""
-    import tensorflow as tf
-    reader = tf.train.load_checkpoint(checkpoint_prefix)
-    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-            if k.startswith(("bert", "cls")) and "OPTIMIZER_SLOT" not in k}
-
+from helpers import PRED, SEQ, checkpoint_weights, pretrain, pretraining_argv, pretraining_config, scalars, snapshot, write_json
 
 @pytest.mark.slow
 # ------------------------------------------------------------------------------------------------
@@ -53,7 +34,7 @@ def test_training_lowers_mlm_loss_and_raises_accuracy(pretraining_data, tmp_path
                   "--iterations_per_loop=20", "--save_checkpoints_steps=60", "--learning_rate=3e-3",
                   "--num_warmup_steps=10", "--train_batch_size=32")
 
-    scalars = _scalars(out)
+    scalars = scalars(out)
     assert {"loss", "masked_lm_accuracy", "learning_rate", "grad_norm",
             "sequences_per_second"} <= set(scalars)
     assert [s for s, _ in scalars["loss"]] == [20, 40, 60, 80, 100]
@@ -95,7 +76,7 @@ def test_masked_positions_line_up_with_their_labels(pretraining_data, tmp_path):
     pretrain(pretraining_data, out, f"--input_file={copy}", "--do_train", "--num_train_steps=60",
          "--iterations_per_loop=20", "--save_checkpoints_steps=60", "--learning_rate=3e-3",
          "--num_warmup_steps=10", "--train_batch_size=32")
-    accuracies = [v for _, v in _scalars(out)["masked_lm_accuracy"]]
+    accuracies = [v for _, v in scalars(out)["masked_lm_accuracy"]]
     # Misaligned labels would stay at the ~0.04 token-frequency plateau of real text.
     assert accuracies[-1] > 0.25, accuracies
 
@@ -112,7 +93,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(pretraining_data, tmp_p
               "--save_checkpoints_steps=3", f"--optimizer={optimizer}", f"--jit_compile={jit}"]
     pretrain(pretraining_data, tmp_path / "large", *common)
     pretrain(pretraining_data, tmp_path / "micro", *common, "--gradient_accumulation_steps=4")  # 4 x 4 sequences
-    large, micro = _weights(str(tmp_path / "large" / "ckpt-3")), _weights(str(tmp_path / "micro" / "ckpt-3"))
+    large, micro = checkpoint_weights(str(tmp_path / "large" / "ckpt-3")), checkpoint_weights(str(tmp_path / "micro" / "ckpt-3"))
     initial = _weights_of_fresh_model(pretraining_data, str(tmp_path / "initial"))
     assert large.keys() == micro.keys() == initial.keys() and len(large) > 10
     for name in large:
@@ -120,7 +101,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(pretraining_data, tmp_p
         if "pooler" not in name:  # the pooler is not trained by the masked-LM loss (modeling.py)
             assert np.abs(large[name] - initial[name]).max() > 0, f"{name} did not move"
     # Same schedule position, same losses: the schedule counts updates, not micro-batches.
-    a, b = _scalars(str(tmp_path / "large")), _scalars(str(tmp_path / "micro"))
+    a, b = scalars(str(tmp_path / "large")), scalars(str(tmp_path / "micro"))
     np.testing.assert_allclose([v for _, v in b["loss"]], [v for _, v in a["loss"]], rtol=1e-5)
     np.testing.assert_allclose([v for _, v in b["grad_norm"]], [v for _, v in a["grad_norm"]],
                                rtol=1e-4)
@@ -168,7 +149,7 @@ def _weights_of_fresh_model(pretraining_data, prefix):
     train_utils.set_seed(12345)  # run_pretraining's default --seed
     model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig.from_json_file(
         pretraining_data["config"])))
-    return _weights(modeling.make_checkpoint(model).write(prefix))
+    return checkpoint_weights(modeling.make_checkpoint(model).write(prefix))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +167,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
     import run_pretraining, test_run_pretraining as t
     opts = run_pretraining.parse_flags(json.loads(sys.argv[2]))
     evaluation = run_pretraining.run(opts)
-    scalars = t._scalars(opts.output_dir)
+    scalars = t.scalars(opts.output_dir)
     print("RESULT " + json.dumps({"loss": scalars["loss"], "grad_norm": scalars["grad_norm"],
                                   "eval": evaluation}))
 """)
@@ -211,7 +192,7 @@ def test_mirrored_two_cpus_with_accumulation_matches_one_device(pretraining_data
                 "--gradient_accumulation_steps=2")
     import run_pretraining  # in-process: the one-device reference
     reference_eval = run_pretraining.run(run_pretraining.parse_flags(one))
-    reference = _scalars(str(tmp_path / "one"))
+    reference = scalars(str(tmp_path / "one"))
     mirrored, log = _run_in_two_cpu_process(two)
     assert "2 replica(s)" in log and "2 accumulation steps" in log
     # XLA cannot touch mirrored variables on CPU devices: only loss and gradients are compiled there.
@@ -224,7 +205,7 @@ def test_mirrored_two_cpus_with_accumulation_matches_one_device(pretraining_data
     assert mirrored["eval"]["global_step"] == reference_eval["global_step"] == 6
     for key in ("masked_lm_loss", "masked_lm_accuracy"):
         assert mirrored["eval"][key] == pytest.approx(reference_eval[key], rel=1e-4, abs=1e-6)
-    a, b = _weights(str(tmp_path / "one" / "ckpt-6")), _weights(str(tmp_path / "two" / "ckpt-6"))
+    a, b = checkpoint_weights(str(tmp_path / "one" / "ckpt-6")), checkpoint_weights(str(tmp_path / "two" / "ckpt-6"))
     assert a.keys() == b.keys() and len(a) > 10
     for name in a:
         np.testing.assert_allclose(b[name], a[name], atol=2e-5, err_msg=name)
@@ -287,8 +268,8 @@ def test_sigkilled_mirrored_run_resumes_to_the_same_weights_as_an_uninterrupted_
     assert rerun_steps[0] == resumed_from + 1 and rerun_steps[-1] == 10
     # ... and read exactly the batches (and dropout masks) the uninterrupted run read: a repeated
     # or skipped batch would move the weights far more than this.
-    resumed = _weights(os.path.join(killed, "ckpt-10"))
-    reference = _weights(str(tmp_path / "uninterrupted" / "ckpt-10"))
+    resumed = checkpoint_weights(os.path.join(killed, "ckpt-10"))
+    reference = checkpoint_weights(str(tmp_path / "uninterrupted" / "ckpt-10"))
     assert resumed.keys() == reference.keys()
     for name in reference:
         np.testing.assert_allclose(resumed[name], reference[name], atol=1e-6, err_msg=name)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from test_export import randomize, run_export, tiny_config, write_vocab
+from helpers import randomize, run_export, tiny_config, write_vocab
 
 import convert_checkpoint
 import export_to_pytorch
