@@ -230,11 +230,18 @@ def input_state(opts, files, num_pipelines):
 def check_resume_input(output_dir, state):
     """UsageError if a run resumed in output_dir would read a different stream than before."""
     path = os.path.join(output_dir, INPUT_STATE)
-    if not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as f:
-        before = json.load(f)
     advice = ("to train on, start a new --output_dir with --init_checkpoint=" + output_dir)
+    if not tf.io.gfile.exists(path):  # the batch size, records and seed of the run are unknown
+        raise UsageError(f"{path} is missing, but {output_dir} holds checkpoints to resume: without it "
+                         "the input position (batch size, records, seed) cannot be checked; put the "
+                         f"file back, or {advice}")
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            before = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is unreadable ({e}); put the file back, or {advice}") from None
+    if not isinstance(before, dict):
+        raise UsageError(f"{path}: expected a JSON object; put the file back, or {advice}")
     if before.get("train_batch_size") != state["train_batch_size"]:
         raise UsageError(f"--train_batch_size={state['train_batch_size']}, but {output_dir} was "
                          f"trained with {before.get('train_batch_size')}: resume with the same "

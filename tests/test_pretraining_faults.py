@@ -198,3 +198,102 @@ def test_run_folder_takes_the_vocab_the_records_sidecar_names(data, tmp_path):  
          "--jit_compile=false")
     with open(os.path.join(out, "vocab.txt"), "rb") as a, open(vocab, "rb") as b:
         assert a.read() == b.read()
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20: the input-state file, flags the records ignore, corrupt records read unchecked
+# ------------------------------------------------------------------------------------------------
+
+def test_resume_without_the_input_state_file_is_refused_never_a_silent_batch_change(data, trained,  # noqa: F811
+                                                                                     tmp_path):
+    out = _copy(trained, tmp_path)
+    os.remove(os.path.join(out, "pretraining_input.json"))
+    for batch in ("--train_batch_size=32", "--train_batch_size=16"):  # another batch size, or the same
+        _fails(data, out, r"run/pretraining_input.json is missing, but .*run holds checkpoints to resume: "
+                          r".*put the file back, or to train on, start a new --output_dir", batch)
+
+
+def test_masked_lm_prob_with_static_records_is_refused_not_ignored(data, tmp_path):  # noqa: F811
+    import run_pretraining
+    out = str(tmp_path / "run")
+    with pytest.raises(run_pretraining.UsageError, match=r"--masked_lm_prob=0.2 would be ignored: .*train"
+                                                         r"\.tfrecord holds static records, masked when written"):
+        _run(data, out, "--do_train", "--num_train_steps=2", "--masked_lm_prob=0.2")
+    assert not os.path.exists(out)
+
+
+def _corrupt_copy(data, tmp_path):  # noqa: F811
+    """The train records with one byte flipped in the second half (record 0 stays readable)."""
+    path = str(tmp_path / "bad.tfrecord")
+    shutil.copy(data["train"], path)
+    shutil.copy(data["train"] + ".meta.json", path + ".meta.json")
+    with open(path, "r+b") as f:
+        size = f.seek(0, 2)
+        f.seek(size * 2 // 3)
+        byte = f.read(1)
+        f.seek(size * 2 // 3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["--do_train", "--do_eval"])
+def test_corrupt_records_read_without_the_check_are_one_line(data, tmp_path, mode):  # noqa: F811
+    import run_pretraining
+    path = _corrupt_copy(data, tmp_path)
+    out = str(tmp_path / "run")
+    extra = (["--num_train_steps=40", "--iterations_per_loop=40", "--save_checkpoints_steps=40"]
+             if mode == "--do_train" else ["--init_checkpoint=" + _fresh_checkpoint(data, tmp_path)])
+    message = (r"bad input record .*bad\.tfrecord: corrupt or truncated TFRecord file \(corrupted record at "
+               r"\d+\) \(read with --check_input_files=false")
+    with pytest.raises(run_pretraining.UsageError, match=message) as error:
+        _run(data, out, mode, f"--input_file={path}", f"--eval_input_file={path}", "--check_input_files=false",
+             "--jit_compile=false", "--max_eval_steps=100", *extra)
+    assert "\n" not in str(error.value)
+
+
+def _fresh_checkpoint(data, tmp_path):  # noqa: F811
+    out = str(tmp_path / "init")
+    _run(data, out, "--do_train", "--num_train_steps=1", "--num_warmup_steps=0", "--jit_compile=false")
+    return out
+
+
+@pytest.fixture(scope="module")
+def unmasked(tmp_path_factory):
+    """Records masked at training time (--dynamic_masking) from the embedded corpus and vocab."""
+    import create_pretraining_data as cpd
+    from conftest import RESOURCES
+    root = tmp_path_factory.mktemp("unmasked")
+    vocab = str(RESOURCES / "vocab.txt")
+    corpus = sorted(str(p) for p in (RESOURCES / "corpus").glob("*.txt"))[0]
+    path = str(root / "train.tfrecord")
+    cpd.generate(cpd.Options(input_file=corpus, output_file=path, vocab_file=vocab, max_seq_length=64,
+                             max_predictions_per_seq=10, dupe_factor=1, random_seed=7, dynamic_masking=True),
+                 log=lambda line: None)
+    with open(vocab, encoding="utf-8") as f:
+        vocab_size = sum(1 for _ in f)
+    return path, vocab_size
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mask_id", "SIZE", r"mask_id=\d+ is not a token id of the model \(vocab_size \d+ of --bert_config_file\)"),
+    ("sep_id", -1, r"sep_id=-1 is not a token id of the model"),
+    ("ordinary_ids", "RANGE", r"ordinary_ids holds id \d+, outside the model's vocab_size \d+"),
+])
+def test_sidecar_ids_that_do_not_fit_the_model_vocab_are_refused_before_training(data, unmasked, tmp_path,  # noqa: F811
+                                                                                  key, value, message):
+    """A hand-edited or foreign sidecar: today a GatherV2 traceback in the first training loop."""
+    import run_pretraining
+    from test_run_pretraining import _config, _write_json
+    source, vocab_size = unmasked
+    path = str(tmp_path / "train.tfrecord")
+    shutil.copy(source, path)
+    with open(source + ".meta.json", encoding="utf-8") as f:
+        meta = json.load(f)
+    meta[key] = {"SIZE": vocab_size, "RANGE": f"{meta['ordinary_ids']},{vocab_size}-{vocab_size + 9}"}.get(value, value)
+    _write_json(path + ".meta.json", meta)
+    config = _write_json(tmp_path / "config.json", _config(vocab_size))
+    out = str(tmp_path / "run")
+    with pytest.raises(run_pretraining.UsageError, match=r"train\.tfrecord\.meta\.json: " + message):
+        _run(data, out, "--do_train", "--num_train_steps=2", f"--input_file={path}", f"--eval_input_file={path}",
+             "--jit_compile=false", config=config)
+    assert not os.path.exists(out)
