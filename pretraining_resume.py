@@ -306,6 +306,23 @@ def vocab_and_casing(opts, files):
     return vocab_file, lower
 
 
+def save_checkpoint(manager, step):
+    """manager.save(checkpoint_number=step); a save that fails (a full disk) leaves no ckpt-N_temp/.
+
+    TF writes a checkpoint into `ckpt-N_temp/` and then merges it into ckpt-N.*; the error goes on
+    up (run_script prints a full disk as one line), the folder keeps only whole checkpoints."""
+    try:
+        return manager.save(checkpoint_number=step)
+    except BaseException:
+        partial = f"{manager._checkpoint_prefix}-{step}_temp"  # noqa: SLF001 -- TF's own naming of the prefix
+        if tf.io.gfile.isdir(partial):
+            try:
+                tf.io.gfile.rmtree(partial)
+            except tf.errors.OpError as e:  # the save's own error is the one to report
+                logging.warning("could not remove %s (%s); the next run removes it", partial, e.message)
+        raise
+
+
 def remove_partial_saves(output_dir):
     """Deletes `ckpt-N_temp/` folders: what a kill during a save leaves (TF writes a checkpoint
     there, then renames it into ckpt-N.*). They are never a checkpoint TF would restore."""

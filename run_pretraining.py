@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
+import model_folder
 import modeling
 import optimization
 import pretraining_records
@@ -496,6 +497,7 @@ def run(opts):
         counts[path] = info.meta.get("num_instances") or resume.count_records(path)
     _check_kind_flags(opts, train_files, eval_files)
     _check_output_dir(opts.output_dir, config)
+    model_folder.check_writable(opts.output_dir)  # a read-only file system: named before any work
     resume_from = (resume.latest_checkpoint(opts.output_dir) if tf.io.gfile.isdir(opts.output_dir)
                    else None)
     if opts.do_train:
@@ -614,7 +616,7 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
         progress.update(ran, force=step >= opts.num_train_steps, loss=metrics["loss"],
                         acc=metrics["masked_lm_accuracy"], seq_per_s=metrics["sequences_per_second"])
         if step % opts.save_checkpoints_steps == 0 or step >= opts.num_train_steps:
-            manager.save(checkpoint_number=step)
+            resume.save_checkpoint(manager, step)  # a failed save leaves no ckpt-N_temp/
             logging.info("saved %s", manager.latest_checkpoint)
 
 
