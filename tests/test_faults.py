@@ -250,3 +250,60 @@ def test_predicting_from_a_pretraining_folder_alone_is_refused(tmp_path):
         run_classifier.run(_opts(task_name="lcqmc_pair", data_dir=str(tmp_path / "data"), init_checkpoint=ckpt,
                                  output_dir=str(tmp_path / "out"), max_seq_length=16, do_predict=True))
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Beam path (issue 20): an unknown runner or option, a full disk in a worker
+# ---------------------------------------------------------------------------------------------------
+
+def _beam_options(tmp_path):
+    return cpd.Options(input_file=str(CORPUS), output_file=str(tmp_path / "out.tfrecord"), vocab_file=str(VOCAB),
+                       max_seq_length=64, max_predictions_per_seq=10, dupe_factor=1, progress_every_secs=1e9)
+
+
+@pytest.mark.parametrize("runner, args, message", [
+    ("NoSuchRunner", [], r"--runner=NoSuchRunner: Unexpected pipeline runner: NoSuchRunner\. Valid values are "),
+    ("DirectRunner", ["--beam_direct_num_wrkers=2"], r"--beam_direct_num_wrkers: not an option of Beam's"),
+])
+def test_beam_refuses_an_unknown_runner_or_option_before_anything_is_written(tmp_path, runner, args, message):
+    """An unknown runner was a ValueError traceback; an unknown option was dropped with exit 0."""
+    pytest.importorskip("apache_beam")
+    import beam_pretraining_data
+    (tmp_path / "out.tfrecord").write_bytes(b"earlier records")
+    before = _tree(tmp_path)
+    with pytest.raises(UsageError, match=message) as error:
+        beam_pretraining_data.run(_beam_options(tmp_path), runner, args, log=lambda _: None)
+    assert "\n" not in str(error.value)
+    assert _tree(tmp_path) == before
+
+
+def test_beam_full_disk_in_a_worker_is_one_line_with_no_traceback_and_no_temp_files(tmp_path, monkeypatch,
+                                                                                     caplog):
+    """WriteShard's file write fails with ENOSPC halfway (injected at Beam's FileSystems.create, the
+    one way the workers write; the in-process DirectRunner runs them here)."""
+    pytest.importorskip("apache_beam")
+    from apache_beam.io.filesystems import FileSystems
+
+    import beam_pretraining_data
+    real_create = FileSystems.create
+
+    def create(path, *args, **kwargs):
+        f = real_create(path, *args, **kwargs)
+        if ".tmp-beam-" in path and not path.endswith(".json"):
+            write = f.write
+
+            def write_then_fail(data):
+                write(data[:100])
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            f.write = write_then_fail
+        return f
+
+    monkeypatch.setattr(FileSystems, "create", staticmethod(create))
+    (tmp_path / "out.tfrecord").write_bytes(b"earlier records")
+    before = _tree(tmp_path)
+    with pytest.raises(UsageError, match=r"--output_file: cannot write .*out\.tfrecord: No space left on device; "
+                                         r"nothing was replaced") as error:
+        beam_pretraining_data.run(_beam_options(tmp_path), "DirectRunner", log=lambda _: None)
+    assert "\n" not in str(error.value)
+    assert _tree(tmp_path) == before  # the earlier output, and no .out.tfrecord.tmp-beam-* left
+    assert not [r for r in caplog.records if r.name.startswith("apache_beam") and r.levelno >= 40]
