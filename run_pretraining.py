@@ -406,10 +406,11 @@ def _check_kind_flags(opts, train_files, eval_files):
     written, so --masked_lm_prob would change nothing (unless it repeats what made them)."""
     if not opts["masked_lm_prob"].present:
         return
-    for files, flag in ((train_files, "--input_file"), (eval_files, "--eval_input_file")):
-        info = pretraining_records.read_info(files, flag) if files else None
-        if info is None or info.kind != pretraining_records.STATIC:
-            continue
+    infos = [(files, pretraining_records.read_info(files, flag)) for files, flag in
+             ((train_files, "--input_file"), (eval_files, "--eval_input_file")) if files]
+    if any(info.kind != pretraining_records.STATIC for _, info in infos):
+        return  # records masked at training time use it
+    for files, info in infos:
         made = info.meta.get("masked_lm_prob")
         if made is None or not math.isclose(made, opts.masked_lm_prob):
             raise UsageError(f"--masked_lm_prob={opts.masked_lm_prob} would be ignored: {files[0]} holds "
