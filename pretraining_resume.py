@@ -10,6 +10,7 @@ start over it.
 
 import hashlib
 import json
+import math
 import os
 import re
 
@@ -20,6 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 import model_folder
+import modeling
 import pretraining_records
 
 UsageError = train_utils.UsageError
@@ -207,6 +209,40 @@ def restore(checkpoint, prefix):
                          f"its files ({prefix}.index, {data}) are damaged or not this model's: "
                          "point the `checkpoint` state file at an older ckpt-N, or use a new "
                          "--output_dir") from None
+
+
+def check_kind_flags(opts, train_files, eval_files):
+    """A flag the records' kind ignores is refused, not dropped: static records were masked when
+    written, so --masked_lm_prob would change nothing (unless it repeats what made them)."""
+    if not opts["masked_lm_prob"].present:
+        return
+    infos = [(files, pretraining_records.read_info(files, flag)) for files, flag in
+             ((train_files, "--input_file"), (eval_files, "--eval_input_file")) if files]
+    if any(info.kind != pretraining_records.STATIC for _, info in infos):
+        return  # records masked at training time use it
+    for files, info in infos:
+        made = info.meta.get("masked_lm_prob")
+        if made is None or not math.isclose(made, opts.masked_lm_prob):
+            raise UsageError(f"--masked_lm_prob={opts.masked_lm_prob} would be ignored: {files[0]} holds "
+                             f"static records, masked when written (masked_lm_prob={made}); drop the flag, "
+                             "or make records masked at training time (create_pretraining_data.py "
+                             "--dynamic_masking)")
+
+
+def bad_records_error(opts, patterns, where, error):
+    """-> the UsageError for a record that failed to read mid-run (--check_input_files=false):
+    a full scan of the files, the check that flag skipped, names the file and the record."""
+    cause = next((line.strip() for line in error.message.splitlines()[1:]
+                  if line.strip() and not line.startswith(("Detected at", "<stack", "\t"))), error.message)
+    vocab_size = modeling.BertConfig.from_json_file(opts.bert_config_file).vocab_size
+    try:
+        for path in pretraining_records.record_files(patterns):
+            pretraining_records.check_records(path, opts.max_seq_length, opts.max_predictions_per_seq,
+                                              vocab_size, full_scan=True)
+    except UsageError as found:
+        cause = str(found)
+    skipped = " (read with --check_input_files=false: the default checks every record before step 1)"
+    return UsageError(f"bad input record {where}: {cause}{skipped if not opts.check_input_files else ''}")
 
 
 def _fingerprint(path):

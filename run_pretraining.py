@@ -401,40 +401,6 @@ def check_flags(opts):
             raise UsageError(f"--{e}") from None
 
 
-def _check_kind_flags(opts, train_files, eval_files):
-    """A flag the records' kind ignores is refused, not dropped: static records were masked when
-    written, so --masked_lm_prob would change nothing (unless it repeats what made them)."""
-    if not opts["masked_lm_prob"].present:
-        return
-    infos = [(files, pretraining_records.read_info(files, flag)) for files, flag in
-             ((train_files, "--input_file"), (eval_files, "--eval_input_file")) if files]
-    if any(info.kind != pretraining_records.STATIC for _, info in infos):
-        return  # records masked at training time use it
-    for files, info in infos:
-        made = info.meta.get("masked_lm_prob")
-        if made is None or not math.isclose(made, opts.masked_lm_prob):
-            raise UsageError(f"--masked_lm_prob={opts.masked_lm_prob} would be ignored: {files[0]} holds "
-                             f"static records, masked when written (masked_lm_prob={made}); drop the flag, "
-                             "or make records masked at training time (create_pretraining_data.py "
-                             "--dynamic_masking)")
-
-
-def _bad_records(opts, patterns, where, error):
-    """-> the UsageError for a record that failed to read mid-run (--check_input_files=false):
-    a full scan of the files, the check that flag skipped, names the file and the record."""
-    cause = next((line.strip() for line in error.message.splitlines()[1:]
-                  if line.strip() and not line.startswith(("Detected at", "<stack", "\t"))), error.message)
-    vocab_size = load_config(opts.bert_config_file).vocab_size
-    try:
-        for path in pretraining_records.record_files(patterns):
-            pretraining_records.check_records(path, opts.max_seq_length, opts.max_predictions_per_seq,
-                                              vocab_size, full_scan=True)
-    except UsageError as found:
-        cause = str(found)
-    skipped = " (read with --check_input_files=false: the default checks every record before step 1)"
-    return UsageError(f"bad input record {where}: {cause}{skipped if not opts.check_input_files else ''}")
-
-
 def _check_output_dir(output_dir, config):
     """UsageError if output_dir is not a folder or holds a run of a different model (never overwrite it)."""
     if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
@@ -496,7 +462,7 @@ def run(opts):
                                                  opts.max_predictions_per_seq, config.vocab_size,
                                                  full_scan=opts.check_input_files)
         counts[path] = info.meta.get("num_instances") or resume.count_records(path)
-    _check_kind_flags(opts, train_files, eval_files)
+    resume.check_kind_flags(opts, train_files, eval_files)
     _check_output_dir(opts.output_dir, config)
     model_folder.check_writable(opts.output_dir)  # a read-only file system: named before any work
     resume_from = (resume.latest_checkpoint(opts.output_dir) if tf.io.gfile.isdir(opts.output_dir)
@@ -598,7 +564,7 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
             means, learning_rate, ran, finite = trainer.train_loop(iterator, tf.constant(n))
         except tf.errors.OpError as e:
             if isinstance(e, tf.errors.DataLossError) or "Key: " in e.message:  # not our records
-                raise _bad_records(opts, opts.input_file, f"near step {step}", e) from None
+                raise resume.bad_records_error(opts, opts.input_file, f"near step {step}", e) from None
             raise
         ran, elapsed = int(ran), time.perf_counter() - start
         if not bool(finite):
@@ -636,8 +602,11 @@ def _evaluate(opts, trainer, files, counts, num_workers):
     for i in range(steps):
         try:
             sums += trainer.eval_step(iterator).numpy()
-        except tf.errors.DataLossError as e:
-            raise _bad_records(opts, opts.eval_input_file or opts.input_file, f"in eval batch {i}", e) from None
+        except tf.errors.OpError as e:
+            if isinstance(e, tf.errors.DataLossError) or "Key: " in e.message:  # as in _train
+                raise resume.bad_records_error(opts, opts.eval_input_file or opts.input_file,
+                                               f"in eval batch {i}", e) from None
+            raise
     loss = sums[0] / (sums[2] + _EPSILON)
     result = {"masked_lm_loss": float(loss),
               "masked_lm_accuracy": float(sums[1] / (sums[2] + _EPSILON)),
