@@ -21,7 +21,12 @@ the cross-script probe that no other test file pins. Where each class is tested:
 - killed runs: test_create_pretraining_data.py (generator, slow), test_run_pretraining.py and
   test_dynamic_masking.py (pretraining), test_export.py (export), test_beam.py (Finalize retried).
 - this file: outputs that are the vocab or the user dictionary, a full disk, pipes and folders
-  given as files, plot outputs, and the cases routed to their owners (strict xfail until fixed).
+  given as files, plot outputs, and the cases routed to their owners (strict xfail until fixed);
+  the Beam path's unknown runner or option and a full disk in a worker (issue 20).
+- output folders on a read-only file system (pretraining, resume, export, import), a save that fails
+  on a full disk, a resume without its input-state file, a flag the record kind ignores, sidecar ids
+  outside the model's vocab, corrupt records read with --check_input_files=false (issue 20):
+  test_pretraining_faults.py.
 """
 
 import errno
