@@ -276,8 +276,8 @@ def unmasked(tmp_path_factory):
     ("sep_id", -1, r"sep_id=-1 is not a token id of the model"),
     ("ordinary_ids", "RANGE", r"ordinary_ids holds id \d+, outside the model's vocab_size \d+"),
 ])
-def test_sidecar_ids_that_do_not_fit_the_model_vocab_are_refused_before_training(data, unmasked, tmp_path,  # noqa: F811
-                                                                                  key, value, message):
+def test_sidecar_ids_that_do_not_fit_the_model_vocab_are_refused_before_training(  # noqa: F811
+        data, unmasked, tmp_path, key, value, message):  # noqa: F811
     """A hand-edited or foreign sidecar: today a GatherV2 traceback in the first training loop."""
     import run_pretraining
     from test_run_pretraining import _config, _write_json
@@ -286,7 +286,8 @@ def test_sidecar_ids_that_do_not_fit_the_model_vocab_are_refused_before_training
     shutil.copy(source, path)
     with open(source + ".meta.json", encoding="utf-8") as f:
         meta = json.load(f)
-    meta[key] = {"SIZE": vocab_size, "RANGE": f"{meta['ordinary_ids']},{vocab_size}-{vocab_size + 9}"}.get(value, value)
+    beyond = f"{meta['ordinary_ids']},{vocab_size}-{vocab_size + 9}"  # ten ids past the vocab
+    meta[key] = {"SIZE": vocab_size, "RANGE": beyond}.get(value, value)
     _write_json(path + ".meta.json", meta)
     config = _write_json(tmp_path / "config.json", _config(vocab_size))
     out = str(tmp_path / "run")
