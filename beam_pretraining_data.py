@@ -321,6 +321,11 @@ def pipeline_options(runner, beam_args, num_workers):
         if not arg.startswith("--beam_"):
             raise UsageError(f"{arg}: Beam options are given as --beam_<option>=value")
         argv.append("--" + arg[len("--beam_"):])
+    try:  # an unknown runner: Beam's own list of valid names, in one line
+        from apache_beam.runners import runner as beam_runner
+        beam_runner.create_runner(runner)
+    except (ValueError, ImportError) as e:
+        raise UsageError(f"--runner={runner}: {str(e).splitlines()[0]}") from None
     given = {a.split("=", 1)[0] for a in argv}
     if "--default_sdk_harness_log_level" not in given:
         # Workers' INFO lines would drown our log; local workers' warnings are Beam's notes on its
@@ -334,7 +339,22 @@ def pipeline_options(runner, beam_args, num_workers):
         here = os.path.dirname(os.path.abspath(__file__))
         rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
         os.environ["PYTHONPATH"] = os.pathsep.join([here] + rest)
-    return PipelineOptions(argv)
+    options = PipelineOptions(argv)
+    # Beam drops an option no registered PipelineOptions class defines (a typo, or an option of a
+    # runner whose extra is not installed) with a warning; the run would go on without it.
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)  # its "Discarding unparseable args" line: ours says it better
+    try:
+        known = options.get_all_options(retain_unknown_options=False)
+        unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(known))
+    finally:
+        beam_log.setLevel(level)
+    if unknown:
+        raise UsageError(f"--beam_{unknown[0]}: not an option of Beam's (or of an installed runner's) "
+                         f"PipelineOptions, so Beam would drop it; check the name (--beam_<option>=value "
+                         "passes --<option>=value to Beam)")
+    return options
 
 
 def _resolve_inputs(spec):
@@ -408,15 +428,21 @@ def run(o, runner, beam_args=(), log=print):
     # writes nothing itself: the workers write and Finalize renames).
     local = not any(map(file_output.is_remote, outputs))
     start = time.perf_counter()
+    held = _HeldErrors()
     with records.RecordOutputs(outputs, inputs=paths + instances.side_inputs(o)) if local \
-            else contextlib.nullcontext():
-        result = pipeline.run()
+            else contextlib.nullcontext(), held:
         try:
+            result = pipeline.run()
             result.wait_until_finish()
         except Exception as e:  # noqa: BLE001 -- runners wrap a stage's UsageError in their own types
+            _remove_temp_files(tmp_names)
             found = re.search(r"UsageError: (.+?)(?: \[while running .*)?$", str(e), re.M)
             if found:
                 raise UsageError(found.group(1)) from None
+            if "No space left on device" in str(e):  # a worker's write (OSError, or its runner's copy)
+                raise UsageError(f"--output_file: cannot write {', '.join(outputs)}: No space left on "
+                                 "device; nothing was replaced") from None
+            held.release()  # not ours to name: Beam's own account of the failing stage goes first
             raise
     elapsed = time.perf_counter() - start
     summary = json.loads(_read_bytes(_summary_name(tmp_names[0])))
@@ -431,6 +457,42 @@ def run(o, runner, beam_args=(), log=print):
     log(instances.summary_line(o, summary, f"on {runner} in {elapsed:.1f}s "
                          f"({summary['input_mb'] / max(elapsed, 1e-9):.2f} MB of text/s){bad}"))
     return summary
+
+
+class _HeldErrors:
+    """While the pipeline runs, holds the ERROR records Beam logs for a failing stage (a full
+    traceback) instead of printing them before our one-line error; `release()` logs them after all
+    when the failure is not one we can name."""
+
+    def __init__(self):
+        self.records = []
+
+    def filter(self, record):
+        if record.name.startswith("apache_beam") and record.levelno >= logging.ERROR:
+            self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self):
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self)
+
+    def release(self):
+        self.__exit__()
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+
+
+def _remove_temp_files(tmp_names):
+    """What a failed run's workers wrote: the shards' temporary files and the summary."""
+    names = list(tmp_names) + [_summary_name(tmp_names[0])]
+    with contextlib.suppress(Exception):  # noqa: BLE001 -- best effort: the run's own error is the one to report
+        FileSystems.delete([n for n in names if FileSystems.exists(n)])
 
 
 def _counters(result):

@@ -404,8 +404,9 @@ def _approximate_gelu_config(model, config):
     approx = modeling.BertConfig.from_dict(dict(config.to_dict(), hidden_act="gelu"))
     twin = modeling.build_model(modeling.BertPretrainer(approx))
     exact_table = {w.google_name: w.variable for w in modeling.name_table(model)}
-    for w in modeling.name_table(twin):
-        w.variable.assign(exact_table[w.google_name])
+    for w in modeling.name_table(twin):  # the encoder's weights (a task head has none of the MLM's)
+        if w.google_name.startswith("bert/"):
+            w.variable.assign(exact_table[w.google_name])
     seq = min(64, config.max_position_embeddings)
     batch = {"input_ids": tf.random.stateless_uniform([2, seq], [1, 2], 0, config.vocab_size, tf.int32)}
     diff = tf.reduce_max(tf.abs(model.bert(batch)["sequence_output"] - twin.bert(batch)["sequence_output"]))
@@ -441,16 +442,21 @@ def load_model(path, task, bert_config_file=None, vocab_file=None, flag="--check
 # ----------------------------------------------------------------------------------------------
 
 
-def hf_to_tf2(input_dir, output_dir, task=None, overwrite=False, vocab_file=None):
+def hf_to_tf2(input_dir, output_dir, task=None, overwrite=False, vocab_file=None, labels=None):
     """HuggingFace/UER folder -> our checkpoint folder (usable as --init_checkpoint).
 
     vocab_file: needed only when the folder has neither vocab.txt nor tokenizer.json.
+    labels: names for the head's outputs in id order; they replace config.json's id2label (a model
+    fine-tuned in transformers without id2label has only LABEL_0, LABEL_1, ...).
     """
     file_output.check_output_dir(output_dir, overwrite, sources=[input_dir])
     folder = HFFolder(input_dir, vocab_file)
     if task and task != folder.task:
         raise ValueError(f"{folder.config_path}: holds a {folder.task} model "
                          f"({folder.hf_config.get('architectures')}), not --task={task}")
+    if labels:
+        check_labels_fit(labels, folder.task, folder.labels, folder.config_path)
+        folder.labels = list(labels)
     model = modeling.make_task_model(folder.config, folder.task, len(folder.labels) if folder.labels else None)
     assign_from_hf(model, folder)
     with file_output.atomic_output_dir(output_dir, overwrite, sources=[input_dir]) as tmp:
@@ -458,6 +464,15 @@ def hf_to_tf2(input_dir, output_dir, task=None, overwrite=False, vocab_file=None
                             do_lower_case=folder.do_lower_case)
     logging.info("Wrote %s (%s, %d tensors)", output_dir, folder.task, len(modeling.name_table(model)))
     return output_dir
+
+
+def check_labels_fit(labels, task, known, where):
+    """--labels must name every output of a classifier/ner head; other heads have no labels."""
+    if task not in ("classifier", "ner"):
+        raise ValueError(f"--labels: {where} holds a {task} model, which has no labels")
+    if known and len(labels) != len(known):
+        raise ValueError(f"--labels names {len(labels)} labels but {where} has {len(known)} "
+                         f"({','.join(known)})")
 
 
 def _google_task(prefix, task):
@@ -485,6 +500,8 @@ def google_to_tf2(prefix, bert_config_file, vocab_file, output_dir, task=None, l
     if not os.path.exists(prefix + ".index"):
         raise ValueError(f"--input={prefix}: no TF1 checkpoint there (expected {prefix}.index)")
     task, num_labels = _google_task(prefix, task)
+    if labels and task not in ("classifier", "ner"):
+        raise ValueError(f"--labels: {prefix} holds a {task} model, which has no labels")
     if labels and num_labels and len(labels) != num_labels:
         raise ValueError(f"--labels has {len(labels)} labels, {prefix} has {num_labels} outputs")
     if task in ("classifier", "ner") and not labels:
@@ -567,13 +584,15 @@ def define_flags(fv=flags.FLAGS):
 def run(fv):
     """Runs the conversion the flags ask for; returns --output_dir."""
     if fv.mode == "hf_to_tf2":
-        return hf_to_tf2(fv.input, fv.output_dir, fv.task, fv.overwrite, fv.vocab_file)
+        return hf_to_tf2(fv.input, fv.output_dir, fv.task, fv.overwrite, fv.vocab_file, parse_labels(fv.labels))
     found = model_folder.resolve(fv.input, fv.bert_config_file, fv.vocab_file, flag="--input")
     labels = parse_labels(fv.labels) or found.labels
     if fv.mode == "google_to_tf2":  # the number of labels is in the checkpoint
         return google_to_tf2(found.checkpoint, found.bert_config_file, found.vocab_file, fv.output_dir,
                              fv.task, labels, fv.overwrite, found.do_lower_case)
     task = fv.task or found.task or "mlm"
+    if fv.labels:  # explicit names win over the folder's, but must fit its head
+        check_labels_fit(labels, task, found.labels if task == found.task else None, fv.input)
     if task in ("classifier", "ner") and not labels:
         raise train_utils.UsageError(f"--task={task} needs --labels: {fv.input} does not list them")
     return tf2_to_google(found.checkpoint, found.bert_config_file, found.vocab_file, fv.output_dir,

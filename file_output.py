@@ -155,9 +155,35 @@ def atomic_write(path, data):
 # One folder: a temp folder beside the target, renamed at the end
 # ------------------------------------------------------------------------------------------------
 
+def check_writable(folder, flag="--output_dir", beside=False):
+    """UsageError naming `flag` unless `folder` can be written, before any work: a read-only file
+    system (or a folder without write permission) would otherwise fail deep in the first save.
+
+    The folder checked is `folder` or, while it does not exist, the nearest one above it (where it
+    would be created); with `beside`, its parent (atomic_output_dir writes a temp folder there).
+    Remote paths (gs://) are left to the first write.
+    """
+    if is_remote(folder):
+        return
+    target = os.path.abspath(folder)
+    path = os.path.dirname(target) if beside else target
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or os.access(path, os.W_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
+    where = "" if path == target else f" (where {folder} would be written)"
+    raise UsageError(f"{flag}={folder}: {path} {why}{where}; choose another {flag}")
+
+
 def check_output_dir(output_dir, overwrite=False, sources=()):
-    """Fails early (before any work) if `output_dir` holds something and `overwrite` is off, or if
-    replacing it would delete one of `sources` (the model being converted). ValueError."""
+    """Fails early (before any work) if `output_dir` holds something and `overwrite` is off, if
+    replacing it would delete one of `sources` (the model being converted) (ValueError), or if it
+    cannot be written, e.g. on a read-only file system (UsageError)."""
     remote = is_remote(output_dir)
     real = (lambda p: p.rstrip("/")) if remote else os.path.realpath
     out = real(output_dir)
@@ -166,15 +192,14 @@ def check_output_dir(output_dir, overwrite=False, sources=()):
         if src == out or src.startswith(out.rstrip("/" if remote else os.sep) + "/"):
             raise ValueError(f"--output_dir={output_dir} holds the input {source}; writing there "
                              f"would replace it: choose another --output_dir")
-    fs = _gfile() if remote else None
-    exists, isdir, listdir = ((fs.exists, fs.isdir, fs.listdir) if remote
-                              else (os.path.exists, os.path.isdir, os.listdir))
-    if exists(output_dir):
-        if not isdir(output_dir):
+    files = fs(output_dir)
+    if files.exists(output_dir):
+        if not files.isdir(output_dir):
             raise ValueError(f"--output_dir={output_dir} is an existing file, not a folder")
-        if listdir(output_dir) and not overwrite:
+        if files.listdir(output_dir) and not overwrite:
             raise ValueError(f"--output_dir={output_dir} already exists and is not empty; "
                              f"pass --overwrite to replace it")
+    check_writable(output_dir, beside=True)
 
 
 def _pid_alive(pid):

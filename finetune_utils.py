@@ -417,11 +417,16 @@ def load_config(path):
 
 def choose_labels(opts, task, train, resolved):
     """The label names in id order: a training run takes the task's (or --labels, or the train
-    file's); evaluating or predicting takes the model folder's, which fixed the head's order."""
-    if opts.do_train or not resolved.labels:
+    file's); evaluating or predicting takes the model folder's, which fixed the head's order, unless
+    --labels names them (a model fine-tuned elsewhere may call them LABEL_0, LABEL_1, ...)."""
+    explicit = "labels" in opts and opts["labels"].value
+    if opts.do_train or explicit or not resolved.labels:
         labels = task.label_list(train)
     else:
         labels = list(resolved.labels)
+    if explicit and resolved.labels and not opts.do_train and len(labels) != len(resolved.labels):
+        raise UsageError(f"--labels={opts['labels'].value} names {len(labels)} labels but the model "
+                         f"folder's head has {len(resolved.labels)} ({','.join(resolved.labels)})")
     if task.kind != "qa" and not labels:
         raise UsageError("no label list: pass --labels, or --init_checkpoint a fine-tuned model folder")
     if labels and len(set(labels)) != len(labels):

@@ -430,6 +430,8 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
             if key in meta and meta[key] != want:
                 raise UsageError(f"{path}: records have {key}={meta[key]} (from {meta_path}) but "
                                  f"{source} is {want}")
+        if kind == UNMASKED:
+            check_masking_ids(meta, meta_path, vocab_size)
     else:
         from absl import logging
         logging.warning("%s has no %s sidecar; checking its records only", path, SIDECAR_SUFFIX)
@@ -647,6 +649,26 @@ def _parse_id_ranges(text, where):
     if not ids:
         raise UsageError(f"{where}: ordinary_ids is empty")
     return ids
+
+
+def check_masking_ids(meta, where, vocab_size):
+    """The ids training masks with ([CLS], [SEP], [MASK], the replacement pool) must be < vocab_size
+    of the model: a sidecar from another vocab would fail deep in the first training step."""
+    missing = [k for k in ("cls_id", "sep_id", "mask_id", "ordinary_ids") if k not in meta]
+    if missing:
+        raise UsageError(f"{where}: sidecar lacks {', '.join(missing)} (needed to mask unmasked "
+                         "records); regenerate the records")
+    for key in ("cls_id", "sep_id", "mask_id"):
+        if not isinstance(meta[key], int) or not 0 <= meta[key] < vocab_size:
+            raise UsageError(f"{where}: {key}={meta[key]!r} is not a token id of the model (vocab_size "
+                             f"{vocab_size} of --bert_config_file); records made with another vocab? "
+                             "regenerate them with the model's vocab")
+    pool = _parse_id_ranges(meta["ordinary_ids"], where)
+    if min(pool) < 0 or max(pool) >= vocab_size:
+        bad = max(pool) if max(pool) >= vocab_size else min(pool)
+        raise UsageError(f"{where}: ordinary_ids holds id {bad}, outside the model's vocab_size {vocab_size} "
+                         "(of --bert_config_file); records made with another vocab? regenerate them "
+                         "with the model's vocab")
 
 
 def _bytes_feature(payload):

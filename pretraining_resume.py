@@ -10,6 +10,7 @@ start over it.
 
 import hashlib
 import json
+import math
 import os
 import re
 
@@ -21,6 +22,7 @@ from absl import logging
 
 import file_output
 import model_folder
+import modeling
 import pretraining_records
 
 UsageError = train_utils.UsageError
@@ -153,6 +155,40 @@ def restore(checkpoint, prefix):
                          "--output_dir") from None
 
 
+def check_kind_flags(opts, train_files, eval_files):
+    """A flag the records' kind ignores is refused, not dropped: static records were masked when
+    written, so --masked_lm_prob would change nothing (unless it repeats what made them)."""
+    if not opts["masked_lm_prob"].present:
+        return
+    infos = [(files, pretraining_records.read_info(files, flag)) for files, flag in
+             ((train_files, "--input_file"), (eval_files, "--eval_input_file")) if files]
+    if any(info.kind != pretraining_records.STATIC for _, info in infos):
+        return  # records masked at training time use it
+    for files, info in infos:
+        made = info.meta.get("masked_lm_prob")
+        if made is None or not math.isclose(made, opts.masked_lm_prob):
+            raise UsageError(f"--masked_lm_prob={opts.masked_lm_prob} would be ignored: {files[0]} holds "
+                             f"static records, masked when written (masked_lm_prob={made}); drop the flag, "
+                             "or make records masked at training time (create_pretraining_data.py "
+                             "--dynamic_masking)")
+
+
+def bad_records_error(opts, patterns, where, error):
+    """-> the UsageError for a record that failed to read mid-run (--check_input_files=false):
+    a full scan of the files, the check that flag skipped, names the file and the record."""
+    cause = next((line.strip() for line in error.message.splitlines()[1:]
+                  if line.strip() and not line.startswith(("Detected at", "<stack", "\t"))), error.message)
+    vocab_size = modeling.BertConfig.from_json_file(opts.bert_config_file).vocab_size
+    try:
+        for path in pretraining_records.record_files(patterns):
+            pretraining_records.check_records(path, opts.max_seq_length, opts.max_predictions_per_seq,
+                                              vocab_size, full_scan=True)
+    except UsageError as found:
+        cause = str(found)
+    skipped = " (read with --check_input_files=false: the default checks every record before step 1)"
+    return UsageError(f"bad input record {where}: {cause}{skipped if not opts.check_input_files else ''}")
+
+
 def _fingerprint(path):
     """Identity of one record file: its name and size, and its sidecar's sha256 when it has one."""
     entry = {"file": os.path.basename(path), "bytes": tf.io.gfile.stat(path).length}
@@ -174,11 +210,18 @@ def input_state(opts, files, num_pipelines):
 def check_resume_input(output_dir, state):
     """UsageError if a run resumed in output_dir would read a different stream than before."""
     path = os.path.join(output_dir, INPUT_STATE)
-    if not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as f:
-        before = json.load(f)
     advice = ("to train on, start a new --output_dir with --init_checkpoint=" + output_dir)
+    if not tf.io.gfile.exists(path):  # the batch size, records and seed of the run are unknown
+        raise UsageError(f"{path} is missing, but {output_dir} holds checkpoints to resume: without it "
+                         "the input position (batch size, records, seed) cannot be checked; put the "
+                         f"file back, or {advice}")
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            before = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is unreadable ({e}); put the file back, or {advice}") from None
+    if not isinstance(before, dict):
+        raise UsageError(f"{path}: expected a JSON object; put the file back, or {advice}")
     if before.get("train_batch_size") != state["train_batch_size"]:
         raise UsageError(f"--train_batch_size={state['train_batch_size']}, but {output_dir} was "
                          f"trained with {before.get('train_batch_size')}: resume with the same "
@@ -241,6 +284,23 @@ def vocab_and_casing(opts, files):
         raise UsageError(f"--do_lower_case={lower}, but the records were made with "
                          f"do_lower_case={sorted(cased)[0]} (see their .meta.json)")
     return vocab_file, lower
+
+
+def save_checkpoint(manager, step):
+    """manager.save(checkpoint_number=step); a save that fails (a full disk) leaves no ckpt-N_temp/.
+
+    TF writes a checkpoint into `ckpt-N_temp/` and then merges it into ckpt-N.*; the error goes on
+    up (run_script prints a full disk as one line), the folder keeps only whole checkpoints."""
+    try:
+        return manager.save(checkpoint_number=step)
+    except BaseException:
+        partial = f"{manager._checkpoint_prefix}-{step}_temp"  # noqa: SLF001 -- TF's own naming of the prefix
+        if tf.io.gfile.isdir(partial):
+            try:
+                tf.io.gfile.rmtree(partial)
+            except tf.errors.OpError as e:  # the save's own error is the one to report
+                logging.warning("could not remove %s (%s); the next run removes it", partial, e.message)
+        raise
 
 
 def remove_partial_saves(output_dir):

@@ -103,7 +103,8 @@ def define_flags(fv=flags.FLAGS):
         flags.DEFINE_string("label_column", "", "Column of the label.", flag_values=fv)
         flags.DEFINE_string("has_header", "", "true/false; default: the task's.", flag_values=fv)
         flags.DEFINE_string("labels", "", "Comma-separated labels in id order; default: the task's or "
-                            "the train file's.", flag_values=fv)
+                            "the train file's, and without --do_train the model folder's (--labels "
+                            "renames them, e.g. transformers' LABEL_0,LABEL_1).", flag_values=fv)
         flags.DEFINE_string("tfds_name", None, "Read train/dev/test from this TensorFlow Datasets "
                             "dataset (e.g. xnli) instead of files.", flag_values=fv)
         flags.DEFINE_string("tfds_splits", "train,validation,test", "TFDS splits used as train,dev,test.",
@@ -377,7 +378,13 @@ class ClassifierTask(finetune_utils.Task):
         for split in ("train", "dev"):
             for ex in data.get(split, ()):
                 if ex.label not in known:
-                    raise UsageError(f"{ex.where}: unknown label {ex.label!r} (known: {', '.join(self.labels)})")
+                    hint = ""
+                    if all(label == f"LABEL_{i}" for i, label in enumerate(self.labels)):
+                        # transformers' placeholder names: a model fine-tuned there without id2label
+                        hint = ("; the model folder has transformers' placeholder names: pass --labels "
+                                "with the real names in id order")
+                    raise UsageError(f"{ex.where}: unknown label {ex.label!r} "
+                                     f"(known: {', '.join(self.labels)}){hint}")
         self.label_map = {label: i for i, label in enumerate(self.labels)}
         counts = Counter(ex.label for ex in data.get("train") or data.get("dev", ()))
         self.majority = counts.most_common(1)[0][0] if counts else None

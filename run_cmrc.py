@@ -112,7 +112,7 @@ def read_squad(path, split="train"):
 class WindowInfo:
     example: int  # index into the examples
     doc_offset: int  # position of the first context token in the sequence
-    spans: list  # [(char_start, char_end)] of the window's context tokens
+    spans: list  # [(char_start, char_end)] of the whole word each of the window's context tokens is in
     max_context: list  # [bool] per context token: is this its max-context window
 
 
@@ -128,7 +128,9 @@ def convert_examples(examples, tokenizer, opts, training):
         if training and ex.answer_start < 0:
             continue
         q_tokens = tokenizer.tokenize(ex.question)[:opts.max_query_length]
-        c_tokens, c_spans = finetune_utils.tokenize_with_offsets(tokenizer, ex.context)
+        # Answers are cut at word spans: a span starting at "##xon" in "Nexon" gives "Nexon", as
+        # transformers' QA pipeline does; training targets cover the answer's own tokens (c_spans).
+        c_tokens, c_spans, word_spans = tokenizer.tokenize_with_word_spans(ex.context)
         window = opts.max_seq_length - len(q_tokens) - 3
         windows = finetune_utils.doc_windows(len(c_tokens), window, opts.doc_stride)
         if training:  # tokens overlapping the answer's characters
@@ -141,7 +143,7 @@ def convert_examples(examples, tokenizer, opts, training):
             segments = [0] * (len(q_tokens) + 2) + [1] * (length + 1)
             rows.append((tokenizer.convert_tokens_to_ids(tokens), segments))
             doc_offset = len(q_tokens) + 2
-            infos.append(WindowInfo(i, doc_offset, c_spans[start:start + length],
+            infos.append(WindowInfo(i, doc_offset, word_spans[start:start + length],
                                     [finetune_utils.max_context_window(windows, p) == w
                                      for p in range(start, start + length)]))
             if training:
@@ -158,7 +160,8 @@ def best_answers(examples, infos, start_logits, end_logits, n_best_size, max_ans
 
     start_logits, end_logits: [F, S]. Candidates: the n_best starts x n_best ends of each window that
     lie in the context, with the start in its max-context window, end >= start and at most
-    max_answer_length tokens; score = start + end logit. Returns {qid: answer text} ("" if none).
+    max_answer_length tokens; score = start + end logit. The text runs from the start of the start
+    token's word to the end of the end token's word. Returns {qid: answer text} ("" if none).
     """
     best = {}  # example index -> (score, text)
     for f, info in enumerate(infos):

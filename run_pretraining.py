@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags, logging
 
+import file_output
 import modeling
 import optimization
 import pretraining_records
@@ -461,7 +462,9 @@ def run(opts):
                                                  opts.max_predictions_per_seq, config.vocab_size,
                                                  full_scan=opts.check_input_files)
         counts[path] = info.meta.get("num_instances") or resume.count_records(path)
+    resume.check_kind_flags(opts, train_files, eval_files)
     _check_output_dir(opts.output_dir, config)
+    file_output.check_writable(opts.output_dir)  # a read-only file system: named before any work
     resume_from = (resume.latest_checkpoint(opts.output_dir) if tf.io.gfile.isdir(opts.output_dir)
                    else None)
     if opts.do_train:
@@ -573,8 +576,7 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
             means, learning_rate, ran, finite = trainer.train_loop(iterator, tf.constant(n))
         except tf.errors.OpError as e:
             if isinstance(e, tf.errors.DataLossError) or "Key: " in e.message:  # not our records
-                raise UsageError(f"bad input record near step {step}: "
-                                 f"{e.message.splitlines()[0]}") from None
+                raise resume.bad_records_error(opts, opts.input_file, f"near step {step}", e) from None
             raise
         ran, elapsed = int(ran), time.perf_counter() - start
         seconds_per_step = elapsed / max(ran, 1)
@@ -602,7 +604,7 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
                 tf.summary.scalar(name, value)
         writer.flush()
         if step % opts.save_checkpoints_steps == 0 or step >= opts.num_train_steps:
-            manager.save(checkpoint_number=step)
+            resume.save_checkpoint(manager, step)  # a failed save leaves no ckpt-N_temp/
             logging.info("saved %s", manager.latest_checkpoint)
 
 
@@ -618,8 +620,14 @@ def _evaluate(opts, trainer, files, counts, num_workers):
         resume.eval_dataset_fn(files, counts, per_replica, steps,
                                _parser(opts, files, training=False))))
     sums = np.zeros(3)
-    for _ in range(steps):
-        sums += trainer.eval_step(iterator).numpy()
+    for i in range(steps):
+        try:
+            sums += trainer.eval_step(iterator).numpy()
+        except tf.errors.OpError as e:
+            if isinstance(e, tf.errors.DataLossError) or "Key: " in e.message:  # as in _train
+                raise resume.bad_records_error(opts, opts.eval_input_file or opts.input_file,
+                                               f"in eval batch {i}", e) from None
+            raise
     loss = sums[0] / (sums[2] + _EPSILON)
     result = {"masked_lm_loss": float(loss),
               "masked_lm_accuracy": float(sums[1] / (sums[2] + _EPSILON)),

@@ -184,6 +184,22 @@ class FullTokenizer:
         ids, starts, ends, _ = self.encode_with_spans(convert_to_unicode(text))
         return self.convert_ids_to_tokens(ids.tolist()), list(zip(starts.tolist(), ends.tolist()))
 
+    def tokenize_with_word_spans(self, text):
+        """`tokenize_with_offsets(text)` plus, for each token, the span of the whole word it is a piece
+        of: ("Nexon" -> ne ##xon: both pieces get (0, 5)). Words are what BasicTokenizer splits (each
+        CJK character and punctuation mark alone, other runs at whitespace), as transformers' BERT
+        pre-tokenizer does, so an answer cut at these spans starts and ends on a word boundary.
+
+        Returns tokens, spans, word_spans: lists of str, (start, end), (start, end); ends exclusive.
+        """
+        ids, starts, ends, joins = self.encode_with_spans(convert_to_unicode(text))
+        first = np.flatnonzero(~joins)  # [W] the first piece of each word
+        word = np.cumsum(~joins) - 1  # [T] the word of each token
+        word_starts = np.minimum.reduceat(starts, first)[word] if len(ids) else starts
+        word_ends = np.maximum.reduceat(ends, first)[word] if len(ids) else ends
+        return (self.convert_ids_to_tokens(ids.tolist()), list(zip(starts.tolist(), ends.tolist())),
+                list(zip(word_starts.tolist(), word_ends.tolist())))
+
     def encode_with_spans(self, text):
         """Token ids of `text` and their spans, as arrays for long texts (the data generator's path).
 

@@ -309,7 +309,7 @@ def write_records(path, instances, vocab_file, max_seq_length, max_predictions_p
     return pretraining_records.write_records(path, serialized, meta)
 
 
-def scalars(output_dir):
+def tensorboard_scalars(output_dir):
     """TensorBoard scalars -> {name: [(step, value), ...]} (sorted by step)."""
     import tensorflow as tf
     out = {}

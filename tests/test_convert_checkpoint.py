@@ -388,3 +388,38 @@ def test_bad_input_is_one_usage_error_and_changes_nothing(tmp_path, case):
     with pytest.raises(ValueError, match=message):
         run_cli("--mode=tf2_to_google", *args, f"--output_dir={output}")
     assert tree(str(tmp_path)) == before and not leftovers(str(tmp_path), "google")
+
+
+def test_explicit_labels_replace_transformers_placeholder_names_on_import(tmp_path):
+    """A classifier fine-tuned in transformers without id2label says LABEL_0, LABEL_1: --labels wins."""
+    hf_folder(str(tmp_path / "hf"), "BertForSequenceClassification", seed=21)
+    run_cli("--mode=hf_to_tf2", f"--input={tmp_path / 'hf'}", f"--output_dir={tmp_path / 'plain'}")
+    with open(tmp_path / "plain" / "model_info.json", encoding="utf-8") as f:
+        assert json.load(f)["labels"] == ["LABEL_0", "LABEL_1"]
+    run_cli("--mode=hf_to_tf2", f"--input={tmp_path / 'hf'}", "--labels=0,1", f"--output_dir={tmp_path / 'named'}")
+    with open(tmp_path / "named" / "model_info.json", encoding="utf-8") as f:
+        assert json.load(f)["labels"] == ["0", "1"]
+    # Back out to Google's layout, renamed again: explicit names win there too.
+    run_cli("--mode=tf2_to_google", f"--input={tmp_path / 'named'}", "--labels=neg,pos",
+            f"--output_dir={tmp_path / 'google'}", "--approximate_gelu")
+    with open(tmp_path / "google" / "model_info.json", encoding="utf-8") as f:
+        assert json.load(f)["labels"] == ["neg", "pos"]
+
+
+@pytest.mark.parametrize("mode, hf_class, labels, message", [
+    ("hf_to_tf2", "BertForSequenceClassification", "a,b,c", r"--labels names 3 labels but .*config.json has 2"),
+    ("hf_to_tf2", "BertForMaskedLM", "0,1", r"--labels: .*config.json holds a mlm model, which has no labels"),
+    ("tf2_to_google", "BertForSequenceClassification", "a,b,c", r"--labels names 3 labels but .* has 2"),
+])
+def test_labels_that_do_not_fit_the_head_are_refused_and_nothing_is_written(tmp_path, mode, hf_class, labels,
+                                                                            message):
+    hf_folder(str(tmp_path / "hf"), hf_class, seed=22)
+    source = tmp_path / "hf"
+    if mode == "tf2_to_google":
+        run_cli("--mode=hf_to_tf2", f"--input={source}", f"--output_dir={tmp_path / 'ours'}")
+        source = tmp_path / "ours"
+    before = tree(str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        run_cli(f"--mode={mode}", f"--input={source}", f"--labels={labels}", f"--output_dir={tmp_path / 'out'}",
+                "--approximate_gelu")
+    assert tree(str(tmp_path)) == before and not leftovers(str(tmp_path), "out")

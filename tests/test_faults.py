@@ -21,7 +21,12 @@ the cross-script probe that no other test file pins. Where each class is tested:
 - killed runs: test_create_pretraining_data.py (generator, slow), test_run_pretraining.py and
   test_dynamic_masking.py (pretraining), test_export_to_pytorch.py (export), test_beam.py (Finalize retried).
 - this file: outputs that are the vocab or the user dictionary, a full disk, pipes and folders
-  given as files, plot outputs, and the cases routed to their owners (strict xfail until fixed).
+  given as files, plot outputs, and the cases routed to their owners (strict xfail until fixed);
+  the Beam path's unknown runner or option and a full disk in a worker (issue 20).
+- output folders on a read-only file system (pretraining, resume, export, import), a save that fails
+  on a full disk, a resume without its input-state file, a flag the record kind ignores, sidecar ids
+  outside the model's vocab, corrupt records read with --check_input_files=false (issue 20):
+  test_pretraining_faults.py.
 """
 
 import errno
@@ -256,3 +261,60 @@ def test_predicting_from_a_pretraining_folder_alone_is_refused(tmp_path):
     with pytest.raises(UsageError, match="init_checkpoint"):
         run_classifier.run(opts)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Beam path (issue 20): an unknown runner or option, a full disk in a worker
+# ---------------------------------------------------------------------------------------------------
+
+def _beam_options(tmp_path):
+    return cpd.Options(input_file=str(CORPUS), output_file=str(tmp_path / "out.tfrecord"), vocab_file=str(VOCAB),
+                       max_seq_length=64, max_predictions_per_seq=10, dupe_factor=1, progress_every_secs=1e9)
+
+
+@pytest.mark.parametrize("runner, args, message", [
+    ("NoSuchRunner", [], r"--runner=NoSuchRunner: Unexpected pipeline runner: NoSuchRunner\. Valid values are "),
+    ("DirectRunner", ["--beam_direct_num_wrkers=2"], r"--beam_direct_num_wrkers: not an option of Beam's"),
+])
+def test_beam_refuses_an_unknown_runner_or_option_before_anything_is_written(tmp_path, runner, args, message):
+    """An unknown runner was a ValueError traceback; an unknown option was dropped with exit 0."""
+    pytest.importorskip("apache_beam")
+    import beam_pretraining_data
+    (tmp_path / "out.tfrecord").write_bytes(b"earlier records")
+    before = _tree(tmp_path)
+    with pytest.raises(UsageError, match=message) as error:
+        beam_pretraining_data.run(_beam_options(tmp_path), runner, args, log=lambda _: None)
+    assert "\n" not in str(error.value)
+    assert _tree(tmp_path) == before
+
+
+def test_beam_full_disk_in_a_worker_is_one_line_with_no_traceback_and_no_temp_files(tmp_path, monkeypatch,
+                                                                                     caplog):
+    """WriteShard's file write fails with ENOSPC halfway (injected at Beam's FileSystems.create, the
+    one way the workers write; the in-process DirectRunner runs them here)."""
+    pytest.importorskip("apache_beam")
+    from apache_beam.io.filesystems import FileSystems
+
+    import beam_pretraining_data
+    real_create = FileSystems.create
+
+    def create(path, *args, **kwargs):
+        f = real_create(path, *args, **kwargs)
+        if ".tmp-beam-" in path and not path.endswith(".json"):
+            write = f.write
+
+            def write_then_fail(data):
+                write(data[:100])
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            f.write = write_then_fail
+        return f
+
+    monkeypatch.setattr(FileSystems, "create", staticmethod(create))
+    (tmp_path / "out.tfrecord").write_bytes(b"earlier records")
+    before = _tree(tmp_path)
+    with pytest.raises(UsageError, match=r"--output_file: cannot write .*out\.tfrecord: No space left on device; "
+                                         r"nothing was replaced") as error:
+        beam_pretraining_data.run(_beam_options(tmp_path), "DirectRunner", log=lambda _: None)
+    assert "\n" not in str(error.value)
+    assert _tree(tmp_path) == before  # the earlier output, and no .out.tfrecord.tmp-beam-* left
+    assert not [r for r in caplog.records if r.name.startswith("apache_beam") and r.levelno >= 40]

@@ -5,6 +5,7 @@ what to do, and `output_dir` byte-identical afterwards (never a fresh start over
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import REPO_ROOT
 import helpers
-from helpers import pretrain, pretraining_argv, snapshot
+from helpers import pretrain, pretraining_argv, pretraining_config, snapshot, write_json
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +198,236 @@ def test_run_folder_takes_the_vocab_the_records_sidecar_names(pretraining_data, 
          "--jit_compile=false")
     with open(os.path.join(out, "vocab.txt"), "rb") as a, open(vocab, "rb") as b:
         assert a.read() == b.read()
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 20: the input-state file, flags the records ignore, corrupt records read unchecked
+# ------------------------------------------------------------------------------------------------
+
+def test_resume_without_the_input_state_file_is_refused_never_a_silent_batch_change(pretraining_data, trained,
+                                                                                     tmp_path):
+    out = _copy(trained, tmp_path)
+    os.remove(os.path.join(out, "pretraining_input.json"))
+    for batch in ("--train_batch_size=32", "--train_batch_size=16"):  # another batch size, or the same
+        _fails(pretraining_data, out, r"run/pretraining_input.json is missing, but .*run holds checkpoints to resume: "
+                          r".*put the file back, or to train on, start a new --output_dir", batch)
+
+
+def test_masked_lm_prob_with_static_records_is_refused_not_ignored(pretraining_data, tmp_path):
+    import run_pretraining
+    out = str(tmp_path / "run")
+    with pytest.raises(run_pretraining.UsageError, match=r"--masked_lm_prob=0.2 would be ignored: .*train"
+                                                         r"\.tfrecord holds static records, masked when written"):
+        pretrain(pretraining_data, out, "--do_train", "--num_train_steps=2", "--masked_lm_prob=0.2")
+    assert not os.path.exists(out)
+
+
+def _corrupt_copy(data, tmp_path):
+    """The train records with one byte flipped a tenth of the way in (record 0 stays readable; the
+    first shuffle window reads past it)."""
+    path = str(tmp_path / "bad.tfrecord")
+    shutil.copy(data["train"], path)
+    shutil.copy(data["train"] + ".meta.json", path + ".meta.json")
+    with open(path, "r+b") as f:
+        size = f.seek(0, 2)
+        f.seek(size // 10)
+        byte = f.read(1)
+        f.seek(size // 10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["--do_train", "--do_eval"])
+def test_corrupt_records_read_without_the_check_are_one_line(pretraining_data, trained, tmp_path, mode):
+    import run_pretraining
+    path = _corrupt_copy(pretraining_data, tmp_path)
+    out = str(tmp_path / "run")
+    extra = (["--num_train_steps=2", "--iterations_per_loop=2", "--save_checkpoints_steps=2"]
+             if mode == "--do_train" else ["--init_checkpoint=" + trained])
+    message = (r"bad input record .*bad\.tfrecord: corrupt or truncated TFRecord file \(corrupted record at "
+               r"\d+\) \(read with --check_input_files=false")
+    with pytest.raises(run_pretraining.UsageError, match=message) as error:
+        pretrain(pretraining_data, out, mode, f"--input_file={path}", f"--eval_input_file={path}", "--check_input_files=false",
+             "--jit_compile=false", "--max_eval_steps=100", *extra)
+    assert "\n" not in str(error.value)
+    assert ("near step 0" if mode == "--do_train" else "in eval batch") in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def unmasked(tmp_path_factory):
+    """Records masked at training time (--dynamic_masking) from the embedded corpus and vocab."""
+    import create_pretraining_data as cpd
+    from conftest import RESOURCES
+    root = tmp_path_factory.mktemp("unmasked")
+    vocab = str(RESOURCES / "vocab.txt")
+    corpus = sorted(str(p) for p in (RESOURCES / "corpus").glob("*.txt"))[0]
+    path = str(root / "train.tfrecord")
+    cpd.generate(cpd.Options(input_file=corpus, output_file=path, vocab_file=vocab, max_seq_length=64,
+                             max_predictions_per_seq=10, dupe_factor=1, random_seed=7, dynamic_masking=True),
+                 log=lambda line: None)
+    with open(vocab, encoding="utf-8") as f:
+        vocab_size = sum(1 for _ in f)
+    return path, vocab_size
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mask_id", "SIZE", r"mask_id=\d+ is not a token id of the model \(vocab_size \d+ of --bert_config_file\)"),
+    ("sep_id", -1, r"sep_id=-1 is not a token id of the model"),
+    ("ordinary_ids", "RANGE", r"ordinary_ids holds id \d+, outside the model's vocab_size \d+"),
+])
+def test_sidecar_ids_that_do_not_fit_the_model_vocab_are_refused_before_training(
+        pretraining_data, unmasked, tmp_path, key, value, message):
+    """A hand-edited or foreign sidecar: today a GatherV2 traceback in the first training loop."""
+    import run_pretraining
+    source, vocab_size = unmasked
+    path = str(tmp_path / "train.tfrecord")
+    shutil.copy(source, path)
+    with open(source + ".meta.json", encoding="utf-8") as f:
+        meta = json.load(f)
+    beyond = f"{meta['ordinary_ids']},{vocab_size}-{vocab_size + 9}"  # ten ids past the vocab
+    meta[key] = {"SIZE": vocab_size, "RANGE": beyond}.get(value, value)
+    write_json(path + ".meta.json", meta)
+    config = write_json(tmp_path / "config.json", pretraining_config(vocab_size))
+    out = str(tmp_path / "run")
+    with pytest.raises(run_pretraining.UsageError, match=r"train\.tfrecord\.meta\.json: " + message):
+        pretrain(pretraining_data, out, "--do_train", "--num_train_steps=2", f"--input_file={path}", f"--eval_input_file={path}",
+             "--jit_compile=false", config=config)
+    assert not os.path.exists(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# An output folder on a read-only file system: pretraining, resume, export, import
+# ------------------------------------------------------------------------------------------------
+
+def _read_only_commands(pretraining_data, trained, tmp_path, ro):
+    """(script, args) of the four writers, each aimed at a folder under `ro` (the resume: `ro/run`,
+    a copy of `trained`); the import reads an HF export made outside `ro`."""
+    import export_to_pytorch
+    hf = export_to_pytorch.export_checkpoint(trained, os.path.join(trained, "bert_config.json"),
+                                             os.path.join(trained, "vocab.txt"), str(tmp_path / "hf"))
+    train = pretraining_argv(pretraining_data, "OUT", "--do_train", "--num_train_steps=6", "--iterations_per_loop=2",
+                  "--save_checkpoints_steps=2", "--jit_compile=false")
+    return {
+        "pretraining": ("run_pretraining.py", [a.replace("OUT", f"{ro}/new") for a in train]),
+        "resume": ("run_pretraining.py", [a.replace("OUT", f"{ro}/run") for a in train]),
+        "export": ("export_to_pytorch.py", [f"--checkpoint={ro}/run", f"--output_dir={ro}/hf"]),
+        "import": ("convert_checkpoint.py", ["--mode=hf_to_tf2", f"--input={hf}", f"--output_dir={ro}/imported"]),
+    }
+
+
+_RO_MESSAGE = {
+    "pretraining": r"--output_dir=.*ro/new: .*ro is on a read-only file system \(where .*ro/new would be written\)",
+    "resume": r"--output_dir=.*ro/run: .*ro/run is on a read-only file system; choose another --output_dir",
+    "export": r"--output_dir=.*ro/hf: .*ro is on a read-only file system",
+    "import": r"--output_dir=.*ro/imported: .*ro is on a read-only file system",
+}
+
+
+def test_an_output_folder_on_a_read_only_file_system_is_one_line_naming_it(pretraining_data, trained, tmp_path,
+                                                                            monkeypatch):
+    """In-process, with the file system's answer simulated at the one place that asks it
+    (file_output.check_writable: os.access / os.statvfs), as chmod does not stop root; the slow
+    test below mounts a real read-only file system."""
+    import convert_checkpoint
+    import export_to_pytorch
+    import run_pretraining
+    from absl import flags
+
+    ro = str(tmp_path / "ro")
+    _copy(trained, tmp_path / "ro")
+    commands = _read_only_commands(pretraining_data, trained, tmp_path, ro)
+    real_access, real_statvfs = os.access, os.statvfs
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p).startswith(ro) and mode & os.W_OK
+                        else real_access(p, mode, **kw))
+    monkeypatch.setattr(os, "statvfs", lambda p: type("S", (), {"f_flag": os.ST_RDONLY})() if str(p).startswith(ro)
+                        else real_statvfs(p))
+    before = snapshot(ro)
+    for case, (script, args) in commands.items():
+        if script == "run_pretraining.py":
+            call = lambda: run_pretraining.run(run_pretraining.parse_flags(args))  # noqa: E731
+        else:
+            module = {"export_to_pytorch.py": export_to_pytorch, "convert_checkpoint.py": convert_checkpoint}[script]
+            fv = flags.FlagValues()
+            module.define_flags(fv)
+            fv([script, *args])
+            call = lambda: module.run(fv)  # noqa: E731
+        with pytest.raises(ValueError, match=_RO_MESSAGE[case]) as error:
+            call()
+        assert "\n" not in str(error.value), case
+    assert snapshot(ro) == before
+
+
+@pytest.mark.slow
+def test_a_real_read_only_mount_is_one_line_exit_2_for_every_writer(pretraining_data, trained, tmp_path):
+    """A tmpfs remounted read-only in a private mount namespace (unshare -m; skipped where that is
+    not allowed). Each script: exit 2, one line naming --output_dir, nothing written."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a read-only file system here (unshare -m / mount not permitted)")
+    commands = _read_only_commands(pretraining_data, trained, tmp_path, str(ro))
+    lines = [f"mount -t tmpfs tmpfs {ro}", f"cp -a {trained} {ro}/run", f"mount -o remount,ro {ro}",
+             f"find {ro} | sort > {tmp_path}/before"]
+    for case, (script, args) in commands.items():
+        quoted = " ".join(f"'{a}'" for a in args)
+        lines.append(f"{sys.executable} {REPO_ROOT / script} {quoted} > {tmp_path}/{case}.out 2>&1; "
+                     f"echo $? > {tmp_path}/{case}.rc")
+    lines.append(f"find {ro} | sort > {tmp_path}/after")
+    subprocess.run(["unshare", "-m", "sh", "-c", " && ".join(lines[:4]) + "; " + "; ".join(lines[4:])],
+                   check=True, timeout=900, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    for case in commands:
+        output = (tmp_path / f"{case}.out").read_text(encoding="utf-8").strip().splitlines()
+        errors = [line for line in output if ": error: " in line or "Traceback" in line]
+        assert (tmp_path / f"{case}.rc").read_text().strip() == "2", (case, output[-5:])
+        assert len(errors) == 1 and re.search(_RO_MESSAGE[case], errors[0]), (case, output[-5:])
+        assert "Traceback" not in "\n".join(output), case
+    assert (tmp_path / "before").read_text() == (tmp_path / "after").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# A full disk during a save leaves no ckpt-N_temp/ (README, "When things go wrong")
+# ------------------------------------------------------------------------------------------------
+
+def test_a_save_that_fails_on_a_full_disk_leaves_no_temp_folder(pretraining_data, trained, tmp_path, monkeypatch):
+    """TF writes ckpt-N_temp/ and then fails (simulated here at CheckpointManager.save, which is
+    where a full disk stops it; the slow test below fills a real small file system)."""
+    import tensorflow as tf
+    out = _copy(trained, tmp_path)
+
+    def full_disk_save(self, checkpoint_number=None, **kwargs):
+        os.makedirs(f"{self._checkpoint_prefix}-{checkpoint_number}_temp")
+        with open(f"{self._checkpoint_prefix}-{checkpoint_number}_temp/part-00000-of-00001.data-00000-of-00001",
+                  "wb") as f:
+            f.write(b"half a save")
+        raise tf.errors.ResourceExhaustedError(None, None, "ckpt: No space left on device")
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", full_disk_save)
+    before = snapshot(out)
+    with pytest.raises(tf.errors.ResourceExhaustedError):
+        pretrain(pretraining_data, out, "--do_train", "--num_train_steps=6", "--iterations_per_loop=2",
+             "--save_checkpoints_steps=2", "--jit_compile=false")
+    assert not os.path.exists(os.path.join(out, "ckpt-6_temp"))
+    after = snapshot(out)
+    changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
+    assert all("/train/" in p or p.endswith("pretraining_input.json") for p in changed), changed
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_during_a_save_is_one_line_and_leaves_no_temp_folder(pretraining_data, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a small file system here (unshare -m / mount not permitted)")
+    args = " ".join(f"'{a}'" for a in pretraining_argv(pretraining_data, f"{disk}/run", "--do_train", "--num_train_steps=2",
+                                              "--save_checkpoints_steps=2", "--num_warmup_steps=0",
+                                              "--jit_compile=false", f"--vocab_file={pretraining_data['vocab_file']}"))
+    script = (f"mount -t tmpfs -o size=6m tmpfs {disk} && {{ {sys.executable} {REPO_ROOT / 'run_pretraining.py'} "
+              f"{args} > {tmp_path}/out 2>&1; echo $? > {tmp_path}/rc; ls -a {disk}/run > {tmp_path}/ls; }}")
+    subprocess.run(["unshare", "-m", "sh", "-c", script], check=True, timeout=600,
+                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    output = (tmp_path / "out").read_text(encoding="utf-8")
+    assert (tmp_path / "rc").read_text().strip() == "2", output[-2000:]
+    assert "run_pretraining.py: error: no space left on device" in output and "Traceback" not in output
+    assert not [n for n in (tmp_path / "ls").read_text().split() if n.endswith("_temp")]

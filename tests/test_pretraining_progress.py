@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from helpers import checkpoint_weights, pretrain, pretraining_argv, scalars
+from helpers import checkpoint_weights, pretrain, pretraining_argv, tensorboard_scalars
 
 
 def _host_calls(monkeypatch):
@@ -37,7 +37,7 @@ def test_slow_steps_split_a_large_loop_into_short_host_calls(pretraining_data, t
     out = tmp_path / "p"
     pretrain(pretraining_data, out, "--do_train", "--num_train_steps=5", "--save_checkpoints_steps=2")
     assert calls == [1, 1, 1, 1, 1]
-    assert [step for step, _ in scalars(str(out))["loss"]] == [2, 4, 5]
+    assert [step for step, _ in tensorboard_scalars(str(out))["loss"]] == [2, 4, 5]
     assert sorted(p.name for p in out.glob("ckpt-*.index")) == [
         "ckpt-2.index", "ckpt-4.index", "ckpt-5.index"]
 
@@ -55,7 +55,7 @@ def test_short_host_calls_train_exactly_like_one_long_call(pretraining_data, tmp
     assert long.keys() == short.keys()
     for name in long:
         np.testing.assert_array_equal(long[name], short[name], err_msg=name)
-    long, short = scalars(str(tmp_path / "long")), scalars(str(tmp_path / "short"))
+    long, short = tensorboard_scalars(str(tmp_path / "long")), tensorboard_scalars(str(tmp_path / "short"))
     for tag in ("loss", "masked_lm_accuracy", "grad_norm", "learning_rate"):
         assert [s for s, _ in long[tag]] == [s for s, _ in short[tag]] == [4]
         np.testing.assert_allclose(long[tag][0][1], short[tag][0][1], rtol=1e-6, err_msg=tag)

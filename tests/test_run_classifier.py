@@ -435,3 +435,26 @@ def test_classifier_trains_end_to_end_and_beats_the_majority_class(tmp_path, sha
                                      dev_file=str(tmp_path / "dev.txt"), do_eval=True, max_seq_length=32,
                                      output_dir=str(tmp_path / "eval_again")))
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_explicit_labels_win_over_placeholder_names_when_only_evaluating(tmp_path, google_vocab):
+    """A model fine-tuned in transformers without id2label imports as LABEL_0, LABEL_1 (see
+    test_convert_checkpoint); evaluating it on 0/1 data needs --labels=0,1, which must win."""
+    _pair_data(tmp_path / "data")
+    run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, do_train=True, max_train_steps=2)))
+    info_path = tmp_path / "out" / "best" / "model_info.json"
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info_path.write_text(json.dumps(dict(info, labels=["LABEL_0", "LABEL_1"])), encoding="utf-8")
+    evaluate = dict(task_name="lcqmc", data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"),
+                    max_seq_length=16, do_eval=True)
+    with pytest.raises(UsageError, match=r"dev.txt:1: unknown label '0' .*placeholder names: pass --labels"):
+        run_classifier.run(_opts(**evaluate))
+    with pytest.raises(UsageError, match=r"--labels=a,b,c names 3 labels but the model folder's head has 2"):
+        run_classifier.run(_opts(labels="a,b,c", **evaluate))
+    assert not (tmp_path / "out" / "eval_results.json").exists()
+    metrics = run_classifier.run(_opts(labels="0,1", **evaluate))
+    assert metrics["n"] == 32
+    run_classifier.run(_opts(labels="0,1", do_predict=True, **dict(evaluate, do_eval=False,
+                                                                   output_dir=str(tmp_path / "out"))))
+    rows = (tmp_path / "out" / "test_predictions.tsv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "id\tlabel\tprob_0\tprob_1"

@@ -20,7 +20,7 @@ import pytest
 
 import helpers
 from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
-from helpers import PRED, SEQ, checkpoint_weights, pretrain, pretraining_argv, pretraining_config, scalars, snapshot, write_json
+from helpers import PRED, SEQ, checkpoint_weights, pretrain, pretraining_argv, pretraining_config, tensorboard_scalars, snapshot, write_json
 
 @pytest.mark.slow
 # ------------------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def test_training_lowers_mlm_loss_and_raises_accuracy(pretraining_data, tmp_path
                   "--iterations_per_loop=20", "--save_checkpoints_steps=60", "--learning_rate=3e-3",
                   "--num_warmup_steps=10", "--train_batch_size=32")
 
-    scalars = scalars(out)
+    scalars = tensorboard_scalars(out)
     assert {"loss", "masked_lm_accuracy", "learning_rate", "grad_norm",
             "sequences_per_second"} <= set(scalars)
     assert [s for s, _ in scalars["loss"]] == [20, 40, 60, 80, 100]
@@ -76,7 +76,7 @@ def test_masked_positions_line_up_with_their_labels(pretraining_data, tmp_path):
     pretrain(pretraining_data, out, f"--input_file={copy}", "--do_train", "--num_train_steps=60",
          "--iterations_per_loop=20", "--save_checkpoints_steps=60", "--learning_rate=3e-3",
          "--num_warmup_steps=10", "--train_batch_size=32")
-    accuracies = [v for _, v in scalars(out)["masked_lm_accuracy"]]
+    accuracies = [v for _, v in tensorboard_scalars(out)["masked_lm_accuracy"]]
     # Misaligned labels would stay at the ~0.04 token-frequency plateau of real text.
     assert accuracies[-1] > 0.25, accuracies
 
@@ -101,7 +101,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(pretraining_data, tmp_p
         if "pooler" not in name:  # the pooler is not trained by the masked-LM loss (modeling.py)
             assert np.abs(large[name] - initial[name]).max() > 0, f"{name} did not move"
     # Same schedule position, same losses: the schedule counts updates, not micro-batches.
-    a, b = scalars(str(tmp_path / "large")), scalars(str(tmp_path / "micro"))
+    a, b = tensorboard_scalars(str(tmp_path / "large")), tensorboard_scalars(str(tmp_path / "micro"))
     np.testing.assert_allclose([v for _, v in b["loss"]], [v for _, v in a["loss"]], rtol=1e-5)
     np.testing.assert_allclose([v for _, v in b["grad_norm"]], [v for _, v in a["grad_norm"]],
                                rtol=1e-4)
@@ -192,7 +192,7 @@ def test_mirrored_two_cpus_with_accumulation_matches_one_device(pretraining_data
                 "--gradient_accumulation_steps=2")
     import run_pretraining  # in-process: the one-device reference
     reference_eval = run_pretraining.run(run_pretraining.parse_flags(one))
-    reference = scalars(str(tmp_path / "one"))
+    reference = tensorboard_scalars(str(tmp_path / "one"))
     mirrored, log = _run_in_two_cpu_process(two)
     assert "2 replica(s)" in log and "2 accumulation steps" in log
     # XLA cannot touch mirrored variables on CPU devices: only loss and gradients are compiled there.
