@@ -37,6 +37,7 @@ import tensorflow as tf
 from absl import flags, logging
 
 import modeling
+import multi_worker
 import optimization
 import pretraining_records
 import pretraining_resume as resume
@@ -503,10 +504,11 @@ def run(opts):
     if model.non_trainable_variables:  # dropout seed states: resume draws the same masks
         trackables["dropout_seeds"] = list(model.non_trainable_variables)
     checkpoint = modeling.make_checkpoint(model, **trackables)
-    # Workers other than the chief keep their own checkpoints (TF's multi-worker convention).
-    ckpt_dir = (opts.output_dir if is_chief
-                else os.path.join(opts.output_dir, "workers", f"worker-{worker_index}"))
-    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=opts.keep_checkpoint_max)
+    # Every worker saves (TF's multi-worker rule); only the chief's copies are kept, the others go to
+    # a local folder removed at exit, so the run folder is the same as a one-worker run's.
+    ckpt_dir = opts.output_dir if is_chief else multi_worker.worker_dir(opts.output_dir, worker_index)
+    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
+                                         max_to_keep=opts.keep_checkpoint_max if is_chief else 1)
     if resume_from:
         resume.restore(checkpoint, resume_from)
         logging.info("resumed from %s at step %d", resume_from, int(optimizer.iterations.numpy()))
@@ -563,6 +565,11 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
             if isinstance(e, tf.errors.DataLossError) or "Key: " in e.message:  # not our records
                 raise UsageError(f"bad input record near step {step}: "
                                  f"{e.message.splitlines()[0]}") from None
+            lost = multi_worker.lost_peer_error(
+                e, trainer.strategy, f"stopped at step {step}; rerun the same command on every "
+                f"worker to {_resume_point(opts.output_dir)}")
+            if lost:
+                raise lost from None
             raise
         ran, elapsed = int(ran), time.perf_counter() - start
         if not bool(finite):
@@ -583,6 +590,16 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
         if step % opts.save_checkpoints_steps == 0 or step >= opts.num_train_steps:
             manager.save(checkpoint_number=step)
             logging.info("saved %s", manager.latest_checkpoint)
+
+
+def _resume_point(output_dir):
+    """'resume from ckpt-N' by the chief's checkpoint state file (the one every worker resumes from,
+    whichever worker asks), or 'start again' when it names none."""
+    try:
+        newest = resume.latest_checkpoint(output_dir)
+    except UsageError:  # the rerun's own checks will say what is wrong with it
+        newest = None
+    return f"resume from {os.path.basename(newest)}" if newest else "start again (no checkpoint yet)"
 
 
 def _evaluate(opts, trainer, files, counts, num_workers):
