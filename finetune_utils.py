@@ -29,6 +29,7 @@ from absl import flags, logging
 
 import model_folder
 import modeling
+import multi_worker
 import optimization
 import tokenization
 import train_utils
@@ -342,6 +343,7 @@ def run(opts, task):
     task.labels = choose_labels(opts, task, data.get("train"), resolved)
     task.validate(data)
 
+    multi_worker.refuse_cluster("fine-tuning", "tpu" if opts.use_tpu else opts.strategy)
     try:
         strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
                                              tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
