@@ -160,17 +160,6 @@ def make_strategy(cluster):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def refuse_cluster(what, strategy_flag):
-    """UsageError (before any server starts or anything is written) if TF_CONFIG would make this run
-    multi-worker: Keras 3's `model.fit`, which fine-tuning uses, fails under MultiWorkerMirroredStrategy
-    (its first step cannot build from per-replica batches: "Attempt to convert a value ({'input_ids':
-    PerReplica ...}) with an unsupported type"), so a cluster run would die on every worker instead."""
-    if strategy_flag in ("auto", "multi_worker") and read_tf_config() is not None:
-        raise UsageError(f"{what} runs on one machine (all its GPUs or a TPU), not on a cluster: "
-                         "Keras' model.fit cannot train under MultiWorkerMirroredStrategy; unset "
-                         "TF_CONFIG, or pass --strategy=mirrored or --strategy=one_device")
-
-
 # ------------------------------------------------------------------------------------------------
 # A lost peer: one line, then the process ends
 # ------------------------------------------------------------------------------------------------

@@ -614,8 +614,16 @@ def _evaluate(opts, trainer, files, counts, num_workers):
         resume.eval_dataset_fn(files, counts, per_replica, steps,
                                _parser(opts, files, training=False))))
     sums = np.zeros(3)
-    for _ in range(steps):
-        sums += trainer.eval_step(iterator).numpy()
+    try:
+        for _ in range(steps):
+            sums += trainer.eval_step(iterator).numpy()
+    except tf.errors.OpError as e:  # a peer lost mid-evaluation: the same one line as in training
+        lost = multi_worker.lost_peer_error(
+            e, strategy, f"stopped while evaluating at step {int(trainer.optimizer.iterations.numpy())}; "
+            f"rerun the same command on every worker to {_resume_point(opts.output_dir)}")
+        if lost:
+            raise lost from None
+        raise
     loss = sums[0] / (sums[2] + _EPSILON)
     result = {"masked_lm_loss": float(loss),
               "masked_lm_accuracy": float(sums[1] / (sums[2] + _EPSILON)),

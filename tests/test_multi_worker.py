@@ -327,19 +327,53 @@ def test_bad_tf_config_on_the_command_line_is_one_line_exit_2(data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Fine-tuning stays on one machine
+# Fine-tuning on two workers
 # ------------------------------------------------------------------------------------------------
 
-def test_fine_tuning_under_a_cluster_tf_config_is_refused_before_anything_starts(
-        tmp_path, monkeypatch, google_vocab):
-    """Keras 3's model.fit dies on its first step under MultiWorkerMirroredStrategy; a cluster run
-    of run_classifier.py is one line before any server starts or anything is written."""
-    from test_run_classifier import _opts, _pair_data, _run_args
+@pytest.mark.slow
+def test_two_worker_fine_tuning_equals_one_worker_and_leaves_a_one_worker_folder(tmp_path, google_vocab):
+    """run_classifier.py on two workers (each reading half of every global batch of 8) trains the
+    same model as one worker at batch 8: no dropout, so the two differ only in float summation
+    order; the chief writes the folder a one-worker run writes, the other worker nothing."""
+    from test_run_classifier import TINY, _pair_data
+    from worker_cluster import LocalCluster
 
-    import run_classifier
     _pair_data(tmp_path / "data")
-    monkeypatch.setenv("TF_CONFIG", _cluster("127.0.0.1:1", "127.0.0.1:2"))
-    with pytest.raises(run_classifier.UsageError, match=r"fine-tuning runs on one machine .* unset "
-                                                        r"TF_CONFIG, or pass --strategy=mirrored"):
-        run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, do_train=True, do_eval=True)))
-    assert not (tmp_path / "out").exists()
+    config = tmp_path / "bert_config.json"
+    config.write_text(json.dumps(dict(TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
+
+    def argv(out):
+        return ["run_classifier.py", "--task_name=lcqmc_pair", f"--data_dir={tmp_path / 'data'}",
+                f"--vocab_file={google_vocab}", f"--bert_config_file={config}", f"--output_dir={out}",
+                "--max_seq_length=16", "--train_batch_size=8", "--learning_rate=1e-3",
+                "--num_train_epochs=2", "--warmup_proportion=0", "--do_train", "--do_eval", "--do_predict"]
+
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    cluster = LocalCluster(2, tmp_path / "logs").start(argv(two))
+    assert cluster.wait(timeout=600) == [0, 0], cluster.log(0)[-3000:] + cluster.log(1)[-3000:]
+    single = LocalCluster(1, tmp_path / "logs1").start(argv(one))  # one task: no cluster
+    assert single.wait(timeout=600) == [0], single.log(0)[-3000:]
+
+    def files(folder):
+        return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+    assert files(two) == files(one) and "best/model_info.json" in files(one)
+    assert not any(os.path.exists(d) for d in _worker_dirs(two))
+    def read(folder, name):
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            return json.load(f)
+    history = [read(o, "train_history.json")["epochs"] for o in (two, one)]
+    assert len(history[0]) == 2
+    np.testing.assert_allclose([e["train_loss"] for e in history[0]], [e["train_loss"] for e in history[1]],
+                               rtol=1e-4)
+    results = [read(o, "eval_results.json") for o in (two, one)]
+    assert results[0] == results[1]
+    import tensorflow as tf
+    readers = [tf.train.load_checkpoint(os.path.join(o, "best")) for o in (one, two)]
+    a, b = ({k: r.get_tensor(k) for k in r.get_variable_to_shape_map() if k.endswith("VARIABLE_VALUE")
+             and k != "save_counter/.ATTRIBUTES/VARIABLE_VALUE"} for r in readers)
+    assert a.keys() == b.keys() and "output_weights/.ATTRIBUTES/VARIABLE_VALUE" in a
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], atol=2e-5, err_msg=name)
+    # Both workers printed the same dev metrics: each evaluated the whole dev set with the same weights.
+    lines = [[x for x in cluster.log(i).splitlines() if x.startswith('{"accuracy"')] for i in (0, 1)]
+    assert lines[0] == lines[1] and len(lines[0]) == 1
