@@ -326,6 +326,41 @@ def test_bad_tf_config_on_the_command_line_is_one_line_exit_2(data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_peer_lost_during_evaluation_is_the_same_one_line(data, tmp_path, monkeypatch):
+    """run_pretraining's evaluation, like its training, turns the collective error of a lost peer
+    into the one line (here a one-device strategy posing as worker 0 of two, and TF's error)."""
+    import types
+
+    import tensorflow as tf
+
+    import multi_worker
+    import pretraining_resume
+    import run_pretraining
+
+    class PosingAsWorker0:
+        cluster_resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec({"worker": ["127.0.0.1:1111", "127.0.0.1:2222"]}), task_type="worker",
+            task_id=0)
+
+        def __getattr__(self, name):
+            return getattr(tf.distribute.get_strategy(), name)
+
+    def eval_step(iterator):
+        raise tf.errors.UnavailableError(None, None, (
+            "Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error "
+            "information from remote target /job:worker/replica:0/task:1 while calling RecvBuf"))
+
+    trainer = types.SimpleNamespace(strategy=PosingAsWorker0(), eval_step=eval_step,
+                                    optimizer=types.SimpleNamespace(iterations=tf.Variable(12)))
+    opts = run_pretraining.parse_flags(_argv(data, str(tmp_path / "run"), "--do_eval")[1:])
+    monkeypatch.setattr(multi_worker._exit_at_once, "armed", False, raising=False)  # pytest lives on
+    with pytest.raises(multi_worker.UsageError, match=(
+            r"^worker 1 \(127\.0\.0\.1:2222\) is gone; stopped while evaluating at step 12; rerun the "
+            r"same command on every worker to start again \(no checkpoint yet\)$")):
+        run_pretraining._evaluate(opts, trainer, [data["train"]],
+                                  [pretraining_resume.count_records(data["train"])], 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Fine-tuning on two workers
 # ------------------------------------------------------------------------------------------------
