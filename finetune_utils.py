@@ -366,7 +366,7 @@ def run(opts, task):
         logging.warning("no --init_checkpoint: training from a RANDOM initialisation")
 
     # On a cluster (TF_CONFIG) every worker trains; only the chief writes into --output_dir.
-    chief = _is_chief(strategy)
+    chief = multi_worker.is_chief(strategy)
     try:
         if chief:
             tf.io.gfile.makedirs(opts.output_dir)
@@ -508,88 +508,6 @@ class _Progress(keras.callbacks.Callback):
                                        for i, m in enumerate(means)]
 
 
-def _is_chief(strategy):
-    """False only for a worker of a TF_CONFIG cluster other than its chief (the first task)."""
-    cluster = multi_worker.cluster_of(strategy)
-    return cluster is None or (cluster.job, cluster.index) == cluster.tasks[0][:2]
-
-
-def _fit_multi_worker(model, loss, strategy, ds, epochs, steps_per_epoch, callbacks, jit_compile):
-    """`model.fit(ds.repeat(), epochs, steps_per_epoch, callbacks)` under MultiWorkerMirroredStrategy.
-
-    Keras 3.15's fit cannot run there (keras-team/keras#20585, tensorflow/tensorflow#72388): before
-    the first step it reduces the first batch, a dict of per-replica tensors, with strategy.reduce,
-    which fails ("Attempt to convert a value ({'input_ids': PerReplica...}) ... to a Tensor"), and each
-    step reduces its scalar loss with axis=0 ("Invalid reduction dimension 0"). This is fit's step
-    with the compiled loss and the same callbacks, and with the gradient handled as one machine
-    handles it: summed over the replicas first, then clipped (Keras' apply would clip each
-    replica's part), then the optimizer's rule (run_pretraining's trainer does the same).
-    ds: the global batches [B, ...] (every worker builds the same, same seed); each worker takes
-    its own slice of every one, so the replicas together see exactly one machine's batch.
-    """
-    losses = loss if isinstance(loss, (list, tuple)) else [loss]
-    optimizer = model.optimizer
-    with strategy.scope():
-        optimizer.build(model.trainable_variables)  # its slots mirrored, before the step is traced
-    batch = int(ds.element_spec[1].shape[0])  # drop_remainder: a static global batch size
-
-    def worker_slices(context):  # [B] -> this worker's rows [B / workers] -> per replica
-        rows = batch // context.num_input_pipelines
-        start = context.input_pipeline_id * rows
-        return ds.repeat().map(lambda *t: tf.nest.map_structure(lambda x: x[start:start + rows], t)) \
-            .unbatch().batch(context.get_per_replica_batch_size(batch))
-
-    iterator = iter(strategy.distribute_datasets_from_function(worker_slices))
-
-    def update(strategy, grads):  # cross-replica: every variable copy gets its (equal) gradient
-        for variable, grad in zip(model.trainable_variables, grads):
-            strategy.extended.update(variable.value, lambda v, g: optimizer.update_step(
-                g, v, optimizer.learning_rate), args=(grad,), group=False)
-        optimizer.iterations.assign_add(1)
-
-    def replica_step(x, y):
-        with tf.GradientTape() as tape:
-            out = model(x, training=True)
-            outs, ys = (out, y) if len(losses) > 1 else ([out], [y])
-            value = tf.add_n([f(t, o) for f, t, o in zip(losses, ys, outs)])  # already / replicas
-        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)  # embeddings: dense
-                 for g, v in zip(tape.gradient(value, model.trainable_variables), model.trainable_variables)]
-        context = tf.distribute.get_replica_context()
-        grads = context.all_reduce("SUM", grads)
-        if optimizer.global_clipnorm:
-            grads, _ = tf.clip_by_global_norm(grads, optimizer.global_clipnorm)
-        context.merge_call(update, args=(grads,))
-        return value
-
-    @tf.function(jit_compile=jit_compile)
-    def step():
-        return strategy.reduce("SUM", strategy.run(replica_step, args=next(iterator)), axis=None)
-
-    callbacks = keras.callbacks.CallbackList(callbacks, model=model)
-    model.stop_training = False
-    callbacks.on_train_begin()
-    for epoch in range(epochs):
-        callbacks.on_epoch_begin(epoch)
-        total = 0.0
-        for batch in range(steps_per_epoch):
-            try:
-                total += float(step())
-            except tf.errors.OpError as e:
-                lost = multi_worker.lost_peer_error(e, strategy, f"fine-tuning stopped at step "
-                                                    f"{epoch * steps_per_epoch + batch}; rerun the same "
-                                                    "command on every worker (it starts again)")
-                if lost:
-                    raise lost from None
-                raise
-            callbacks.on_train_batch_end(batch, {"loss": total / (batch + 1)})  # fit's running mean
-            if model.stop_training:
-                break
-        callbacks.on_epoch_end(epoch, {"loss": total / (batch + 1)})
-        if model.stop_training:
-            break
-    callbacks.on_train_end()
-
-
 def make_dataset(features, labels=None, batch_size=32, shuffle=False, seed=0, drop_remainder=False):
     """tf.data over numpy feature arrays (dict of [N, S] int32) and optional labels ([N] / [N, S] or a
     tuple of such); with shuffle, endless (a new order each pass)."""
@@ -632,7 +550,7 @@ def train(task, strategy, features, y, dev, config, resolved, do_lower_case, ski
         model.compile(optimizer=optimizer, loss=loss, jit_compile=opts.jit_compile)
 
     best_dir = os.path.join(opts.output_dir, "best")
-    chief = _is_chief(strategy)
+    chief = multi_worker.is_chief(strategy)
     # The folder describes itself before the first weights land in it (export_to_pytorch,
     # --init_checkpoint and --do_predict read it alone).
     if chief:
@@ -664,8 +582,8 @@ def train(task, strategy, features, y, dev, config, resolved, do_lower_case, ski
                 manager.save()
 
     if multi_worker.cluster_of(strategy) is not None:
-        _fit_multi_worker(model, loss, strategy, ds, epochs, steps_per_epoch, [progress, KeepBest()],
-                          opts.jit_compile)
+        multi_worker.fit(model, loss, strategy, ds, epochs, steps_per_epoch, [progress, KeepBest()],
+                         opts.jit_compile)
     else:
         model.fit(ds.repeat(), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,
                   callbacks=[progress, KeepBest()])
@@ -685,11 +603,7 @@ def predict_batches(model, features, batch_size):
         features = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in features.items()}
     ds = make_dataset(features, batch_size=batch_size)
     if multi_worker.cluster_of(model.distribute_strategy) is not None:
-        # Keras 3.15's predict fails there too (see _fit_multi_worker): each worker predicts every
-        # row itself, with the same weights, outside the strategy's replicas.
-        call = tf.function(lambda x: model(x, training=False))
-        out = tf.nest.map_structure(lambda *b: np.concatenate(b), *[tf.nest.map_structure(
-            np.asarray, call(x)) for x in ds])
+        out = multi_worker.predict(model, ds)
     else:
         out = model.predict(ds, verbose=0)
     # float32 also under --mixed_precision (bfloat16 logits lose ties and softmax precision).

@@ -14,6 +14,8 @@ TensorFlow's `MultiWorkerMirroredStrategy` does the work; this module holds our 
 - Workers other than the chief keep their checkpoint copies in a local temporary folder that is
   removed when they exit, never under --output_dir, so a two-worker run folder has the same files as
   a one-worker one.
+- Fine-tuning on a cluster: Keras 3.15's fit and predict fail under MultiWorkerMirroredStrategy, so
+  `fit` and `predict` here do their work (fit's step, the same callbacks) for finetune_utils.
 """
 
 import atexit
@@ -158,6 +160,107 @@ def make_strategy(cluster):
         from absl import logging
         logging.warning("could not set the coordination service heartbeat (%s); TF's default applies", e)
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning on a cluster: Keras' fit and predict, done here
+# ------------------------------------------------------------------------------------------------
+
+def is_chief(strategy):
+    """False only for a worker of a TF_CONFIG cluster other than its chief (the first task)."""
+    cluster = cluster_of(strategy)
+    return cluster is None or (cluster.job, cluster.index) == cluster.tasks[0][:2]
+
+
+def fit(model, loss, strategy, ds, epochs, steps_per_epoch, callbacks, jit_compile):
+    """`model.fit(ds.repeat(), epochs, steps_per_epoch, callbacks)` under MultiWorkerMirroredStrategy.
+
+    Keras 3.15's fit cannot run there (keras-team/keras#20585, tensorflow/tensorflow#72388): before
+    the first step it reduces the first batch, a dict of per-replica tensors, with strategy.reduce,
+    which fails ("Attempt to convert a value ({'input_ids': PerReplica...}) ... to a Tensor"), and each
+    step reduces its scalar loss with axis=0 ("Invalid reduction dimension 0"). This is fit's step
+    with the compiled loss and the same callbacks, and with the gradient handled as one machine
+    handles it: summed over the replicas first, then clipped (Keras' apply would clip each
+    replica's part), then the optimizer's rule (run_pretraining's trainer does the same).
+    ds: the global batches [B, ...] (every worker builds the same, same seed); each worker takes
+    its own slice of every one, so the replicas together see exactly one machine's batch.
+    """
+    import keras
+    import tensorflow as tf
+
+    losses = loss if isinstance(loss, (list, tuple)) else [loss]
+    optimizer = model.optimizer
+    with strategy.scope():
+        optimizer.build(model.trainable_variables)  # its slots mirrored, before the step is traced
+    global_batch = int(tf.nest.flatten(ds.element_spec)[0].shape[0])  # drop_remainder: static
+
+    def worker_slices(context):  # [B] -> this worker's rows [B / workers] -> per replica
+        rows = global_batch // context.num_input_pipelines
+        start = context.input_pipeline_id * rows
+        return ds.repeat().map(lambda *t: tf.nest.map_structure(lambda x: x[start:start + rows], t)) \
+            .unbatch().batch(context.get_per_replica_batch_size(global_batch))
+
+    iterator = iter(strategy.distribute_datasets_from_function(worker_slices))
+
+    def update(strategy, grads):  # cross-replica: every variable copy gets its (equal) gradient
+        for variable, grad in zip(model.trainable_variables, grads):
+            strategy.extended.update(variable.value, lambda v, g: optimizer.update_step(
+                g, v, optimizer.learning_rate), args=(grad,), group=False)
+        optimizer.iterations.assign_add(1)
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            outs, ys = (out, y) if len(losses) > 1 else ([out], [y])
+            value = tf.add_n([f(t, o) for f, t, o in zip(losses, ys, outs)])  # already / replicas
+        grads = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)  # embeddings: dense
+                 for g, v in zip(tape.gradient(value, model.trainable_variables), model.trainable_variables)]
+        context = tf.distribute.get_replica_context()
+        grads = context.all_reduce("SUM", grads)
+        if optimizer.global_clipnorm:
+            grads, _ = tf.clip_by_global_norm(grads, optimizer.global_clipnorm)
+        context.merge_call(update, args=(grads,))
+        return value
+
+    @tf.function(jit_compile=jit_compile)
+    def step():
+        return strategy.reduce("SUM", strategy.run(replica_step, args=next(iterator)), axis=None)
+
+    callbacks = keras.callbacks.CallbackList(callbacks, model=model)
+    model.stop_training = False
+    callbacks.on_train_begin()
+    for epoch in range(epochs):
+        callbacks.on_epoch_begin(epoch)
+        total = 0.0
+        for batch in range(steps_per_epoch):
+            try:
+                total += float(step())
+            except tf.errors.OpError as e:
+                lost = lost_peer_error(e, strategy, f"fine-tuning stopped at step "
+                                       f"{epoch * steps_per_epoch + batch}; it does not resume: "
+                                       "rerun on every worker with a new --output_dir")
+                if lost:
+                    raise lost from None
+                raise
+            callbacks.on_train_batch_end(batch, {"loss": total / (batch + 1)})  # fit's running mean
+            if model.stop_training:
+                break
+        callbacks.on_epoch_end(epoch, {"loss": total / (batch + 1)})
+        if model.stop_training:
+            break
+    callbacks.on_train_end()
+
+
+def predict(model, ds):
+    """`model.predict(ds)` for a model built under MultiWorkerMirroredStrategy, where Keras 3.15's
+    predict fails too (see `fit`): each worker predicts every row itself, with the same weights,
+    outside the strategy's replicas. -> numpy [N, ...] (a tuple of them for several outputs)."""
+    import numpy as np
+    import tensorflow as tf
+
+    call = tf.function(lambda x: model(x, training=False))
+    batches = [tf.nest.map_structure(np.asarray, call(x)) for x in ds]
+    return tf.nest.map_structure(lambda *b: np.concatenate(b), *batches)
 
 
 # ------------------------------------------------------------------------------------------------
