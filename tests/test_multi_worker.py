@@ -412,3 +412,32 @@ def test_two_worker_fine_tuning_equals_one_worker_and_leaves_a_one_worker_folder
     # Both workers printed the same dev metrics: each evaluated the whole dev set with the same weights.
     lines = [[x for x in cluster.log(i).splitlines() if x.startswith('{"accuracy"')] for i in (0, 1)]
     assert lines[0] == lines[1] and len(lines[0]) == 1
+
+
+@pytest.mark.slow
+def test_a_peer_lost_while_fine_tuning_stops_the_chief_with_one_line(tmp_path, google_vocab):
+    """Worker 1 killed after the first epoch's best/ checkpoint: the chief stops by itself, soon, with
+    the one line (fine-tuning has no resume: it says to start again)."""
+    import re
+
+    from test_run_classifier import _config, _pair_data
+    from worker_cluster import LocalCluster
+
+    import multi_worker
+
+    _pair_data(tmp_path / "data")
+    out = tmp_path / "out"
+    argv = ["run_classifier.py", "--task_name=lcqmc_pair", f"--data_dir={tmp_path / 'data'}",
+            f"--vocab_file={google_vocab}", f"--bert_config_file={_config(tmp_path)}", f"--output_dir={out}",
+            "--max_seq_length=16", "--train_batch_size=8", "--num_train_epochs=200", "--do_train", "--do_eval"]
+    cluster = LocalCluster(2, tmp_path / "logs").start(argv)
+    cluster.wait_for(lambda: (out / "best" / "checkpoint").exists(), 300, "the first best/ checkpoint")
+    killed_at = cluster.kill(1)
+    code = cluster.wait(timeout=multi_worker.HEARTBEAT_TIMEOUT_S + 60)[0]
+    log = cluster.log(0)
+    assert code == 2 and "Traceback" not in log, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert re.fullmatch(rf"run_classifier.py: error: worker 1 \(127\.0\.0\.1:{cluster.ports[1]}\) is gone; "
+                        r"fine-tuning stopped at step \d+; it does not resume: rerun on every worker "
+                        r"with a new --output_dir", last), last
+    assert time.time() - killed_at < multi_worker.HEARTBEAT_TIMEOUT_S + 30
