@@ -30,6 +30,7 @@ from absl import flags, logging
 import file_output
 import model_folder
 import modeling
+import multi_worker
 import optimization
 import tokenization
 import train_utils
@@ -366,8 +367,11 @@ def run(opts, task):
     else:
         logging.warning("no --init_checkpoint: training from a RANDOM initialisation")
 
+    # On a cluster (TF_CONFIG) every worker trains; only the chief writes into --output_dir.
+    chief = multi_worker.is_chief(strategy)
     try:
-        tf.io.gfile.makedirs(opts.output_dir)
+        if chief:
+            tf.io.gfile.makedirs(opts.output_dir)
     except tf.errors.OpError as e:
         raise UsageError(f"--output_dir={opts.output_dir}: cannot create it ({e.message})") from None
     dev = data.get("dev")
@@ -376,13 +380,15 @@ def run(opts, task):
         train(task, strategy, features, y, dev, config, resolved, do_lower_case, skipped)
     metrics = {}
     if dev is not None:
-        metrics = dict(task.evaluate(dev, opts.output_dir), split=os.path.basename(paths["dev"]))
+        metrics = dict(task.evaluate(dev, opts.output_dir if chief else None),
+                       split=os.path.basename(paths["dev"]))
         if skipped:
             metrics["skipped"] = skipped
-        write_text(os.path.join(opts.output_dir, "eval_results.json"),
-                   json.dumps(metrics, ensure_ascii=False, sort_keys=True) + "\n")
+        if chief:
+            write_text(os.path.join(opts.output_dir, "eval_results.json"),
+                       json.dumps(metrics, ensure_ascii=False, sort_keys=True) + "\n")
         print(json.dumps(metrics, ensure_ascii=False, sort_keys=True), flush=True)
-    if "test" in data:
+    if "test" in data and chief:
         out = task.predict(data["test"], opts.output_dir)
         logging.info("wrote %d predictions to %s", len(data["test"]), out)
     return metrics
@@ -511,11 +517,16 @@ class _Progress(keras.callbacks.Callback):
 
 def make_dataset(features, labels=None, batch_size=32, shuffle=False, seed=0, drop_remainder=False):
     """tf.data over numpy feature arrays (dict of [N, S] int32) and optional labels ([N] / [N, S] or a
-    tuple of such)."""
+    tuple of such); with shuffle, endless (a new order each pass)."""
     data = features if labels is None else (features, labels)
     ds = tf.data.Dataset.from_tensor_slices(data)
-    if shuffle:
-        ds = ds.shuffle(len(next(iter(features.values()))), seed=seed, reshuffle_each_iteration=True)
+    if shuffle:  # endless passes, each in its own order fixed by (seed, pass): the same batches
+        # however often the dataset is opened (Keras' fit opens it once to build, once to train),
+        # so every worker of a cluster, and a one-machine run, see one sequence of batches
+        n = len(next(iter(features.values())))
+        return tf.data.Dataset.counter().flat_map(lambda p: ds.shuffle(
+            n, seed=seed + p, reshuffle_each_iteration=False).batch(
+                batch_size, drop_remainder=drop_remainder)).prefetch(tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
@@ -531,6 +542,11 @@ def train(task, strategy, features, y, dev, config, resolved, do_lower_case, ski
     epochs = int(math.ceil(total_steps / steps_per_epoch))
     logging.info("training: %d sequences, batch %d, %d steps (%d epochs of %d)", num_examples,
                  opts.train_batch_size, total_steps, epochs, steps_per_epoch)
+    if multi_worker.cluster_of(strategy) is not None and (
+            opts.train_batch_size % strategy.num_replicas_in_sync or num_examples < opts.train_batch_size):
+        raise UsageError(f"--train_batch_size={opts.train_batch_size} must divide by the "
+                         f"{strategy.num_replicas_in_sync} replicas of the cluster and be at most the "
+                         f"{num_examples} training examples")
     ds = make_dataset(features, y, opts.train_batch_size, shuffle=True, seed=opts.seed,
                       drop_remainder=num_examples >= opts.train_batch_size)
     loss = task.loss or masked_sparse_ce
@@ -541,10 +557,16 @@ def train(task, strategy, features, y, dev, config, resolved, do_lower_case, ski
         model.compile(optimizer=optimizer, loss=loss, jit_compile=opts.jit_compile)
 
     best_dir = os.path.join(opts.output_dir, "best")
+    chief = multi_worker.is_chief(strategy)
     # The folder describes itself before the first weights land in it (export_to_pytorch,
     # --init_checkpoint and --do_predict read it alone).
-    model_folder.write(best_dir, config=config, vocab_file=resolved.vocab_file, do_lower_case=do_lower_case,
-                       task=task.kind, labels=task.labels)
+    if chief:
+        model_folder.write(best_dir, config=config, vocab_file=resolved.vocab_file,
+                           do_lower_case=do_lower_case, task=task.kind, labels=task.labels)
+    else:  # every worker saves (as TF asks); the others' copies go to a temporary folder
+        cluster = multi_worker.cluster_of(strategy)
+        best_dir = multi_worker.worker_dir(opts.output_dir, cluster.tasks.index(
+            (cluster.job, cluster.index, cluster.address(cluster.job, cluster.index))))
     checkpoint = modeling.make_checkpoint(model)
     manager = tf.train.CheckpointManager(checkpoint, best_dir, max_to_keep=1)
     progress = _Progress(total_steps)
@@ -566,11 +588,16 @@ def train(task, strategy, features, y, dev, config, resolved, do_lower_case, ski
                 best.update(metrics)
                 manager.save()
 
-    model.fit(ds.repeat(), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,
-              callbacks=[progress, KeepBest()])
+    if multi_worker.cluster_of(strategy) is not None:
+        multi_worker.fit(model, loss, strategy, ds, epochs, steps_per_epoch, [progress, KeepBest()],
+                         opts.jit_compile)
+    else:
+        model.fit(ds.repeat(), epochs=epochs, steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,
+                  callbacks=[progress, KeepBest()])
     checkpoint.restore(manager.latest_checkpoint).expect_partial()
-    write_text(os.path.join(opts.output_dir, "train_history.json"),
-               json.dumps({"epochs": history, "skipped": skipped}, ensure_ascii=False, indent=1))
+    if chief:
+        write_text(os.path.join(opts.output_dir, "train_history.json"),
+                   json.dumps({"epochs": history, "skipped": skipped}, ensure_ascii=False, indent=1))
 
 
 def predict_batches(model, features, batch_size):
@@ -581,7 +608,11 @@ def predict_batches(model, features, batch_size):
     pad = -n % batch_size
     if pad:
         features = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in features.items()}
-    out = model.predict(make_dataset(features, batch_size=batch_size), verbose=0)
+    ds = make_dataset(features, batch_size=batch_size)
+    if multi_worker.cluster_of(model.distribute_strategy) is not None:
+        out = multi_worker.predict(model, ds)
+    else:
+        out = model.predict(ds, verbose=0)
     # float32 also under --mixed_precision (bfloat16 logits lose ties and softmax precision).
     if isinstance(out, (tuple, list)):
         return tuple(np.asarray(o[:n], np.float32) for o in out)

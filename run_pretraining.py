@@ -38,6 +38,7 @@ from absl import flags, logging
 
 import file_output
 import modeling
+import multi_worker
 import optimization
 import pretraining_records
 import pretraining_resume as resume
@@ -506,10 +507,11 @@ def run(opts):
     if model.non_trainable_variables:  # dropout seed states: resume draws the same masks
         trackables["dropout_seeds"] = list(model.non_trainable_variables)
     checkpoint = modeling.make_checkpoint(model, **trackables)
-    # Workers other than the chief keep their own checkpoints (TF's multi-worker convention).
-    ckpt_dir = (opts.output_dir if is_chief
-                else os.path.join(opts.output_dir, "workers", f"worker-{worker_index}"))
-    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir, max_to_keep=opts.keep_checkpoint_max)
+    # Every worker saves (TF's multi-worker rule); only the chief's copies are kept, the others go to
+    # a local folder removed at exit, so the run folder is the same as a one-worker run's.
+    ckpt_dir = opts.output_dir if is_chief else multi_worker.worker_dir(opts.output_dir, worker_index)
+    manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
+                                         max_to_keep=opts.keep_checkpoint_max if is_chief else 1)
     if resume_from:
         resume.restore(checkpoint, resume_from)
         logging.info("resumed from %s at step %d", resume_from, int(optimizer.iterations.numpy()))
@@ -577,6 +579,11 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
         except tf.errors.OpError as e:
             if isinstance(e, tf.errors.DataLossError) or "Key: " in e.message:  # not our records
                 raise resume.bad_records_error(opts, opts.input_file, f"near step {step}", e) from None
+            lost = multi_worker.lost_peer_error(
+                e, trainer.strategy, f"stopped at step {step}; rerun the same command on every "
+                f"worker to {_resume_point(opts.output_dir)}")
+            if lost:
+                raise lost from None
             raise
         ran, elapsed = int(ran), time.perf_counter() - start
         seconds_per_step = elapsed / max(ran, 1)
@@ -608,6 +615,16 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
             logging.info("saved %s", manager.latest_checkpoint)
 
 
+def _resume_point(output_dir):
+    """'resume from ckpt-N' by the chief's checkpoint state file (the one every worker resumes from,
+    whichever worker asks), or 'start again' when it names none."""
+    try:
+        newest = resume.latest_checkpoint(output_dir)
+    except UsageError:  # the rerun's own checks will say what is wrong with it
+        newest = None
+    return f"resume from {os.path.basename(newest)}" if newest else "start again (no checkpoint yet)"
+
+
 def _evaluate(opts, trainer, files, counts, num_workers):
     """Masked-LM loss/accuracy/perplexity over at most --max_eval_steps batches; prints JSON."""
     strategy = trainer.strategy
@@ -627,6 +644,11 @@ def _evaluate(opts, trainer, files, counts, num_workers):
             if isinstance(e, tf.errors.DataLossError) or "Key: " in e.message:  # as in _train
                 raise resume.bad_records_error(opts, opts.eval_input_file or opts.input_file,
                                                f"in eval batch {i}", e) from None
+            lost = multi_worker.lost_peer_error(  # a peer lost mid-evaluation: as in training
+                e, strategy, f"stopped while evaluating at step {int(trainer.optimizer.iterations.numpy())}; "
+                f"rerun the same command on every worker to {_resume_point(opts.output_dir)}")
+            if lost:
+                raise lost from None
             raise
     loss = sums[0] / (sums[2] + _EPSILON)
     result = {"masked_lm_loss": float(loss),

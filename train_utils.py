@@ -92,22 +92,25 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
     """Builds the tf.distribute strategy named by `--strategy`.
 
     auto: a TPU if `tpu` is given or this is a Cloud TPU VM, MultiWorkerMirrored if TF_CONFIG names
-    several workers, Mirrored if there are several GPUs, else the default one-device strategy.
+    several tasks (multi_worker.py checks it and sets the lost-peer timeout), Mirrored if there are
+    several GPUs, else the default one-device strategy.
     On a TPU VM the TPU is this host's (`tpu="local"`, the default there); a TPU Node is reached by
     its name (with zone/project) or grpc:// address. A TPU resolver is only built when a TPU is asked
     for (building one unconditionally breaks GPU/CPU runs).
     """
-    import json
-
     import tensorflow as tf
+
+    import multi_worker  # the TF_CONFIG rules (checked here, before anything is written)
 
     if name not in STRATEGIES:
         raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
+    cluster = None
+    if name in ("auto", "multi_worker") and not (name == "auto" and (tpu or _on_tpu_vm())):
+        cluster = multi_worker.read_tf_config()  # UsageError for a TF_CONFIG that cannot be right
     if name == "auto":
-        workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
         if tpu or _on_tpu_vm():
             name = "tpu"
-        elif len(workers) > 1:
+        elif cluster is not None:
             name = "multi_worker"
         elif len(tf.config.list_logical_devices("GPU")) > 1:
             name = "mirrored"
@@ -125,7 +128,9 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        if cluster is None:  # no cluster: TF's one-machine multi-worker strategy
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        return multi_worker.make_strategy(cluster)
     if name == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
