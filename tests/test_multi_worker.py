@@ -101,7 +101,7 @@ def test_a_port_in_use_on_this_machine_is_refused():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    import mlm_instances as records
+    import helpers as records
     from conftest import SHARED_DATA
 
     import tokenization
