@@ -535,18 +535,11 @@ class RecordInfo:
         return next((m for _, m in self.metas if m), {})
 
 
-def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
-    """Checks one record file against the flags and the config before any training step.
+def check_sidecar(path, seq_len, max_pred, vocab_size):
+    """`path`'s sidecar checked against the flags and the config (TensorFlow-free).
 
-    Compares its sidecar (kind, sequence length, predictions, vocab size), checks the feature
-    lengths and id range of record 0, and with `full_scan` reads every record: TFRecord CRCs catch
-    corruption and truncation, every record's lengths, ids and positions are checked (files
-    without a sidecar, e.g. from Google's script, have nothing else vouching for them), and the
-    count must equal the sidecar's `num_instances`.
-    Returns the file's RecordInfo. Raises UsageError naming the file (and the record index).
+    Returns (sidecar dict or None, kind, the kind's features). Raises UsageError naming the file.
     """
-    import tensorflow as tf
-
     meta = read_sidecar(path)
     meta_path = sidecar_path(path)
     kind = meta["kind"] if meta else STATIC
@@ -565,30 +558,53 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
     else:
         from absl import logging
         logging.warning("%s has no %s sidecar; checking its records only", path, SIDECAR_SUFFIX)
+    return meta, kind, features
 
-    def check_values(index, values):
-        """values: {feature name: list of numbers} of one record; UsageError on the first problem."""
-        for f in features:
-            if not f.read:
-                continue
-            if f.name not in values:
-                raise UsageError(f"{path}: record {index} has no feature '{f.name}' (not "
-                                 f"{kind} pretraining records?)")
-            want, got = feature_length(f, seq_len, max_pred), len(values[f.name])
-            if got != want and not (want is None and 1 <= got <= seq_len - 2):
-                flag = "--max_predictions_per_seq" if f.length == "pred" else "--max_seq_length"
-                raise UsageError(f"{path}: record {index} has {f.name} of length {got}, but {flag} "
-                                 f"is {want or seq_len}")
-            bound = vocab_size if f.token_ids else seq_len if f.positions else None
-            if bound is not None and values[f.name]:
-                low, high = min(values[f.name]), max(values[f.name])
-                if high >= bound or low < 0:
-                    bad = high if high >= bound else low
-                    what = ("token id", f"vocab_size {vocab_size} of --bert_config_file (records "
-                            "made with another vocab?)") if f.token_ids else (
-                            "position", f"--max_seq_length {seq_len}")
-                    raise UsageError(f"{path}: record {index} has {what[0]} {bad} in {f.name} out of "
-                                     f"range [0, {what[1]})")
+
+def check_values(path, kind, index, values, seq_len, max_pred, vocab_size):
+    """values: {feature name: list of numbers} of record `index` of `path` (TensorFlow-free);
+    UsageError naming the file and record on the first problem."""
+    for f in _features(kind, path):
+        if not f.read:
+            continue
+        if f.name not in values:
+            raise UsageError(f"{path}: record {index} has no feature '{f.name}' (not "
+                             f"{kind} pretraining records?)")
+        want, got = feature_length(f, seq_len, max_pred), len(values[f.name])
+        if got != want and not (want is None and 1 <= got <= seq_len - 2):
+            flag = "--max_predictions_per_seq" if f.length == "pred" else "--max_seq_length"
+            raise UsageError(f"{path}: record {index} has {f.name} of length {got}, but {flag} "
+                             f"is {want or seq_len}")
+        bound = vocab_size if f.token_ids else seq_len if f.positions else None
+        if bound is not None and len(values[f.name]):
+            low, high = min(values[f.name]), max(values[f.name])
+            if high >= bound or low < 0:
+                bad = high if high >= bound else low
+                what = ("token id", f"vocab_size {vocab_size} of --bert_config_file (records "
+                        "made with another vocab?)") if f.token_ids else (
+                        "position", f"--max_seq_length {seq_len}")
+                raise UsageError(f"{path}: record {index} has {what[0]} {bad} in {f.name} out of "
+                                 f"range [0, {what[1]})")
+
+
+def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
+    """Checks one record file against the flags and the config before any training step.
+
+    Compares its sidecar (kind, sequence length, predictions, vocab size), checks the feature
+    lengths and id range of record 0, and with `full_scan` reads every record: TFRecord CRCs catch
+    corruption and truncation, every record's lengths, ids and positions are checked (files
+    without a sidecar, e.g. from Google's script, have nothing else vouching for them), and the
+    count must equal the sidecar's `num_instances`.
+    Returns the file's RecordInfo. Raises UsageError naming the file (and the record index).
+    (record_reader.check_file does the same without TensorFlow.)
+    """
+    import tensorflow as tf
+
+    meta, kind, features = check_sidecar(path, seq_len, max_pred, vocab_size)
+    meta_path = sidecar_path(path)
+
+    def check_values_(index, values):
+        check_values(path, kind, index, values, seq_len, max_pred, vocab_size)
 
     def values_of(raw, index):
         try:
@@ -603,9 +619,9 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
         first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
         if first is None:
             raise UsageError(f"{path}: no records")
-        check_values(0, values_of(first.numpy(), 0))
+        check_values_(0, values_of(first.numpy(), 0))
         if full_scan:
-            count = _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_values,
+            count = _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_values_,
                                        values_of)
             if meta is not None and "num_instances" in meta and count != meta["num_instances"]:
                 raise UsageError(f"{path}: {count} records, but {meta_path} says "
@@ -666,6 +682,19 @@ def _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_valu
             for j, raw in enumerate(records.skip(count).take(batch)):
                 check_values(count + j, values_of(raw.numpy(), count + j))
         count += int(n)
+
+
+def pipeline_files(files, counts, num_pipelines, pipeline_id):
+    """One input pipeline's (worker's/host's) share -> (files, shard_records, records per epoch).
+
+    Whole files per pipeline when there are enough files, else every pipeline reads all files and
+    keeps every num_pipelines-th record. (The rule of both readers: pretraining_resume's tf.data
+    pipeline and record_reader's.)
+    """
+    if num_pipelines > 1 and len(files) >= num_pipelines:
+        mine = range(pipeline_id, len(files), num_pipelines)
+        return [files[i] for i in mine], False, sum(counts[i] for i in mine)
+    return list(files), num_pipelines > 1, len(range(pipeline_id, sum(counts), num_pipelines))
 
 
 def combine(infos, flag="--input_file"):
@@ -748,6 +777,9 @@ def make_parser(info, seq_len, max_pred, **options):
 #   One decision per word: 80% [MASK], 10% kept, 10% random ordinary tokens. Labels: original ids.
 
 UNMASKED = "unmasked"
+# One decision per chosen word, from a uniform draw u: u < MASK_BELOW -> [MASK], u >= RANDOM_FROM ->
+# a random ordinary id, else kept (80/10/10). Shared with the JAX masking (jax_masking.py).
+MASK_BELOW, RANDOM_FROM = 0.8, 0.9
 # Evaluation masks use this key instead of --seed: one fixed mask per sequence for every run.
 EVAL_MASK_SEED = -1
 
@@ -860,8 +892,8 @@ def mask_whole_words(ids, num_tokens, word_start, uniform, *, max_pred, masked_l
     pool_size = pool.shape[0]
     random_ids = tf.gather(pool, tf.minimum(tf.cast(replacement * pool_size, tf.int32), pool_size - 1))
     original = tf.where(pos == 0, cls_id, tf.where(pos == n + 1, sep_id, tf.where(body, ids, 0)))
-    input_ids = tf.where(token_chosen & (token_decision < 0.8), mask_id,
-                         tf.where(token_chosen & (token_decision >= 0.9), random_ids, original))
+    input_ids = tf.where(token_chosen & (token_decision < MASK_BELOW), mask_id,
+                         tf.where(token_chosen & (token_decision >= RANDOM_FROM), random_ids, original))
     # Chosen positions in ascending order, zero padded: the P smallest of (pos if chosen else S + pos).
     sort_key = tf.where(token_chosen, pos, seq + pos)
     smallest = -tf.math.top_k(-sort_key, max_pred, sorted=True).values                  # [B, P]
@@ -878,15 +910,10 @@ def mask_whole_words(ids, num_tokens, word_start, uniform, *, max_pred, masked_l
     }
 
 
-def _unmasked_parser(info, seq_len, max_pred, *, seed=0, masked_lm_prob=0.10, training=True,
-                     **unused):
-    """Unmasked records -> the model's tensors, masks drawn from (seed, position).
-
-    training=False (evaluation) keys the masks by EVAL_MASK_SEED instead of `seed`, so every run
-    evaluates on the same masks.
-    """
+def masking_settings(info, masked_lm_prob):
+    """The masking settings of unmasked records from their sidecar, checked (TensorFlow-free):
+    {"pool": int32 [V_ordinary] replacement ids, "cls_id", "sep_id", "mask_id"}."""
     import numpy as np
-    import tensorflow as tf
     meta = info.meta
     where = next((sidecar_path(p) for p, m in info.metas if m), "unmasked records")
     missing = [k for k in ("cls_id", "sep_id", "mask_id", "ordinary_ids") if k not in meta]
@@ -895,7 +922,20 @@ def _unmasked_parser(info, seq_len, max_pred, *, seed=0, masked_lm_prob=0.10, tr
                          "records); regenerate the records")
     if not 0.0 < masked_lm_prob <= 1.0:
         raise UsageError(f"--masked_lm_prob={masked_lm_prob} must be in (0, 1]")
-    pool = tf.constant(np.array(_parse_id_ranges(meta["ordinary_ids"], where), np.int32))
+    return {"pool": np.array(_parse_id_ranges(meta["ordinary_ids"], where), np.int32),
+            "cls_id": meta["cls_id"], "sep_id": meta["sep_id"], "mask_id": meta["mask_id"]}
+
+
+def _unmasked_parser(info, seq_len, max_pred, *, seed=0, masked_lm_prob=0.10, training=True,
+                     **unused):
+    """Unmasked records -> the model's tensors, masks drawn from (seed, position).
+
+    training=False (evaluation) keys the masks by EVAL_MASK_SEED instead of `seed`, so every run
+    evaluates on the same masks.
+    """
+    import tensorflow as tf
+    meta = info.meta
+    pool = tf.constant(masking_settings(info, masked_lm_prob)["pool"])
     key = tf.constant(seed if training else EVAL_MASK_SEED, tf.int64)
     spec = {"token_ids": tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int32),
             "word_starts": tf.io.FixedLenFeature([], tf.string)}

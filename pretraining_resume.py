@@ -36,16 +36,8 @@ def count_records(path):
         np.int64(0), lambda n, _: n + 1))
 
 
-def pipeline_files(files, counts, num_pipelines, pipeline_id):
-    """This input pipeline's share -> (files, shard_records, records per epoch).
-
-    Whole files per pipeline (worker/host) when there are enough files, else every pipeline reads
-    all files and keeps every num_pipelines-th record.
-    """
-    if num_pipelines > 1 and len(files) >= num_pipelines:
-        mine = range(pipeline_id, len(files), num_pipelines)
-        return [files[i] for i in mine], False, sum(counts[i] for i in mine)
-    return list(files), num_pipelines > 1, len(range(pipeline_id, sum(counts), num_pipelines))
+# One pipeline's share of the files (the rule is TF-free, shared with record_reader.py).
+pipeline_files = pretraining_records.pipeline_files
 
 
 def train_dataset_fn(files, counts, per_replica_batch, seed, shuffle_buffer_size, start_step,
