@@ -520,8 +520,8 @@ def run(opts):
     elif opts.init_checkpoint:
         try:
             modeling.load_pretrained(model, opts.init_checkpoint)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        except ValueError as e:  # modeling names the path, the flag is ours to name
+            raise UsageError(f"--init_checkpoint: {e}") from None
 
     # 3. The run folder describes itself from the first step on (a killed run's folder too).
     if is_chief:
