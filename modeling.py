@@ -24,8 +24,9 @@ import os
 import re
 
 import keras
-import tensorflow as tf
+import numpy as np
 from absl import logging
+from keras import ops
 
 import model_folder
 import train_utils
@@ -222,11 +223,11 @@ class Embeddings(keras.layers.Layer):
         if seq_len is not None and seq_len > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {seq_len} > max_position_embeddings "
                              f"{self.config.max_position_embeddings} of the bert config")
-        seq_len = tf.shape(input_ids)[1]
-        x = (tf.gather(self.word_embeddings, input_ids)              # [B, S, H]
-             + tf.gather(self.token_type_embeddings, segment_ids)    # [B, S, H]
-             + self.position_embeddings[tf.newaxis, :seq_len])       # [1, S, H]
-        x = self.layer_norm(tf.cast(x, self.compute_dtype))
+        seq_len = ops.shape(input_ids)[1]
+        x = (ops.take(self.word_embeddings, input_ids, axis=0)             # [B, S, H]
+             + ops.take(self.token_type_embeddings, segment_ids, axis=0)   # [B, S, H]
+             + self.position_embeddings[:seq_len])                         # [S, H], broadcast
+        x = self.layer_norm(ops.cast(x, self.compute_dtype))
         return self.dropout(x, training=training)
 
 
@@ -247,24 +248,22 @@ class SelfAttention(keras.layers.Layer):
         self.output_norm = _layer_norm("LayerNorm")
 
     def _split_heads(self, x):
-        b, s = tf.shape(x)[0], tf.shape(x)[1]
-        x = tf.reshape(x, [b, s, self.num_heads, self.head_size])   # [B, S, N, D]
-        return tf.transpose(x, [0, 2, 1, 3])                         # [B, N, S, D]
+        # ops.shape gives dynamic sizes for the unknown dims under tf.function, static ones on JAX.
+        return ops.reshape(x, ops.shape(x)[:2] + (self.num_heads, self.head_size))  # [B, S, N, D]
 
     def call(self, x, attention_bias, training=False):
         """x: [B, S, H]; attention_bias: [B, 1, 1, S], 0 for real tokens and -10000 for padding."""
-        q = self._split_heads(self.query(x))                          # [B, N, S, D]
-        k = self._split_heads(self.key(x))                            # [B, N, S, D]
-        v = self._split_heads(self.value(x))                          # [B, N, S, D]
-        scores = tf.matmul(q, k, transpose_b=True)                    # [B, N, S(from), S(to)]
+        q = self._split_heads(self.query(x))                          # [B, S, N, D]
+        k = self._split_heads(self.key(x))                            # [B, S, N, D]
+        v = self._split_heads(self.value(x))                          # [B, S, N, D]
+        scores = ops.einsum("bfnd,btnd->bnft", q, k)                  # [B, N, S(from), S(to)]
         # Softmax in float32: under bfloat16 the -10000 bias and large logits lose too much precision.
-        scores = tf.cast(scores, tf.float32) * (1.0 / math.sqrt(self.head_size))
-        scores += tf.cast(attention_bias, tf.float32)  # Keras casts float inputs to the policy dtype
-        probs = tf.cast(tf.nn.softmax(scores, axis=-1), self.compute_dtype)
+        scores = ops.cast(scores, "float32") * (1.0 / math.sqrt(self.head_size))
+        scores += ops.cast(attention_bias, "float32")  # Keras casts float inputs to the policy dtype
+        probs = ops.cast(ops.softmax(scores, axis=-1), self.compute_dtype)
         probs = self.probs_dropout(probs, training=training)
-        context = tf.matmul(probs, v)                                 # [B, N, S, D]
-        context = tf.transpose(context, [0, 2, 1, 3])                 # [B, S, N, D]
-        context = tf.reshape(context, tf.shape(x))                    # [B, S, H]
+        context = ops.einsum("bnft,btnd->bfnd", probs, v)             # [B, S, N, D]
+        context = ops.reshape(context, ops.shape(x))                  # [B, S, H]
         out = self.output_dropout(self.output_dense(context), training=training)
         return self.output_norm(x + out)                              # [B, S, H]
 
@@ -320,21 +319,21 @@ class BertEncoder(keras.layers.Layer):
         return self.embeddings.word_embeddings
 
     def call(self, inputs, training=False):
-        input_ids = tf.cast(inputs["input_ids"], tf.int32)                           # [B, S]
+        input_ids = ops.cast(inputs["input_ids"], "int32")                           # [B, S]
         input_mask = inputs.get("input_mask")
-        input_mask = tf.ones_like(input_ids) if input_mask is None else input_mask
+        input_mask = ops.ones_like(input_ids) if input_mask is None else input_mask
         segment_ids = inputs.get("segment_ids")
-        segment_ids = tf.zeros_like(input_ids) if segment_ids is None else segment_ids
+        segment_ids = ops.zeros_like(input_ids) if segment_ids is None else segment_ids
         # Additive mask: 0 where attending is allowed, -10000 on padding keys (Google's choice).
-        mask = tf.cast(input_mask, tf.float32)[:, tf.newaxis, tf.newaxis, :]         # [B, 1, 1, S]
+        mask = ops.cast(input_mask, "float32")[:, None, None, :]                     # [B, 1, 1, S]
         attention_bias = (1.0 - mask) * -10000.0
 
-        x = self.embeddings(input_ids, tf.cast(segment_ids, tf.int32), training=training)
+        x = self.embeddings(input_ids, ops.cast(segment_ids, "int32"), training=training)
         for layer in self.encoder_layers:
             x = layer(x, attention_bias, training=training)                           # [B, S, H]
-        # Computed also where unused, so the pooler is built; tf.function prunes it there.
-        return {"sequence_output": tf.cast(x, tf.float32),                            # [B, S, H]
-                "pooled_output": tf.cast(self.pooler(x[:, 0]), tf.float32)}           # [B, H]
+        # Computed also where unused, so the pooler is built; tf.function and jit prune it there.
+        return {"sequence_output": ops.cast(x, "float32"),                            # [B, S, H]
+                "pooled_output": ops.cast(self.pooler(x[:, 0]), "float32")}           # [B, H]
 
 
 class OutputProjection(keras.layers.Layer):
@@ -352,8 +351,8 @@ class OutputProjection(keras.layers.Layer):
                                            initializer="zeros")
 
     def call(self, x):
-        logits = tf.matmul(x, self.output_weights, transpose_b=True) + self.output_bias  # [..., C]
-        return tf.cast(logits, tf.float32)
+        logits = ops.matmul(x, ops.transpose(self.output_weights)) + self.output_bias  # [..., C]
+        return ops.cast(logits, "float32")
 
 
 class MaskedLMHead(keras.layers.Layer):
@@ -373,12 +372,17 @@ class MaskedLMHead(keras.layers.Layer):
 
     def call(self, sequence_output, positions, word_embeddings):
         """sequence_output [B,S,H], positions [B,P] -> logits [B,P,V] float32."""
-        # Gather first: the V-wide matmul then costs P instead of S rows per sequence.
-        x = tf.gather(sequence_output, tf.cast(positions, tf.int32), batch_dims=1)   # [B, P, H]
-        x = self.layer_norm(self.transform(tf.cast(x, self.compute_dtype)))         # [B, P, H]
-        table = tf.cast(word_embeddings, self.compute_dtype)                       # [V, H]
-        logits = tf.matmul(x, table, transpose_b=True) + tf.cast(self.output_bias, self.compute_dtype)
-        return tf.cast(logits, tf.float32)                                         # [B, P, V]
+        # Gather first: the V-wide matmul then costs P instead of S rows per sequence. Google's
+        # gather_indexes: flatten the batch and offset each row's positions by b * S.
+        batch, seq_len, hidden = ops.shape(sequence_output)
+        offsets = ops.arange(batch, dtype="int32")[:, None] * seq_len                # [B, 1]
+        flat = ops.reshape(sequence_output, (-1, hidden))                            # [B*S, H]
+        x = ops.take(flat, ops.cast(positions, "int32") + offsets, axis=0)           # [B, P, H]
+        x = self.layer_norm(self.transform(ops.cast(x, self.compute_dtype)))         # [B, P, H]
+        table = ops.cast(word_embeddings, self.compute_dtype)                        # [V, H]
+        logits = (ops.matmul(x, ops.transpose(table))
+                  + ops.cast(self.output_bias, self.compute_dtype))                  # [B, P, V]
+        return ops.cast(logits, "float32")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,13 +452,29 @@ class BertSpanQA(keras.Model):
         return logits[..., 0], logits[..., 1]
 
 
+# The model class of each task name (model_folder.TASKS; run folders say theirs in model_info.json).
+TASK_MODELS = {"mlm": BertPretrainer, "classifier": BertClassifier, "ner": BertTokenClassifier,
+               "qa": BertSpanQA}
+
+
+def make_task_model(config, task, num_labels=None):
+    """A built model for `task` (mlm | classifier | ner | qa); classifier and ner need num_labels."""
+    if task not in TASK_MODELS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASK_MODELS)}")
+    if task in ("classifier", "ner"):
+        if not num_labels:
+            raise ValueError(f"task {task} needs the number of labels")
+        return build_model(TASK_MODELS[task](config, num_labels))
+    return build_model(TASK_MODELS[task](config))
+
+
 def build_model(model, seq_len=8):
     """Creates all variables of `model` with one dummy call; returns the model."""
     dummy = {
-        "input_ids": tf.zeros([1, seq_len], tf.int32),
-        "input_mask": tf.ones([1, seq_len], tf.int32),
-        "segment_ids": tf.zeros([1, seq_len], tf.int32),
-        "masked_lm_positions": tf.zeros([1, 1], tf.int32),
+        "input_ids": np.zeros([1, seq_len], "int32"),
+        "input_mask": np.ones([1, seq_len], "int32"),
+        "segment_ids": np.zeros([1, seq_len], "int32"),
+        "masked_lm_positions": np.zeros([1, 1], "int32"),
     }
     if not isinstance(model, BertPretrainer):
         del dummy["masked_lm_positions"]
@@ -578,6 +598,8 @@ def make_checkpoint(model, **extra_trackables):
     a classifier and back, and keeps the file readable with tf.train.list_variables.
     Use with tf.train.CheckpointManager, e.g. make_checkpoint(model, optimizer=opt, step=step).
     """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (TF-only format)
+
     weights = {w.google_name: w.variable for w in name_table(model)}
     clash = set(weights) & set(extra_trackables)
     if clash:
@@ -602,6 +624,8 @@ def load_pretrained(model, path):
     skipped. A missing encoder tensor or any shape mismatch raises ValueError naming the tensor;
     missing pooler/head weights keep their fresh initialisation and are logged.
     """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     prefix = _resolve_checkpoint(path)
     try:
         reader = tf.train.load_checkpoint(prefix)

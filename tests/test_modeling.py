@@ -177,6 +177,18 @@ def test_every_model_holds_a_pooler_and_only_the_classifier_trains_it():
         assert (id(model.bert.pooler.kernel) in trainable) == trained, model.name
 
 
+def test_make_task_model_builds_each_tasks_class():
+    c = small_config()
+    for task, cls in modeling.TASK_MODELS.items():
+        model = modeling.make_task_model(c, task, num_labels=3)
+        assert type(model) is cls and model.built and modeling.name_table(model)
+    assert modeling.make_task_model(c, "ner", num_labels=5).num_labels == 5
+    with pytest.raises(ValueError, match="task classifier needs the number of labels"):
+        modeling.make_task_model(c, "classifier")
+    with pytest.raises(ValueError, match="task 'nsp' is not one of mlm, classifier, ner, qa"):
+        modeling.make_task_model(c, "nsp")
+
+
 def test_padding_does_not_change_outputs_of_real_tokens():
     c = small_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = randomize(modeling.build_model(modeling.BertPretrainer(c)))
