@@ -763,8 +763,9 @@ def make_parser(info, seq_len, max_pred, **options):
 # replacements are drawn from ("104-8117,8119-8128,...": not special, not [unused*], not ##), so
 # training needs no vocab file.
 #
-# Masking, per sequence, with TensorFlow ops only and static shapes ([S] = max_seq_length,
-# [P] = max_predictions_per_seq), keyed by (seed, position): stateless random ops.
+# Masking, per sequence, in keras.ops (one code for tf.data and for the jitted JAX step) with static
+# shapes ([S] = max_seq_length, [P] = max_predictions_per_seq), keyed by (seed, position): stateless
+# random draws (TensorFlow's in tf.data, JAX's on the device: same rule, other numbers).
 #   budget k = min(P, max(1, round(n * masked_lm_prob)))
 #   The words are put in a random order and laid end to end on a circle of n token slots; a window of
 #   k slots starting at a random offset picks every word whose first token falls inside it. Each word
@@ -846,9 +847,27 @@ def unmasked_sidecar_keys(vocab):
             "ordinary_ids": ordinary_id_ranges(ordinary_ids(vocab))}
 
 
+def mask_budget(seq_len, masked_lm_prob, max_pred):
+    """Masked tokens aimed at per sequence of n body tokens -> int32 [seq_len + 1], indexed by n:
+    min(max_pred, max(1, round(n * masked_lm_prob))), rounded half to even in float64."""
+    import numpy as np
+    n = np.arange(seq_len + 1, dtype=np.float64)
+    return np.minimum(max_pred, np.maximum(1, np.round(n * masked_lm_prob))).astype(np.int32)
+
+
+def _stable_argsort(x):
+    """Argsort along axis 1, ties in index order (keras.ops.argsort is not stable on TensorFlow)."""
+    import keras
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        return tf.argsort(x, axis=1, stable=True)
+    return keras.ops.argsort(x, axis=1)  # jax.numpy's argsort is stable
+
+
 def mask_whole_words(ids, num_tokens, word_start, uniform, *, max_pred, masked_lm_prob, pool,
                      cls_id, sep_id, mask_id):
-    """Dynamic whole-word masking of a batch; TensorFlow ops only, static shapes.
+    """Dynamic whole-word masking of a batch; keras.ops only, static shapes: the one rule, run by
+    tf.data on the TensorFlow backend (below) and inside the jitted step on JAX (jax_masking.py).
 
     Args:
       ids: int32 [B, S], the body tokens at positions 1..n (anything elsewhere).
@@ -861,52 +880,52 @@ def mask_whole_words(ids, num_tokens, word_start, uniform, *, max_pred, masked_l
       the model's tensors: input_ids, input_mask, segment_ids int32 [B, S]; masked_lm_positions,
       masked_lm_ids int32 [B, P]; masked_lm_weights float32 [B, P].
     """
-    import tensorflow as tf
-    batch, seq = tf.shape(ids)[0], ids.shape[1]
+    from keras import ops
+    seq = ids.shape[1]
     order_keys, decision, replacement = (uniform[:, i * seq:(i + 1) * seq] for i in range(3))
-    pos = tf.range(seq)[None, :]                                                        # [1, S]
-    n = num_tokens[:, None]                                                             # [B, 1]
+    pos = ops.arange(seq, dtype="int32")[None, :]                                       # [1, S]
+    n = ops.cast(num_tokens, "int32")[:, None]                                          # [B, 1]
     body = (pos >= 1) & (pos <= n)                                                      # [B, S]
     word_start = (word_start & body) | (pos == 1)  # the first token always starts a word
     # word[b, t]: index of the word holding token t (words are numbered 0.. in text order).
-    word = tf.cumsum(tf.cast(word_start, tf.int32), axis=1) - 1                         # [B, S]
+    word = ops.cumsum(ops.cast(word_start, "int32"), axis=1) - 1                        # [B, S]
     num_words = word[:, -1:] + 1                                                        # [B, 1]
-    word = tf.where(body, word, seq - 1)  # [CLS]/[SEP]/padding: a slot no word of <= S-2 tokens uses
-    length = tf.reshape(tf.math.unsorted_segment_sum(
-        tf.cast(body, tf.int32), word + seq * tf.range(batch)[:, None], batch * seq),
-        [batch, seq])                                                                   # [B, W=S]
-    is_word = pos < num_words                                                           # [B, W]
+    word = ops.where(body, word, seq - 1)  # [CLS]/[SEP]/padding: a slot no word of <= S-2 tokens uses
+    is_word = pos < num_words                                                           # [B, W=S]
+    # Word lengths: from each word's first token to the next word's (or past the body's end).
+    first = ops.sort(ops.where(word_start, pos, 2 * seq), axis=1)                       # [B, W]
+    following = ops.concatenate([first[:, 1:], ops.full_like(first[:, :1], 2 * seq)], axis=1)
+    length = ops.where(is_word, ops.minimum(following, n + 1) - first, 0)               # [B, W]
     # Random order of the words; first slot of each word when laid end to end in that order.
-    order = tf.argsort(tf.where(is_word, order_keys, 2.0), axis=1, stable=True)         # [B, W]
-    slot_sorted = tf.cumsum(tf.gather(length, order, batch_dims=1), axis=1, exclusive=True)
-    slot = tf.gather(slot_sorted, tf.argsort(order, axis=1), batch_dims=1)              # [B, W]
-    budget = tf.minimum(max_pred, tf.maximum(1, tf.cast(tf.round(
-        tf.cast(num_tokens, tf.float64) * masked_lm_prob), tf.int32)))[:, None]         # [B, 1]
-    offset = tf.minimum(tf.cast(uniform[:, -1:] * tf.cast(n, tf.float32), tf.int32), n - 1)
-    slot = tf.where(is_word, tf.math.floormod(slot - offset, n), seq)  # the window starts at slot 0
+    order = _stable_argsort(ops.where(is_word, order_keys, 2.0))                        # [B, W]
+    sorted_length = ops.take_along_axis(length, order, axis=1)
+    slot_sorted = ops.cumsum(sorted_length, axis=1) - sorted_length                     # exclusive
+    slot = ops.take_along_axis(slot_sorted, ops.argsort(order, axis=1), axis=1)         # [B, W]
+    budget = ops.take(mask_budget(seq, masked_lm_prob, max_pred), n)                    # [B, 1]
+    offset = ops.minimum(ops.cast(uniform[:, -1:] * ops.cast(n, "float32"), "int32"), n - 1)
+    slot = ops.where(is_word, ops.mod(slot - offset, ops.maximum(n, 1)), seq)  # window starts at 0
     # A window inside one long word would choose nothing: it then reaches to the next word's start.
-    window = tf.maximum(budget, tf.reduce_min(slot, axis=1, keepdims=True) + 1)         # [B, 1]
-    chosen = (slot < window) & (slot + length <= max_pred)                              # [B, W]
-    token_chosen = tf.gather(chosen, word, batch_dims=1) & body                         # [B, S]
-    token_decision = tf.gather(decision, word, batch_dims=1)                            # [B, S]
+    window = ops.maximum(budget, ops.min(slot, axis=1, keepdims=True) + 1)              # [B, 1]
+    chosen = ops.cast((slot < window) & (slot + length <= max_pred), "int32")           # [B, W]
+    token_chosen = (ops.take_along_axis(chosen, word, axis=1) > 0) & body               # [B, S]
+    token_decision = ops.take_along_axis(decision, word, axis=1)                        # [B, S]
     pool_size = pool.shape[0]
-    random_ids = tf.gather(pool, tf.minimum(tf.cast(replacement * pool_size, tf.int32), pool_size - 1))
-    original = tf.where(pos == 0, cls_id, tf.where(pos == n + 1, sep_id, tf.where(body, ids, 0)))
-    input_ids = tf.where(token_chosen & (token_decision < MASK_BELOW), mask_id,
-                         tf.where(token_chosen & (token_decision >= RANDOM_FROM), random_ids, original))
+    random_ids = ops.take(pool, ops.minimum(ops.cast(replacement * pool_size, "int32"), pool_size - 1))
+    original = ops.where(pos == 0, cls_id, ops.where(pos == n + 1, sep_id, ops.where(body, ids, 0)))
+    input_ids = ops.where(token_chosen & (token_decision < MASK_BELOW), mask_id,
+                          ops.where(token_chosen & (token_decision >= RANDOM_FROM), random_ids, original))
     # Chosen positions in ascending order, zero padded: the P smallest of (pos if chosen else S + pos).
-    sort_key = tf.where(token_chosen, pos, seq + pos)
-    smallest = -tf.math.top_k(-sort_key, max_pred, sorted=True).values                  # [B, P]
-    count = tf.reduce_sum(tf.cast(token_chosen, tf.int32), axis=1, keepdims=True)       # [B, 1]
-    real = tf.range(max_pred)[None, :] < count                                          # [B, P]
-    positions = tf.where(real, smallest, 0)
+    smallest = ops.sort(ops.where(token_chosen, pos, seq + pos), axis=1)[:, :max_pred]  # [B, P]
+    count = ops.sum(ops.cast(token_chosen, "int32"), axis=1, keepdims=True)             # [B, 1]
+    real = ops.arange(max_pred, dtype="int32")[None, :] < count                         # [B, P]
+    positions = ops.where(real, smallest, 0)
     return {
-        "input_ids": input_ids,
-        "input_mask": tf.cast(pos <= n + 1, tf.int32),
-        "segment_ids": tf.zeros_like(input_ids),
-        "masked_lm_positions": positions,
-        "masked_lm_ids": tf.where(real, tf.gather(original, positions, batch_dims=1), 0),
-        "masked_lm_weights": tf.cast(real, tf.float32),
+        "input_ids": ops.cast(input_ids, "int32"),
+        "input_mask": ops.cast(pos <= n + 1, "int32"),
+        "segment_ids": ops.zeros_like(ops.cast(input_ids, "int32")),
+        "masked_lm_positions": ops.cast(positions, "int32"),
+        "masked_lm_ids": ops.cast(ops.where(real, ops.take_along_axis(original, positions, axis=1), 0), "int32"),
+        "masked_lm_weights": ops.cast(real, "float32"),
     }
 
 

@@ -145,14 +145,14 @@ def _fields(buf, pos, end):
         yield field, wire, start, pos
 
 
-# Feature.kind oneof: field -> (name, list element wire types: packed/unpacked)
+# Feature.kind oneof field -> the list's dtype
 _LISTS = {1: "bytes", 2: "float32", 3: "int64"}
 
 
 def _walk(buf, start, end, wanted, segments, record):
-    """Collects the value bytes of record buf[start:end]'s wanted features into
-    segments[name] = (kind, [segment starts], [ends], [record index]); each segment holds whole
-    values: varints (int64), 4-byte floats, or one bytes value."""
+    """The general path, one record: appends the value bytes of record buf[start:end]'s wanted
+    features to segments[name] = [starts, ends, records, list fields]; each segment holds whole
+    values: varints (int64, packed or not), 4-byte floats, or one bytes value."""
     for field, wire, fs, fe in _fields(buf, start, end):
         if field != 1 or wire != 2:  # Example.features
             continue
@@ -167,11 +167,10 @@ def _walk(buf, start, end, wanted, segments, record):
                     value = (s, e)
             if name not in wanted or value is None:
                 continue
-            _, starts, ends, recs = segments.setdefault(name, [None, [], [], []])
-            for field4, wire4, ls, le in _fields(buf, *value):  # Feature: one of the lists
+            starts, ends, recs, kinds = segments.setdefault(name, [[], [], [], []])
+            for field4, _, ls, le in _fields(buf, *value):  # Feature: one of the lists
                 if field4 not in _LISTS:
                     continue
-                segments[name][0] = _LISTS[field4]
                 for field5, wire5, s, e in _fields(buf, ls, le):  # the list's `value` fields
                     if field5 != 1:
                         continue
@@ -182,44 +181,127 @@ def _walk(buf, start, end, wanted, segments, record):
                     starts.append(s)
                     ends.append(e)
                     recs.append(record)
+                    kinds.append(field4)
+
+
+def _varints_at(blob, at):
+    """Vectorised: the varints starting at positions `at` (int64 [k]) -> (values, next positions,
+    ok); ok is False for varints longer than 5 bytes (no length we meet is that long)."""
+    value = np.zeros(len(at), np.int64)
+    cont = np.ones(len(at), bool)
+    pos = at.copy()
+    for i in range(5):
+        b = blob[np.minimum(pos, len(blob) - 1)].astype(np.int64)
+        value |= np.where(cont, (b & 0x7F) << (7 * i), 0)
+        pos += cont
+        cont &= b >= 0x80
+        if not cont.any():
+            break
+    return value, pos, ~cont
+
+
+def _walk_batch(blob, offsets, names, segments):
+    """The fast path, all records at once: Examples laid out as protobuf writers (ours,
+    tf.train.Example) write them -- one `features` field, each map entry key then value, each list
+    packed (int64/float) or a single value (bytes). Appends what it reads to `segments` (as
+    _walk) and returns bool [n]: the records it could not read this way (for _walk)."""
+    end = np.asarray(offsets[1:], np.int64)
+    start = np.asarray(offsets[:-1], np.int64)
+    blob = np.concatenate([blob, np.zeros(16, np.uint8)])  # look-ahead past the last record
+    size, pos, ok = _varints_at(blob, start + 1)
+    irregular = ~((end > start) & (blob[np.minimum(start, len(blob) - 1)] == 0x0A) & ok & (pos + size == end))
+    keys = {name: np.frombuffer(name.encode(), np.uint8) for name in names}
+    while True:
+        rows = np.flatnonzero(~irregular & (pos < end))
+        if not len(rows):
+            return irregular
+        at, stop = pos[rows], end[rows]
+
+        def byte(i):
+            return blob[np.minimum(i, len(blob) - 1)]
+
+        entry, at, ok1 = _varints_at(blob, at + 1)        # map entry: 0x0A len
+        entry_end = at + entry
+        key, at2, ok2 = _varints_at(blob, at + 1)         # key: 0x0A len name
+        key_end = at2 + key
+        value, at3, ok3 = _varints_at(blob, key_end + 1)  # value: 0x12 len Feature
+        tag = byte(at3)                                    # Feature: list tag, len
+        lst, at4, ok4 = _varints_at(blob, at3 + 1)
+        payload, at5, ok5 = _varints_at(blob, at4 + 1)    # list: 0x0A len values, or empty
+        empty = lst == 0
+        good = ((byte(pos[rows]) == 0x0A) & ok1 & (entry_end <= stop) & (byte(at) == 0x0A) & ok2
+                & (byte(key_end) == 0x12) & ok3 & (at3 + value == entry_end) & ok4
+                & (at4 + lst == entry_end) & ((tag & 7) == 2) & ((tag >> 3) >= 1) & ((tag >> 3) <= 3)
+                & (empty | ((byte(at4) == 0x0A) & ok5 & (at5 + payload == entry_end))))
+        irregular[rows[~good]] = True
+        for name, want in keys.items():
+            hit = good & (key == len(want))
+            if hit.any():
+                idx = np.flatnonzero(hit)
+                same = (blob[at2[idx, None] + np.arange(len(want))] == want).all(axis=1)
+                idx = idx[same]
+                seg = segments.setdefault(name, [[], [], [], []])
+                seg[0].append(np.where(empty[idx], entry_end[idx], at5[idx]))
+                seg[1].append(entry_end[idx])
+                seg[2].append(rows[idx])
+                seg[3].append((tag[idx] >> 3).astype(np.int64))
+        pos[rows[good]] = entry_end[good]
+
+
+def _merged(seg):
+    """segments[name] (lists of ints and arrays from both paths) -> int64 arrays ordered by record."""
+    starts, ends, recs, kinds = (np.concatenate([np.atleast_1d(np.asarray(x, np.int64)) for x in part])
+                                 if part else np.zeros(0, np.int64) for part in seg)
+    order = np.argsort(recs, kind="stable")
+    return starts[order], ends[order], recs[order], kinds[order]
 
 
 def _gather(blob, starts, ends):
     """The bytes of segments [starts[i], ends[i]) of `blob` (uint8), concatenated -> uint8 [sum]."""
-    starts, lengths = np.asarray(starts, np.int64), np.asarray(ends, np.int64) - starts
+    lengths = ends - starts
     before = np.cumsum(lengths) - lengths
     return blob[np.repeat(starts - before, lengths) + np.arange(lengths.sum())]
 
 
 def _decode_varints(data):
     """uint8 [n] of whole varints -> int64 [values], and the index of each value's last byte."""
-    last = data < 0x80
-    if len(data) and not last[-1]:
+    last = np.flatnonzero(data < 0x80)
+    if len(data) and (not len(last) or last[-1] != len(data) - 1):
         raise ValueError("varint cut at a segment end")
-    first = np.concatenate([[True], last[:-1]])
-    group_start = np.flatnonzero(first)
-    shift = (np.arange(len(data)) - np.repeat(group_start, np.diff(np.append(group_start, len(data)))))
-    if len(shift) and shift.max() > 9:
+    if not len(last):
+        return np.zeros(0, np.int64), last
+    first = np.empty_like(last)
+    first[0], first[1:] = 0, last[:-1] + 1
+    length = last - first + 1
+    longest = int(length.max())
+    if longest > 10:
         raise ValueError("varint longer than 10 bytes")
-    bits = (data & 0x7F).astype(np.uint64) << (7 * shift).astype(np.uint64)
-    values = np.add.reduceat(bits, group_start) if len(data) else np.zeros(0, np.uint64)
-    return values.view(np.int64), np.flatnonzero(last)
+    values = (data[first] & 0x7F).astype(np.uint64)
+    for k in range(1, longest):  # byte k of the values that have one
+        has = np.flatnonzero(length > k)
+        values[has] |= (data[first[has] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    return values.view(np.int64), last
 
 
-def _values_by_record(kind, blob, seg, n):
-    """One feature's segments -> (values [total], per-record value counts [n]); bytes features give
-    the bytes and the per-record byte counts (one value per record, checked by the caller)."""
-    _, starts, ends, recs = seg
-    starts, ends, recs = (np.asarray(a, np.int64) for a in (starts, ends, recs))
+def _values_by_record(kind, blob, merged, n):
+    """One feature's merged segments -> (values [total], per-record value counts [n]); bytes
+    features give the bytes and the per-record byte counts (one value per record, checked by the
+    caller)."""
+    starts, ends, recs, _ = merged
     data = _gather(blob, starts, ends)
     if kind == "int64":
         values, last = _decode_varints(data)
+        if len(starts) and ((ends > starts) & (data[np.cumsum(ends - starts)[ends > starts] - 1] >= 0x80)).any():
+            raise ValueError("varint cut at a segment end")
         return values, np.bincount(np.repeat(recs, ends - starts)[last], minlength=n)
     if kind == "float32":
         if ((ends - starts) % 4).any():
             raise ValueError("float list of a length not a multiple of 4")
         return data.view("<f4"), np.bincount(recs, weights=(ends - starts) // 4, minlength=n).astype(np.int64)
     return data, np.bincount(recs, weights=ends - starts, minlength=n).astype(np.int64)
+
+
+_KIND_CODE = {v: k for k, v in _LISTS.items()}
 
 
 class Decoder:
@@ -242,18 +324,18 @@ class Decoder:
         blob = np.frombuffer(blob_bytes, np.uint8)
         offsets = np.cumsum([0] + [len(r) for r in raws])
         segments = {}
-        for i in range(n):
-            try:
-                _walk(blob_bytes, int(offsets[i]), int(offsets[i + 1]), self.names, segments, i)
+        for i in np.flatnonzero(_walk_batch(blob, offsets, self.names, segments)):
+            try:  # the general path for what the fast one does not read
+                _walk(blob_bytes, int(offsets[i]), int(offsets[i + 1]), self.names, segments, int(i))
             except (ValueError, IndexError) as e:
-                self._not_an_example(where(i), e)
+                self._not_an_example(where(int(i)), e)
         out = {}
         for f in self.features:
-            seg = segments.get(f.name)
-            if seg is None or seg[0] != f.dtype or len(set(seg[3])) != n:
+            merged = _merged(segments.get(f.name, [[], [], [], []]))
+            if (merged[3] != _KIND_CODE[f.dtype]).any() or len(np.unique(merged[2])) != n:
                 self._explain(raws, where)
             try:
-                out[f.name] = (*_values_by_record(f.dtype, blob, seg, n), seg)
+                out[f.name] = (*_values_by_record(f.dtype, blob, merged, n), merged)
             except ValueError:
                 self._explain(raws, where)
         return self._arrays(out, raws, where, blob)
@@ -269,8 +351,11 @@ class Decoder:
         blob = np.frombuffer(raw, np.uint8)
         values = {}
         for name, seg in segments.items():
-            data, _ = _values_by_record(seg[0], blob, seg, 1)
-            values[name] = [bytes(data)] * len(seg[1]) if seg[0] == "bytes" else data.tolist()
+            merged = _merged(seg)
+            kind = _LISTS[int(merged[3][0])] if len(merged[3]) else "int64"
+            data, _ = _values_by_record(kind, blob, merged, 1)
+            values[name] = ([bytes(blob[s:e]) for s, e in zip(merged[0], merged[1])] if kind == "bytes"
+                            else data.tolist())
         return values
 
     def check(self, raw, place):
@@ -327,7 +412,7 @@ class Decoder:
         token_ids = np.zeros((n, seq), np.int32)
         before = np.repeat(np.cumsum(counts) - counts, counts)
         token_ids[np.repeat(np.arange(n), counts), 1 + np.arange(len(values)) - before] = values
-        _, _, (_, starts, ends, recs) = out["word_starts"]
+        _, _, (starts, ends, recs, _) = out["word_starts"]
         if len(recs) != n:  # one bytes value per record (they are in record order)
             self._explain(raws, where)
         # The bitmap: bit i % 8 of byte i // 8 is token i; cut or zero-padded to the body's size.
@@ -537,6 +622,7 @@ def train_batches(files, counts, global_batch, seed, shuffle_buffer_size, start_
     kind = info.kind if info is not None else records.STATIC
     decode = Decoder(kind, seq_len, max_pred, vocab_size)
     reader = _Files(epochs.mine)
+    chunk = batch * max(1, 2048 // batch)
 
     def generate():
         e, skip = divmod(start_step * batch, epochs.per_epoch)
@@ -546,13 +632,14 @@ def train_batches(files, counts, global_batch, seed, shuffle_buffer_size, start_
             parts = [np.concatenate([c, p[skip:]]) for c, p in zip(carry, parts)]
             skip = 0
             whole = len(parts[0]) // batch * batch
-            for b in range(0, whole, batch):
-                f, i, pos = (p[b:b + batch] for p in parts)
+            for c in range(0, whole, chunk):  # decoded a chunk at a time: fewer, larger NumPy calls
+                f, i, pos = (p[c:min(c + chunk, whole)] for p in parts)
                 raws, where = reader.read(f, i)
                 out = decode(raws, where)
                 if kind != records.STATIC:
                     out["positions"] = pos.astype(np.int32)
-                yield out
+                for b in range(0, len(f), batch):
+                    yield {k: v[b:b + batch] for k, v in out.items()}
             carry = [p[whole:] for p in parts]
             e += 1
 
