@@ -10,7 +10,8 @@ The TF2 counterpart of google-research/bert's run_pretraining.py, with its flag 
 Rerunning the same command resumes from the last `output_dir/ckpt-N`, at the same position in the
 input, so a preempted job neither repeats nor skips batches. `output_dir` is a self-describing model
 folder (checkpoints, bert_config.json, vocab.txt, model_info.json) that fill_mask.py,
-export_to_pytorch.py and every --init_checkpoint accept alone.
+export_to_pytorch.py and every --init_checkpoint accept alone. `KERAS_BACKEND=jax python
+run_pretraining.py <the same flags>` trains on JAX without TensorFlow (pretraining_jax.py).
 
 How one step runs (the same code under every tf.distribute strategy):
   input:    one deterministic tf.data pipeline per worker/host, positioned by the global step,

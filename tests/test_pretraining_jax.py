@@ -53,7 +53,18 @@ def data(tmp_path_factory):
     train, evaluation = str(root / "train.tfrecord"), str(root / "eval.tfrecord")
     records.write_records(train, instances[:-32], vocab_file, SEQ, PRED)
     records.write_records(evaluation, instances[-32:], vocab_file, SEQ, PRED)
-    out = {"root": root, "train": train, "eval": evaluation, "vocab_file": vocab_file}
+    # Records masked at training time (create_pretraining_data.py --dynamic_masking): on JAX the
+    # masks are drawn inside the jitted step.
+    import create_pretraining_data as cpd
+
+    unmasked = str(root / "unmasked.tfrecord")
+    corpus = ",".join(sorted(str(p) for p in (RESOURCES / "corpus").glob("*.txt")))
+    cpd.generate(cpd.Options(input_file=corpus, output_file=unmasked, vocab_file=vocab_file,
+                             max_seq_length=SEQ, max_predictions_per_seq=PRED,
+                             dynamic_masking=True, random_seed=7),
+                 log=lambda line: None)
+    out = {"root": root, "train": train, "eval": evaluation, "vocab_file": vocab_file,
+           "unmasked": unmasked}
     for name, dropout in (("config", 0.0), ("config_dropout", 0.1)):
         out[name] = str(root / f"{name}.json")
         with open(out[name], "w", encoding="utf-8") as f:
@@ -224,8 +235,10 @@ def _pair_data(folder, n=32):
 
 @pytest.mark.slow
 def test_killed_jax_run_resumes_to_the_same_weights_and_the_folder_serves_tensorflow(data, tmp_path):
+    """On records masked in the step (the masks and dropout drawn from seeds and positions)."""
     args = ("--do_train", "--num_train_steps=6", "--save_checkpoints_steps=2",
-            "--iterations_per_loop=1")
+            "--iterations_per_loop=1", f"--input_file={data['unmasked']}",
+            "--gradient_accumulation_steps=2")
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     proc = _run(_argv(data, whole, *args, config=data["config_dropout"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -299,10 +312,11 @@ def test_tensorflow_and_jax_train_the_same_model_to_the_same_losses(data, tmp_pa
         results[backend] = _json_line(proc.stdout)
         losses[backend] = np.array([v for _, v in _scalars(str(out))["loss"]])
     assert len(losses["tensorflow"]) == len(losses["jax"]) == 30
-    assert losses["jax"][-1] < losses["jax"][0] - 0.5  # it learned
-    np.testing.assert_allclose(losses["jax"], losses["tensorflow"], rtol=2e-3, atol=2e-3)
+    assert losses["jax"][-5:].mean() < losses["jax"][:5].mean() - 0.1, losses["jax"]  # it learned
+    np.testing.assert_allclose(losses["jax"], losses["tensorflow"], rtol=1e-4, atol=1e-4)
+    print("largest step-loss difference, TF vs JAX:", np.abs(losses["jax"] - losses["tensorflow"]).max())
     assert results["jax"]["global_step"] == results["tensorflow"]["global_step"] == 30
     assert results["jax"]["masked_lm_loss"] == pytest.approx(results["tensorflow"]["masked_lm_loss"],
-                                                             abs=5e-3)
+                                                             abs=1e-3)
     assert results["jax"]["masked_lm_accuracy"] == pytest.approx(
         results["tensorflow"]["masked_lm_accuracy"], abs=0.02)
