@@ -320,3 +320,13 @@ def test_tensorflow_and_jax_train_the_same_model_to_the_same_losses(data, tmp_pa
                                                              abs=1e-3)
     assert results["jax"]["masked_lm_accuracy"] == pytest.approx(
         results["tensorflow"]["masked_lm_accuracy"], abs=0.02)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_jax_run_without_saving(data, tmp_path):
+    out = tmp_path / "run"
+    proc = _run(_argv(data, out, "--do_train", "--num_train_steps=4", "--save_checkpoints_steps=2",
+                      "--learning_rate=1e8", "--num_warmup_steps=0"))
+    assert proc.returncode == 2
+    assert "loss became NaN/inf at step" in proc.stderr.splitlines()[-1]
+    assert not list(out.glob("ckpt-*"))
