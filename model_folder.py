@@ -20,11 +20,16 @@ HuggingFace folders (`config.json` + weights; the vocab from `vocab.txt`, else f
 model in transformers 5's `tokenizer.json`), and folders written before this contract (fine-tuning
 wrote `bert_config.json` and `labels.json` / `ner_tags.json` one level above `best/`). Explicit
 flags win over what the folder says; anything still missing is a `train_utils.UsageError` naming the
-file and the flag that supplies it. Paths go through `tf.io.gfile`, so `gs://` folders work.
+file and the flag that supplies it. Remote paths (`gs://`) go through `tf.io.gfile`; local ones need no
+TensorFlow, so this module also serves the JAX backend (whose run folders hold
+`ckpt-N.weights.safetensors` instead of TF checkpoints).
 """
 
+import collections
 import contextlib
 import dataclasses
+import functools
+import glob
 import hashlib
 import json
 import os
@@ -32,7 +37,7 @@ import re
 import shutil
 import tempfile
 
-import tensorflow as tf
+import numpy as np
 from absl import logging
 
 import train_utils
@@ -41,6 +46,8 @@ INFO_FILE = "model_info.json"
 CONFIG_FILE = "bert_config.json"
 VOCAB_FILE = "vocab.txt"
 HF_CONFIG_FILE = "config.json"
+# The weights file of a save by modeling.save_weights (JAX runs): ckpt-N.weights.safetensors.
+SAFETENSORS_SUFFIX = ".weights.safetensors"
 TASKS = ("mlm", "classifier", "ner", "qa")
 # Weight files of a HuggingFace folder (single or sharded), in the order transformers prefers them.
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -88,6 +95,54 @@ class ModelFolder:
 
 
 # ------------------------------------------------------------------------------------------------
+# Files: local paths through the standard library, remote ones (gs://) through tf.io.gfile
+# ------------------------------------------------------------------------------------------------
+
+def _is_remote(path):
+    return "://" in os.fspath(path)
+
+
+class _LocalFiles:
+    """The tf.io.gfile calls this module makes, for local paths (no TensorFlow import)."""
+    exists, isdir, listdir, glob = os.path.exists, os.path.isdir, os.listdir, glob.glob
+    rmtree, remove = shutil.rmtree, os.remove
+
+    @staticmethod
+    def GFile(path, mode="r"):  # pylint: disable=invalid-name  (gfile's name)
+        return open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+    @staticmethod
+    def rename(src, dst, overwrite=False):
+        del overwrite  # os.replace always replaces, as every caller here wants
+        os.replace(src, dst)
+
+    @staticmethod
+    def makedirs(path):
+        os.makedirs(path, exist_ok=True)
+
+    @staticmethod
+    def copy(src, dst, overwrite=False):
+        del overwrite
+        shutil.copyfile(src, dst)
+
+
+def _fs(path):
+    """tf.io.gfile for a remote path (TensorFlow imported on first use), else _LocalFiles."""
+    if _is_remote(path):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        return tf.io.gfile
+    return _LocalFiles
+
+
+def _read_errors(path):
+    """The exceptions a failed read of `path` raises (TF's own for remote paths)."""
+    if _is_remote(path):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        return (OSError, tf.errors.NotFoundError, tf.errors.FailedPreconditionError)
+    return (OSError,)
+
+
+# ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
 
@@ -95,17 +150,22 @@ def atomic_write(path, data):
     """Writes bytes or text to `path` via a temp name in the same folder and a rename, so a reader
     (or a failing run) never leaves half a file (gfile: gs:// works)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+    with _fs(path).GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    _fs(path).rename(tmp, path, overwrite=True)
 
 
 def _read_bytes(path, flag):
     try:
-        with tf.io.gfile.GFile(path, "rb") as f:
+        with _fs(path).GFile(path, "rb") as f:
             return f.read()
-    except (tf.errors.NotFoundError, tf.errors.FailedPreconditionError, IsADirectoryError):
+    except _read_errors(path):
         raise train_utils.UsageError(f"{flag}={path}: not a readable file") from None
+
+
+def remove_if_exists(path):
+    if _fs(path).exists(path):
+        _fs(path).remove(path)
 
 
 def write(folder, *, config, vocab_file, do_lower_case, task=None, labels=None):
@@ -137,10 +197,10 @@ def write(folder, *, config, vocab_file, do_lower_case, task=None, labels=None):
         raise train_utils.UsageError(f"--vocab_file={vocab_file}: {n_tokens} tokens, but the bert "
                                      f"config says vocab_size={vocab_size}")
     folder = os.fspath(folder)
-    tf.io.gfile.makedirs(folder)
+    _fs(folder).makedirs(folder)
     atomic_write(os.path.join(folder, CONFIG_FILE), config_json.encode("utf-8"))
     target = os.path.join(folder, VOCAB_FILE)
-    if not (tf.io.gfile.exists(target) and _read_bytes(target, "vocab") == vocab):
+    if not (_fs(target).exists(target) and _read_bytes(target, "vocab") == vocab):
         atomic_write(target, vocab)
     info = {"do_lower_case": bool(do_lower_case), "task": task,
             "labels": [str(label) for label in labels] if labels else None}
@@ -154,12 +214,12 @@ def write(folder, *, config, vocab_file, do_lower_case, task=None, labels=None):
 # ------------------------------------------------------------------------------------------------
 
 def _is_file(path):
-    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+    return _fs(path).exists(path) and not _fs(path).isdir(path)
 
 
 def _load_json(path):
     try:
-        with tf.io.gfile.GFile(path, "r") as f:
+        with _fs(path).GFile(path, "r") as f:
             return json.loads(f.read())
     except json.JSONDecodeError as e:
         raise train_utils.UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
@@ -169,7 +229,9 @@ def _latest_tf2(folder):
     """The newest ckpt-N prefix in `folder`, or None. An unreadable `checkpoint` state file is an
     error (it must never read as "no checkpoint"): the caller would otherwise start afresh."""
     state_file = os.path.join(folder, "checkpoint")
-    if tf.io.gfile.exists(state_file):
+    fs = _fs(folder)
+    if fs.exists(state_file):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel  (TF checkpoints need TF)
         try:
             state = tf.train.get_checkpoint_state(folder)
         except Exception:  # pylint: disable=broad-except  (a text-proto parse error of several types)
@@ -177,29 +239,55 @@ def _latest_tf2(folder):
         named = state and state.model_checkpoint_path  # TF already joined a relative one to `folder`
         # A folder moved or copied after its run keeps an absolute path to the old place: look beside.
         for prefix in ([named, os.path.join(folder, os.path.basename(named))] if named else []):
-            if tf.io.gfile.exists(prefix + ".index"):
+            if fs.exists(prefix + ".index"):
                 return prefix
         raise train_utils.UsageError(
             f"{state_file}: unreadable or names a missing checkpoint ({named!r}); point at a "
             f"ckpt-N prefix in {folder} instead, or restore the file")
     numbers = [int(m.group(1)) for m in (re.search(r"ckpt-(\d+)\.index$", p)
-               for p in tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index"))) if m]
+               for p in fs.glob(os.path.join(folder, "ckpt-*.index"))) if m]
     return os.path.join(folder, f"ckpt-{max(numbers)}") if numbers else None
 
 
+def safetensors_complete(path):
+    """Whether the weights file `path` (or its sharded form: the index JSON, written last) exists."""
+    return _is_file(path) or _is_file(path + ".index.json")
+
+
+def _latest_safetensors(folder):
+    """The newest complete ckpt-N.weights.safetensors in `folder` (a JAX run's save), or None."""
+    pattern = re.compile(r"ckpt-(\d+)\.weights\.safetensors(\.index\.json)?$")
+    numbers = [int(m.group(1)) for m in (pattern.search(p) for p in _fs(folder).glob(
+        os.path.join(folder, "ckpt-*.weights.safetensors*"))) if m]
+    return os.path.join(folder, f"ckpt-{max(numbers)}{SAFETENSORS_SUFFIX}") if numbers else None
+
+
 def find_checkpoint(path, flag="--checkpoint"):
-    """(kind, checkpoint, folder) for a folder or a checkpoint prefix; UsageError if none."""
-    if tf.io.gfile.isdir(path):
+    """(kind, checkpoint, folder) for a folder or a checkpoint path; UsageError if none.
+
+    kind: "tf2" | "tf1" (checkpoint: a prefix), "safetensors" (the weights file of a JAX run or of
+    modeling.save_weights), "hf" (checkpoint: the folder). `flag` names where `path` came from in
+    the error (None: the path alone, for library callers).
+    """
+    where = f"{flag}={path}" if flag else path
+    fs = _fs(path)
+    if fs.isdir(path):
         latest = _latest_tf2(path)
         if latest:
             return "tf2", latest, path
-        if tf.io.gfile.exists(os.path.join(path, "bert_model.ckpt.index")):
+        if fs.exists(os.path.join(path, "bert_model.ckpt.index")):
             return "tf1", os.path.join(path, "bert_model.ckpt"), path
+        latest = _latest_safetensors(path)
+        if latest:
+            return "safetensors", latest, path
         if _is_file(os.path.join(path, HF_CONFIG_FILE)):
             return "hf", path, path
         raise train_utils.UsageError(
-            f"{flag}={path}: holds no model (no ckpt-N, no bert_model.ckpt, no HuggingFace config.json)")
-    if tf.io.gfile.exists(path + ".index"):
+            f"{where}: holds no model (no ckpt-N, no bert_model.ckpt, no HuggingFace config.json)")
+    if path.endswith(".safetensors") and safetensors_complete(path):
+        return "safetensors", path, os.path.dirname(path) or "."
+    if fs.exists(path + ".index"):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
         folder = os.path.dirname(path) or "."
         try:
             names = dict(tf.train.list_variables(path))
@@ -209,8 +297,118 @@ def find_checkpoint(path, flag="--checkpoint"):
         kind = "tf2" if "_CHECKPOINTABLE_OBJECT_GRAPH" in names else "tf1"
         return kind, path, folder
     raise train_utils.UsageError(
-        f"{flag}={path}: no checkpoint there (expected a model folder, a prefix like out/ckpt-1000 or "
-        f".../bert_model.ckpt, or a HuggingFace folder)")
+        f"{where}: no checkpoint there (expected a model folder, a prefix like out/ckpt-1000 or "
+        f".../bert_model.ckpt, a .safetensors file, or a HuggingFace folder)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights files without TensorFlow: safetensors keyed by Google names (modeling.save_weights)
+# ------------------------------------------------------------------------------------------------
+
+# A tensor larger than one shard (the word embeddings, for small shards) is stored as row blocks.
+_ROW_BLOCK = re.compile(r"^(.+):rows(\d+)of(\d+)$")
+_ST_METADATA = {"format": "np"}
+_FILE_BYTES, _ENTRY_BYTES = 8 + 256, 256  # per file (length + metadata), per tensor header entry
+
+
+def write_safetensors(path, tensors, max_shard_bytes=None):
+    """Writes {name: numpy array} to `path` (*.safetensors) -> the paths written.
+
+    With max_shard_bytes, files of at most that size: `<stem>-00001-of-0000K.safetensors`, then
+    `<path>.index.json` = {"metadata": {"total_size"}, "weight_map": {name: file}} (HuggingFace's
+    layout), written last so that its presence means the save is complete; a tensor larger than a
+    file is split into row blocks `<name>:rows<i>of<n>`. Each file: temp name, then rename.
+    """
+    from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: a weights file name must end in .safetensors")
+    total = sum(v.nbytes for v in tensors.values())
+    index = path + ".index.json"
+    if not max_shard_bytes or _FILE_BYTES + total + _ENTRY_BYTES * len(tensors) <= max_shard_bytes:
+        atomic_write(path, save(tensors, metadata=_ST_METADATA))
+        remove_if_exists(index)  # from an earlier sharded save under this name
+        return [path]
+    shards = _shards(tensors, max_shard_bytes)
+    written, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        data = save(shard, metadata=_ST_METADATA)
+        if len(data) > max_shard_bytes:  # _ENTRY_BYTES too small for some name: a bug here
+            raise AssertionError(f"a shard of {len(data)} bytes > max_shard_bytes={max_shard_bytes}")
+        written.append(f"{path[:-len('.safetensors')]}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+        atomic_write(written[-1], data)
+        weight_map.update(dict.fromkeys(shard, os.path.basename(written[-1])))
+    atomic_write(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                   indent=1) + "\n")
+    remove_if_exists(path)  # from an earlier one-file save under this name
+    return written + [index]
+
+
+def _shards(tensors, max_shard_bytes):
+    """[{key: array}], in the order given, each file's data and header <= max_shard_bytes."""
+    room = max_shard_bytes - _FILE_BYTES - _ENTRY_BYTES  # for one tensor alone in a file
+    items = []
+    for name, value in tensors.items():
+        if value.nbytes <= room:
+            items.append((name, value))
+            continue
+        rows = room // (value.nbytes // value.shape[0]) if value.ndim else 0
+        if rows < 1:
+            raise ValueError(f"max_shard_bytes={max_shard_bytes} is too small for one row of "
+                             f"'{name}' {value.shape}")
+        n = -(-value.shape[0] // rows)
+        items += [(f"{name}:rows{i}of{n}", value[i * rows:(i + 1) * rows]) for i in range(n)]
+    shards, size = [{}], _FILE_BYTES
+    for key, value in items:
+        if shards[-1] and size + value.nbytes + _ENTRY_BYTES > max_shard_bytes:
+            shards.append({})
+            size = _FILE_BYTES
+        shards[-1][key] = value
+        size += value.nbytes + _ENTRY_BYTES
+    return shards
+
+
+def _safetensors_file(path):
+    from safetensors import SafetensorError, safe_open  # pylint: disable=import-outside-toplevel
+
+    try:
+        if _is_remote(path):  # safe_open maps local files only
+            from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+            return {k: (lambda v=v: v) for k, v in load(_read_bytes(path, "weights")).items()}
+        f = safe_open(path, framework="numpy")
+        return {k: functools.partial(f.get_tensor, k) for k in f.keys()}
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def read_safetensors(path):
+    """{name: get()} of a file of write_safetensors, or of its shards through `<path>.index.json`;
+    get() reads one tensor (row blocks are joined again)."""
+    path, index = os.fspath(path), os.fspath(path) + ".index.json"
+    if not _is_file(index):
+        return _safetensors_file(path)
+    try:
+        weight_map = _load_json(index)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a weights index ({type(e).__name__}: {e})") from None
+    tensors = {}
+    for name in files:
+        tensors.update(_safetensors_file(os.path.join(os.path.dirname(path), name)))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise ValueError(f"{index}: names tensors its shards do not hold: {', '.join(missing[:3])}")
+    blocks = collections.defaultdict(dict)  # (name, n) -> {i: get}
+    for key in [k for k in tensors if _ROW_BLOCK.match(k)]:
+        name, i, n = _ROW_BLOCK.match(key).groups()
+        blocks[name, int(n)][int(i)] = tensors.pop(key)
+    for (name, n), parts in blocks.items():
+        if sorted(parts) != list(range(n)):
+            raise ValueError(f"{index}: tensor '{name}' lacks row blocks "
+                             f"{sorted(set(range(n)) - set(parts))}")
+        tensors[name] = lambda gets=[parts[i] for i in range(n)]: np.concatenate([g() for g in gets])
+    return tensors
 
 
 def _old_labels(folder):
@@ -218,7 +416,7 @@ def _old_labels(folder):
     for where in (folder, os.path.dirname(folder.rstrip("/"))):
         path = os.path.join(where, "labels.txt")
         if where == folder and _is_file(path):
-            with tf.io.gfile.GFile(path, "r") as f:
+            with _fs(path).GFile(path, "r") as f:
                 return None, [line.strip() for line in f.read().splitlines() if line.strip()]
         for name, task in _OLD_LABEL_FILES:
             path = os.path.join(where, name)
@@ -343,10 +541,11 @@ def check_output_dir(output_dir, overwrite=False, sources=()):
         if src == out or src.startswith(out.rstrip("/" if _is_remote(output_dir) else os.sep) + "/"):
             raise ValueError(f"--output_dir={output_dir} holds the input {source}; writing there "
                              f"would replace it: choose another --output_dir")
-    if tf.io.gfile.exists(output_dir):
-        if not tf.io.gfile.isdir(output_dir):
+    fs = _fs(output_dir)
+    if fs.exists(output_dir):
+        if not fs.isdir(output_dir):
             raise ValueError(f"--output_dir={output_dir} is an existing file, not a folder")
-        if tf.io.gfile.listdir(output_dir) and not overwrite:
+        if fs.listdir(output_dir) and not overwrite:
             raise ValueError(f"--output_dir={output_dir} already exists and is not empty; "
                              f"pass --overwrite to replace it")
 
@@ -421,23 +620,20 @@ def atomic_output_dir(output_dir, overwrite=False, sources=()):
         raise
 
 
-def _is_remote(path):
-    return "://" in os.fspath(path)
-
-
 @contextlib.contextmanager
 def _remote_output_dir(output_dir, overwrite, sources):
     """gs:// (any tf.io.gfile scheme): the output is made in a local temp folder and copied up only
     when complete, so a failed run writes nothing there. (Cloud storage has no atomic folder
     rename: with --overwrite the old files are deleted just before the copy.)"""
     check_output_dir(output_dir, overwrite, sources)
+    gfile = _fs(output_dir)
     with tempfile.TemporaryDirectory(prefix="roberta_zh-export-") as tmp:
         yield tmp
-        if tf.io.gfile.exists(output_dir):
-            tf.io.gfile.rmtree(output_dir)
+        if gfile.exists(output_dir):
+            gfile.rmtree(output_dir)
         for root, _, files in os.walk(tmp):
             rel = os.path.relpath(root, tmp)
             target = output_dir.rstrip("/") + ("" if rel == "." else "/" + rel)
-            tf.io.gfile.makedirs(target)
+            gfile.makedirs(target)
             for name in files:
-                tf.io.gfile.copy(os.path.join(root, name), f"{target.rstrip('/')}/{name}", overwrite=True)
+                gfile.copy(os.path.join(root, name), f"{target.rstrip('/')}/{name}", overwrite=True)

@@ -6,18 +6,22 @@ Reading guide, top to bottom:
   3. Models           `BertPretrainer` (masked LM, decoder tied to the word embeddings) and the
                       fine-tuning heads `BertClassifier`, `BertTokenClassifier`, `BertSpanQA`.
   4. Names            `name_table`: every weight -> its Google TF1 name and its HuggingFace name.
-  5. Checkpoints      `make_checkpoint` (our TF2 format, keyed by Google names) and `load_pretrained`
-                      (our checkpoints and Google/brightmart TF1 `bert_model.ckpt`).
+  5. Checkpoints      `make_checkpoint` (our TF2 format, keyed by Google names), `save_weights`
+                      (backend-free safetensors, keyed by Google names) and `load_pretrained` (those,
+                      Google/brightmart TF1 `bert_model.ckpt` and HuggingFace folders).
 
 Dimension legend used in shape comments:
   B batch size       S sequence length     H hidden size        N attention heads
   D size per head    I intermediate size   P masked positions   V vocabulary size   C labels
 
 Outputs of every model are float32, also under the "mixed_bfloat16" Keras policy (variables stay
-float32, matmuls run in bfloat16).
+float32, matmuls run in bfloat16). The layers use keras.ops only, so the same model (names, weights,
+logits) runs under KERAS_BACKEND=tensorflow and KERAS_BACKEND=jax; TensorFlow is imported only by
+the TF checkpoint functions in section 5.
 """
 
 import collections
+import functools
 import json
 import math
 import os
@@ -29,7 +33,6 @@ from absl import logging
 from keras import ops
 
 import model_folder
-import train_utils
 
 # ------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -571,7 +574,8 @@ def name_table(model):
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Checkpoints
+# 5. Checkpoints: our TF2 checkpoints and Google TF1 ones (TensorFlow, imported when used), our
+#    backend-free safetensors files (JAX runs), HuggingFace folders. One loader for all of them.
 # ------------------------------------------------------------------------------------------------
 
 LoadReport = collections.namedtuple("LoadReport", "loaded newly_initialized unused")
@@ -597,8 +601,9 @@ def make_checkpoint(model, **extra_trackables):
     Keying by Google name (rather than Keras' object paths) lets a pretraining checkpoint restore into
     a classifier and back, and keeps the file readable with tf.train.list_variables.
     Use with tf.train.CheckpointManager, e.g. make_checkpoint(model, optimizer=opt, step=step).
+    TensorFlow backend only (the JAX backend saves with `save_weights`).
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (TF-only format)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (the TF-only format)
 
     weights = {w.google_name: w.variable for w in name_table(model)}
     clash = set(weights) & set(extra_trackables)
@@ -607,60 +612,105 @@ def make_checkpoint(model, **extra_trackables):
     return tf.train.Checkpoint(**weights, **extra_trackables)
 
 
-def _resolve_checkpoint(path):
-    """The checkpoint prefix of a model folder or prefix (model_folder's rules); ValueError if none."""
-    kind, prefix, _ = model_folder.find_checkpoint(os.fspath(path), flag="--init_checkpoint")
-    if kind == "hf":
-        raise train_utils.UsageError(f"--init_checkpoint={path}: a HuggingFace folder; import it first "
-                                     f"with convert_checkpoint.py --mode=hf_to_tf2")
-    return prefix
+def weights_by_google_name(model):
+    """{google_name: float32 numpy array in Google's layout} of a built model, on any backend."""
+    return {w.google_name: np.asarray(w.variable.numpy(), np.float32) for w in name_table(model)}
 
 
-def load_pretrained(model, path):
-    """Copies checkpoint weights into a built `model` -> LoadReport(loaded, newly_initialized, unused).
+def save_weights(model, path, max_shard_bytes=None):
+    """Writes the weights of a built model to `path` (*.safetensors), keyed by Google names.
 
-    `path`: a directory (its latest ckpt-N, else its bert_model.ckpt), one of our TF2 checkpoint
-    prefixes, or a Google/brightmart TF1 checkpoint prefix. Optimizer slots and global_step are
-    skipped. A missing encoder tensor or any shape mismatch raises ValueError naming the tensor;
-    missing pooler/head weights keep their fresh initialisation and are logged.
+    The backend-free format of JAX run folders (`ckpt-N.weights.safetensors`), read back by
+    load_pretrained on either backend; with max_shard_bytes, files of at most that size and an
+    index written last (model_folder.write_safetensors). Returns the paths written.
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    return model_folder.write_safetensors(path, weights_by_google_name(model), max_shard_bytes)
 
-    prefix = _resolve_checkpoint(path)
+
+# The readers below return {name: get}: names are Google's where the model has such a weight, and
+# get() reads that one tensor, in Google's layout, when load_pretrained copies it.
+
+def _tf_checkpoint_tensors(prefix):
+    """Our TF2 checkpoint (top-level objects named by Google names) or a Google TF1 one."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (TF checkpoints need TF)
+
     try:
         reader = tf.train.load_checkpoint(prefix)
     except (tf.errors.OpError, ValueError) as e:
         raise ValueError(f"{prefix}.index: unreadable checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]})") from None
     shapes = reader.get_variable_to_shape_map()
-    if "_CHECKPOINTABLE_OBJECT_GRAPH" in shapes:  # ours: top-level objects named by Google names
+    if "_CHECKPOINTABLE_OBJECT_GRAPH" in shapes:  # ours
         available = {_tf2_name(k): k for k in shapes if k.endswith(_TF2_SUFFIX) and
                      "/" not in k[:-len(_TF2_SUFFIX)]}
         available = {n: k for n, k in available.items() if _WEIGHT_NAME.search(n)}
     else:  # TF1 name-based: the key is the variable name
         available = {k: k for k in shapes if not _OPTIMIZER_STATE.search(k)}
 
+    def get(key, name):
+        try:
+            return reader.get_tensor(key)
+        except (IndexError, tf.errors.OpError) as e:  # a truncated or damaged .data-* shard
+            raise ValueError(f"{prefix}.data-*: cannot read tensor '{name}' ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}); the checkpoint is truncated or "
+                             f"damaged") from None
+    return {name: functools.partial(get, key, name) for name, key in available.items()}
+
+
+def _hf_tensors(folder, model):
+    """A HuggingFace folder, read by each weight's hf_name and transposed where the table says.
+
+    The reader (model.safetensors, sharded, or pytorch_model.bin through torch) and HF's spellings
+    are convert_checkpoint's, which imports TensorFlow: HF folders load on the TensorFlow backend.
+    """
+    import convert_checkpoint  # pylint: disable=import-outside-toplevel  (avoids an import cycle)
+
+    hf = convert_checkpoint.HFFolder(folder)
+    names = {n: n for n in hf.names()}
+    if "cls.predictions.decoder.bias" in hf:  # transformers uses the decoder's own bias if present
+        names["cls.predictions.bias"] = names.pop("cls.predictions.decoder.bias")
+    names.pop("cls.predictions.decoder.weight", None)  # tied to the word embeddings
+    tensors = {}
+    for w in name_table(model):
+        stored = names.pop(w.hf_name, None)
+        if stored is not None:
+            tensors[w.google_name] = lambda s=stored, t=w.transpose: hf.get(s).T if t else hf.get(s)
+    tensors.update(dict.fromkeys(names))  # no such weight in `model`: reported as unused
+    return tensors
+
+
+def load_pretrained(model, path):
+    """Copies checkpoint weights into a built `model` -> LoadReport(loaded, newly_initialized, unused).
+
+    `path`: a model folder (its newest ckpt-N, bert_model.ckpt or ckpt-N.weights.safetensors, by
+    model_folder.find_checkpoint), one of our TF2 checkpoint prefixes, a Google/brightmart TF1
+    prefix, a file of `save_weights`, or a HuggingFace folder. Optimizer slots and global_step are
+    skipped. A missing encoder tensor or any shape mismatch raises ValueError naming the tensor;
+    missing pooler/head weights keep their fresh initialisation and are logged.
+    """
+    kind, source, _ = model_folder.find_checkpoint(os.fspath(path), flag=None)
+    if kind == "hf":
+        tensors = _hf_tensors(source, model)
+    elif kind == "safetensors":
+        tensors = model_folder.read_safetensors(source)
+    else:
+        tensors = _tf_checkpoint_tensors(source)
     loaded, fresh = [], []
     for w in name_table(model):
-        key = available.pop(w.google_name, None)
-        if key is None:
+        get = tensors.pop(w.google_name, None)
+        if get is None:
             if _REQUIRED.search(w.google_name):
-                raise ValueError(f"{prefix}: tensor '{w.google_name}' is missing from the checkpoint")
+                raise ValueError(f"{source}: tensor '{w.google_name}' is missing from the checkpoint")
             fresh.append(w.google_name)
             continue
-        if tuple(shapes[key]) != tuple(w.variable.shape):
-            raise ValueError(f"{prefix}: tensor '{w.google_name}' has shape {tuple(shapes[key])} "
+        value = get()
+        if tuple(value.shape) != tuple(w.variable.shape):
+            raise ValueError(f"{source}: tensor '{w.google_name}' has shape {tuple(value.shape)} "
                              f"in the checkpoint, but the model expects {tuple(w.variable.shape)}")
-        try:
-            value = reader.get_tensor(key)
-        except (IndexError, tf.errors.OpError) as e:  # a truncated or damaged .data-* shard
-            raise ValueError(f"{prefix}.data-*: cannot read tensor '{w.google_name}' "
-                             f"({type(e).__name__}: {str(e).splitlines()[0]}); the checkpoint is "
-                             f"truncated or damaged") from None
-        w.variable.assign(value)
+        w.variable.assign(value.astype(np.float32, copy=False))
         loaded.append(w.google_name)
-    unused = sorted(available)
-    logging.info("Loaded %d tensors from %s", len(loaded), prefix)
+    unused = sorted(tensors)
+    logging.info("Loaded %d tensors from %s", len(loaded), source)
     if fresh:
         logging.info("Newly initialised (not in the checkpoint): %s", ", ".join(fresh))
     if unused:

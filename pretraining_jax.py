@@ -247,7 +247,7 @@ def restore(trainer, output_dir, step):
                 variable.assign(saved[f"optimizer/{i}"])
             for i in _seed_variables(model):
                 model.non_trainable_variables[i].assign(saved[f"seeds/{i}"])
-            if int(saved["step"]) != step or trainer.step_of(trainer.init_state()) != step:
+            if int(saved["step"]) != step or int(np.asarray(optimizer.iterations.value)) != step:
                 raise ValueError(f"it holds step {int(saved['step'])}")
     except Exception as e:  # truncated or foreign files fail in many ways  # noqa: BLE001
         detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -265,10 +265,10 @@ _TF_ONLY_FLAGS = ("strategy", "use_tpu", "tpu_name", "tpu_zone", "gcp_project", 
 
 def _check_backend_flags(opts):
     workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-    if opts.strategy == "multi_worker" or len(workers) > 1:
-        raise UsageError("--strategy=multi_worker / TF_CONFIG: several hosts are trained by the "
-                         "TensorFlow backend only; under KERAS_BACKEND=jax one process trains on "
-                         "every device of its host")
+    if opts.strategy == "multi_worker" or len(workers) > 1 or jax.process_count() > 1:
+        raise UsageError("several hosts (--strategy=multi_worker, TF_CONFIG, or a multi-host JAX "
+                         "runtime) are trained by the TensorFlow backend only; under "
+                         "KERAS_BACKEND=jax one process trains on every device of its host")
     given = [f"--{name}" for name in _TF_ONLY_FLAGS if opts[name].present]
     if given:
         logging.warning("%s ignored under KERAS_BACKEND=jax: the step is always compiled, and "
@@ -303,9 +303,10 @@ def _prepare_fns(opts, info):
         return None, None
     import jax_masking
 
-    def make(seed):
-        return jax_masking.masker(info, opts.max_seq_length, opts.max_predictions_per_seq,
-                                  seed=seed, masked_lm_prob=opts.masked_lm_prob)
+    options = jax_masking.options(info, opts.masked_lm_prob, opts.max_predictions_per_seq)
+
+    def make(seed):  # evaluation: one fixed mask per sequence for every run, as on TensorFlow
+        return lambda batch: jax_masking.mask_batch(batch, seed, **options)
 
     return make(opts.seed), make(pretraining_records.EVAL_MASK_SEED)
 
@@ -394,8 +395,8 @@ def run(opts):
     if not saved and opts.init_checkpoint:
         try:
             modeling.load_pretrained(model, opts.init_checkpoint)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        except ValueError as e:  # modeling names the path, the flag is ours to name
+            raise UsageError(f"--init_checkpoint: {e}") from None
     info = pretraining_records.read_info(train_files or eval_files)
     prepare, eval_prepare = _prepare_fns(opts, info)
     trainer = MaskedLMTrainer(model, optimizer, opts.train_batch_size, accumulation_steps=k,

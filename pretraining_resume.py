@@ -15,14 +15,18 @@ import re
 
 import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
+import keras
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 import model_folder
 import pretraining_records
 
+if keras.backend.backend() == "tensorflow":  # the input-state and run-folder rules serve JAX too
+    import tensorflow as tf
+
 UsageError = train_utils.UsageError
+_fs = model_folder._fs  # tf.io.gfile for gs:// paths, the standard library for local ones
 INPUT_STATE = "pretraining_input.json"  # in output_dir: what the input position depends on
 
 
@@ -203,10 +207,11 @@ def restore(checkpoint, prefix):
 
 def _fingerprint(path):
     """Identity of one record file: its name and size, and its sidecar's sha256 when it has one."""
-    entry = {"file": os.path.basename(path), "bytes": tf.io.gfile.stat(path).length}
+    size = _fs(path).stat(path).length if "://" in path else os.path.getsize(path)
+    entry = {"file": os.path.basename(path), "bytes": size}
     sidecar = pretraining_records.sidecar_path(path)
-    if tf.io.gfile.exists(sidecar):
-        with tf.io.gfile.GFile(sidecar, "rb") as f:
+    if _fs(sidecar).exists(sidecar):
+        with _fs(sidecar).GFile(sidecar, "rb") as f:
             entry["meta_sha256"] = hashlib.sha256(f.read()).hexdigest()
     return entry
 
@@ -222,9 +227,9 @@ def input_state(opts, files, num_pipelines):
 def check_resume_input(output_dir, state):
     """UsageError if a run resumed in output_dir would read a different stream than before."""
     path = os.path.join(output_dir, INPUT_STATE)
-    if not tf.io.gfile.exists(path):
+    if not _fs(path).exists(path):
         return
-    with tf.io.gfile.GFile(path) as f:
+    with _fs(path).GFile(path) as f:
         before = json.load(f)
     advice = ("to train on, start a new --output_dir with --init_checkpoint=" + output_dir)
     if before.get("train_batch_size") != state["train_batch_size"]:
@@ -251,7 +256,7 @@ def write_json(path, obj):
 
 
 def _sha256(path):
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with _fs(path).GFile(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
@@ -266,7 +271,7 @@ def vocab_and_casing(opts, files):
     hashes = {m["vocab_sha256"] for _, m in metas if m.get("vocab_sha256")}
     vocab_file = opts.vocab_file
     if vocab_file:
-        if not tf.io.gfile.exists(vocab_file) or tf.io.gfile.isdir(vocab_file):
+        if not _fs(vocab_file).exists(vocab_file) or _fs(vocab_file).isdir(vocab_file):
             raise UsageError(f"--vocab_file={vocab_file}: no such file")
         sha = _sha256(vocab_file)
         for path, meta in metas:
@@ -275,7 +280,7 @@ def vocab_and_casing(opts, files):
                                  f"(vocab_sha256 differs in {path}.meta.json)")
     else:
         named = next((m["vocab_file"] for _, m in metas if m.get("vocab_file")), None)
-        if named and tf.io.gfile.exists(named) and not tf.io.gfile.isdir(named) \
+        if named and _fs(named).exists(named) and not _fs(named).isdir(named) \
                 and hashes <= {_sha256(named)}:
             vocab_file = named
         elif named:
@@ -307,7 +312,7 @@ def write_run_folder(output_dir, config, vocab_file, do_lower_case):
         logging.warning("no --vocab_file: %s gets no vocab.txt; rerun the same command with "
                         "--vocab_file=<the vocab the records were made with> to add it",
                         output_dir)
-        if not tf.io.gfile.exists(os.path.join(output_dir, "bert_config.json")):
+        if not _fs(output_dir).exists(os.path.join(output_dir, "bert_config.json")):
             config.to_json_file(os.path.join(output_dir, "bert_config.json"))
         return
     import model_folder  # the run-folder contract's one owner

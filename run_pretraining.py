@@ -36,6 +36,7 @@ import keras
 import numpy as np
 from absl import flags, logging
 
+import model_folder
 import modeling
 import optimization
 import pretraining_records
@@ -409,10 +410,11 @@ def check_flags(opts):
 
 def _check_output_dir(output_dir, config):
     """UsageError if output_dir is not a folder or holds a run of a different model (never overwrite it)."""
-    if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+    fs = model_folder._fs(output_dir)  # tf.io.gfile, or the standard library for local paths (JAX)
+    if fs.exists(output_dir) and not fs.isdir(output_dir):
         raise UsageError(f"--output_dir={output_dir} is a file, not a folder; choose another --output_dir")
     path = os.path.join(output_dir, "bert_config.json")
-    if tf.io.gfile.exists(path):
+    if fs.exists(path):
         existing = modeling.BertConfig.from_json_file(path)
         if existing.to_dict() != config.to_dict():
             diff = sorted(k for k in set(existing.to_dict()) | set(config.to_dict())
@@ -520,8 +522,8 @@ def run(opts):
     elif opts.init_checkpoint:
         try:
             modeling.load_pretrained(model, opts.init_checkpoint)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        except ValueError as e:  # modeling names the path, the flag is ours to name
+            raise UsageError(f"--init_checkpoint: {e}") from None
 
     # 3. The run folder describes itself from the first step on (a killed run's folder too).
     if is_chief:
