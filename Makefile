@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch; an unpinned torch would pull several GB of CUDA packages.
 TORCH ?= torch==2.13.0
-EXTRAS ?= test,export,demo,fast,tfds,beam
+EXTRAS ?= test,export,demo,fast,tfds,beam,jax
 DATA ?=
 
 .PHONY: install demo test test-slow test-all bench

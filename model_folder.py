@@ -377,7 +377,7 @@ def _safetensors_file(path):
             from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
             return {k: (lambda v=v: v) for k, v in load(_read_bytes(path, "weights")).items()}
         f = safe_open(path, framework="numpy")
-        return {k: functools.partial(f.get_tensor, k) for k in f.keys()}
+        return {k: functools.partial(f.get_tensor, k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
 

@@ -472,15 +472,12 @@ def make_task_model(config, task, num_labels=None):
 
 
 def build_model(model, seq_len=8):
-    """Creates all variables of `model` with one dummy call; returns the model."""
-    dummy = {
-        "input_ids": np.zeros([1, seq_len], "int32"),
-        "input_mask": np.ones([1, seq_len], "int32"),
-        "segment_ids": np.zeros([1, seq_len], "int32"),
-        "masked_lm_positions": np.zeros([1, 1], "int32"),
-    }
-    if not isinstance(model, BertPretrainer):
-        del dummy["masked_lm_positions"]
+    """Creates all variables of `model` with one symbolic call (shapes only: nothing is computed,
+    so no backend compiles anything); returns the model."""
+    names = ["input_ids", "input_mask", "segment_ids"]
+    dummy = {name: keras.KerasTensor((1, seq_len), dtype="int32") for name in names}
+    if isinstance(model, BertPretrainer):
+        dummy["masked_lm_positions"] = keras.KerasTensor((1, 1), dtype="int32")
     model(dummy, training=False)
     return model
 

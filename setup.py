@@ -36,6 +36,8 @@ setup(
         # create_pretraining_data.py --runner=...: Beam pins protobuf<7 (TF 2.21 accepts >=6.31.1,<8).
         "beam": ["apache-beam>=2.77"],
         "dataflow": ["apache-beam[gcp]>=2.77"],  # DataflowRunner and gs:// paths
+        # KERAS_BACKEND=jax (the CPU wheel; GPU/TPU machines install jax[cuda12] / jax[tpu] instead).
+        "jax": ["jax>=0.4.30", "safetensors"],
         "test": ["pytest", "torch>=2.1", "transformers>=4.40", "safetensors", "rjieba",
                  "matplotlib", "snownlp", "tensorflow-datasets"],
     },

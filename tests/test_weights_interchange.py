@@ -7,13 +7,13 @@ import os
 
 import numpy as np
 import pytest
+from test_export import randomize, run_export, tiny_config, write_vocab
 
 import convert_checkpoint
 import export_to_pytorch
 import fill_mask
 import model_folder
 import modeling
-from test_export import randomize, run_export, tiny_config, write_vocab
 
 
 def _equal_weights(a, b, names=None):
@@ -21,6 +21,11 @@ def _equal_weights(a, b, names=None):
     for name, value in modeling.weights_by_google_name(a).items():
         if names is None or name in names:
             np.testing.assert_array_equal(value, b_values[name], err_msg=name)
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _safetensors_folder(folder, model, task, labels=None, step=3, max_shard_bytes=None):
@@ -41,14 +46,14 @@ def test_save_weights_round_trips_as_one_file_and_as_shards_no_bigger_than_asked
 
     limit = 40_000  # the word embeddings (39 x 64 floats = 10 kB) fit; the [128, 64] kernels split
     written = modeling.save_weights(model, tmp_path / "sharded.weights.safetensors", max_shard_bytes=limit)
-    index = json.loads(open(written[-1], encoding="utf-8").read())
+    index = _read_json(written[-1])
     assert written[-1].endswith("sharded.weights.safetensors.index.json") and len(written) > 3
     assert all(os.path.getsize(p) <= limit for p in written[:-1])
     assert set(index["weight_map"].values()) == {os.path.basename(p) for p in written[:-1]}
 
     small = modeling.save_weights(model, tmp_path / "rows.weights.safetensors", max_shard_bytes=6_000)
     assert all(os.path.getsize(p) <= 6_000 for p in small[:-1])
-    assert any(":rows" in key for key in json.loads(open(small[-1]).read())["weight_map"])
+    assert any(":rows" in key for key in _read_json(small[-1])["weight_map"])
 
     for path in (one, tmp_path / "sharded.weights.safetensors", tmp_path / "rows.weights.safetensors"):
         fresh = modeling.make_task_model(tiny_config(), "mlm")
@@ -108,8 +113,9 @@ def test_an_hf_folder_is_accepted_as_init_checkpoint_with_the_same_weights(tmp_p
 
 
 def test_run_classifier_evaluates_the_same_model_from_tf_safetensors_and_hf_folders(tmp_path):
-    import run_classifier
     from test_run_classifier import _opts, _pair_data
+
+    import run_classifier
     labels = ["0", "1"]
     model = randomize(modeling.make_task_model(tiny_config(), "classifier", num_labels=2), seed=4)
     tf_dir = str(tmp_path / "tf")
