@@ -8,10 +8,12 @@
 #   4. pretrains L4/H512 (resources/bert_config_L4_H512.json) with
 #      `KERAS_BACKEND=jax python3 run_pretraining.py ...` for about five minutes (the step count
 #      from a timing of that model's step), bf16
-#   5. leaves under $OUT: the weights of the newest checkpoint in safetensors files of at most
-#      16 MiB (modeling.weights_by_google_name -> model_folder.write_safetensors; float16 when
-#      float32 would pass the 64 MiB that comes back), the run folder's small files and all logs
-#      and figures in run_folder.tar.gz, and the benchmark's JSON.
+#   5. leaves under $OUT (at most 8 files of 16 MiB come back): weights/, the newest checkpoint's
+#      weights in safetensors files of at most 16 MiB and their index (modeling.
+#      weights_by_google_name -> model_folder.write_safetensors; float16 when float32 would pass
+#      the 64 MiB that come back: L4/H512 is 92 MiB in float32), and run_folder.tar.gz: the run
+#      folder's small files (bert_config.json, vocab.txt, model_info.json, TensorBoard scalars),
+#      the benchmark's JSON and every log.
 #
 # Usage:
 #   benchmarks/gpu_run.sh --prepare   here, with network and ../shared/data: fills gpu_carry/
@@ -52,12 +54,16 @@ stamp() { echo "[gpu_run +$((SECONDS - START))s] $*"; }
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 
 if [[ $MODE == --smoke ]]; then
-  # Tiny everything, on the CPU, with this machine's packages (the wheels are for Python 3.12).
+  # Tiny everything, on the CPU, with this machine's packages (the wheels are for Python 3.12),
+  # and TensorFlow blocked in every Python process, as on the GPU machine that has none.
   export JAX_PLATFORMS=cpu
+  mkdir -p "$WORK/no_tf"
+  echo 'import sys; sys.modules["tensorflow"] = None' > "$WORK/no_tf/sitecustomize.py"
+  export PYTHONPATH=$WORK/no_tf${PYTHONPATH:+:$PYTHONPATH}
   CORPUS=$(ls "$REPO"/resources/corpus/*.txt | paste -sd,)
   VOCAB=$REPO/resources/vocab.txt
   CONFIG=$REPO/resources/bert_config_tiny.json
-  WORKERS=2 BATCH=16 PRETRAIN_SECONDS=20 BENCH=(--smoke) SHARD_BYTES=$((1 << 20))
+  WORKERS=2 BATCH=16 PRETRAIN_SECONDS=20 BENCH=(--smoke) SHARD_BYTES=$((2 << 20))
   CALIBRATE=()  # a fixed 20 steps: the CPU's compile time would dominate a timing
 elif [[ $MODE == run ]]; then
   if [[ ! -d $CARRY/wheels || ! -d $CARRY/data ]]; then
@@ -99,7 +105,6 @@ $PY create_pretraining_data.py --input_file="$CORPUS" --output_file="$WORK/recor
 # 3. The benchmark (configurations not started within its budget are skipped, and said so).
 stamp "bench_gpu.py"
 $PY benchmarks/bench_gpu.py "${BENCH[@]}" --json "$LOGS/bench_gpu.json" || stamp "bench_gpu.py failed"
-cp "$LOGS/bench_gpu.json" "$OUT/" 2>/dev/null || true
 
 # 4. Pretraining for about PRETRAIN_SECONDS: steps from this model's own step time.
 LEFT=$((570 - (SECONDS - START) - 90))  # the timing, the export, start-up and compile, a margin
