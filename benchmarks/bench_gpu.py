@@ -187,6 +187,7 @@ def main(argv=None):
             batch, rate = found
             flops = train_flops_per_sequence(layers, hidden, seq=seq, pred=PREDICTIONS.get(seq, max(1, seq * 3 // 20)))
             row.update(batch=batch, seq_per_s=rate, mfu=rate * flops / (peak * 1e12))
+            write_json(args.json, bf16, peak, args.matmul_n, rows)  # so far: a killed run keeps them
 
     print(f"\n{'model':>6} {'seq':>4} {'batch':>6} {'seq/s':>9} {'MFU':>7}  {'goal':>14}  "
           "NVIDIA TF2 large, 1x A100")
@@ -197,11 +198,16 @@ def main(argv=None):
         reference = f"{r['nvidia_tf2_a100']} seq/s" if r["nvidia_tf2_a100"] else "n/a"
         print(f"{r['model']:>6} {r['seq']:>4} {r['batch']:>6} {r['seq_per_s']:>9.1f} {r['mfu']:>7.1%}  "
               f"{r['goal'] or '':>14}  {reference}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"device": device_name(), "bf16": bf16, "matmul_peak_tflops": peak,
-                       "matmul_n": args.matmul_n, "rows": rows}, f, indent=1)
+    write_json(args.json, bf16, peak, args.matmul_n, rows)
     return rows
+
+
+def write_json(path, bf16, peak, matmul_n, rows):
+    if path:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump({"device": device_name(), "bf16": bf16, "matmul_peak_tflops": peak,
+                       "matmul_n": matmul_n, "rows": rows}, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

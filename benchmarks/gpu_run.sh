@@ -63,7 +63,7 @@ if [[ $MODE == --smoke ]]; then
   CORPUS=$(ls "$REPO"/resources/corpus/*.txt | paste -sd,)
   VOCAB=$REPO/resources/vocab.txt
   CONFIG=$REPO/resources/bert_config_tiny.json
-  WORKERS=2 BATCH=16 PRETRAIN_SECONDS=20 BENCH=(--smoke) SHARD_BYTES=$((2 << 20))
+  WORKERS=2 BATCH=16 PRETRAIN_SECONDS=20 BENCH=(--smoke) BENCH_SECONDS=400 SHARD_BYTES=$((2 << 20))
   CALIBRATE=()  # a fixed 20 steps: the CPU's compile time would dominate a timing
 elif [[ $MODE == run ]]; then
   if [[ ! -d $CARRY/wheels || ! -d $CARRY/data ]]; then
@@ -78,7 +78,7 @@ elif [[ $MODE == run ]]; then
   CORPUS=$(ls "$CARRY"/data/corpus/zhwiki/zhwiki_[0-9]*.txt.xz | paste -sd,)
   VOCAB=$CARRY/data/vocab/vocab.txt
   CONFIG=$REPO/resources/bert_config_L4_H512.json
-  WORKERS=16 BATCH=256 PRETRAIN_SECONDS=300 BENCH=(--time_budget=150) SHARD_BYTES=$((16 << 20))
+  WORKERS=16 BATCH=256 PRETRAIN_SECONDS=300 BENCH=(--time_budget=120) BENCH_SECONDS=200 SHARD_BYTES=$((16 << 20))
   CALIBRATE=(--models=small --seqs=128 --max_batch=256 --steps=20 --matmul_n=2048)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 else
@@ -104,22 +104,27 @@ $PY create_pretraining_data.py --input_file="$CORPUS" --output_file="$WORK/recor
 
 # 3. The benchmark (configurations not started within its budget are skipped, and said so).
 stamp "bench_gpu.py"
-$PY benchmarks/bench_gpu.py "${BENCH[@]}" --json "$LOGS/bench_gpu.json" || stamp "bench_gpu.py failed"
+timeout --signal=KILL "$BENCH_SECONDS" $PY benchmarks/bench_gpu.py "${BENCH[@]}" --json "$LOGS/bench_gpu.json" \
+  || stamp "bench_gpu.py stopped (rc $?): the figures so far are in bench_gpu.json"
 
 # 4. Pretraining for about PRETRAIN_SECONDS: steps from this model's own step time.
-LEFT=$((570 - (SECONDS - START) - 90))  # the timing, the export, start-up and compile, a margin
-SECS=$(( PRETRAIN_SECONDS < LEFT ? PRETRAIN_SECONDS : LEFT ))
+# The whole script ends by 575 s: the run gets what is left after the export (~25 s); its
+# start-up, record check and compile (~45 s) come out of that before the timed steps.
 STEPS=20
 if (( ${#CALIBRATE[@]} )); then
   $PY benchmarks/bench_gpu.py "${CALIBRATE[@]}" --json "$LOGS/calibrate.json" > "$LOGS/calibrate.log" 2>&1 \
     || { tail -5 "$LOGS/calibrate.log"; exit 1; }
+  RUN_LIMIT=$((575 - (SECONDS - START) - 25))
+  SECS=$(( RUN_LIMIT - 45 < PRETRAIN_SECONDS ? RUN_LIMIT - 45 : PRETRAIN_SECONDS ))
   STEPS=$($PY -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][0]; \
 print(max(20, int(0.85 * r['seq_per_s'] * $SECS / r['batch'])))" "$LOGS/calibrate.json")
+else
+  RUN_LIMIT=600 SECS=$PRETRAIN_SECONDS
 fi
 SAVE=$(( STEPS / 4 > 10 ? STEPS / 4 : 10 ))
 RUN=$WORK/run
 stamp "pretraining $(basename "$CONFIG"), batch $BATCH, $STEPS steps (~${SECS}s), saves every $SAVE"
-timeout --signal=KILL $((SECS + 120)) \
+timeout --signal=KILL "$RUN_LIMIT" \
   $PY run_pretraining.py --do_train --input_file="$WORK/records/train.tfrecord-*" \
     --bert_config_file="$CONFIG" --vocab_file="$VOCAB" --output_dir="$RUN" \
     --train_batch_size=$BATCH --max_seq_length=128 --max_predictions_per_seq=20 \
