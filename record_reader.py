@@ -265,8 +265,10 @@ def _gather(blob, starts, ends):
 
 def _decode_varints(data):
     """uint8 [n] of whole varints -> int64 [values], and the index of each value's last byte."""
+    if not len(data) or data.max() < 0x80:  # one byte each (masks, small ids): the bytes
+        return data.astype(np.int64), np.arange(len(data))
     last = np.flatnonzero(data < 0x80)
-    if len(data) and (not len(last) or last[-1] != len(data) - 1):
+    if not len(last) or last[-1] != len(data) - 1:
         raise ValueError("varint cut at a segment end")
     if not len(last):
         return np.zeros(0, np.int64), last
@@ -291,9 +293,11 @@ def _values_by_record(kind, blob, merged, n):
     data = _gather(blob, starts, ends)
     if kind == "int64":
         values, last = _decode_varints(data)
-        if len(starts) and ((ends > starts) & (data[np.cumsum(ends - starts)[ends > starts] - 1] >= 0x80)).any():
+        cut = np.cumsum(ends - starts)  # where each segment ends in `data`
+        if (data[cut[ends > starts] - 1] >= 0x80).any():
             raise ValueError("varint cut at a segment end")
-        return values, np.bincount(np.repeat(recs, ends - starts)[last], minlength=n)
+        per_segment = np.diff(np.searchsorted(last, cut), prepend=0)
+        return values, np.bincount(recs, weights=per_segment, minlength=n).astype(np.int64)
     if kind == "float32":
         if ((ends - starts) % 4).any():
             raise ValueError("float list of a length not a multiple of 4")
@@ -332,7 +336,7 @@ class Decoder:
         out = {}
         for f in self.features:
             merged = _merged(segments.get(f.name, [[], [], [], []]))
-            if (merged[3] != _KIND_CODE[f.dtype]).any() or len(np.unique(merged[2])) != n:
+            if (merged[3] != _KIND_CODE[f.dtype]).any() or not np.bincount(merged[2], minlength=n).all():
                 self._explain(raws, where)
             try:
                 out[f.name] = (*_values_by_record(f.dtype, blob, merged, n), merged)
