@@ -27,6 +27,7 @@ How one step runs (MaskedLMTrainer.train_step, one XLA computation):
 """
 
 import glob
+import io
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import model_folder
 import modeling
 import optimization
 import pretraining_records
@@ -219,10 +221,9 @@ def save(trainer, state, output_dir, keep):
     arrays.update({f"seeds/{i}": np.asarray(model.non_trainable_variables[i].value)
                    for i in _seed_variables(model)})
     base = os.path.join(output_dir, f"ckpt-{step}")
-    tmp = f"{base}{TRAIN_STATE}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, base + TRAIN_STATE)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    model_folder.atomic_write(base + TRAIN_STATE, buffer.getvalue())  # temp name, then a rename
     modeling.save_weights(model, base + WEIGHTS)  # atomic: its presence completes the save
     logging.info("saved %s", base)
     for old in _saved_steps(output_dir)[:-keep]:
