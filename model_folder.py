@@ -126,18 +126,25 @@ class _LocalFiles:
         shutil.copyfile(src, dst)
 
 
+def import_tensorflow(what):
+    """TensorFlow, for `what` (a path that needs it); without it (a JAX-only machine) a ValueError
+    naming the path rather than an ImportError from deep inside."""
+    try:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        raise ValueError(f"{what}: reading it needs TensorFlow, which is not installed here") from None
+    return tf
+
+
 def _fs(path):
     """tf.io.gfile for a remote path (TensorFlow imported on first use), else _LocalFiles."""
-    if _is_remote(path):
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
-        return tf.io.gfile
-    return _LocalFiles
+    return import_tensorflow(path).io.gfile if _is_remote(path) else _LocalFiles
 
 
 def _read_errors(path):
     """The exceptions a failed read of `path` raises (TF's own for remote paths)."""
     if _is_remote(path):
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        tf = import_tensorflow(path)
         return (OSError, tf.errors.NotFoundError, tf.errors.FailedPreconditionError)
     return (OSError,)
 
@@ -231,7 +238,7 @@ def _latest_tf2(folder):
     state_file = os.path.join(folder, "checkpoint")
     fs = _fs(folder)
     if fs.exists(state_file):
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel  (TF checkpoints need TF)
+        tf = import_tensorflow(state_file)
         try:
             state = tf.train.get_checkpoint_state(folder)
         except Exception:  # pylint: disable=broad-except  (a text-proto parse error of several types)
@@ -287,7 +294,7 @@ def find_checkpoint(path, flag="--checkpoint"):
     if path.endswith(".safetensors") and safetensors_complete(path):
         return "safetensors", path, os.path.dirname(path) or "."
     if fs.exists(path + ".index"):
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        tf = import_tensorflow(path + ".index")
         folder = os.path.dirname(path) or "."
         try:
             names = dict(tf.train.list_variables(path))

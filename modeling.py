@@ -629,7 +629,7 @@ def save_weights(model, path, max_shard_bytes=None):
 
 def _tf_checkpoint_tensors(prefix):
     """Our TF2 checkpoint (top-level objects named by Google names) or a Google TF1 one."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (TF checkpoints need TF)
+    tf = model_folder.import_tensorflow(f"{prefix}.index")
 
     try:
         reader = tf.train.load_checkpoint(prefix)
@@ -660,6 +660,7 @@ def _hf_tensors(folder, model):
     The reader (model.safetensors, sharded, or pytorch_model.bin through torch) and HF's spellings
     are convert_checkpoint's, which imports TensorFlow: HF folders load on the TensorFlow backend.
     """
+    model_folder.import_tensorflow(folder)
     import convert_checkpoint  # pylint: disable=import-outside-toplevel  (avoids an import cycle)
 
     hf = convert_checkpoint.HFFolder(folder)

@@ -40,6 +40,10 @@ for task in ("mlm", "classifier", "ner", "qa"):
                      {k: data[k] for k in ("input_ids", "input_mask", "segment_ids", "masked_lm_positions")})
     out[task] = np.stack([np.asarray(t) for t in logits]) if task == "qa" else np.asarray(logits)
 np.savez(os.path.join(sys.argv[2], "jax_logits.npz"), **out)
+try:  # a TF checkpoint here is a one-line error naming it, not an ImportError
+    modeling.load_pretrained(model, os.path.join(sys.argv[2], "tf", "ckpt-1"))
+except ValueError as e:
+    print("TF checkpoint:", e)
 print("tensorflow imported:", sys.modules["tensorflow"] is not None)
 """
 
@@ -57,6 +61,8 @@ def test_the_four_heads_give_the_same_logits_under_jax_without_tensorflow(tmp_pa
         num_labels = len(LABELS.get(task, ()))
         model = randomize(modeling.make_task_model(config, task, num_labels or None), seed)
         modeling.save_weights(model, tmp_path / f"{task}.weights.safetensors")
+        if task == "qa":
+            modeling.make_checkpoint(model).write(str(tmp_path / "tf" / "ckpt-1"))
         logits = model(inputs)
         expected[task] = np.stack([t.numpy() for t in logits]) if task == "qa" else logits.numpy()
         inputs[f"num_labels_{task}"] = np.int32(num_labels)
@@ -67,6 +73,7 @@ def test_the_four_heads_give_the_same_logits_under_jax_without_tensorflow(tmp_pa
                             text=True, timeout=300, env=env, cwd=REPO, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tensorflow imported: False" in result.stdout
+    assert f"TF checkpoint: {tmp_path}/tf/ckpt-1.index: reading it needs TensorFlow" in result.stdout
     got = np.load(tmp_path / "jax_logits.npz")
     for task, want in expected.items():
         assert got[task].shape == want.shape and got[task].dtype == np.float32
