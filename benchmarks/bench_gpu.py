@@ -11,9 +11,9 @@ step: pretraining_jax.MaskedLMTrainer (the step `KERAS_BACKEND=jax run_pretraini
 forward, backward, masked-LM loss, global-norm clip, AdamW update, one jitted XLA computation) on a
 random batch, dropout 0.1, bf16 compute with float32 variables (Keras' mixed_bfloat16 policy).
 
-Batch: for each model and length, from --max_batch (default 1024 at seq 128, 256 at seq 512) down by
-halves while XLA reports RESOURCE_EXHAUSTED; the first that runs is timed (--steps steps after two
-warm-up steps). Configurations not started within --time_budget seconds are skipped (said so).
+Batch: for each model and length, from --max_batch (default: MAX_BATCH, 1024/512 at seq 128 and
+256/128 at seq 512 for base/large) down by halves while XLA reports RESOURCE_EXHAUSTED; the first
+that runs is timed (--steps steps after two warm-up steps). Configurations not started within --time_budget seconds are skipped (said so).
 
 Peak: the best of a few timings of a --matmul_n cube bf16 jnp.matmul (8192 by default: 1.1 TFLOP
 per product). MFU = sequences/s x matmul FLOPs per sequence (bench_pretraining.
@@ -43,7 +43,11 @@ MODELS = {  # name -> (layers, hidden)
     "tiny": (2, 128),  # --smoke
 }
 PREDICTIONS = {128: 20, 512: 80}  # max_predictions_per_seq, as NVIDIA's phase 1 / phase 2
-MAX_BATCH = {128: 1024, 512: 256}
+# First batch tried per (model, seq): about what fits in 141 GB by a rough count of the activations
+# kept for the backward pass (NVIDIA's TF2 BERT-large used 312 / 40 on an 80 GB A100), so that the
+# first try usually fits and each halving (a new compile) is rare.
+MAX_BATCH = {("base", 128): 1024, ("large", 128): 512, ("base", 512): 256, ("large", 512): 128,
+             ("small", 128): 1024}
 # NVIDIA's published TF2 BERT pretraining throughput, 1x A100 80GB, mixed precision (LAMB, TF 21.02
 # NGC container, batch 312 at seq 128 and 40 at seq 512), from the table "Pre-training training
 # performance: Single-node on NVIDIA DGX A100 (8x A100 80GB)" of
@@ -149,7 +153,7 @@ def main(argv=None):
     parser.add_argument("--models", default="base,large")
     parser.add_argument("--seqs", default="128,512")
     parser.add_argument("--max_batch", type=int, default=None,
-                        help="first batch tried (default 1024 at seq 128, 256 at seq 512)")
+                        help="first batch tried (default: MAX_BATCH by model and length)")
     parser.add_argument("--min_batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--matmul_n", type=int, default=8192)
@@ -180,7 +184,7 @@ def main(argv=None):
                 row["skipped"] = True
                 continue
             print(f"  {model} (L={layers} H={hidden}) seq {seq}:", flush=True)
-            found = largest_batch(layers, hidden, seq, args.max_batch or MAX_BATCH.get(seq, 64),
+            found = largest_batch(layers, hidden, seq, args.max_batch or MAX_BATCH.get((model, seq), 64),
                                   min(args.min_batch, args.max_batch or args.min_batch), args.steps, bf16)
             if found is None:
                 continue
