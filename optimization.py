@@ -2,7 +2,10 @@
 
 This file holds only the learning-rate schedule and the update rules, written on the public Keras
 optimizer API (`build` creates the slots, `update_step(gradient, variable, learning_rate)` applies
-one rule), so the optimizers work with `model.fit` and with any custom loop.
+one rule), so the optimizers work with `model.fit` and with any custom loop. The rules are written
+in `keras.ops`, so the same classes run on every Keras backend: the TensorFlow trainer calls
+`update_step` per variable, the JAX trainer (pretraining_jax.py) calls `stateless_apply` inside its
+jitted step.
 
 Gradients are not this file's business: the pretraining trainer (run_pretraining.MaskedLMTrainer)
 owns micro-batch accumulation, the one all-reduce over replicas, the division by the number of
@@ -13,7 +16,7 @@ variable. `model.fit` users (fine-tuning) get Keras' own `global_clipnorm` from 
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 # Google's exclusion list: no weight decay on LayerNorm parameters and biases. Matched against the
 # variable's Keras path (".../LayerNorm/gamma", ".../dense/bias", ".../output_bias").
@@ -39,13 +42,13 @@ class WarmupPolynomialDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.num_train_steps, self.num_warmup_steps = int(num_train_steps), int(num_warmup_steps)
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        done = tf.minimum(step, float(self.num_train_steps)) / self.num_train_steps
+        step = ops.cast(step, "float32")
+        done = ops.minimum(step, float(self.num_train_steps)) / self.num_train_steps
         decayed = (self.init_lr - self.end_lr) * (1.0 - done) ** self.power + self.end_lr
         if self.num_warmup_steps == 0:
             return decayed
         warmup = self.init_lr * step / self.num_warmup_steps
-        return tf.where(step < self.num_warmup_steps, warmup, decayed)
+        return ops.where(step < self.num_warmup_steps, warmup, decayed)
 
     def get_config(self):
         return {"init_lr": self.init_lr, "num_train_steps": self.num_train_steps,
@@ -71,8 +74,8 @@ class _BertOptimizer(keras.optimizers.Optimizer):
             return
         super().build(var_list)
         self._m, self._v = self.add_optimizer_variables(var_list, ["m", "v"])
-        # Decided here on the Keras variables: update_step sees the backing tf.Variables, whose
-        # names lack the layer path.
+        # Decided here on the Keras variables: on TensorFlow update_step sees the backing
+        # tf.Variables, whose names lack the layer path.
         self._decay_flags = [self.weight_decay_rate > 0 and
                              not any(p in v.path for p in self.no_decay_patterns) for v in var_list]
 
@@ -82,11 +85,11 @@ class _BertOptimizer(keras.optimizers.Optimizer):
 
     def _moments(self, gradient, variable):
         """Updates and returns Adam's first and second moments (no bias correction)."""
-        g = tf.cast(gradient, variable.dtype)
+        g = ops.cast(gradient, variable.dtype)
         index = self._get_variable_index(variable)
         m, v = self._m[index], self._v[index]
         self.assign(m, self.beta_1 * m + (1.0 - self.beta_1) * g)
-        self.assign(v, self.beta_2 * v + (1.0 - self.beta_2) * tf.square(g))
+        self.assign(v, self.beta_2 * v + (1.0 - self.beta_2) * ops.square(g))
         return m, v
 
     def get_config(self):
@@ -112,10 +115,10 @@ class AdamWeightDecay(_BertOptimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         m, v = self._moments(gradient, variable)
-        update = m / (tf.sqrt(v) + self.epsilon)
+        update = m / (ops.sqrt(v) + self.epsilon)
         if self._decays(variable):
             update += self.weight_decay_rate * variable
-        self.assign_sub(variable, tf.cast(learning_rate, variable.dtype) * update)
+        self.assign_sub(variable, ops.cast(learning_rate, variable.dtype) * update)
 
 
 class Lamb(_BertOptimizer):
@@ -135,16 +138,17 @@ class Lamb(_BertOptimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         m, v = self._moments(gradient, variable)
-        t = tf.cast(self.iterations + 1, variable.dtype)  # update steps, not micro-batches
-        m_hat = m / (1.0 - tf.pow(tf.cast(self.beta_1, variable.dtype), t))
-        v_hat = v / (1.0 - tf.pow(tf.cast(self.beta_2, variable.dtype), t))
-        update = m_hat / (tf.sqrt(v_hat) + self.epsilon)
+        t = ops.cast(self.iterations + 1, variable.dtype)  # update steps, not micro-batches
+        m_hat = m / (1.0 - ops.power(ops.cast(self.beta_1, variable.dtype), t))
+        v_hat = v / (1.0 - ops.power(ops.cast(self.beta_2, variable.dtype), t))
+        update = m_hat / (ops.sqrt(v_hat) + self.epsilon)
         ratio = 1.0
         if self._decays(variable):
             update += self.weight_decay_rate * variable
-            w_norm, u_norm = tf.norm(variable), tf.norm(update)
-            ratio = tf.where((w_norm > 0) & (u_norm > 0), w_norm / tf.maximum(u_norm, 1e-30), 1.0)
-        self.assign_sub(variable, tf.cast(learning_rate, variable.dtype) * ratio * update)
+            w_norm, u_norm = ops.norm(variable), ops.norm(update)
+            ratio = ops.where(ops.logical_and(w_norm > 0, u_norm > 0),
+                              w_norm / ops.maximum(u_norm, 1e-30), 1.0)
+        self.assign_sub(variable, ops.cast(learning_rate, variable.dtype) * ratio * update)
 
 
 def create_optimizer(init_lr, num_train_steps, num_warmup_steps, optimizer_type="adamw",

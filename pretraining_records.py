@@ -403,18 +403,11 @@ class RecordInfo:
         return next((m for _, m in self.metas if m), {})
 
 
-def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
-    """Checks one record file against the flags and the config before any training step.
+def check_sidecar(path, seq_len, max_pred, vocab_size):
+    """`path`'s sidecar checked against the flags and the config (TensorFlow-free).
 
-    Compares its sidecar (kind, sequence length, predictions, vocab size), checks the feature
-    lengths and id range of record 0, and with `full_scan` reads every record: TFRecord CRCs catch
-    corruption and truncation, every record's lengths, ids and positions are checked (files
-    without a sidecar, e.g. from Google's script, have nothing else vouching for them), and the
-    count must equal the sidecar's `num_instances`.
-    Returns the file's RecordInfo. Raises UsageError naming the file (and the record index).
+    Returns (sidecar dict or None, kind, the kind's features). Raises UsageError naming the file.
     """
-    import tensorflow as tf
-
     meta = read_sidecar(path)
     meta_path = sidecar_path(path)
     kind = meta["kind"] if meta else STATIC
@@ -435,30 +428,53 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
     else:
         from absl import logging
         logging.warning("%s has no %s sidecar; checking its records only", path, SIDECAR_SUFFIX)
+    return meta, kind, features
 
-    def check_values(index, values):
-        """values: {feature name: list of numbers} of one record; UsageError on the first problem."""
-        for f in features:
-            if not f.read:
-                continue
-            if f.name not in values:
-                raise UsageError(f"{path}: record {index} has no feature '{f.name}' (not "
-                                 f"{kind} pretraining records?)")
-            want, got = feature_length(f, seq_len, max_pred), len(values[f.name])
-            if got != want and not (want is None and 1 <= got <= seq_len - 2):
-                flag = "--max_predictions_per_seq" if f.length == "pred" else "--max_seq_length"
-                raise UsageError(f"{path}: record {index} has {f.name} of length {got}, but {flag} "
-                                 f"is {want or seq_len}")
-            bound = vocab_size if f.token_ids else seq_len if f.positions else None
-            if bound is not None and values[f.name]:
-                low, high = min(values[f.name]), max(values[f.name])
-                if high >= bound or low < 0:
-                    bad = high if high >= bound else low
-                    what = ("token id", f"vocab_size {vocab_size} of --bert_config_file (records "
-                            "made with another vocab?)") if f.token_ids else (
-                            "position", f"--max_seq_length {seq_len}")
-                    raise UsageError(f"{path}: record {index} has {what[0]} {bad} in {f.name} out of "
-                                     f"range [0, {what[1]})")
+
+def check_values(path, kind, index, values, seq_len, max_pred, vocab_size):
+    """values: {feature name: list of numbers} of record `index` of `path` (TensorFlow-free);
+    UsageError naming the file and record on the first problem."""
+    for f in _features(kind, path):
+        if not f.read:
+            continue
+        if f.name not in values:
+            raise UsageError(f"{path}: record {index} has no feature '{f.name}' (not "
+                             f"{kind} pretraining records?)")
+        want, got = feature_length(f, seq_len, max_pred), len(values[f.name])
+        if got != want and not (want is None and 1 <= got <= seq_len - 2):
+            flag = "--max_predictions_per_seq" if f.length == "pred" else "--max_seq_length"
+            raise UsageError(f"{path}: record {index} has {f.name} of length {got}, but {flag} "
+                             f"is {want or seq_len}")
+        bound = vocab_size if f.token_ids else seq_len if f.positions else None
+        if bound is not None and len(values[f.name]):
+            low, high = min(values[f.name]), max(values[f.name])
+            if high >= bound or low < 0:
+                bad = high if high >= bound else low
+                what = ("token id", f"vocab_size {vocab_size} of --bert_config_file (records "
+                        "made with another vocab?)") if f.token_ids else (
+                        "position", f"--max_seq_length {seq_len}")
+                raise UsageError(f"{path}: record {index} has {what[0]} {bad} in {f.name} out of "
+                                 f"range [0, {what[1]})")
+
+
+def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
+    """Checks one record file against the flags and the config before any training step.
+
+    Compares its sidecar (kind, sequence length, predictions, vocab size), checks the feature
+    lengths and id range of record 0, and with `full_scan` reads every record: TFRecord CRCs catch
+    corruption and truncation, every record's lengths, ids and positions are checked (files
+    without a sidecar, e.g. from Google's script, have nothing else vouching for them), and the
+    count must equal the sidecar's `num_instances`.
+    Returns the file's RecordInfo. Raises UsageError naming the file (and the record index).
+    (record_reader.check_file does the same without TensorFlow.)
+    """
+    import tensorflow as tf
+
+    meta, kind, features = check_sidecar(path, seq_len, max_pred, vocab_size)
+    meta_path = sidecar_path(path)
+
+    def check_values_(index, values):
+        check_values(path, kind, index, values, seq_len, max_pred, vocab_size)
 
     def values_of(raw, index):
         try:
@@ -473,9 +489,9 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
         first = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
         if first is None:
             raise UsageError(f"{path}: no records")
-        check_values(0, values_of(first.numpy(), 0))
+        check_values_(0, values_of(first.numpy(), 0))
         if full_scan:
-            count = _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_values,
+            count = _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_values_,
                                        values_of)
             if meta is not None and "num_instances" in meta and count != meta["num_instances"]:
                 raise UsageError(f"{path}: {count} records, but {meta_path} says "
@@ -536,6 +552,19 @@ def _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_valu
             for j, raw in enumerate(records.skip(count).take(batch)):
                 check_values(count + j, values_of(raw.numpy(), count + j))
         count += int(n)
+
+
+def pipeline_files(files, counts, num_pipelines, pipeline_id):
+    """One input pipeline's (worker's/host's) share -> (files, shard_records, records per epoch).
+
+    Whole files per pipeline when there are enough files, else every pipeline reads all files and
+    keeps every num_pipelines-th record. (The rule of both readers: pretraining_resume's tf.data
+    pipeline and record_reader's.)
+    """
+    if num_pipelines > 1 and len(files) >= num_pipelines:
+        mine = range(pipeline_id, len(files), num_pipelines)
+        return [files[i] for i in mine], False, sum(counts[i] for i in mine)
+    return list(files), num_pipelines > 1, len(range(pipeline_id, sum(counts), num_pipelines))
 
 
 def combine(infos, flag="--input_file"):
@@ -604,8 +633,9 @@ def make_parser(info, seq_len, max_pred, **options):
 # replacements are drawn from ("104-8117,8119-8128,...": not special, not [unused*], not ##), so
 # training needs no vocab file.
 #
-# Masking, per sequence, with TensorFlow ops only and static shapes ([S] = max_seq_length,
-# [P] = max_predictions_per_seq), keyed by (seed, position): stateless random ops.
+# Masking, per sequence, in keras.ops (one code for tf.data and for the jitted JAX step) with static
+# shapes ([S] = max_seq_length, [P] = max_predictions_per_seq), keyed by (seed, position): stateless
+# random draws (TensorFlow's in tf.data, JAX's on the device: same rule, other numbers).
 #   budget k = min(P, max(1, round(n * masked_lm_prob)))
 #   The words are put in a random order and laid end to end on a circle of n token slots; a window of
 #   k slots starting at a random offset picks every word whose first token falls inside it. Each word
@@ -618,6 +648,9 @@ def make_parser(info, seq_len, max_pred, **options):
 #   One decision per word: 80% [MASK], 10% kept, 10% random ordinary tokens. Labels: original ids.
 
 UNMASKED = "unmasked"
+# One decision per chosen word, from a uniform draw u: u < MASK_BELOW -> [MASK], u >= RANDOM_FROM ->
+# a random ordinary id, else kept (80/10/10). Shared with the JAX masking (jax_masking.py).
+MASK_BELOW, RANDOM_FROM = 0.8, 0.9
 # Evaluation masks use this key instead of --seed: one fixed mask per sequence for every run.
 EVAL_MASK_SEED = -1
 
@@ -704,9 +737,27 @@ def unmasked_sidecar_keys(vocab):
             "ordinary_ids": ordinary_id_ranges(ordinary_ids(vocab))}
 
 
+def mask_budget(seq_len, masked_lm_prob, max_pred):
+    """Masked tokens aimed at per sequence of n body tokens -> int32 [seq_len + 1], indexed by n:
+    min(max_pred, max(1, round(n * masked_lm_prob))), rounded half to even in float64."""
+    import numpy as np
+    n = np.arange(seq_len + 1, dtype=np.float64)
+    return np.minimum(max_pred, np.maximum(1, np.round(n * masked_lm_prob))).astype(np.int32)
+
+
+def _stable_argsort(x):
+    """Argsort along axis 1, ties in index order (keras.ops.argsort is not stable on TensorFlow)."""
+    import keras
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        return tf.argsort(x, axis=1, stable=True)
+    return keras.ops.argsort(x, axis=1)  # jax.numpy's argsort is stable
+
+
 def mask_whole_words(ids, num_tokens, word_start, uniform, *, max_pred, masked_lm_prob, pool,
                      cls_id, sep_id, mask_id):
-    """Dynamic whole-word masking of a batch; TensorFlow ops only, static shapes.
+    """Dynamic whole-word masking of a batch; keras.ops only, static shapes: the one rule, run by
+    tf.data on the TensorFlow backend (below) and inside the jitted step on JAX (jax_masking.py).
 
     Args:
       ids: int32 [B, S], the body tokens at positions 1..n (anything elsewhere).
@@ -719,53 +770,69 @@ def mask_whole_words(ids, num_tokens, word_start, uniform, *, max_pred, masked_l
       the model's tensors: input_ids, input_mask, segment_ids int32 [B, S]; masked_lm_positions,
       masked_lm_ids int32 [B, P]; masked_lm_weights float32 [B, P].
     """
-    import tensorflow as tf
-    batch, seq = tf.shape(ids)[0], ids.shape[1]
+    from keras import ops
+    seq = ids.shape[1]
     order_keys, decision, replacement = (uniform[:, i * seq:(i + 1) * seq] for i in range(3))
-    pos = tf.range(seq)[None, :]                                                        # [1, S]
-    n = num_tokens[:, None]                                                             # [B, 1]
+    pos = ops.arange(seq, dtype="int32")[None, :]                                       # [1, S]
+    n = ops.cast(num_tokens, "int32")[:, None]                                          # [B, 1]
     body = (pos >= 1) & (pos <= n)                                                      # [B, S]
     word_start = (word_start & body) | (pos == 1)  # the first token always starts a word
     # word[b, t]: index of the word holding token t (words are numbered 0.. in text order).
-    word = tf.cumsum(tf.cast(word_start, tf.int32), axis=1) - 1                         # [B, S]
+    word = ops.cumsum(ops.cast(word_start, "int32"), axis=1) - 1                        # [B, S]
     num_words = word[:, -1:] + 1                                                        # [B, 1]
-    word = tf.where(body, word, seq - 1)  # [CLS]/[SEP]/padding: a slot no word of <= S-2 tokens uses
-    length = tf.reshape(tf.math.unsorted_segment_sum(
-        tf.cast(body, tf.int32), word + seq * tf.range(batch)[:, None], batch * seq),
-        [batch, seq])                                                                   # [B, W=S]
-    is_word = pos < num_words                                                           # [B, W]
+    word = ops.where(body, word, seq - 1)  # [CLS]/[SEP]/padding: a slot no word of <= S-2 tokens uses
+    is_word = pos < num_words                                                           # [B, W=S]
+    # Word lengths: from each word's first token to the next word's (or past the body's end).
+    first = ops.sort(ops.where(word_start, pos, 2 * seq), axis=1)                       # [B, W]
+    following = ops.concatenate([first[:, 1:], ops.full_like(first[:, :1], 2 * seq)], axis=1)
+    length = ops.where(is_word, ops.minimum(following, n + 1) - first, 0)               # [B, W]
     # Random order of the words; first slot of each word when laid end to end in that order.
-    order = tf.argsort(tf.where(is_word, order_keys, 2.0), axis=1, stable=True)         # [B, W]
-    slot_sorted = tf.cumsum(tf.gather(length, order, batch_dims=1), axis=1, exclusive=True)
-    slot = tf.gather(slot_sorted, tf.argsort(order, axis=1), batch_dims=1)              # [B, W]
-    budget = tf.minimum(max_pred, tf.maximum(1, tf.cast(tf.round(
-        tf.cast(num_tokens, tf.float64) * masked_lm_prob), tf.int32)))[:, None]         # [B, 1]
-    offset = tf.minimum(tf.cast(uniform[:, -1:] * tf.cast(n, tf.float32), tf.int32), n - 1)
-    slot = tf.where(is_word, tf.math.floormod(slot - offset, n), seq)  # the window starts at slot 0
+    order = _stable_argsort(ops.where(is_word, order_keys, 2.0))                        # [B, W]
+    sorted_length = ops.take_along_axis(length, order, axis=1)
+    slot_sorted = ops.cumsum(sorted_length, axis=1) - sorted_length                     # exclusive
+    slot = ops.take_along_axis(slot_sorted, ops.argsort(order, axis=1), axis=1)         # [B, W]
+    budget = ops.take(mask_budget(seq, masked_lm_prob, max_pred), n)                    # [B, 1]
+    offset = ops.minimum(ops.cast(uniform[:, -1:] * ops.cast(n, "float32"), "int32"), n - 1)
+    slot = ops.where(is_word, ops.mod(slot - offset, ops.maximum(n, 1)), seq)  # window starts at 0
     # A window inside one long word would choose nothing: it then reaches to the next word's start.
-    window = tf.maximum(budget, tf.reduce_min(slot, axis=1, keepdims=True) + 1)         # [B, 1]
-    chosen = (slot < window) & (slot + length <= max_pred)                              # [B, W]
-    token_chosen = tf.gather(chosen, word, batch_dims=1) & body                         # [B, S]
-    token_decision = tf.gather(decision, word, batch_dims=1)                            # [B, S]
+    window = ops.maximum(budget, ops.min(slot, axis=1, keepdims=True) + 1)              # [B, 1]
+    chosen = ops.cast((slot < window) & (slot + length <= max_pred), "int32")           # [B, W]
+    token_chosen = (ops.take_along_axis(chosen, word, axis=1) > 0) & body               # [B, S]
+    token_decision = ops.take_along_axis(decision, word, axis=1)                        # [B, S]
     pool_size = pool.shape[0]
-    random_ids = tf.gather(pool, tf.minimum(tf.cast(replacement * pool_size, tf.int32), pool_size - 1))
-    original = tf.where(pos == 0, cls_id, tf.where(pos == n + 1, sep_id, tf.where(body, ids, 0)))
-    input_ids = tf.where(token_chosen & (token_decision < 0.8), mask_id,
-                         tf.where(token_chosen & (token_decision >= 0.9), random_ids, original))
+    random_ids = ops.take(pool, ops.minimum(ops.cast(replacement * pool_size, "int32"), pool_size - 1))
+    original = ops.where(pos == 0, cls_id, ops.where(pos == n + 1, sep_id, ops.where(body, ids, 0)))
+    input_ids = ops.where(token_chosen & (token_decision < MASK_BELOW), mask_id,
+                          ops.where(token_chosen & (token_decision >= RANDOM_FROM), random_ids, original))
     # Chosen positions in ascending order, zero padded: the P smallest of (pos if chosen else S + pos).
-    sort_key = tf.where(token_chosen, pos, seq + pos)
-    smallest = -tf.math.top_k(-sort_key, max_pred, sorted=True).values                  # [B, P]
-    count = tf.reduce_sum(tf.cast(token_chosen, tf.int32), axis=1, keepdims=True)       # [B, 1]
-    real = tf.range(max_pred)[None, :] < count                                          # [B, P]
-    positions = tf.where(real, smallest, 0)
+    smallest = ops.sort(ops.where(token_chosen, pos, seq + pos), axis=1)[:, :max_pred]  # [B, P]
+    count = ops.sum(ops.cast(token_chosen, "int32"), axis=1, keepdims=True)             # [B, 1]
+    real = ops.arange(max_pred, dtype="int32")[None, :] < count                         # [B, P]
+    positions = ops.where(real, smallest, 0)
     return {
-        "input_ids": input_ids,
-        "input_mask": tf.cast(pos <= n + 1, tf.int32),
-        "segment_ids": tf.zeros_like(input_ids),
-        "masked_lm_positions": positions,
-        "masked_lm_ids": tf.where(real, tf.gather(original, positions, batch_dims=1), 0),
-        "masked_lm_weights": tf.cast(real, tf.float32),
+        "input_ids": ops.cast(input_ids, "int32"),
+        "input_mask": ops.cast(pos <= n + 1, "int32"),
+        "segment_ids": ops.zeros_like(ops.cast(input_ids, "int32")),
+        "masked_lm_positions": ops.cast(positions, "int32"),
+        "masked_lm_ids": ops.cast(ops.where(real, ops.take_along_axis(original, positions, axis=1), 0), "int32"),
+        "masked_lm_weights": ops.cast(real, "float32"),
     }
+
+
+def masking_settings(info, masked_lm_prob):
+    """The masking settings of unmasked records from their sidecar, checked (TensorFlow-free):
+    {"pool": int32 [V_ordinary] replacement ids, "cls_id", "sep_id", "mask_id"}."""
+    import numpy as np
+    meta = info.meta
+    where = next((sidecar_path(p) for p, m in info.metas if m), "unmasked records")
+    missing = [k for k in ("cls_id", "sep_id", "mask_id", "ordinary_ids") if k not in meta]
+    if missing:
+        raise UsageError(f"{where}: sidecar lacks {', '.join(missing)} (needed to mask unmasked "
+                         "records); regenerate the records")
+    if not 0.0 < masked_lm_prob <= 1.0:
+        raise UsageError(f"--masked_lm_prob={masked_lm_prob} must be in (0, 1]")
+    return {"pool": np.array(_parse_id_ranges(meta["ordinary_ids"], where), np.int32),
+            "cls_id": meta["cls_id"], "sep_id": meta["sep_id"], "mask_id": meta["mask_id"]}
 
 
 def _unmasked_parser(info, seq_len, max_pred, *, seed=0, masked_lm_prob=0.10, training=True,
@@ -775,17 +842,9 @@ def _unmasked_parser(info, seq_len, max_pred, *, seed=0, masked_lm_prob=0.10, tr
     training=False (evaluation) keys the masks by EVAL_MASK_SEED instead of `seed`, so every run
     evaluates on the same masks.
     """
-    import numpy as np
     import tensorflow as tf
     meta = info.meta
-    where = next((sidecar_path(p) for p, m in info.metas if m), "unmasked records")
-    missing = [k for k in ("cls_id", "sep_id", "mask_id", "ordinary_ids") if k not in meta]
-    if missing:
-        raise UsageError(f"{where}: sidecar lacks {', '.join(missing)} (needed to mask unmasked "
-                         "records); regenerate the records")
-    if not 0.0 < masked_lm_prob <= 1.0:
-        raise UsageError(f"--masked_lm_prob={masked_lm_prob} must be in (0, 1]")
-    pool = tf.constant(np.array(_parse_id_ranges(meta["ordinary_ids"], where), np.int32))
+    pool = tf.constant(masking_settings(info, masked_lm_prob)["pool"])
     key = tf.constant(seed if training else EVAL_MASK_SEED, tf.int64)
     spec = {"token_ids": tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int32),
             "word_starts": tf.io.FixedLenFeature([], tf.string)}

@@ -16,8 +16,8 @@ import re
 
 import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
+import keras
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 import file_output
@@ -25,7 +25,11 @@ import model_folder
 import modeling
 import pretraining_records
 
+if keras.backend.backend() == "tensorflow":  # the input-state and run-folder rules serve JAX too
+    import tensorflow as tf
+
 UsageError = train_utils.UsageError
+_fs = file_output.fs  # tf.io.gfile for gs:// paths, the standard library for local ones
 INPUT_STATE = "pretraining_input.json"  # in output_dir: what the input position depends on
 
 
@@ -39,16 +43,8 @@ def count_records(path):
         np.int64(0), lambda n, _: n + 1))
 
 
-def pipeline_files(files, counts, num_pipelines, pipeline_id):
-    """This input pipeline's share -> (files, shard_records, records per epoch).
-
-    Whole files per pipeline (worker/host) when there are enough files, else every pipeline reads
-    all files and keeps every num_pipelines-th record.
-    """
-    if num_pipelines > 1 and len(files) >= num_pipelines:
-        mine = range(pipeline_id, len(files), num_pipelines)
-        return [files[i] for i in mine], False, sum(counts[i] for i in mine)
-    return list(files), num_pipelines > 1, len(range(pipeline_id, sum(counts), num_pipelines))
+# One pipeline's share of the files (the rule is TF-free, shared with record_reader.py).
+pipeline_files = pretraining_records.pipeline_files
 
 
 def train_dataset_fn(files, counts, per_replica_batch, seed, shuffle_buffer_size, start_step,
@@ -191,10 +187,11 @@ def bad_records_error(opts, patterns, where, error):
 
 def _fingerprint(path):
     """Identity of one record file: its name and size, and its sidecar's sha256 when it has one."""
-    entry = {"file": os.path.basename(path), "bytes": tf.io.gfile.stat(path).length}
+    size = _fs(path).stat(path).length if "://" in path else os.path.getsize(path)
+    entry = {"file": os.path.basename(path), "bytes": size}
     sidecar = pretraining_records.sidecar_path(path)
-    if tf.io.gfile.exists(sidecar):
-        with tf.io.gfile.GFile(sidecar, "rb") as f:
+    if _fs(sidecar).exists(sidecar):
+        with _fs(sidecar).GFile(sidecar, "rb") as f:
             entry["meta_sha256"] = hashlib.sha256(f.read()).hexdigest()
     return entry
 
@@ -211,12 +208,12 @@ def check_resume_input(output_dir, state):
     """UsageError if a run resumed in output_dir would read a different stream than before."""
     path = os.path.join(output_dir, INPUT_STATE)
     advice = ("to train on, start a new --output_dir with --init_checkpoint=" + output_dir)
-    if not tf.io.gfile.exists(path):  # the batch size, records and seed of the run are unknown
+    if not _fs(path).exists(path):  # the batch size, records and seed of the run are unknown
         raise UsageError(f"{path} is missing, but {output_dir} holds checkpoints to resume: without it "
                          "the input position (batch size, records, seed) cannot be checked; put the "
                          f"file back, or {advice}")
     try:
-        with tf.io.gfile.GFile(path) as f:
+        with _fs(path).GFile(path) as f:
             before = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is unreadable ({e}); put the file back, or {advice}") from None
@@ -246,7 +243,7 @@ def write_json(path, obj):
 
 
 def _sha256(path):
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with _fs(path).GFile(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
@@ -261,7 +258,7 @@ def vocab_and_casing(opts, files):
     hashes = {m["vocab_sha256"] for _, m in metas if m.get("vocab_sha256")}
     vocab_file = opts.vocab_file
     if vocab_file:
-        if not tf.io.gfile.exists(vocab_file) or tf.io.gfile.isdir(vocab_file):
+        if not _fs(vocab_file).exists(vocab_file) or _fs(vocab_file).isdir(vocab_file):
             raise UsageError(f"--vocab_file={vocab_file}: no such file")
         sha = _sha256(vocab_file)
         for path, meta in metas:
@@ -270,7 +267,7 @@ def vocab_and_casing(opts, files):
                                  f"(vocab_sha256 differs in {path}.meta.json)")
     else:
         named = next((m["vocab_file"] for _, m in metas if m.get("vocab_file")), None)
-        if named and tf.io.gfile.exists(named) and not tf.io.gfile.isdir(named) \
+        if named and _fs(named).exists(named) and not _fs(named).isdir(named) \
                 and hashes <= {_sha256(named)}:
             vocab_file = named
         elif named:
@@ -319,7 +316,7 @@ def write_run_folder(output_dir, config, vocab_file, do_lower_case):
         logging.warning("no --vocab_file: %s gets no vocab.txt; rerun the same command with "
                         "--vocab_file=<the vocab the records were made with> to add it",
                         output_dir)
-        if not tf.io.gfile.exists(os.path.join(output_dir, "bert_config.json")):
+        if not _fs(output_dir).exists(os.path.join(output_dir, "bert_config.json")):
             config.to_json_file(os.path.join(output_dir, "bert_config.json"))
         return
     import model_folder  # the run-folder contract's one owner

@@ -10,7 +10,8 @@ The TF2 counterpart of google-research/bert's run_pretraining.py, with its flag 
 Rerunning the same command resumes from the last `output_dir/ckpt-N`, at the same position in the
 input, so a preempted job neither repeats nor skips batches. `output_dir` is a self-describing model
 folder (checkpoints, bert_config.json, vocab.txt, model_info.json) that fill_mask.py,
-export_to_pytorch.py and every --init_checkpoint accept alone.
+export_to_pytorch.py and every --init_checkpoint accept alone. `KERAS_BACKEND=jax python
+run_pretraining.py <the same flags>` trains on JAX without TensorFlow (pretraining_jax.py).
 
 How one step runs (the same code under every tf.distribute strategy):
   input:    one deterministic tf.data pipeline per worker/host, positioned by the global step,
@@ -32,8 +33,8 @@ import time
 
 import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
+import keras
 import numpy as np
-import tensorflow as tf
 from absl import flags, logging
 
 import file_output
@@ -41,11 +42,15 @@ import modeling
 import multi_worker
 import optimization
 import pretraining_records
-import pretraining_resume as resume
 
 UsageError = train_utils.UsageError
-# The per-replica input pipelines (in pretraining_resume, beside the state they resume from).
-train_dataset_fn, eval_dataset_fn = resume.train_dataset_fn, resume.eval_dataset_fn
+if keras.backend.backend() == "tensorflow":  # KERAS_BACKEND=jax: pretraining_jax.py, no TensorFlow
+    import tensorflow as tf
+
+    import pretraining_resume as resume
+
+    # The per-replica input pipelines (in pretraining_resume, beside the state they resume from).
+    train_dataset_fn, eval_dataset_fn = resume.train_dataset_fn, resume.eval_dataset_fn
 
 
 def define_flags(fv=flags.FLAGS):
@@ -145,14 +150,17 @@ def mlm_sums(logits, masked_lm_ids, masked_lm_weights):
     logits [B, P, V] float32; masked_lm_ids [B, P]; masked_lm_weights [B, P] (1 real, 0 padding).
     Sums rather than means, so micro-batches and replicas combine exactly into the mean over the
     global batch: loss = sum(loss_sum) / sum(weight_sum), as in Google's masked_lm loss.
+    In keras.ops: the TensorFlow trainer here and the JAX one (pretraining_jax.py) both call it.
     """
-    cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=masked_lm_ids, logits=logits)                                      # [B, P]
-    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), masked_lm_ids),
-                      tf.float32)                                                  # [B, P]
-    return (tf.reduce_sum(masked_lm_weights * cross_entropy),
-            tf.reduce_sum(masked_lm_weights * correct),
-            tf.reduce_sum(masked_lm_weights))
+    ops = keras.ops
+    cross_entropy = ops.sparse_categorical_crossentropy(
+        masked_lm_ids, logits, from_logits=True)                                   # [B, P]
+    correct = ops.cast(ops.equal(ops.cast(ops.argmax(logits, -1), "int32"),
+                                 ops.cast(masked_lm_ids, "int32")), "float32")    # [B, P]
+    masked_lm_weights = ops.cast(masked_lm_weights, "float32")
+    return (ops.sum(masked_lm_weights * cross_entropy),
+            ops.sum(masked_lm_weights * correct),
+            ops.sum(masked_lm_weights))
 
 
 _MODEL_INPUTS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions")
@@ -404,10 +412,11 @@ def check_flags(opts):
 
 def _check_output_dir(output_dir, config):
     """UsageError if output_dir is not a folder or holds a run of a different model (never overwrite it)."""
-    if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+    fs = file_output.fs(output_dir)  # tf.io.gfile, or the standard library for local paths (JAX)
+    if fs.exists(output_dir) and not fs.isdir(output_dir):
         raise UsageError(f"--output_dir={output_dir} is a file, not a folder; choose another --output_dir")
     path = os.path.join(output_dir, "bert_config.json")
-    if tf.io.gfile.exists(path):
+    if fs.exists(path):
         existing = modeling.BertConfig.from_json_file(path)
         if existing.to_dict() != config.to_dict():
             diff = sorted(k for k in set(existing.to_dict()) | set(config.to_dict())
@@ -668,7 +677,15 @@ EXAMPLE = ("python run_pretraining.py --do_train --do_eval --input_file=/tmp/rec
 def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    run(flags.FLAGS)
+    if keras.backend.backend() == "jax":  # the same flags, trained by pretraining_jax.py
+        import pretraining_jax
+
+        pretraining_jax.run(flags.FLAGS)
+    elif keras.backend.backend() == "tensorflow":
+        run(flags.FLAGS)
+    else:
+        raise UsageError(f"KERAS_BACKEND={keras.backend.backend()}: run_pretraining.py trains on "
+                         "tensorflow or jax")
 
 
 if __name__ == "__main__":

@@ -148,3 +148,66 @@ def test_model_fit_trains_and_optimizer_state_resumes_from_checkpoint(tmp_path):
     assert int(new_optimizer.iterations.numpy()) == 12
     for a, b in zip(new_optimizer.variables, optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# -- the same classes on JAX: Keras' stateless_apply (what pretraining_jax.py calls) ----------------
+
+_NAMES = ("dense_kernel", "dense_bias", "LayerNorm_gamma")  # variable paths: only the last two match
+                                                           # NO_DECAY_PATTERNS
+
+
+def _updates_script(optimizer_type, steps=3):
+    """Python source that applies `steps` updates of fixed gradients to three named variables with
+    optimization.create_optimizer under the current backend and prints the results as JSON."""
+    return f"""
+import json, keras, numpy as np
+import optimization
+rng = np.random.RandomState(0)
+values = [rng.normal(0, 1, (4, 3)).astype("float32"), rng.normal(0, 1, (3,)).astype("float32"),
+          rng.normal(1, 0.1, (3,)).astype("float32")]
+grads = [[rng.normal(0, 0.5, v.shape).astype("float32") for v in values] for _ in range({steps})]
+variables = [keras.Variable(value, name=name) for name, value in zip({_NAMES!r}, values)]
+opt = optimization.create_optimizer(1e-2, num_train_steps=10, num_warmup_steps=2,
+                                    optimizer_type={optimizer_type!r}, beta_2=0.98, clip_norm=0)
+opt.build(variables)
+if keras.backend.backend() == "jax":
+    import jax
+    step = jax.jit(opt.stateless_apply)
+    weights, slots = [v.value for v in variables], [v.value for v in opt.variables]
+    for g in grads:
+        weights, slots = step(slots, g, weights)
+    out = [np.asarray(w).tolist() for w in weights]
+else:
+    for g in grads:
+        opt.apply_gradients(zip(g, variables))
+    out = [v.numpy().tolist() for v in variables]
+print("RESULT" + json.dumps({{"after": out, "before": [v.tolist() for v in values],
+                            "decays": [opt._decays(v) for v in variables]}}))
+"""
+
+
+def _run_updates(backend, optimizer_type):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    block_tf = 'import sys; sys.modules["tensorflow"] = None\n' if backend == "jax" else ""
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", block_tf + _updates_script(optimizer_type)],
+                          check=False, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.parametrize("optimizer_type", ["adamw", "lamb"])
+def test_same_optimizer_classes_give_the_same_updates_on_jax_without_tensorflow(optimizer_type):
+    pytest.importorskip("jax")
+    on_tf = _run_updates("tensorflow", optimizer_type)
+    on_jax = _run_updates("jax", optimizer_type)  # tensorflow blocked in that process
+    assert on_tf["decays"] == on_jax["decays"] == [True, False, False]
+    for name, before, a, b in zip(_NAMES, on_tf["before"], on_tf["after"], on_jax["after"]):
+        assert np.abs(np.subtract(a, before)).max() > 1e-3, name  # three real updates
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)

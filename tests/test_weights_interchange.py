@@ -112,6 +112,7 @@ def test_an_hf_folder_is_accepted_as_init_checkpoint_with_the_same_weights(tmp_p
     _equal_weights(mlm, classifier, {w.google_name for w in modeling.name_table(classifier.bert)})
 
 
+@pytest.mark.slow  # three fine-tuning runs, ~60 s
 def test_run_classifier_evaluates_the_same_model_from_tf_safetensors_and_hf_folders(tmp_path):
     from test_run_classifier import _opts, _pair_data
 
