@@ -1,7 +1,7 @@
 """The JAX trainer: `KERAS_BACKEND=jax python run_pretraining.py <the same flags>` (pretraining_jax.py).
 
 Every JAX run is a subprocess with TensorFlow blocked (`sys.modules["tensorflow"] = None`), as on a
-GPU or TPU machine that has only JAX. Records come from real text (tests/mlm_instances.py); the
+GPU or TPU machine that has only JAX. Records come from real text (tests/helpers.py); the
 models are tiny. What the TensorFlow side does with a JAX run folder (fine-tuning, export) runs in
 TensorFlow subprocesses.
 """
@@ -41,7 +41,7 @@ def _config(vocab_size, dropout=0.0):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    import mlm_instances as records
+    import helpers as records
     import tokenization
 
     root = tmp_path_factory.mktemp("jax_pretraining")
