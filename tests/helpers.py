@@ -326,3 +326,37 @@ def checkpoint_weights(checkpoint_prefix):
     reader = tf.train.load_checkpoint(checkpoint_prefix)
     return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
             if k.startswith(("bert", "cls")) and "OPTIMIZER_SLOT" not in k}
+
+
+# Fine-tuning: a tiny classifier config and a pair task it learns in one epoch
+
+TINY_CLASSIFIER = {"vocab_size": 21128, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 64}
+
+
+def write_text(folder, name, text):
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def classifier_config(tmp_path, **overrides):
+    path = tmp_path / "bert_config.json"
+    path.write_text(json.dumps(dict(TINY_CLASSIFIER, **overrides)), encoding="utf-8")
+    return str(path)
+
+
+def write_pair_data(folder, n=64, seed=0):
+    """A pair task a tiny random-init model learns within one epoch: label 1 iff the texts are made
+    of 好 (else of 坏), with a few noise characters."""
+    rng = np.random.default_rng(seed)
+    chars = list("我你他天地人山水风雨花草书车")
+    rows = []
+    for i in range(n):
+        label = i % 2
+        a, b = ("".join(rng.choice(chars + ["好坏"[1 - label]] * 8, 6)) for _ in range(2))
+        rows.append(f"{a}\t{b}\t{label}")
+    write_text(folder, "train.txt", "\n".join(rows) + "\n")
+    write_text(folder, "dev.txt", "\n".join(rows[: n // 2]) + "\n")
+    write_text(folder, "test.txt", "\n".join(r.rsplit("\t", 1)[0] for r in rows[:5]) + "\n")

@@ -370,12 +370,12 @@ def test_two_worker_fine_tuning_equals_one_worker_and_leaves_a_one_worker_folder
     """run_classifier.py on two workers (each reading half of every global batch of 8) trains the
     same model as one worker at batch 8: no dropout, so the two differ only in float summation
     order; the chief writes the folder a one-worker run writes, the other worker nothing."""
-    from test_run_classifier import TINY, _pair_data
+    from helpers import TINY_CLASSIFIER, write_pair_data
     from worker_cluster import LocalCluster
 
-    _pair_data(tmp_path / "data")
+    write_pair_data(tmp_path / "data")
     config = tmp_path / "bert_config.json"
-    config.write_text(json.dumps(dict(TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
+    config.write_text(json.dumps(dict(TINY_CLASSIFIER, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
 
     def argv(out):
         return ["run_classifier.py", "--task_name=lcqmc_pair", f"--data_dir={tmp_path / 'data'}",
@@ -420,15 +420,15 @@ def test_a_peer_lost_while_fine_tuning_stops_the_chief_with_one_line(tmp_path, g
     the one line (fine-tuning has no resume: it says to start again)."""
     import re
 
-    from test_run_classifier import _config, _pair_data
+    from helpers import classifier_config, write_pair_data
     from worker_cluster import LocalCluster
 
     import multi_worker
 
-    _pair_data(tmp_path / "data")
+    write_pair_data(tmp_path / "data")
     out = tmp_path / "out"
     argv = ["run_classifier.py", "--task_name=lcqmc_pair", f"--data_dir={tmp_path / 'data'}",
-            f"--vocab_file={google_vocab}", f"--bert_config_file={_config(tmp_path)}", f"--output_dir={out}",
+            f"--vocab_file={google_vocab}", f"--bert_config_file={classifier_config(tmp_path)}", f"--output_dir={out}",
             "--max_seq_length=16", "--train_batch_size=8", "--num_train_epochs=200", "--do_train", "--do_eval"]
     cluster = LocalCluster(2, tmp_path / "logs").start(argv)
     cluster.wait_for(lambda: (out / "best" / "checkpoint").exists(), 300, "the first best/ checkpoint")

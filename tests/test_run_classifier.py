@@ -14,11 +14,9 @@ import pytest
 
 import finetune_utils
 import run_classifier
-from helpers import write_tf1_checkpoint
+from helpers import TINY_CLASSIFIER, classifier_config, write_pair_data, write_tf1_checkpoint, write_text
 from train_utils import UsageError
 
-TINY = {"vocab_size": 21128, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-        "intermediate_size": 64}
 
 
 def _opts(**values):
@@ -29,21 +27,8 @@ def _spec(task="generic", **flags):
     return run_classifier.task_spec(_opts(task_name=task, **flags))
 
 
-def _write(folder, name, text):
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
 def _read(path, spec, require_label=True):
     return run_classifier.read_examples(path, spec, require_label)
-
-
-def _config(tmp_path, **overrides):
-    path = tmp_path / "bert_config.json"
-    path.write_text(json.dumps(dict(TINY, **overrides)), encoding="utf-8")
-    return str(path)
 
 
 def _cli(repo_root, *args):
@@ -55,7 +40,7 @@ def _cli(repo_root, *args):
 
 
 def test_headerless_pair_tsv_like_lcqmc(tmp_path):
-    path = _write(tmp_path, "dev.tsv", "今天天气好\t天气不错\t1\n你好\t再见\t0\n")
+    path = write_text(tmp_path, "dev.tsv", "今天天气好\t天气不错\t1\n你好\t再见\t0\n")
     examples, skipped = _read(path, _spec("lcqmc"))
     assert [(e.guid, e.text_a, e.text_b, e.label) for e in examples] == [
         ("0", "今天天气好", "天气不错", "1"), ("1", "你好", "再见", "0")]
@@ -63,16 +48,16 @@ def test_headerless_pair_tsv_like_lcqmc(tmp_path):
 
 
 def test_a_header_line_in_a_headerless_lcqmc_file_is_not_an_example(tmp_path):
-    path = _write(tmp_path, "train.txt", "text_a\ttext_b\tlabel\n你好\t再见\t0\n")
+    path = write_text(tmp_path, "train.txt", "text_a\ttext_b\tlabel\n你好\t再见\t0\n")
     examples, _ = _read(path, _spec("lcqmc"))
     assert [(e.text_a, e.label) for e in examples] == [("你好", "0")]
 
 
 def test_header_names_the_columns_in_any_order_and_csv_quotes_work(tmp_path):
-    tsv = _write(tmp_path, "train.tsv", "label\ttext_a\n1\t好评\n0\t差评\n")
+    tsv = write_text(tmp_path, "train.tsv", "label\ttext_a\n1\t好评\n0\t差评\n")
     examples, _ = _read(tsv, _spec("chnsenticorp"))
     assert [(e.text_a, e.label) for e in examples] == [("好评", "1"), ("差评", "0")]
-    csv_path = _write(tmp_path, "news.csv", 'title,topic\n"股市,大涨",finance\n足球赛,sports\n')
+    csv_path = write_text(tmp_path, "news.csv", 'title,topic\n"股市,大涨",finance\n足球赛,sports\n')
     spec = _spec(text_a_column="title", label_column="topic")
     examples, _ = _read(csv_path, spec)
     assert [(e.text_a, e.text_b, e.label) for e in examples] == [("股市,大涨", None, "finance"),
@@ -81,7 +66,7 @@ def test_header_names_the_columns_in_any_order_and_csv_quotes_work(tmp_path):
 
 
 def test_rows_without_a_gold_label_are_skipped_and_counted_not_made_a_class(tmp_path):
-    ocnli = _write(tmp_path, "ocnli.json",
+    ocnli = write_text(tmp_path, "ocnli.json",
                    '{"sentence1": "前提", "sentence2": "假设", "label": "entailment", "id": 7}\n'
                    '{"sentence1": "前提", "sentence2": "假设", "label": "-", "id": 8}\n'
                    '{"sentence1": "前提", "sentence2": "假设", "label": null, "id": 9}\n'
@@ -89,7 +74,7 @@ def test_rows_without_a_gold_label_are_skipped_and_counted_not_made_a_class(tmp_
     examples, skipped = _read(ocnli, _spec("ocnli"))
     assert [(e.guid, e.label) for e in examples] == [("7", "entailment"), ("10", "neutral")]
     assert sum(skipped.values()) == 2
-    generic = _write(tmp_path, "g.csv", "text_a,label\n好,pos\n坏,\n差,neg\n")
+    generic = write_text(tmp_path, "g.csv", "text_a,label\n好,pos\n坏,\n差,neg\n")
     examples, skipped = _read(generic, _spec())
     assert run_classifier.label_list(_spec(), examples) == ["neg", "pos"]  # "" is not a class
     assert list(skipped.values()) == [1]
@@ -105,20 +90,20 @@ def test_numeric_labels_sort_numerically():
     ("", r"missing.tsv: no examples"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, text, message):
-    path = _write(tmp_path, "missing.tsv", text)
+    path = write_text(tmp_path, "missing.tsv", text)
     with pytest.raises(UsageError, match=message):
         _read(path, _spec("lcqmc"))
 
 
 def test_bad_header_rows_and_json_shapes_name_file_and_line(tmp_path):
     with pytest.raises(UsageError, match=r"ragged.tsv:2: 1 columns, the header has 2"):
-        _read(_write(tmp_path, "ragged.tsv", "label\ttext_a\n1\n"), _spec("chnsenticorp"))
+        _read(write_text(tmp_path, "ragged.tsv", "label\ttext_a\n1\n"), _spec("chnsenticorp"))
     with pytest.raises(UsageError, match=r"cols.tsv:2: missing column 'text_a'"):
-        _read(_write(tmp_path, "cols.tsv", "label\tsentence\n1\t好\n"), _spec("chnsenticorp"))
+        _read(write_text(tmp_path, "cols.tsv", "label\tsentence\n1\t好\n"), _spec("chnsenticorp"))
     with pytest.raises(UsageError, match=r"list.json:2: a JSON object \{...\} expected, got a list"):
-        _read(_write(tmp_path, "list.json", '{"sentence": "a", "label": "1"}\n["b", "1"]\n'), _spec("tnews"))
+        _read(write_text(tmp_path, "list.json", '{"sentence": "a", "label": "1"}\n["b", "1"]\n'), _spec("tnews"))
     with pytest.raises(UsageError, match=r"nested.json:1: 'sentence' is a dict"):
-        _read(_write(tmp_path, "nested.json", '{"sentence": {"a": 1}, "label": "1"}\n'), _spec("tnews"))
+        _read(write_text(tmp_path, "nested.json", '{"sentence": {"a": 1}, "label": "1"}\n'), _spec("tnews"))
     (tmp_path / "gbk.tsv").write_bytes("标签\t文本\n".encode("gbk"))
     with pytest.raises(UsageError, match=r"gbk.tsv:1: not UTF-8"):
         _read(str(tmp_path / "gbk.tsv"), _spec("chnsenticorp"))
@@ -146,7 +131,7 @@ def test_unknown_task_name_lists_the_known_ones():
 ])
 def test_data_dir_finds_each_split_by_its_usual_name(tmp_path, task, names):
     for name in names:
-        _write(tmp_path, name, "x\n")
+        write_text(tmp_path, name, "x\n")
     opts = _opts(task_name=task, data_dir=str(tmp_path), do_train=True, do_eval=True, do_predict=True)
     classifier = run_classifier.ClassifierTask(opts)
     classifier.check()
@@ -155,7 +140,7 @@ def test_data_dir_finds_each_split_by_its_usual_name(tmp_path, task, names):
 
 def test_dev_never_falls_back_to_test(tmp_path):
     for name in ("train.txt", "test.txt"):
-        _write(tmp_path, name, "a\tb\t1\n")
+        write_text(tmp_path, name, "a\tb\t1\n")
     classifier = run_classifier.ClassifierTask(_opts(task_name="lcqmc", data_dir=str(tmp_path), do_eval=True))
     classifier.check()
     with pytest.raises(UsageError, match=r"--do_eval: none of dev.txt, dev.tsv in --data_dir=.*--dev_file"):
@@ -163,8 +148,8 @@ def test_dev_never_falls_back_to_test(tmp_path):
 
 
 def test_google_xnli_layout_reads_the_chinese_rows_and_its_label_names(tmp_path):
-    train = _write(tmp_path, "multinli/multinli.train.zh.tsv", "premise\thypo\tlabel\n他来了\t他在\tcontradictory\n")
-    dev = _write(tmp_path, "xnli.dev.tsv", "language\tgold_label\tsentence1\tsentence2\n"
+    train = write_text(tmp_path, "multinli/multinli.train.zh.tsv", "premise\thypo\tlabel\n他来了\t他在\tcontradictory\n")
+    dev = write_text(tmp_path, "xnli.dev.tsv", "language\tgold_label\tsentence1\tsentence2\n"
                  "en\tneutral\tHe came\tHe is\nzh\tentailment\t他来了\t他在\n")
     spec = _spec("xnli")
     assert [(e.text_a, e.label) for e in _read(train, spec)[0]] == [("他来了", "contradiction")]
@@ -214,34 +199,19 @@ def test_stall_warning_names_the_cause_and_google_s_learning_rate_range():
 # ----------------------------------------------------------------------------- runs: errors, outputs
 
 
-def _pair_data(folder, n=64, seed=0):
-    """A pair task a tiny random-init model learns within one epoch: label 1 iff the texts are made
-    of 好 (else of 坏), with a few noise characters."""
-    rng = np.random.default_rng(seed)
-    chars = list("我你他天地人山水风雨花草书车")
-    rows = []
-    for i in range(n):
-        label = i % 2
-        a, b = ("".join(rng.choice(chars + ["好坏"[1 - label]] * 8, 6)) for _ in range(2))
-        rows.append(f"{a}\t{b}\t{label}")
-    _write(folder, "train.txt", "\n".join(rows) + "\n")
-    _write(folder, "dev.txt", "\n".join(rows[: n // 2]) + "\n")
-    _write(folder, "test.txt", "\n".join(r.rsplit("\t", 1)[0] for r in rows[:5]) + "\n")
-
-
 def _run_args(tmp_path, google_vocab, **values):
     base = dict(task_name="lcqmc_pair", data_dir=str(tmp_path / "data"), vocab_file=str(google_vocab),
-                bert_config_file=_config(tmp_path), output_dir=str(tmp_path / "out"), max_seq_length=16,
+                bert_config_file=classifier_config(tmp_path), output_dir=str(tmp_path / "out"), max_seq_length=16,
                 train_batch_size=8, learning_rate=1e-3, num_train_epochs=1, warmup_proportion=0.0)
     base.update(values)
     return base
 
 
 def test_a_failing_run_leaves_an_existing_output_dir_byte_identical(tmp_path, google_vocab):
-    _pair_data(tmp_path / "data")
-    _write(tmp_path / "data", "dev.txt", "甲\t乙\t1\n甲\t乙\t2\n")  # label 2 is not an LCQMC label
+    write_pair_data(tmp_path / "data")
+    write_text(tmp_path / "data", "dev.txt", "甲\t乙\t1\n甲\t乙\t2\n")  # label 2 is not an LCQMC label
     out = tmp_path / "out"
-    _write(out, "eval_results.json", "earlier run\n")
+    write_text(out, "eval_results.json", "earlier run\n")
     with pytest.raises(UsageError, match=r"dev.txt:2: unknown label '2'"):
         run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, do_train=True, do_eval=True)))
     assert sorted(os.listdir(out)) == ["eval_results.json"]
@@ -260,9 +230,9 @@ def test_a_failing_run_leaves_an_existing_output_dir_byte_identical(tmp_path, go
 ])
 def test_flags_that_cannot_be_right_are_one_line_errors_before_anything_is_written(
         tmp_path, google_vocab, change, message):
-    _pair_data(tmp_path / "data")
+    write_pair_data(tmp_path / "data")
     args = _run_args(tmp_path, google_vocab, do_train=True, do_eval=True)
-    _write(tmp_path, "out.txt", "keep me\n")
+    write_text(tmp_path, "out.txt", "keep me\n")
     for key, value in change.items():
         args[key] = {"FILE": str(tmp_path / "out.txt"), "DIR": str(tmp_path)}.get(value, value)
         if value is None:
@@ -273,7 +243,7 @@ def test_flags_that_cannot_be_right_are_one_line_errors_before_anything_is_writt
 
 
 def test_a_directory_where_a_prediction_file_goes_is_refused_before_training(tmp_path, google_vocab):
-    _pair_data(tmp_path / "data")
+    write_pair_data(tmp_path / "data")
     (tmp_path / "out" / "test_predictions.tsv").mkdir(parents=True)
     with pytest.raises(UsageError, match=r"test_predictions.tsv is a directory"):
         run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, do_train=True, do_predict=True)))
@@ -285,7 +255,7 @@ def test_train_eval_predict_on_ram_filesystem_and_best_is_a_model_folder(tmp_pat
     is decided as in pretraining: ignored with a warning on a CPU."""
     import tensorflow as tf
 
-    _pair_data(tmp_path / "data")
+    write_pair_data(tmp_path / "data")
     ram = f"ram://ft-{os.getpid()}"
     for name in ("train.txt", "dev.txt", "test.txt"):
         tf.io.gfile.copy(str(tmp_path / "data" / name), f"{ram}/data/{name}", overwrite=True)
@@ -309,7 +279,7 @@ def test_train_eval_predict_on_ram_filesystem_and_best_is_a_model_folder(tmp_pat
 
 
 def test_predict_alone_reuses_best_of_a_relative_output_dir(tmp_path, google_vocab, monkeypatch):
-    _pair_data(tmp_path / "data")
+    write_pair_data(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, data_dir="data", output_dir="out",
                                          do_train=True, max_train_steps=2)))
@@ -341,7 +311,7 @@ def test_tfds_xnli_chinese_fields_fine_tune_offline(tmp_path, google_vocab):
     with tfds.testing.mock_data(as_dataset_fn=_xnli_mock):
         metrics = run_classifier.run(_opts(
             tfds_name="xnli", do_train=True, do_eval=True, vocab_file=str(google_vocab),
-            bert_config_file=_config(tmp_path), output_dir=str(tmp_path / "out"), max_seq_length=16,
+            bert_config_file=classifier_config(tmp_path), output_dir=str(tmp_path / "out"), max_seq_length=16,
             train_batch_size=8, max_train_steps=2))
     assert metrics["n"] == 16 and metrics["split"] == "validation"
     info = json.loads((tmp_path / "out" / "best" / "model_info.json").read_text(encoding="utf-8"))
@@ -352,7 +322,7 @@ def test_tfds_xnli_chinese_fields_fine_tune_offline(tmp_path, google_vocab):
 @pytest.mark.parametrize("learning_rate, stalls", [(50.0, True), (1e-3, False)])
 def test_a_stalled_first_epoch_is_reported_with_a_learning_rate(tmp_path, google_vocab, caplog,
                                                                  learning_rate, stalls):
-    _pair_data(tmp_path / "data", n=512)  # 64 steps of 8
+    write_pair_data(tmp_path / "data", n=512)  # 64 steps of 8
     run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, do_train=True, learning_rate=learning_rate)))
     history = json.loads((tmp_path / "out" / "train_history.json").read_text(encoding="utf-8"))
     assert history["epochs"][0]["loss_stalled"] is stalls
@@ -362,9 +332,9 @@ def test_a_stalled_first_epoch_is_reported_with_a_learning_rate(tmp_path, google
 
 @pytest.mark.slow
 def test_command_line_errors_are_one_line_without_traceback(tmp_path, repo_root, google_vocab):
-    bad = _write(tmp_path, "train.tsv", "甲\t乙\t1\n甲\t乙\t2\n")
+    bad = write_text(tmp_path, "train.tsv", "甲\t乙\t1\n甲\t乙\t2\n")
     proc = _cli(repo_root, "--task_name=lcqmc", f"--train_file={bad}", "--do_train=true",
-                f"--vocab_file={google_vocab}", f"--bert_config_file={_config(tmp_path)}",
+                f"--vocab_file={google_vocab}", f"--bert_config_file={classifier_config(tmp_path)}",
                 f"--output_dir={tmp_path / 'out'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"run_classifier.py: error: {bad}:2: unknown label '2'" in proc.stderr.splitlines()[-1]
@@ -377,10 +347,10 @@ def test_roberta_zh_lcqmc_command_runs_verbatim_with_only_paths_and_sizes_change
     import modeling
 
     base, data = tmp_path / "roberta_zh_large", tmp_path / "lcqmc"
-    _pair_data(data, n=96)
+    write_pair_data(data, n=96)
     base.mkdir()
     (base / "vocab.txt").write_bytes(google_vocab.read_bytes())
-    config = modeling.BertConfig.from_dict(TINY)
+    config = modeling.BertConfig.from_dict(TINY_CLASSIFIER)
     config.to_json_file(str(base / "bert_config_large.json"))
     write_tf1_checkpoint(config, str(base / "roberta_zh_large_model.ckpt"))
     proc = subprocess.run(
@@ -415,12 +385,12 @@ def test_roberta_zh_lcqmc_command_runs_verbatim_with_only_paths_and_sizes_change
 def test_classifier_trains_end_to_end_and_beats_the_majority_class(tmp_path, shared_data, google_vocab):
     t0 = time.time()
     lines = (shared_data / "thucnews_title" / "dev.txt").read_text(encoding="utf-8").splitlines()
-    _write(tmp_path, "train.txt", "\n".join(lines[:4000]) + "\n")
-    _write(tmp_path, "dev.txt", "\n".join(lines[-600:]) + "\n")
-    _write(tmp_path, "test.txt", "\n".join(l.split("\t")[0] for l in lines[-600:-500]) + "\n")  # no labels
+    write_text(tmp_path, "train.txt", "\n".join(lines[:4000]) + "\n")
+    write_text(tmp_path, "dev.txt", "\n".join(lines[-600:]) + "\n")
+    write_text(tmp_path, "test.txt", "\n".join(l.split("\t")[0] for l in lines[-600:-500]) + "\n")  # no labels
     metrics = run_classifier.run(_opts(
         output_dir=str(tmp_path / "out"), vocab_file=str(google_vocab),
-        bert_config_file=_config(tmp_path, hidden_size=128, num_hidden_layers=2, intermediate_size=512),
+        bert_config_file=classifier_config(tmp_path, hidden_size=128, num_hidden_layers=2, intermediate_size=512),
         task_name="thucnews", data_dir=str(tmp_path), do_train=True, do_eval=True, do_predict=True,
         max_seq_length=32, train_batch_size=32, learning_rate=3e-4, num_train_epochs=2))
     print(f"thucnews slice: {metrics}, {time.time() - t0:.0f}s")
@@ -440,7 +410,7 @@ def test_classifier_trains_end_to_end_and_beats_the_majority_class(tmp_path, sha
 def test_explicit_labels_win_over_placeholder_names_when_only_evaluating(tmp_path, google_vocab):
     """A model fine-tuned in transformers without id2label imports as LABEL_0, LABEL_1 (see
     test_convert_checkpoint); evaluating it on 0/1 data needs --labels=0,1, which must win."""
-    _pair_data(tmp_path / "data")
+    write_pair_data(tmp_path / "data")
     run_classifier.run(_opts(**_run_args(tmp_path, google_vocab, do_train=True, max_train_steps=2)))
     info_path = tmp_path / "out" / "best" / "model_info.json"
     info = json.loads(info_path.read_text(encoding="utf-8"))

@@ -114,9 +114,9 @@ def test_an_hf_folder_is_accepted_as_init_checkpoint_with_the_same_weights(tmp_p
 
 @pytest.mark.slow  # three fine-tuning runs, ~60 s
 def test_run_classifier_evaluates_the_same_model_from_tf_safetensors_and_hf_folders(tmp_path):
-    from test_run_classifier import _opts, _pair_data
-
+    import finetune_utils
     import run_classifier
+    from helpers import write_pair_data
     labels = ["0", "1"]
     model = randomize(modeling.make_task_model(tiny_config(), "classifier", num_labels=2), seed=4)
     tf_dir = str(tmp_path / "tf")
@@ -124,11 +124,11 @@ def test_run_classifier_evaluates_the_same_model_from_tf_safetensors_and_hf_fold
     st_dir = _safetensors_folder(str(tmp_path / "st"), model, "classifier", labels)
     hf_dir = export_to_pytorch.export_model(model, "classifier", os.path.join(tf_dir, "vocab.txt"),
                                             str(tmp_path / "hf"), labels)
-    _pair_data(tmp_path / "data", n=16)
+    write_pair_data(tmp_path / "data", n=16)
     outputs = []
     for folder in (tf_dir, st_dir, hf_dir):
         out = str(tmp_path / f"eval_{os.path.basename(folder)}")
-        metrics = run_classifier.run(_opts(task_name="lcqmc_pair", data_dir=str(tmp_path / "data"),
+        metrics = run_classifier.run(finetune_utils.parse_flags(run_classifier.define_flags, task_name="lcqmc_pair", data_dir=str(tmp_path / "data"),
                                            init_checkpoint=folder, do_eval=True, do_predict=True,
                                            max_seq_length=16, output_dir=out))
         with open(os.path.join(out, "test_predictions.tsv"), encoding="utf-8") as f:
