@@ -237,24 +237,29 @@ def breakdown(paths, steps, rounds):
     for name, run in variants.items():  # compile, fill buffers
         run(2)
     rates = {name: [] for name in variants}
+    cpu_ms = {name: [] for name in variants}  # CPU ms per batch, all threads of this process
     for _ in range(rounds):
         for name, run in variants.items():
             n = steps * 20 if name.endswith("input alone") else steps
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run(n)
             rates[name].append(n * BATCH / (time.perf_counter() - start))
+            cpu_ms[name].append((time.process_time() - cpu_start) / n * 1000)
     shutil.rmtree(scratch, ignore_errors=True)
     best = {name: max(r) for name, r in rates.items()}
-    print(f"\nbreakdown, in-process, {steps} steps per timing, best of {rounds} rounds (seq/s):")
+    cpu = {name: min(c) for name, c in cpu_ms.items()}
+    print(f"\nbreakdown, in-process, {steps} steps per timing, best of {rounds} rounds:")
     for name, rate in best.items():
-        print(f"  {name:28s} {rate:9.1f}")
+        print(f"  {name:28s} {rate:9.1f} seq/s {cpu[name]:8.1f} CPU ms/batch")
+    random_step = best["step, random batch"]
     for kind in paths:
-        step = best[f"{kind}: step, cached batch"]
-        loop = best[f"{kind}: loop (_train)"]
-        print(f"  {kind}: input / step demand {best[f'{kind}: input alone'] / step:.1f}x; "
-              f"loop / step {loop / step:.2f}; loop / step on random batch "
-              f"{loop / best['step, random batch']:.2f}; the rest (loop time - step time) "
-              f"{(1 / loop - 1 / step) * BATCH * 1000:+.0f} ms/step")
+        step, loop = best[f"{kind}: step, cached batch"], best[f"{kind}: loop (_train)"]
+        print(f"  {kind}: input alone / the step's demand {best[f'{kind}: input alone'] / step:.0f}x "
+              f"(CPU: the input costs {cpu[f'{kind}: input alone'] / cpu[f'{kind}: step, cached batch']:.2%}"
+              f" of a step); loop / step {loop / step:.2f}, loop / step on a random batch "
+              f"{loop / random_step:.2f} (CPU: {cpu['step, random batch'] / cpu[f'{kind}: loop (_train)']:.2f}); "
+              f"the rest (loop - step) {cpu[f'{kind}: loop (_train)'] - cpu[f'{kind}: step, cached batch']:+.0f}"
+              " CPU ms/step")
 
 
 def main():
