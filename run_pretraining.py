@@ -210,6 +210,9 @@ class MaskedLMTrainer:
         self._train_step_fn = tf.function(self._replica_train_step, jit_compile=whole)
         self._eval_step_fn = tf.function(self._replica_eval_step, jit_compile=whole)
         self.train_loop = tf.function(self._train_loop)
+        # Non-trainable variables a forward pass updates (Keras' seed states), not frozen weights.
+        frozen = {id(w) for w in model.non_trainable_weights}
+        self._is_state = [id(v) not in frozen for v in model.non_trainable_variables]
         self.eval_step = tf.function(self._eval_step)
 
     # -- pure functions of the variable values --------------------------------------------------
@@ -274,7 +277,9 @@ class MaskedLMTrainer:
                    for v in self.model.non_trainable_variables]
         non_trainable = [v + o for v, o in zip(non_trainable, offsets)]
         grads, sums, new_non_trainable = self._grads_fn(trainable, non_trainable, batch)
-        new_non_trainable = [v - o for v, o in zip(new_non_trainable, offsets)]
+        # Only the seed states change in a step: frozen weights (the pooler) are not copied back.
+        new_state = [v - o for v, o, changes in zip(new_non_trainable, offsets, self._is_state)
+                     if changes]
 
         if context.num_replicas_in_sync > 1:  # the one all-reduce of the step
             grads, sums = context.all_reduce(tf.distribute.ReduceOp.SUM, (grads, sums))
@@ -285,11 +290,11 @@ class MaskedLMTrainer:
         else:
             grad_norm = tf.linalg.global_norm(grads)
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
-        context.merge_call(self._update, args=(grads, new_non_trainable))
+        context.merge_call(self._update, args=(grads, new_state))
         return {"loss": sums[0] / denominator, "masked_lm_accuracy": sums[1] / denominator,
                 "grad_norm": grad_norm, "learning_rate": learning_rate}
 
-    def _update(self, strategy, grads, non_trainable):
+    def _update(self, strategy, grads, state):
         """Cross-replica: the optimizer's rule on every variable copy, with its replica's (equal)
         reduced gradient; the dropout seed states (aggregation NONE) per replica; step + 1."""
         learning_rate = self.optimizer.learning_rate
@@ -297,7 +302,9 @@ class MaskedLMTrainer:
             strategy.extended.update(
                 variable.value, lambda var, g: self.optimizer.update_step(g, var, learning_rate),
                 args=(grad,), group=False)
-        for variable, value in zip(self.model.non_trainable_variables, non_trainable):
+        state_variables = [v for v, changes in zip(self.model.non_trainable_variables,
+                                                   self._is_state) if changes]
+        for variable, value in zip(state_variables, state):
             strategy.extended.update(variable.value, lambda var, x: var.assign(x), args=(value,),
                                      group=False)
         self.optimizer.iterations.assign_add(1)

@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 SIZES = {  # name -> (layers, hidden, batch)
     "small": (4, 256, 32),
@@ -121,8 +121,10 @@ def make_ours(layers, hidden, batch, jit_compile, grads_only=False, dropout=0.1)
     return grads_step if grads_only else step
 
 
-def make_peer(layers, hidden, batch):
-    """-> step(n): n steps of transformers' BertForMaskedLM, positions gathered before the head."""
+def peer_train_step(layers, hidden):
+    """-> train(batch): one step of transformers' BertForMaskedLM on a dict of numpy [B, S|P]
+    arrays (as `random_batch`), the masked positions gathered before the head, AdamW, clip 1.0
+    (shared with bench_pretraining_e2e.py, which feeds it records)."""
     import torch
     import transformers
     torch.set_num_threads(os.cpu_count())
@@ -132,23 +134,34 @@ def make_peer(layers, hidden, batch):
                                      max_position_embeddings=512)
     model = transformers.BertForMaskedLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, eps=1e-6, weight_decay=0.01)
-    b = {k: torch.from_numpy(v).long() if v.dtype == np.int32 else torch.from_numpy(v)
-         for k, v in random_batch(batch).items()}
-    rows = torch.arange(batch)[:, None]
+
+    def train(batch):
+        b = {k: torch.from_numpy(v).long() if v.dtype == np.int32 else torch.from_numpy(v)
+             for k, v in batch.items()}
+        rows = torch.arange(b["input_ids"].shape[0])[:, None]
+        sequence = model.bert(input_ids=b["input_ids"], attention_mask=b["input_mask"],
+                              token_type_ids=b["segment_ids"]).last_hidden_state       # [B, S, H]
+        logits = model.cls(sequence[rows, b["masked_lm_positions"]])                  # [B, P, V]
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, VOCAB), b["masked_lm_ids"].reshape(-1), reduction="none")
+        weights = b["masked_lm_weights"].reshape(-1)
+        loss = (losses * weights).sum() / (weights.sum() + 1e-5)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return train
+
+
+def make_peer(layers, hidden, batch):
+    """-> step(n): n steps of transformers' BertForMaskedLM on one random batch."""
+    train = peer_train_step(layers, hidden)
+    data = random_batch(batch)
 
     def step(n):
         for _ in range(n):
-            sequence = model.bert(input_ids=b["input_ids"], attention_mask=b["input_mask"],
-                                  token_type_ids=b["segment_ids"]).last_hidden_state   # [B, S, H]
-            logits = model.cls(sequence[rows, b["masked_lm_positions"]])              # [B, P, V]
-            losses = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, VOCAB), b["masked_lm_ids"].reshape(-1), reduction="none")
-            weights = b["masked_lm_weights"].reshape(-1)
-            loss = (losses * weights).sum() / (weights.sum() + 1e-5)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train(data)
     return step
 
 
