@@ -22,7 +22,7 @@ import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up li
 from absl import flags
 
 import convert_checkpoint
-import finetune_utils
+import finetuning
 import run_cmrc
 import tokenization
 
@@ -47,7 +47,7 @@ def answer(model, tokenizer, pairs, max_seq_length=384, doc_stride=128, max_quer
     opts = types.SimpleNamespace(max_seq_length=max_seq_length, doc_stride=doc_stride,
                                  max_query_length=max_query_length)
     features, _, infos = run_cmrc.convert_examples(examples, tokenizer, opts, training=False)
-    start_logits, end_logits = finetune_utils.predict_batches(model, features, batch_size)
+    start_logits, end_logits = finetuning.predict_batches(model, features, batch_size)
     best = run_cmrc.best_answers(examples, infos, start_logits, end_logits, n_best_size, max_answer_length)
     return [best[ex.qid] for ex in examples]
 
@@ -55,7 +55,7 @@ def answer(model, tokenizer, pairs, max_seq_length=384, doc_stride=128, max_quer
 def read_pairs(path):
     """JSON lines {"question", "context"} -> [(question, context)]; errors name the line."""
     pairs = []
-    for n, row in finetune_utils.json_lines(path):
+    for n, row in finetuning.json_lines(path):
         if not all(isinstance(row.get(k), str) for k in ("question", "context")):
             raise ValueError(f"{path}:{n}: expected {{\"question\": str, \"context\": str}}")
         pairs.append((row["question"], row["context"]))

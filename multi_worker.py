@@ -15,7 +15,7 @@ TensorFlow's `MultiWorkerMirroredStrategy` does the work; this module holds our 
   removed when they exit, never under --output_dir, so a two-worker run folder has the same files as
   a one-worker one.
 - Fine-tuning on a cluster: Keras 3.15's fit and predict fail under MultiWorkerMirroredStrategy, so
-  `fit` and `predict` here do their work (fit's step, the same callbacks) for finetune_utils.
+  `fit` and `predict` here do their work (fit's step, the same callbacks) for finetuning.
 """
 
 import atexit

@@ -82,7 +82,7 @@ def _check_user_dict(path):
 # Tokens and whole-word groups
 # ----------------------------------------------------------------------------------------------------
 
-class SpanTokenizer:
+class WholeWordTokenizer:
     """`tokenization.FullTokenizer`'s ids for many sentences at once, plus the tokens' masking groups.
 
     The tokens and their character spans come from `FullTokenizer.encode_with_spans` (fast on whole
@@ -174,7 +174,7 @@ class InstanceMaker:
 
     def __init__(self, o):
         self.o = o
-        self.tok = SpanTokenizer(o.vocab_file, o.do_lower_case)
+        self.tok = WholeWordTokenizer(o.vocab_file, o.do_lower_case)
         self.segment = make_segmenter(o.segmenter, o.jieba_user_dict)
         vocab = self.tok.vocab
         self.cls_id, self.sep_id, self.mask_id = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]

@@ -6,7 +6,7 @@ with no TensorFlow imported (GPU and TPU machines with only JAX). Shared with Te
   the loss                     run_pretraining.mlm_sums (keras.ops)
   schedule and update rules    optimization.py (keras.ops; here through optimizer.stateless_apply)
   the model and its weights    modeling.py (keras.ops; weights saved with modeling.save_weights)
-  input position on resume     pretraining_resume.input_state / check_resume_input
+  input position on resume     pretraining_input.input_state / check_resume_input
   the run folder               model_folder.write (bert_config.json, vocab.txt, model_info.json)
 Only what is backend-specific lives here: the jitted step, its sharding over the local devices, the
 checkpoint files (train state + safetensors weights instead of tf.train.Checkpoint), and the
@@ -337,7 +337,7 @@ def run(opts):
     metrics (or {})."""
     import record_reader
 
-    import pretraining_resume as resume
+    import pretraining_input
 
     # 1. Everything that can be checked is checked before anything is built or written.
     run_pretraining.check_flags(opts)
@@ -372,10 +372,10 @@ def run(opts):
                          f"--init_checkpoint={opts.output_dir}")
     saved = _saved_steps(opts.output_dir) if os.path.isdir(opts.output_dir) else []
     if opts.do_train:
-        input_state = resume.input_state(opts, train_files, 1)
+        input_state = pretraining_input.input_state(opts, train_files, 1)
         if saved:
-            resume.check_resume_input(opts.output_dir, input_state)
-    vocab_file, do_lower_case = resume.vocab_and_casing(opts, train_files or eval_files)
+            pretraining_input.check_resume_input(opts.output_dir, input_state)
+    vocab_file, do_lower_case = pretraining_input.vocab_and_casing(opts, train_files or eval_files)
     if not saved and opts.do_eval and not opts.do_train and not opts.init_checkpoint:
         raise UsageError(f"--do_eval alone: no checkpoint in {opts.output_dir} "
                          "and no --init_checkpoint")
@@ -410,9 +410,9 @@ def run(opts):
     # 3. The run folder describes itself from the first step on (a killed run's folder too).
     os.makedirs(opts.output_dir, exist_ok=True)
     _remove_partial_saves(opts.output_dir)
-    resume.write_run_folder(opts.output_dir, config, vocab_file, do_lower_case)
+    pretraining_input.write_run_folder(opts.output_dir, config, vocab_file, do_lower_case)
     if opts.do_train:
-        resume.write_json(os.path.join(opts.output_dir, resume.INPUT_STATE), input_state)
+        pretraining_input.write_json(os.path.join(opts.output_dir, pretraining_input.INPUT_STATE), input_state)
         step = trainer.step_of(state)
         batches = record_reader.train_batches(
             train_files, [counts[p] for p in train_files], opts.train_batch_size, opts.seed,

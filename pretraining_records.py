@@ -558,7 +558,7 @@ def pipeline_files(files, counts, num_pipelines, pipeline_id):
     """One input pipeline's (worker's/host's) share -> (files, shard_records, records per epoch).
 
     Whole files per pipeline when there are enough files, else every pipeline reads all files and
-    keeps every num_pipelines-th record. (The rule of both readers: pretraining_resume's tf.data
+    keeps every num_pipelines-th record. (The rule of both readers: pretraining_input's tf.data
     pipeline and record_reader's.)
     """
     if num_pipelines > 1 and len(files) >= num_pipelines:

@@ -11,9 +11,9 @@ runs on a machine that has no TensorFlow.
   check_file      pretraining_records.check_records without TensorFlow (sidecar, CRCs, every
                   record's lengths and ids, the count).
   train_batches   the deterministic, resumable stream: the worker split, epoch file order,
-                  interleave and windowed shuffle of pretraining_resume.train_dataset_fn, positioned
+                  interleave and windowed shuffle of pretraining_input.train_dataset_fn, positioned
                   by the global step (a rerun after kill -9 continues at the same input position).
-  eval_batches    files in order once, then padding, like pretraining_resume.eval_dataset_fn.
+  eval_batches    files in order once, then padding, like pretraining_input.eval_dataset_fn.
 
 Static records give the model's tensors. Unmasked records (kind "unmasked") give
 {token_ids int32 [B, S] (the body at 1..n), num_tokens int32 [B], word_starts bool [B, S],
@@ -184,7 +184,7 @@ def interleave(counts):
 
 class _Epochs:
     """One pipeline's stream: (file index into `mine`, record index, position) per record, epoch by
-    epoch, as pretraining_resume.train_dataset_fn orders it (with NumPy's draws)."""
+    epoch, as pretraining_input.train_dataset_fn orders it (with NumPy's draws)."""
 
     def __init__(self, files, counts, seed, shuffle_buffer_size, num_pipelines, pipeline_id):
         self.mine, self.shard, self.per_epoch = records.pipeline_files(

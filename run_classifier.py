@@ -30,7 +30,7 @@ import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up li
 import numpy as np
 from absl import flags
 
-import finetune_utils
+import finetuning
 from train_utils import UsageError
 
 
@@ -92,7 +92,7 @@ class Example:
 
 
 def define_flags(fv=flags.FLAGS):
-    finetune_utils.define_flags(fv, max_seq_length=128)
+    finetuning.define_flags(fv, max_seq_length=128)
     names = ", ".join(list(TASKS) + [f"{a} (= {t})" for a, t in ALIASES.items()])
     with train_utils.flag_group("Task and columns", fv):
         flags.DEFINE_string("task_name", "generic", f"One of: {names}.", flag_values=fv)
@@ -154,9 +154,9 @@ def task_spec(opts):
 def _rows(path, spec):
     """Yields (line_number, row) with row a dict (header/JSON) or a list (no header)."""
     if path.lower().endswith((".json", ".jsonl")):
-        yield from finetune_utils.json_lines(path)
+        yield from finetuning.json_lines(path)
         return
-    text = finetune_utils.read_text(path)
+    text = finetuning.read_text(path)
     if path.lower().endswith(".csv"):
         reader = csv.reader(io.StringIO(text, newline=""))
         lines = ((reader.line_num, r) for r in reader)
@@ -300,7 +300,7 @@ def convert_examples(examples, label_map, max_seq_length, tokenizer):
         rows.append((tokenizer.convert_tokens_to_ids(tokens), segments))
         if ex.label is not None and ex.label in label_map:
             labels[i] = label_map[ex.label]
-    return finetune_utils.pad_features(rows, max_seq_length), labels
+    return finetuning.pad_features(rows, max_seq_length), labels
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def format_predictions(examples, probs, labels):
 # ---------------------------------------------------------------------------------------------------
 
 
-class ClassifierTask(finetune_utils.Task):
+class ClassifierTask(finetuning.Task):
     kind, key = "classifier", "accuracy"
     prediction_files = ("test_predictions.tsv",)
 
@@ -358,7 +358,7 @@ class ClassifierTask(finetune_utils.Task):
         splits = self.opts.tfds_splits.split(",")
         if len(splits) != 3:
             raise UsageError(f"--tfds_splits={self.opts.tfds_splits!r}: name three splits (train,dev,test)")
-        return {split: name for (split, action), name in zip(finetune_utils.SPLITS, splits)
+        return {split: name for (split, action), name in zip(finetuning.SPLITS, splits)
                 if self.opts[action].value}
 
     def read(self, path, split):
@@ -394,7 +394,7 @@ class ClassifierTask(finetune_utils.Task):
 
     def _probs(self, examples, batch_size):
         features, gold = convert_examples(examples, self.label_map, self.opts.max_seq_length, self.tokenizer)
-        logits = finetune_utils.predict_batches(self.model, features, batch_size)
+        logits = finetuning.predict_batches(self.model, features, batch_size)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         return probs / probs.sum(-1, keepdims=True), gold
 
@@ -407,13 +407,13 @@ class ClassifierTask(finetune_utils.Task):
     def predict(self, examples, output_dir):
         probs, _ = self._probs(examples, self.opts.predict_batch_size)
         out = os.path.join(output_dir, "test_predictions.tsv")
-        finetune_utils.write_text(out, format_predictions(examples, probs, self.labels))
+        finetuning.write_text(out, format_predictions(examples, probs, self.labels))
         return out
 
 
 def run(opts):
     """Runs train/eval/predict as the parsed flags `opts` ask. Returns the dev metrics dict."""
-    return finetune_utils.run(opts, ClassifierTask(opts))
+    return finetuning.run(opts, ClassifierTask(opts))
 
 
 EXAMPLE = ("python run_classifier.py --task_name=chnsenticorp --data_dir=../shared/data/chnsenticorp "
@@ -421,4 +421,4 @@ EXAMPLE = ("python run_classifier.py --task_name=chnsenticorp --data_dir=../shar
            "--do_train=true --do_eval=true --output_dir=/tmp/chnsenticorp")
 
 if __name__ == "__main__":
-    train_utils.run_script(finetune_utils.main(ClassifierTask), __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(finetuning.main(ClassifierTask), __doc__, EXAMPLE, define_flags)

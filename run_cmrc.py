@@ -28,7 +28,7 @@ import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up li
 import numpy as np
 from absl import flags
 
-import finetune_utils
+import finetuning
 from train_utils import UsageError
 
 
@@ -56,7 +56,7 @@ def read_squad(path, split="train"):
     answer are not scored and are counted. UsageError naming the file and question id for missing
     fields or wrong types, and for a file without questions.
     """
-    text = finetune_utils.read_text(path)
+    text = finetuning.read_text(path)
     if not text.strip():
         raise UsageError(f"{path}: empty file")
     try:
@@ -132,7 +132,7 @@ def convert_examples(examples, tokenizer, opts, training):
         # transformers' QA pipeline does; training targets cover the answer's own tokens (c_spans).
         c_tokens, c_spans, word_spans = tokenizer.tokenize_with_word_spans(ex.context)
         window = opts.max_seq_length - len(q_tokens) - 3
-        windows = finetune_utils.doc_windows(len(c_tokens), window, opts.doc_stride)
+        windows = finetuning.doc_windows(len(c_tokens), window, opts.doc_stride)
         if training:  # tokens overlapping the answer's characters
             a_start, a_end = ex.answer_start, ex.answer_start + len(ex.answer_text)
             covered = [t for t, (s, e) in enumerate(c_spans) if s < a_end and e > a_start]
@@ -144,13 +144,13 @@ def convert_examples(examples, tokenizer, opts, training):
             rows.append((tokenizer.convert_tokens_to_ids(tokens), segments))
             doc_offset = len(q_tokens) + 2
             infos.append(WindowInfo(i, doc_offset, word_spans[start:start + length],
-                                    [finetune_utils.max_context_window(windows, p) == w
+                                    [finetuning.max_context_window(windows, p) == w
                                      for p in range(start, start + length)]))
             if training:
                 inside = start <= covered[0] and covered[-1] < start + length
                 starts.append(doc_offset + covered[0] - start if inside else 0)
                 ends.append(doc_offset + covered[-1] - start if inside else 0)
-    features = finetune_utils.pad_features(rows, opts.max_seq_length)
+    features = finetuning.pad_features(rows, opts.max_seq_length)
     positions = (np.array(starts, np.int32), np.array(ends, np.int32)) if training else None
     return features, positions, infos
 
@@ -270,7 +270,7 @@ def cmrc_metrics(examples, predictions):
 
 
 def define_flags(fv=flags.FLAGS):
-    finetune_utils.define_flags(fv, max_seq_length=384)
+    finetuning.define_flags(fv, max_seq_length=384)
     with train_utils.flag_group("Question answering", fv):
         def integer(name, default, text):
             flags.DEFINE_integer(name, default, text, flag_values=fv)
@@ -280,7 +280,7 @@ def define_flags(fv=flags.FLAGS):
         integer("n_best_size", 20, "Start/end candidates per window.")
 
 
-class QATask(finetune_utils.Task):
+class QATask(finetuning.Task):
     kind, key = "qa", "f1"
     # CMRC2018's release names, then CLUE's packaging (whose dev set is trial.json when dev.json
     # is held out).
@@ -309,14 +309,14 @@ class QATask(finetune_utils.Task):
             self.summary = {"train_questions": len(examples), "train_windows": len(self.positions[0])}
         return examples, skipped
 
-    loss = [finetune_utils.masked_sparse_ce] * 2
+    loss = [finetuning.masked_sparse_ce] * 2
 
     def train_data(self, examples):
         return self.features, self.positions
 
     def _predict(self, examples, batch_size):
         features, _, infos = convert_examples(examples, self.tokenizer, self.opts, training=False)
-        start_logits, end_logits = finetune_utils.predict_batches(self.model, features, batch_size)
+        start_logits, end_logits = finetuning.predict_batches(self.model, features, batch_size)
         return best_answers(examples, infos, start_logits, end_logits, self.opts.n_best_size,
                             self.opts.max_answer_length)
 
@@ -324,20 +324,20 @@ class QATask(finetune_utils.Task):
         predictions = self._predict(examples, self.opts.eval_batch_size)
         if output_dir is None:
             return cmrc_metrics(examples, predictions)
-        finetune_utils.write_text(os.path.join(output_dir, "predictions.json"),
+        finetuning.write_text(os.path.join(output_dir, "predictions.json"),
                                   json.dumps(predictions, ensure_ascii=False, indent=1))
         return dict(cmrc_metrics(examples, predictions), task="cmrc", **getattr(self, "summary", {}))
 
     def predict(self, examples, output_dir):
         out = os.path.join(output_dir, "test_predictions.json")
         predictions = self._predict(examples, self.opts.predict_batch_size)
-        finetune_utils.write_text(out, json.dumps(predictions, ensure_ascii=False, indent=1))
+        finetuning.write_text(out, json.dumps(predictions, ensure_ascii=False, indent=1))
         return out
 
 
 def run(opts):
     """Runs train/eval/predict as the parsed flags `opts` ask. Returns the dev metrics dict."""
-    return finetune_utils.run(opts, QATask(opts))
+    return finetuning.run(opts, QATask(opts))
 
 
 EXAMPLE = ("python run_cmrc.py --data_dir=../shared/data/cmrc2018 --vocab_file=../shared/data/vocab/vocab.txt "
@@ -345,4 +345,4 @@ EXAMPLE = ("python run_cmrc.py --data_dir=../shared/data/cmrc2018 --vocab_file=.
            "--output_dir=/tmp/cmrc")
 
 if __name__ == "__main__":
-    train_utils.run_script(finetune_utils.main(QATask), __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(finetuning.main(QATask), __doc__, EXAMPLE, define_flags)

@@ -11,7 +11,7 @@ lists the tags (export_to_pytorch.py --checkpoint=out/cluener/best needs no othe
 Input lines: {"text": "...", "label": {type: {entity_text: [[start, end_inclusive], ...]}}}.
 Character spans become one tag per *token* (BIO or BIOES). Chinese characters are mostly one token
 each, but digits/latin words become WordPieces and spaces vanish, so every token keeps the character
-range it came from (finetune_utils.tokenize_with_offsets) and predicted token spans map back to exact
+range it came from (finetuning.tokenize_with_offsets) and predicted token spans map back to exact
 character spans; entities that cover no token are counted and reported. Texts longer than the window are cut into overlapping windows; each token is
 trained and predicted in the window where it has the most context, so no entity is lost at a cut.
 Scores: entity-level (type, start, end) exact match, precision/recall/F1 overall (micro) and per
@@ -29,7 +29,7 @@ import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up li
 import numpy as np
 from absl import flags
 
-import finetune_utils
+import finetuning
 from train_utils import UsageError
 
 
@@ -53,7 +53,7 @@ def read_cluener(path):
     characters differ from the entity string; and for an empty file. A null "label" means no entities.
     """
     examples = []
-    for n, record in finetune_utils.json_lines(path):
+    for n, record in finetuning.json_lines(path):
         if not isinstance(record.get("text"), str):
             raise UsageError(f"{path}:{n}: no \"text\" string")
         text, label = record["text"], record.get("label") or {}
@@ -95,7 +95,7 @@ def to_cluener(text, entities):
 
 def write_predictions(path, examples, predictions):
     """One CLUENER JSON line per example: {"id", "text", "label"}."""
-    finetune_utils.write_text(path, "".join(
+    finetuning.write_text(path, "".join(
         json.dumps({"id": ex.guid, "text": ex.text, "label": to_cluener(ex.text, entities)},
                    ensure_ascii=False) + "\n" for ex, entities in zip(examples, predictions)))
 
@@ -192,11 +192,11 @@ def encode(examples, tokenizer, max_seq_length, scheme):
     window = max_seq_length - 2
     encoded, lost = [], 0
     for ex in examples:
-        tokens, spans = finetune_utils.tokenize_with_offsets(tokenizer, ex.text)
+        tokens, spans = finetuning.tokenize_with_offsets(tokenizer, ex.text)
         token_entities, n_lost = char_to_token_spans(ex.entities, spans)
         lost += n_lost
         encoded.append(EncodedText(tokens, spans, span_tags(len(tokens), token_entities, scheme),
-                                   finetune_utils.doc_windows(len(tokens), window, max(1, window // 2))))
+                                   finetuning.doc_windows(len(tokens), window, max(1, window // 2))))
     return encoded, lost
 
 
@@ -213,12 +213,12 @@ def window_features(encoded, tokenizer, tag_map, max_seq_length):
             ids = tokenizer.convert_tokens_to_ids(["[CLS]"] + enc.tokens[start:start + length] + ["[SEP]"])
             labels = np.full(max_seq_length, -1, np.int32)
             for p in range(start, start + length):
-                if finetune_utils.max_context_window(enc.windows, p) == w:
+                if finetuning.max_context_window(enc.windows, p) == w:
                     labels[1 + p - start] = tag_map[enc.tags[p]]
             rows.append((ids, [0] * len(ids)))
             label_rows.append(labels)
             owners.append((t, start, length))
-    return finetune_utils.pad_features(rows, max_seq_length), np.stack(label_rows), owners
+    return finetuning.pad_features(rows, max_seq_length), np.stack(label_rows), owners
 
 
 def assemble_predictions(encoded, owners, labels, tags):
@@ -275,12 +275,12 @@ def ner_metrics(gold, pred):
 
 
 def define_flags(fv=flags.FLAGS):
-    finetune_utils.define_flags(fv, max_seq_length=128)
+    finetuning.define_flags(fv, max_seq_length=128)
     with train_utils.flag_group("Tagging", fv):
         flags.DEFINE_enum("tag_scheme", "BIO", ["BIO", "BIOES"], "Token tagging scheme.", flag_values=fv)
 
 
-class NerTask(finetune_utils.Task):
+class NerTask(finetuning.Task):
     kind, key = "ner", "f1"
     file_names = {"train": ("train.json",), "dev": ("dev.json",), "test": ("test.json",)}
     prediction_files = ("dev_predictions.json", "test_predictions.json")
@@ -312,7 +312,7 @@ class NerTask(finetune_utils.Task):
     def _predict(self, examples, batch_size):
         encoded, _ = encode(examples, self.tokenizer, self.opts.max_seq_length, self.opts.tag_scheme)
         features, labels, owners = window_features(encoded, self.tokenizer, self.tag_map, self.opts.max_seq_length)
-        logits = finetune_utils.predict_batches(self.model, features, batch_size)  # [F, S, C]
+        logits = finetuning.predict_batches(self.model, features, batch_size)  # [F, S, C]
         predicted = [[self.labels[i] for i in row] for row in np.argmax(logits, axis=-1)]
         return assemble_predictions(encoded, owners, labels, predicted)
 
@@ -332,7 +332,7 @@ class NerTask(finetune_utils.Task):
 
 def run(opts):
     """Runs train/eval/predict as the parsed flags `opts` ask. Returns the dev metrics dict."""
-    return finetune_utils.run(opts, NerTask(opts))
+    return finetuning.run(opts, NerTask(opts))
 
 
 EXAMPLE = ("python run_ner.py --data_dir=../shared/data/cluener2020 --dev_file=train.json "
@@ -340,4 +340,4 @@ EXAMPLE = ("python run_ner.py --data_dir=../shared/data/cluener2020 --dev_file=t
            "--do_train=true --do_eval=true --output_dir=/tmp/cluener")
 
 if __name__ == "__main__":
-    train_utils.run_script(finetune_utils.main(NerTask), __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(finetuning.main(NerTask), __doc__, EXAMPLE, define_flags)

@@ -47,10 +47,10 @@ UsageError = train_utils.UsageError
 if keras.backend.backend() == "tensorflow":  # KERAS_BACKEND=jax: pretraining_jax.py, no TensorFlow
     import tensorflow as tf
 
-    import pretraining_resume as resume
+    import pretraining_input
 
-    # The per-replica input pipelines (in pretraining_resume, beside the state they resume from).
-    train_dataset_fn, eval_dataset_fn = resume.train_dataset_fn, resume.eval_dataset_fn
+    # The per-replica input pipelines (in pretraining_input, beside the state they resume from).
+    train_dataset_fn, eval_dataset_fn = pretraining_input.train_dataset_fn, pretraining_input.eval_dataset_fn
 
 
 def define_flags(fv=flags.FLAGS):
@@ -478,23 +478,23 @@ def run(opts):
         info = pretraining_records.check_records(path, opts.max_seq_length,
                                                  opts.max_predictions_per_seq, config.vocab_size,
                                                  full_scan=opts.check_input_files)
-        counts[path] = info.meta.get("num_instances") or resume.count_records(path)
-    resume.check_kind_flags(opts, train_files, eval_files)
+        counts[path] = info.meta.get("num_instances") or pretraining_input.count_records(path)
+    pretraining_input.check_kind_flags(opts, train_files, eval_files)
     _check_output_dir(opts.output_dir, config)
     file_output.check_writable(opts.output_dir)  # a read-only file system: named before any work
-    resume_from = (resume.latest_checkpoint(opts.output_dir) if tf.io.gfile.isdir(opts.output_dir)
+    resume_from = (pretraining_input.latest_checkpoint(opts.output_dir) if tf.io.gfile.isdir(opts.output_dir)
                    else None)
     if opts.do_train:
-        state = resume.input_state(opts, train_files, num_workers)
+        state = pretraining_input.input_state(opts, train_files, num_workers)
         if resume_from:
-            resume.check_resume_input(opts.output_dir, state)
+            pretraining_input.check_resume_input(opts.output_dir, state)
         for i in range(num_workers):
-            _, _, per_epoch = resume.pipeline_files(
+            _, _, per_epoch = pretraining_input.pipeline_files(
                 train_files, [counts[p] for p in train_files], num_workers, i)
             if per_epoch < opts.train_batch_size // num_workers:
                 raise UsageError(f"--input_file has {per_epoch} records for worker {i}, fewer than "
                                  f"one batch ({opts.train_batch_size // num_workers})")
-    vocab_file, do_lower_case = resume.vocab_and_casing(opts, train_files or eval_files)
+    vocab_file, do_lower_case = pretraining_input.vocab_and_casing(opts, train_files or eval_files)
     if resume_from is None and opts.do_eval and not opts.do_train and not opts.init_checkpoint:
         raise UsageError(f"--do_eval alone: no checkpoint in {opts.output_dir} "
                          "and no --init_checkpoint")
@@ -529,7 +529,7 @@ def run(opts):
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
                                          max_to_keep=opts.keep_checkpoint_max if is_chief else 1)
     if resume_from:
-        resume.restore(checkpoint, resume_from)
+        pretraining_input.restore(checkpoint, resume_from)
         logging.info("resumed from %s at step %d", resume_from, int(optimizer.iterations.numpy()))
     elif opts.init_checkpoint:
         try:
@@ -540,14 +540,14 @@ def run(opts):
     # 3. The run folder describes itself from the first step on (a killed run's folder too).
     if is_chief:
         tf.io.gfile.makedirs(opts.output_dir)
-        resume.remove_partial_saves(opts.output_dir)
-        resume.write_run_folder(opts.output_dir, config, vocab_file, do_lower_case)
+        pretraining_input.remove_partial_saves(opts.output_dir)
+        pretraining_input.write_run_folder(opts.output_dir, config, vocab_file, do_lower_case)
         if opts.do_train:
-            resume.write_json(os.path.join(opts.output_dir, resume.INPUT_STATE), state)
+            pretraining_input.write_json(os.path.join(opts.output_dir, pretraining_input.INPUT_STATE), state)
 
     if opts.do_train:
         step = int(optimizer.iterations.numpy())
-        dataset_fn = resume.train_dataset_fn(
+        dataset_fn = pretraining_input.train_dataset_fn(
             train_files, [counts[p] for p in train_files], opts.train_batch_size // replicas,
             opts.seed, opts.shuffle_buffer_size, step, _parser(opts, train_files, training=True))
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
@@ -594,7 +594,7 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
             means, learning_rate, ran, finite = trainer.train_loop(iterator, tf.constant(n))
         except tf.errors.OpError as e:
             if isinstance(e, tf.errors.DataLossError) or "Key: " in e.message:  # not our records
-                raise resume.bad_records_error(opts, opts.input_file, f"near step {step}", e) from None
+                raise pretraining_input.bad_records_error(opts, opts.input_file, f"near step {step}", e) from None
             lost = multi_worker.lost_peer_error(
                 e, trainer.strategy, f"stopped at step {step}; rerun the same command on every "
                 f"worker to {_resume_point(opts.output_dir)}")
@@ -627,7 +627,7 @@ def _train(opts, trainer, iterator, manager, is_chief, steps_per_loop):
                 tf.summary.scalar(name, value)
         writer.flush()
         if step % opts.save_checkpoints_steps == 0 or step >= opts.num_train_steps:
-            resume.save_checkpoint(manager, step)  # a failed save leaves no ckpt-N_temp/
+            pretraining_input.save_checkpoint(manager, step)  # a failed save leaves no ckpt-N_temp/
             logging.info("saved %s", manager.latest_checkpoint)
 
 
@@ -635,7 +635,7 @@ def _resume_point(output_dir):
     """'resume from ckpt-N' by the chief's checkpoint state file (the one every worker resumes from,
     whichever worker asks), or 'start again' when it names none."""
     try:
-        newest = resume.latest_checkpoint(output_dir)
+        newest = pretraining_input.latest_checkpoint(output_dir)
     except UsageError:  # the rerun's own checks will say what is wrong with it
         newest = None
     return f"resume from {os.path.basename(newest)}" if newest else "start again (no checkpoint yet)"
@@ -647,10 +647,10 @@ def _evaluate(opts, trainer, files, counts, num_workers):
     per_replica = opts.eval_batch_size // strategy.num_replicas_in_sync
     per_pipeline = opts.eval_batch_size // num_workers
     steps = min(opts.max_eval_steps, max(
-        -(-resume.pipeline_files(files, counts, num_workers, i)[2] // per_pipeline)
+        -(-pretraining_input.pipeline_files(files, counts, num_workers, i)[2] // per_pipeline)
         for i in range(num_workers)))
     iterator = iter(strategy.distribute_datasets_from_function(
-        resume.eval_dataset_fn(files, counts, per_replica, steps,
+        pretraining_input.eval_dataset_fn(files, counts, per_replica, steps,
                                _parser(opts, files, training=False))))
     sums = np.zeros(3)
     for i in range(steps):
@@ -658,7 +658,7 @@ def _evaluate(opts, trainer, files, counts, num_workers):
             sums += trainer.eval_step(iterator).numpy()
         except tf.errors.OpError as e:
             if isinstance(e, tf.errors.DataLossError) or "Key: " in e.message:  # as in _train
-                raise resume.bad_records_error(opts, opts.eval_input_file or opts.input_file,
+                raise pretraining_input.bad_records_error(opts, opts.eval_input_file or opts.input_file,
                                                f"in eval batch {i}", e) from None
             lost = multi_worker.lost_peer_error(  # a peer lost mid-evaluation: as in training
                 e, strategy, f"stopped while evaluating at step {int(trainer.optimizer.iterations.numpy())}; "

@@ -61,10 +61,10 @@ def pipeline_cpu_per_batch(path, batches, seed=0):
     """CPU seconds per training batch of run_pretraining's input pipeline over `path`."""
     import tensorflow as tf
 
-    import pretraining_resume
+    import pretraining_input
     parse = records.make_parser(records.read_info([path]), SEQ, PRED, seed=seed)
     count = records.read_sidecar(path)["num_instances"]
-    dataset_fn = pretraining_resume.train_dataset_fn([path], [count], BATCH, seed, 1000, 0, parse)
+    dataset_fn = pretraining_input.train_dataset_fn([path], [count], BATCH, seed, 1000, 0, parse)
     it = iter(dataset_fn(tf.distribute.InputContext()))
     for _ in range(5):
         next(it)

@@ -47,7 +47,7 @@ def _timed(step, steps):
 def bench_ours(layers, hidden, batch):
     import tensorflow as tf
 
-    import finetune_utils
+    import finetuning
     import modeling
     import optimization
 
@@ -55,7 +55,7 @@ def bench_ours(layers, hidden, batch):
                                  num_attention_heads=hidden // 64, intermediate_size=4 * hidden)
     model = modeling.build_model(modeling.BertClassifier(config, FLAGS.num_labels))
     model.compile(optimizer=optimization.create_optimizer(2e-5, 10_000, 100),
-                  loss=finetune_utils.masked_sparse_ce, jit_compile=FLAGS.jit_compile)
+                  loss=finetuning.masked_sparse_ce, jit_compile=FLAGS.jit_compile)
     rng = np.random.default_rng(0)
     x = {"input_ids": rng.integers(1000, VOCAB, (batch, FLAGS.seq_len)).astype(np.int32),
          "input_mask": np.ones((batch, FLAGS.seq_len), np.int32),

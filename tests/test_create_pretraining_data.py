@@ -142,7 +142,7 @@ TRICKY = [
 
 @pytest.mark.parametrize("lower", [True, False])
 def test_fast_tokenizer_gives_identical_ids_to_full_tokenizer(lower):
-    span_tok = pretraining_instances.SpanTokenizer(VOCAB, lower)
+    span_tok = pretraining_instances.WholeWordTokenizer(VOCAB, lower)
     full = tokenization.FullTokenizer(VOCAB, do_lower_case=lower)
     sentences = [s for doc in _corpus_sentences(CORPUS) for s in doc] + TRICKY
     for s in sentences:
@@ -157,7 +157,7 @@ def test_fast_tokenizer_matches_on_wikipedia_with_google_vocab(google_vocab):
         pytest.skip("shared corpus shard absent")
     with lzma.open(shard, "rt", encoding="utf-8") as f:
         lines = [line.strip() for _, line in zip(range(4000), f) if line.strip()]
-    span_tok = pretraining_instances.SpanTokenizer(str(google_vocab), True)
+    span_tok = pretraining_instances.WholeWordTokenizer(str(google_vocab), True)
     full = tokenization.FullTokenizer(str(google_vocab))
     for s in lines:
         (ids, _), = span_tok.tokenize_sentences([s], b"\x01" * len(s))

@@ -241,14 +241,14 @@ def test_model_tensors_match_static_records_in_names_shapes_and_dtypes(data):
     """What run_pretraining hands the model: identical structure for both kinds, train and eval."""
     import tensorflow as tf
 
-    import pretraining_resume
+    import pretraining_input
     for training in (True, False):
         specs = []
         for kind in ("static", "unmasked"):
             files, counts = [data[kind]], [_meta(data[kind])["num_instances"]]
             parse = records.make_parser(records.read_info(files), SEQ, PRED, training=training)
-            dataset_fn = (pretraining_resume.train_dataset_fn(files, counts, 8, 0, 100, 0, parse)
-                          if training else pretraining_resume.eval_dataset_fn(files, counts, 8, 2, parse))
+            dataset_fn = (pretraining_input.train_dataset_fn(files, counts, 8, 0, 100, 0, parse)
+                          if training else pretraining_input.eval_dataset_fn(files, counts, 8, 2, parse))
             specs.append(dataset_fn(tf.distribute.InputContext()).element_spec)
         assert specs[0] == specs[1]
         assert all(s.shape.is_fully_defined() for s in specs[1].values())

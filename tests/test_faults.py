@@ -19,7 +19,7 @@ the cross-script probe that no other test file pins. Where each class is tested:
 - outputs that are inputs, directories, or in use by another run: test_create_pretraining_data.py,
   test_pretraining_records.py, test_export_to_pytorch.py, test_convert_checkpoint.py, test_run_classifier.py.
 - killed runs: test_create_pretraining_data.py (generator, slow), test_run_pretraining.py and
-  test_dynamic_masking.py (pretraining), test_export_to_pytorch.py (export), test_beam.py (Finalize retried).
+  test_dynamic_masking.py (pretraining), test_export_to_pytorch.py (export), test_beam_pretraining_data.py (Finalize retried).
 - this file: outputs that are the vocab or the user dictionary, a full disk, pipes and folders
   given as files, plot outputs, and the cases routed to their owners (strict xfail until fixed);
   the Beam path's unknown runner or option and a full disk in a worker (issue 20).
@@ -246,7 +246,7 @@ def test_export_with_another_task_than_the_folder_holds_is_refused(tmp_path):
 
 
 def test_predicting_from_a_pretraining_folder_alone_is_refused(tmp_path):
-    import finetune_utils
+    import finetuning
     import run_classifier
     ckpt = str(tmp_path / "pretrain")
     make_checkpoint_dir(ckpt, "mlm")
@@ -255,7 +255,7 @@ def test_predicting_from_a_pretraining_folder_alone_is_refused(tmp_path):
     for name, rows in (("train.txt", "我们\t你们\t1\n他们\t天地\t0\n"), ("dev.txt", "我们\t你们\t1\n"),
                        ("test.txt", "我们\t你们\n")):
         (data / name).write_text(rows, encoding="utf-8")
-    opts = finetune_utils.parse_flags(run_classifier.define_flags, task_name="lcqmc_pair", data_dir=str(data),
+    opts = finetuning.parse_flags(run_classifier.define_flags, task_name="lcqmc_pair", data_dir=str(data),
                                       init_checkpoint=ckpt, output_dir=str(tmp_path / "out"), max_seq_length=16,
                                       do_predict=True)
     with pytest.raises(UsageError, match="init_checkpoint"):

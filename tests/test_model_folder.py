@@ -174,24 +174,24 @@ def test_one_state_file_reader_serves_model_folders_and_resume(tmp_path):
     """model_folder.latest_checkpoint reads the state file for both; only a missing state file with
     checkpoints left differs: a reader takes the newest ckpt-N, a resume refuses (a fresh
     CheckpointManager would save over them)."""
-    import pretraining_resume
+    import pretraining_input
     run = tmp_path / "run"
     _fake_tf2_checkpoint(str(run), step=5)
     want = os.path.join(str(run), "ckpt-5")
-    assert model_folder.latest_checkpoint(str(run)) == pretraining_resume.latest_checkpoint(str(run)) == want
+    assert model_folder.latest_checkpoint(str(run)) == pretraining_input.latest_checkpoint(str(run)) == want
     # Moved folder: an absolute name of the old place is found beside the state file, by both.
     state = (run / "checkpoint").read_text()
     (run / "checkpoint").write_text(state.replace('"ckpt-5"', '"/elsewhere/old_run/ckpt-5"'))
-    assert model_folder.latest_checkpoint(str(run)) == pretraining_resume.latest_checkpoint(str(run)) == want
+    assert model_folder.latest_checkpoint(str(run)) == pretraining_input.latest_checkpoint(str(run)) == want
     (run / "checkpoint").write_text('model_checkpoint_path: "ckpt-9"\n')
-    for read in (model_folder.latest_checkpoint, pretraining_resume.latest_checkpoint):
+    for read in (model_folder.latest_checkpoint, pretraining_input.latest_checkpoint):
         with pytest.raises(train_utils.UsageError, match=r"names .*ckpt-9, which is not there"):
             read(str(run))
     os.remove(run / "checkpoint")
     assert model_folder.latest_checkpoint(str(run)) == want
     with pytest.raises(train_utils.UsageError, match=r"checkpoint is missing but .* holds ckpt-5"):
-        pretraining_resume.latest_checkpoint(str(run))
+        pretraining_input.latest_checkpoint(str(run))
     empty = tmp_path / "empty"
     empty.mkdir()
     assert model_folder.latest_checkpoint(str(empty)) is None
-    assert pretraining_resume.latest_checkpoint(str(empty)) is None
+    assert pretraining_input.latest_checkpoint(str(empty)) is None

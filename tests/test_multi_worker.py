@@ -133,10 +133,10 @@ def _read_one_epoch(files, num_workers, worker):
     """The serialized records worker `worker` of `num_workers` reads in its first epoch."""
     import tensorflow as tf
 
-    import pretraining_resume as resume
-    counts = [resume.count_records(p) for p in files]
-    _, _, per_epoch = resume.pipeline_files(files, counts, num_workers, worker)
-    dataset_fn = resume.train_dataset_fn(files, counts, per_replica_batch=1, seed=3,
+    import pretraining_input
+    counts = [pretraining_input.count_records(p) for p in files]
+    _, _, per_epoch = pretraining_input.pipeline_files(files, counts, num_workers, worker)
+    dataset_fn = pretraining_input.train_dataset_fn(files, counts, per_replica_batch=1, seed=3,
                                          shuffle_buffer_size=7, start_step=0,
                                          parse=lambda positions, serialized: serialized)
     context = tf.distribute.InputContext(num_input_pipelines=num_workers,
@@ -260,7 +260,7 @@ def test_lost_worker_stops_the_others_with_one_line_and_a_rerun_resumes_exactly(
     with the weights of the uninterrupted run."""
     from worker_cluster import LocalCluster
 
-    import pretraining_resume as resume
+    import pretraining_input
     reference, _ = two_workers
     out = str(tmp_path / "run")
     cluster = LocalCluster(2, tmp_path / "logs")
@@ -276,14 +276,14 @@ def test_lost_worker_stops_the_others_with_one_line_and_a_rerun_resumes_exactly(
     cluster.start(_argv(data, out), worker_env=pause(1, SAVE_EVERY))
     cluster.wait_for(lambda: os.path.exists(marker), 600, "worker 1's save")
     _stops_with_one_line(cluster, 0, 1, SAVE_EVERY, cluster.kill(1))
-    assert resume.latest_checkpoint(out).endswith(f"ckpt-{SAVE_EVERY}")
+    assert pretraining_input.latest_checkpoint(out).endswith(f"ckpt-{SAVE_EVERY}")
 
     # 2. The chief killed in the middle of its save of ckpt-8: its files are there, the state file
     # still names ckpt-4, which is where the rerun must resume.
     cluster.start(_argv(data, out), worker_env=pause(0, 2 * SAVE_EVERY))
     cluster.wait_for(lambda: os.path.exists(marker), 600, "the chief's save")
     _stops_with_one_line(cluster, 1, 0, SAVE_EVERY, cluster.kill(0))
-    assert resume.latest_checkpoint(out).endswith(f"ckpt-{SAVE_EVERY}")
+    assert pretraining_input.latest_checkpoint(out).endswith(f"ckpt-{SAVE_EVERY}")
 
     # 3. The same command again: it ends where the uninterrupted run ended, weight for weight.
     cluster.start(_argv(data, out))
@@ -334,7 +334,7 @@ def test_a_peer_lost_during_evaluation_is_the_same_one_line(data, tmp_path, monk
     import tensorflow as tf
 
     import multi_worker
-    import pretraining_resume
+    import pretraining_input
     import run_pretraining
 
     class PosingAsWorker0:
@@ -358,7 +358,7 @@ def test_a_peer_lost_during_evaluation_is_the_same_one_line(data, tmp_path, monk
             r"^worker 1 \(127\.0\.0\.1:2222\) is gone; stopped while evaluating at step 12; rerun the "
             r"same command on every worker to start again \(no checkpoint yet\)$")):
         run_pretraining._evaluate(opts, trainer, [data["train"]],
-                                  [pretraining_resume.count_records(data["train"])], 1)
+                                  [pretraining_input.count_records(data["train"])], 1)
 
 
 # ------------------------------------------------------------------------------------------------

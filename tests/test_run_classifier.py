@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-import finetune_utils
+import finetuning
 import run_classifier
 from helpers import TINY_CLASSIFIER, classifier_config, write_pair_data, write_tf1_checkpoint, write_text
 from train_utils import UsageError
@@ -20,7 +20,7 @@ from train_utils import UsageError
 
 
 def _opts(**values):
-    return finetune_utils.parse_flags(run_classifier.define_flags, **values)
+    return finetuning.parse_flags(run_classifier.define_flags, **values)
 
 
 def _spec(task="generic", **flags):
@@ -187,13 +187,13 @@ def test_prediction_file_has_one_row_per_example_in_order():
 
 def test_stall_warning_names_the_cause_and_google_s_learning_rate_range():
     flat = [0.70, 0.69, 0.70, 0.69, 0.70, 0.69, 0.70, 0.69]
-    warning = finetune_utils.stall_warning(flat, learning_rate=2e-4)
+    warning = finetuning.stall_warning(flat, learning_rate=2e-4)
     assert "has not moved from its starting value 0.7000" in warning
     assert "--learning_rate=0.0002 is likely too high" in warning and "2e-5..5e-5" in warning
-    assert "too low" in finetune_utils.stall_warning(flat, learning_rate=1e-7)
-    assert finetune_utils.stall_warning(flat[:4] + [float("nan")] * 4, 1.0)  # diverged counts too
-    assert finetune_utils.stall_warning([0.7, 0.7, 0.6, 0.5, 0.4, 0.3, 0.3, 0.2], 2e-4) is None
-    assert finetune_utils.stall_warning(flat[:3], 2e-4) is None  # too few steps to tell
+    assert "too low" in finetuning.stall_warning(flat, learning_rate=1e-7)
+    assert finetuning.stall_warning(flat[:4] + [float("nan")] * 4, 1.0)  # diverged counts too
+    assert finetuning.stall_warning([0.7, 0.7, 0.6, 0.5, 0.4, 0.3, 0.3, 0.2], 2e-4) is None
+    assert finetuning.stall_warning(flat[:3], 2e-4) is None  # too few steps to tell
 
 
 # ----------------------------------------------------------------------------- runs: errors, outputs

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-import finetune_utils
+import finetuning
 import run_cmrc
 from run_cmrc import cmrc_em, cmrc_f1, cmrc_segments
 from train_utils import UsageError
@@ -123,7 +123,7 @@ def _opts(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), max_seq_length=32, doc_stride=8, max_query_length=8,
                 max_answer_length=10, n_best_size=5)
     base.update(kw)
-    return finetune_utils.parse_flags(run_cmrc.define_flags, **base)
+    return finetuning.parse_flags(run_cmrc.define_flags, **base)
 
 
 def test_every_window_of_a_long_context_is_scored_and_the_answer_maps_to_exact_chars(tmp_path, google_vocab):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-import finetune_utils
+import finetuning
 import run_ner
 from train_utils import UsageError
 
@@ -47,7 +47,7 @@ def test_entity_metrics_by_hand():
 def test_entities_at_both_ends_of_the_text_round_trip_through_tags(tokenizer, scheme):
     text = "张三去北京"
     entities = [("name", 0, 1), ("address", 3, 4)]
-    tokens, spans = finetune_utils.tokenize_with_offsets(tokenizer, text)
+    tokens, spans = finetuning.tokenize_with_offsets(tokenizer, text)
     token_entities, lost = run_ner.char_to_token_spans(entities, spans)
     tags = run_ner.span_tags(len(tokens), token_entities, scheme)
     expected = {"BIO": ["B-name", "I-name", "O", "B-address", "I-address"],
@@ -60,7 +60,7 @@ def test_wordpieces_and_spaces_map_back_to_exact_characters(tokenizer):
     text = "我玩 Dota 2 游戏，CSOL也玩"
     entities = [("game", 3, 8), ("game", 13, 16)]  # "Dota 2", "CSOL"
     assert [text[s:e + 1] for _, s, e in entities] == ["Dota 2", "CSOL"]
-    tokens, spans = finetune_utils.tokenize_with_offsets(tokenizer, text)
+    tokens, spans = finetuning.tokenize_with_offsets(tokenizer, text)
     assert tokens == tokenizer.tokenize(text)
     assert len(tokens) < len(text)  # spaces vanish, latin words become WordPieces
     token_entities, _ = run_ner.char_to_token_spans(entities, spans)
@@ -145,7 +145,7 @@ def test_ner_trains_end_to_end_on_a_cluener_slice(tmp_path, shared_data, google_
     config = tmp_path / "bert_config.json"
     config.write_text(json.dumps({"vocab_size": 21128, "hidden_size": 128, "num_hidden_layers": 2,
                                   "num_attention_heads": 2, "intermediate_size": 512}), encoding="utf-8")
-    opts = finetune_utils.parse_flags(
+    opts = finetuning.parse_flags(
         run_ner.define_flags, output_dir=str(tmp_path / "out"), bert_config_file=str(config),
         vocab_file=str(google_vocab), data_dir=str(data), do_train=True, do_eval=True, do_predict=True,
         max_seq_length=52, train_batch_size=16, learning_rate=5e-4, num_train_epochs=3)

@@ -281,14 +281,14 @@ def test_input_stream_resumed_at_a_step_equals_the_stream_read_through(pretraini
     import tensorflow as tf
 
     import pretraining_records
-    import pretraining_resume
+    import pretraining_input
     files, counts = [pretraining_data["train"], pretraining_data["eval"]], [len(pretraining_data["instances"]) - 32, 32]
     parse = pretraining_records.make_parser(pretraining_records.read_info(files), SEQ, PRED)
     per_epoch, batch = sum(counts), 48
     strategy = tf.distribute.get_strategy()
 
     def batches(start_step, n):
-        fn = pretraining_resume.train_dataset_fn(files, counts, batch, 7, 64, start_step, parse)
+        fn = pretraining_input.train_dataset_fn(files, counts, batch, 7, 64, start_step, parse)
         it = iter(strategy.distribute_datasets_from_function(fn))
         return [next(it)["input_ids"].numpy() for _ in range(n)]
 

@@ -142,7 +142,7 @@ ISSUE_9_CASES = {  # text -> tokens with lower-casing, on Google's vocab
 
 def test_issue_9_cases_agree_in_tokenizer_offsets_and_generator(google_vocab):
     tok = tokenization.FullTokenizer(str(google_vocab))
-    generator = pretraining_instances.SpanTokenizer(str(google_vocab), True)
+    generator = pretraining_instances.WholeWordTokenizer(str(google_vocab), True)
     for text, expected in ISSUE_9_CASES.items():
         assert tok.tokenize(text) == expected, repr(text)
         assert tok.tokenize_with_offsets(text)[0] == expected, repr(text)
@@ -256,7 +256,7 @@ def _check_fuzz(shared_data, lower, n_random, n_lines, seed):
     texts = _fuzz_texts(shared_data, n_random, n_lines, seed)
     for vocab in _vocabs(shared_data):
         tok = tokenization.FullTokenizer(str(vocab), do_lower_case=lower)
-        generator = pretraining_instances.SpanTokenizer(str(vocab), lower)
+        generator = pretraining_instances.WholeWordTokenizer(str(vocab), lower)
         for text in texts:
             expected = tok.tokenize(text)
             tokens, spans = tok.tokenize_with_offsets(text)

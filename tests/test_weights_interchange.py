@@ -114,7 +114,7 @@ def test_an_hf_folder_is_accepted_as_init_checkpoint_with_the_same_weights(tmp_p
 
 @pytest.mark.slow  # three fine-tuning runs, ~60 s
 def test_run_classifier_evaluates_the_same_model_from_tf_safetensors_and_hf_folders(tmp_path):
-    import finetune_utils
+    import finetuning
     import run_classifier
     from helpers import write_pair_data
     labels = ["0", "1"]
@@ -128,7 +128,7 @@ def test_run_classifier_evaluates_the_same_model_from_tf_safetensors_and_hf_fold
     outputs = []
     for folder in (tf_dir, st_dir, hf_dir):
         out = str(tmp_path / f"eval_{os.path.basename(folder)}")
-        metrics = run_classifier.run(finetune_utils.parse_flags(run_classifier.define_flags, task_name="lcqmc_pair", data_dir=str(tmp_path / "data"),
+        metrics = run_classifier.run(finetuning.parse_flags(run_classifier.define_flags, task_name="lcqmc_pair", data_dir=str(tmp_path / "data"),
                                            init_checkpoint=folder, do_eval=True, do_predict=True,
                                            max_seq_length=16, output_dir=out))
         with open(os.path.join(out, "test_predictions.tsv"), encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""What lets a pretraining run be killed and rerun: its input stream and its output folder.
+"""The TensorFlow training input stream of run_pretraining.py, and what a rerun must find again.
 
 The input stream is a deterministic function of (record files, seed, step), so a rerun positions it
 at the restored step instead of restoring iterator state (tf.distribute's per-replica iterators

@@ -1,4 +1,4 @@
-"""pretraining_resume.py, what lets a pretraining run be killed and rerun: the input stream as a
+"""pretraining_input.py, what lets a pretraining run be killed and rerun: the input stream as a
 function of (files, seed, step), the state a resume must match, and the output folder's leftovers.
 Whole runs killed and resumed are in test_run_pretraining.py and test_pretraining_faults.py."""
 
@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import pretraining_records as records
-import pretraining_resume
+import pretraining_input
 from train_utils import UsageError
 
 
@@ -25,7 +25,7 @@ def _files(tmp_path, sizes):
 
 
 def _stream(files, counts, batch, start_step, n, num_pipelines=1, pipeline_id=0, seed=7):
-    fn = pretraining_resume.train_dataset_fn(files, counts, batch, seed, 8, start_step,
+    fn = pretraining_input.train_dataset_fn(files, counts, batch, seed, 8, start_step,
                                              lambda position, serialized: (position, serialized))
     context = tf.distribute.InputContext(num_input_pipelines=num_pipelines, input_pipeline_id=pipeline_id,
                                          num_replicas_in_sync=num_pipelines)
@@ -48,10 +48,10 @@ def test_a_stream_resumed_at_a_step_equals_the_stream_read_through(tmp_path):
 
 def test_pipelines_split_whole_files_or_every_nth_record():
     files, counts = ["a", "b", "c"], [5, 6, 7]
-    assert pretraining_resume.pipeline_files(files, counts, 2, 1) == (["b"], False, 6)
-    assert pretraining_resume.pipeline_files(files, counts, 1, 0) == (files, False, 18)
+    assert pretraining_input.pipeline_files(files, counts, 2, 1) == (["b"], False, 6)
+    assert pretraining_input.pipeline_files(files, counts, 1, 0) == (files, False, 18)
     # Fewer files than pipelines: every pipeline reads all files and keeps its share of records.
-    assert pretraining_resume.pipeline_files(files, counts, 4, 3) == (files, True, 4)
+    assert pretraining_input.pipeline_files(files, counts, 4, 3) == (files, True, 4)
 
 
 def test_two_pipelines_read_disjoint_records(tmp_path):
@@ -70,36 +70,36 @@ def _state(**changes):
 
 def test_resume_input_must_be_the_same_stream(tmp_path):
     out = str(tmp_path)
-    pretraining_resume.check_resume_input(out, _state())  # no state yet: a fresh run
-    pretraining_resume.write_json(os.path.join(out, pretraining_resume.INPUT_STATE), _state())
-    pretraining_resume.check_resume_input(out, _state())
+    pretraining_input.check_resume_input(out, _state())  # no state yet: a fresh run
+    pretraining_input.write_json(os.path.join(out, pretraining_input.INPUT_STATE), _state())
+    pretraining_input.check_resume_input(out, _state())
     with pytest.raises(UsageError, match=r"--train_batch_size=16, but .* was trained with 8"):
-        pretraining_resume.check_resume_input(out, _state(train_batch_size=16))
+        pretraining_input.check_resume_input(out, _state(train_batch_size=16))
     with pytest.raises(UsageError, match=r"same names, other contents"):
-        pretraining_resume.check_resume_input(out, _state(input_files=[{"file": "train.tfrecord", "bytes": 11}]))
+        pretraining_input.check_resume_input(out, _state(input_files=[{"file": "train.tfrecord", "bytes": 11}]))
     with pytest.raises(UsageError, match=r"--seed is 2, but .* was trained with 1"):
-        pretraining_resume.check_resume_input(out, _state(seed=2))
+        pretraining_input.check_resume_input(out, _state(seed=2))
     # A state written before masked_lm_prob was recorded still resumes.
     old = _state()
     del old["masked_lm_prob"]
-    pretraining_resume.write_json(os.path.join(out, pretraining_resume.INPUT_STATE), old)
-    pretraining_resume.check_resume_input(out, _state(masked_lm_prob=0.2))
+    pretraining_input.write_json(os.path.join(out, pretraining_input.INPUT_STATE), old)
+    pretraining_input.check_resume_input(out, _state(masked_lm_prob=0.2))
 
 
 def test_partial_saves_are_removed_and_nothing_else(tmp_path):
     for name in ("ckpt-3_temp", "ckpt-x_temp", "keep"):
         (tmp_path / name).mkdir()
     (tmp_path / "ckpt-4_temp").write_text("a file, not a save folder")
-    pretraining_resume.remove_partial_saves(str(tmp_path))
+    pretraining_input.remove_partial_saves(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["ckpt-4_temp", "ckpt-x_temp", "keep"]
 
 
 def test_a_resume_refuses_checkpoints_without_their_state_file(tmp_path):
     ckpt = tf.train.Checkpoint(v=tf.Variable([1.0]))
     tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=2).save(checkpoint_number=4)
-    assert pretraining_resume.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-4")
+    assert pretraining_input.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-4")
     os.remove(tmp_path / "checkpoint")
     with pytest.raises(UsageError, match=r'checkpoint is missing but .* holds ckpt-4: write the line '
                                          r'`model_checkpoint_path: "ckpt-4"`'):
-        pretraining_resume.latest_checkpoint(str(tmp_path))
+        pretraining_input.latest_checkpoint(str(tmp_path))
     np.testing.assert_array_equal(ckpt.v.numpy(), [1.0])
