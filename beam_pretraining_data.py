@@ -1,4 +1,3 @@
-# coding=utf-8
 """create_pretraining_data.py as an Apache Beam pipeline: the same records on a laptop or on a cluster.
 
     python create_pretraining_data.py --runner=DirectRunner --num_workers=2 \
@@ -42,7 +41,6 @@ import tempfile
 import time
 import uuid
 import zlib
-
 
 
 class _BeamImportNoise(logging.Filter):

@@ -1,4 +1,3 @@
-# coding=utf-8
 """Builds the small embedded demo vocabulary `resources/vocab.txt`.
 
 The layout follows Google's Chinese BERT vocab so that code written for one works with the other:
@@ -29,7 +28,6 @@ import os
 from absl import flags
 
 import file_output
-
 import tokenization
 import train_utils
 
@@ -73,7 +71,7 @@ def rank_cjk_chars(dict_path):
             try:
                 freq = int(parts[1])
             except ValueError:
-                raise ValueError("%s:%d: frequency is not an integer: %r" % (dict_path, line_no, line))
+                raise ValueError("%s:%d: frequency is not an integer: %r" % (dict_path, line_no, line)) from None
             for ch in parts[0]:
                 if tokenization.is_cjk(ch):
                     counts[ch] += freq

@@ -31,8 +31,6 @@ import json
 import os
 import struct
 
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
-
 import keras
 import numpy as np
 import tensorflow as tf
@@ -41,6 +39,7 @@ from absl import flags, logging
 import file_output
 import model_folder
 import modeling
+import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
 TASK_ARCHITECTURES = model_folder.TASK_ARCHITECTURES
 ARCHITECTURE_TASKS = model_folder.ARCHITECTURE_TASKS

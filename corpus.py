@@ -1,4 +1,3 @@
-# coding=utf-8
 """Reads a pretraining corpus: input files -> documents of sentences -> chunks of documents.
 
 Google's corpus format (one sentence per line, a blank line between documents) or one document per

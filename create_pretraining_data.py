@@ -1,4 +1,3 @@
-# coding=utf-8
 """Turns a Chinese text corpus into masked-LM pretraining TFRecords with whole-word masking.
 
     python create_pretraining_data.py --input_file='corpus/*.txt' --output_file=records/train.tfrecord \

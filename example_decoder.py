@@ -18,6 +18,7 @@ import numpy as np
 import pretraining_records as records
 from train_utils import UsageError
 
+
 def _varint(buf, pos):
     """-> (value, next position); ValueError past the end or beyond 10 bytes."""
     b = buf[pos]

@@ -1,4 +1,3 @@
-# coding=utf-8
 """Documents -> pretraining instances -> serialized records: the generator's work, whoever drives it.
 
 create_pretraining_data.py (local processes) and beam_pretraining_data.py (a Beam pipeline) both
@@ -162,7 +161,7 @@ def _read_user_dict(path):
             try:
                 freq = int(parts[1]) if len(parts) > 1 else None
             except ValueError:
-                raise UsageError(f"--jieba_user_dict: {path}:{line_no}: frequency is not an integer")
+                raise UsageError(f"--jieba_user_dict: {path}:{line_no}: frequency is not an integer") from None
             yield parts[0], freq, parts[2] if len(parts) > 2 else None
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,7 +275,7 @@ class InstanceMaker:
         def target():
             return rng.randint(2, max_tokens) if rng.random() < short_prob else max_tokens
 
-        begin, goal = None, target()
+        begin, g_begin, goal = None, None, target()
         for a, b, g, g_end in bounds:
             if begin is not None and b - begin > max_tokens:
                 yield begin, a, g_begin, g

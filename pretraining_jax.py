@@ -335,9 +335,8 @@ class _Scalars:
 def run(opts):
     """run_pretraining.run under JAX: trains and/or evaluates as the flags say; returns the eval
     metrics (or {})."""
-    import record_reader
-
     import pretraining_input
+    import record_reader
 
     # 1. Everything that can be checked is checked before anything is built or written.
     run_pretraining.check_flags(opts)

@@ -1,4 +1,3 @@
-# coding=utf-8
 """Pretraining TFRecords: the one owner of their format, from the writer's bytes to the model's tensors.
 
 Record kinds (the sidecar's `kind`; a sidecar without one, or no sidecar, means "static"):

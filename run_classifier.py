@@ -23,14 +23,12 @@ import dataclasses
 import io
 import os
 from collections import Counter
-from typing import Optional
-
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
 import numpy as np
 from absl import flags
 
 import finetuning
+import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 from train_utils import UsageError
 
 
@@ -42,7 +40,7 @@ class TaskSpec:
     text_b: object
     label: object
     header: bool
-    labels: Optional[tuple] = None  # None: the sorted labels of the train file
+    labels: tuple | None = None  # None: the sorted labels of the train file
     skip_labels: tuple = ()  # rows with these labels have no gold label: skipped and counted
     files: tuple = ("train", "dev", "test"), (".tsv",)  # (split stems, extensions) in --data_dir
     layouts: tuple = ()  # ((file name, {field: value}), ...): files with their own columns
@@ -86,8 +84,8 @@ XNLI_FILES = {"train": ("train.tsv", "multinli/multinli.train.zh.tsv"),
 class Example:
     guid: str  # the row's "id" field if it has one, else its 0-based row number
     text_a: str
-    text_b: Optional[str]
-    label: Optional[str]  # None when the (test) file has no label
+    text_b: str | None
+    label: str | None  # None when the (test) file has no label
     where: str = ""  # "path:line", for messages
 
 
@@ -218,7 +216,7 @@ def read_examples(path, spec, require_label=True):
                 continue  # a header line in a file of a headerless task
             if label == "" or label in spec.skip_labels:
                 skipped["rows without a gold label (empty/null" +
-                        "".join(f"/{l!r}" for l in spec.skip_labels) + ")"] += 1
+                        "".join(f"/{x!r}" for x in spec.skip_labels) + ")"] += 1
                 continue
         text_b = None if spec.text_b is None else _get(row, spec.text_b, path, n)
         guid = str(row["id"]) if isinstance(row, dict) and "id" in row else str(len(examples) + sum(skipped.values()))
@@ -328,7 +326,7 @@ def classification_metrics(gold, pred):
 
 def format_predictions(examples, probs, labels):
     """`id  label  prob_<label>...` TSV text, one row per example in input order. probs: [N, C]."""
-    lines = ["\t".join(["id", "label"] + [f"prob_{l}" for l in labels])]
+    lines = ["\t".join(["id", "label"] + [f"prob_{x}" for x in labels])]
     for ex, p in zip(examples, probs):
         lines.append("\t".join([ex.guid, labels[int(np.argmax(p))]] + [f"{x:.6f}" for x in p]))
     return "\n".join(lines) + "\n"

@@ -24,12 +24,11 @@ import json
 import os
 from collections import Counter
 
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
-
 import numpy as np
 from absl import flags
 
 import finetuning
+import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 from train_utils import UsageError
 
 
@@ -230,7 +229,7 @@ def assemble_predictions(encoded, owners, labels, tags):
     Returns list (one per text) of [(type, start, end_inclusive)].
     """
     token_tags = [["O"] * len(enc.tokens) for enc in encoded]
-    for f, (t, start, length) in enumerate(owners):
+    for f, (t, start, _length) in enumerate(owners):
         for j in np.nonzero(labels[f] >= 0)[0]:
             token_tags[t][start + j - 1] = tags[f][j]
     return [token_to_char_entities(decode_tags(tt), enc.spans) for tt, enc in zip(token_tags, encoded)]

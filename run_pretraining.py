@@ -31,8 +31,6 @@ import math
 import os
 import time
 
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
-
 import keras
 import numpy as np
 from absl import flags, logging
@@ -42,6 +40,7 @@ import modeling
 import multi_worker
 import optimization
 import pretraining_records
+import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
 UsageError = train_utils.UsageError
 if keras.backend.backend() == "tensorflow":  # KERAS_BACKEND=jax: pretraining_jax.py, no TensorFlow

@@ -59,10 +59,10 @@ def cpu():
 
 
 def profile_stages(corpus, args):
-    from corpus import InputReader
     import create_pretraining_data as cpd
     import pretraining_instances
     import pretraining_records
+    from corpus import InputReader
 
     mb = os.path.getsize(corpus) / 1e6
     o = cpd.Options(input_file=corpus, output_file="/dev/null", vocab_file=args.vocab_file,
@@ -88,7 +88,7 @@ def profile_stages(corpus, args):
         except ValueError as e:
             print(f"  ({e})")
             continue
-        t, _ = best(lambda: [seg(x) for x in texts])
+        t, _ = best(lambda seg=seg: [seg(x) for x in texts])
         rows.append((f"segmentation ({name})", t))
 
     maker = pretraining_instances.InstanceMaker(o)

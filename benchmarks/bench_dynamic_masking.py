@@ -33,13 +33,12 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import numpy as np  # noqa: E402
-
-from corpus import InputReader  # noqa: E402
+from bench_create_pretraining_data import prepare_corpus  # noqa: E402
 
 import create_pretraining_data as cpd  # noqa: E402
 import pretraining_instances
 import pretraining_records as records  # noqa: E402
-from bench_create_pretraining_data import prepare_corpus  # noqa: E402
+from corpus import InputReader  # noqa: E402
 
 SEQ, PRED, BATCH = 128, 20, 32
 SHARED_VOCAB = os.path.join(REPO, "..", "shared", "data", "vocab", "vocab.txt")

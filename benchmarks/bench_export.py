@@ -41,6 +41,7 @@ def run_step(step, work):
     sys.path.insert(0, REPO)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf  # noqa: F401  (counted in the baseline)
+
     import convert_checkpoint
     import export_to_pytorch
     import modeling

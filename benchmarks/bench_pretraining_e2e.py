@@ -234,7 +234,7 @@ def breakdown(paths, steps, rounds):
             run_pretraining._train(opts, trainer, it, manager, True, n)
         variants[f"{kind}: loop (_train)"] = loop
 
-    for name, run in variants.items():  # compile, fill buffers
+    for run in variants.values():  # compile, fill buffers
         run(2)
     rates = {name: [] for name in variants}
     cpu_ms = {name: [] for name in variants}  # CPU ms per batch, all threads of this process

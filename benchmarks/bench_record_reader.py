@@ -27,11 +27,11 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import numpy as np  # noqa: E402
+from bench_create_pretraining_data import prepare_corpus  # noqa: E402
 
 import create_pretraining_data as cpd  # noqa: E402
 import pretraining_records as records  # noqa: E402
 import record_reader  # noqa: E402
-from bench_create_pretraining_data import prepare_corpus  # noqa: E402
 
 SEQ, PRED = 128, 20
 DEMAND = 3000  # sequences/s: BERT-base seq 128 bf16 on one H200, the reference figure
@@ -110,7 +110,7 @@ def main():
             n = args.batch * args.batches
             best = {"ours": (np.inf, np.inf), "tf.data": (np.inf, np.inf)}
             for _ in range(args.rounds):
-                for name, fn in (("ours", ours), ("tf.data", lambda p, c, b, k: tf_data(p, kind, b, k))):
+                for name, fn in (("ours", ours), ("tf.data", lambda p, c, b, k, kind=kind: tf_data(p, kind, b, k))):
                     wall, cpu = fn(path, count, args.batch, args.batches)
                     best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
             rate = {k: n / v[0] for k, v in best.items()}

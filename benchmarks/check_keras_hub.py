@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras_hub  # noqa: E402  (not a project dependency: see the docstring)
 
-import convert_checkpoint  # noqa: E402
 import export_to_pytorch  # noqa: E402
 import modeling  # noqa: E402
 import tokenization  # noqa: E402

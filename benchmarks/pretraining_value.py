@@ -154,7 +154,7 @@ def _json_line(stdout):
 
 def _read_rows(path, header):
     with open(path, encoding="utf-8-sig") as f:
-        lines = [l for l in f.read().splitlines() if l.strip()]
+        lines = [x for x in f.read().splitlines() if x.strip()]
     return (lines[0] if header else None), (lines[1:] if header else lines)
 
 

@@ -12,11 +12,11 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
 
 import convert_checkpoint
 import modeling
 import tokenization
-from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
 
 # ------------------------------------------------------------------------------------------------
 # Interop: tiny models with random weights, and their folders (export, conversion, fill-mask, QA)
@@ -34,7 +34,8 @@ def write_vocab(folder, tokens=VOCAB):
     return path
 
 
-def tiny_config(hidden_act="gelu", vocab_size=len(VOCAB)):
+def tiny_config(hidden_act="gelu", vocab_size=None):
+    vocab_size = vocab_size or len(VOCAB)
     return modeling.BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=128,
                                max_position_embeddings=40, hidden_act=hidden_act)

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import make_checkpoint_dir
 
 import answer_question
 import export_to_pytorch
-from helpers import make_checkpoint_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIRS = [("首都是哪里", "中国的首都是北京。上海是大学生的好地方。"),
@@ -53,7 +53,7 @@ def test_answer_is_the_best_span_of_transformers_logits(qa_folders):
         out = hf_model(**enc)
     start, end = out.start_logits[0].numpy(), out.end_logits[0].numpy()
     in_context = [i for i, s in enumerate(enc.sequence_ids(0)) if s == 1]
-    best = max(((start[s] + end[e], s, e) for s in in_context for e in in_context if s <= e < s + 5))
+    best = max((start[s] + end[e], s, e) for s in in_context for e in in_context if s <= e < s + 5)
     expected = context[offsets[best[1]][0]:offsets[best[2]][1]]
     model, ours_tokenizer = answer_question.load_qa_model(hf_dir)
     assert answer_question.answer(model, ours_tokenizer, [PAIRS[0]], max_seq_length=40,

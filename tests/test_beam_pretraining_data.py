@@ -142,7 +142,7 @@ def test_not_utf8_after_the_checked_head_fails_in_a_worker_with_one_line(tmp_pat
     head = open(_corpus_files(tmp_path).split(",")[0], encoding="utf-8").read()
     monkeypatch.setattr(corpus_module, "ENCODING_CHECK_BYTES", len(head.encode()) // 2)
     corpus = tmp_path / "mixed.txt"
-    corpus.write_bytes(head.encode() + "\n".encode() + head.encode("gbk"))
+    corpus.write_bytes(head.encode() + b"\n" + head.encode("gbk"))
     (tmp_path / "out.tfrecord").write_bytes(b"earlier records")
     with pytest.raises(UsageError, match=r"mixed\.txt is not UTF-8: line \d+ is the first") as e:
         beam_pretraining_data.run(_options(tmp_path, "out.tfrecord", str(corpus)), "DirectRunner",

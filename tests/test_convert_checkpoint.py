@@ -18,11 +18,21 @@ import tensorflow as tf
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from helpers import (  # noqa: E402
+    LABELS,
+    VOCAB,
+    hf_logits,
+    leftovers,
+    make_checkpoint_dir,
+    our_logits,
+    padded_batch,
+    tiny_config,
+    write_vocab,
+)
+
 import convert_checkpoint  # noqa: E402
 import export_to_pytorch  # noqa: E402
 import modeling  # noqa: E402
-from helpers import (LABELS, VOCAB, hf_logits, leftovers, make_checkpoint_dir, our_logits,  # noqa: E402
-                     padded_batch, tiny_config, write_vocab)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -368,7 +378,7 @@ def _truncate_data(ckpt, tmp_path):
     data = [n for n in os.listdir(ckpt) if ".data-" in n][0]
     with open(os.path.join(ckpt, data), "r+b") as f:
         f.truncate(os.path.getsize(os.path.join(ckpt, data)) // 2)
-    return [f"--input={ckpt}"], rf"ckpt-1\.data-\*: cannot read tensor .*truncated or damaged"
+    return [f"--input={ckpt}"], r"ckpt-1\.data-\*: cannot read tensor .*truncated or damaged"
 
 
 @pytest.mark.parametrize("case", ["truncated_data", "vocab_is_a_directory", "output_is_the_input",

@@ -9,13 +9,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO_ROOT, RESOURCES
 
 import corpus as corpus_module
-from corpus import InputReader
-
 import create_pretraining_data as cpd
 import train_utils
-from conftest import REPO_ROOT, RESOURCES
+from corpus import InputReader
 
 VOCAB = str(RESOURCES / "vocab.txt")
 CORPUS = sorted((RESOURCES / "corpus").glob("*.txt"))
@@ -142,7 +141,7 @@ def test_gbk_after_the_checked_head_fails_before_the_output_is_replaced(tmp_path
     head = _corpus_text(20)
     monkeypatch.setattr(corpus_module, "ENCODING_CHECK_BYTES", len(head.encode()) // 2)
     corpus = tmp_path / "mixed.txt"
-    corpus.write_bytes(head.encode() + "\n".encode() + _corpus_text(200).encode("gbk"))
+    corpus.write_bytes(head.encode() + b"\n" + _corpus_text(200).encode("gbk"))
     first_bad = head.count("\n") + 2
     before = _snapshot(earlier_output)
     expected = rf"mixed\.txt is not UTF-8: line {first_bad} is the first"

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT, RESOURCES
 
 SCRIPT = str(REPO_ROOT / "create_pretrain_data.sh")

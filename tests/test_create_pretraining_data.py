@@ -14,14 +14,13 @@ import sys
 import jieba
 import numpy as np
 import pytest
-
+from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
 
 import corpus as corpus_module
 import create_pretraining_data as cpd
 import pretraining_instances
 import pretraining_records
 import tokenization
-from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
 
 VOCAB = str(RESOURCES / "vocab.txt")
 CORPUS = sorted(str(p) for p in (RESOURCES / "corpus").glob("*.txt"))
@@ -173,7 +172,7 @@ def test_groups_are_jieba_words_of_any_length(tmp_path):
     long_words = 0
     for doc in _corpus_sentences(CORPUS):
         pieces, _ = maker.featurize([(i + 1, s) for i, s in enumerate(doc)], "corpus")
-        for (ids, starts), sentence in zip(pieces, doc):
+        for (_ids, starts), sentence in zip(pieces, doc):
             words = jieba.lcut(sentence)  # an independent jieba run on the sentence
             if not all(len(maker.tok.full.tokenize(w)) == len(w) for w in words):
                 continue  # English/number words: several chars per token; checked separately below
@@ -515,7 +514,7 @@ def test_worker_start_error_is_reported_not_hung(tmp_path):
     pytest.importorskip("rjieba")
     bad = tmp_path / "bad_dict.txt"
     bad.write_text("词 notanumber\n", encoding="utf-8")
-    _assert_fails(tmp_path, f"--jieba_user_dict: .*bad_dict.txt:1: frequency is not an integer",
+    _assert_fails(tmp_path, "--jieba_user_dict: .*bad_dict.txt:1: frequency is not an integer",
                   segmenter="rjieba", jieba_user_dict=str(bad), num_workers=2)
 
 

@@ -16,14 +16,13 @@ import time
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, RESOURCES
 
 import corpus
-
 import create_pretraining_data as cpd
 import pretraining_instances
 import pretraining_records as records
 import tokenization
-from conftest import REPO_ROOT, RESOURCES
 
 VOCAB = str(RESOURCES / "vocab.txt")
 CORPUS = ",".join(sorted(str(p) for p in (RESOURCES / "corpus").glob("*.txt")))

@@ -5,8 +5,8 @@ tensor matters; transformers models are built from the exported folder only (no 
 """
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
@@ -20,10 +20,20 @@ except ImportError:
     torch = transformers = None
 pytestmark = pytest.mark.skipif(transformers is None, reason="needs torch + transformers (.[export])")
 
+from helpers import (  # noqa: E402
+    LABELS,
+    VOCAB,
+    hf_logits,
+    leftovers,
+    make_checkpoint_dir,
+    our_logits,
+    padded_batch,
+    run_export,
+    write_vocab,
+)
+
 import export_to_pytorch  # noqa: E402
 import fill_mask  # noqa: E402
-from helpers import (LABELS, VOCAB, hf_logits, leftovers, make_checkpoint_dir, our_logits,  # noqa: E402
-                     padded_batch, run_export, write_vocab)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_CLASSES = {"mlm": "BertForMaskedLM", "classifier": "BertForSequenceClassification",

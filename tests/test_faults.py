@@ -36,13 +36,12 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT, RESOURCES
+from helpers import make_checkpoint_dir, run_export
 
 import create_pretraining_data as cpd
 import file_output
 import pretraining_records as records
-from helpers import make_checkpoint_dir, run_export
 from train_utils import UsageError
 
 VOCAB = RESOURCES / "vocab.txt"
@@ -106,7 +105,7 @@ def test_user_dict_that_is_a_folder_or_not_utf8_is_one_line_before_any_worker(tm
         (tmp_path / "dict.txt").mkdir()
         message = "--jieba_user_dict: dict.txt is a directory"
     else:
-        (tmp_path / "dict.txt").write_bytes("机器学习 10 n\n".encode("utf-8") + "深度学习 5\n".encode("gbk"))
+        (tmp_path / "dict.txt").write_bytes("机器学习 10 n\n".encode() + "深度学习 5\n".encode("gbk"))
         message = "--jieba_user_dict: dict.txt:2: not UTF-8"
     before = _tree(tmp_path)
     result = _generator(tmp_path, f"--input_file={CORPUS}", "--output_file=out.tfrecord",

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO_ROOT
 
 import file_output
-from conftest import REPO_ROOT
 from train_utils import UsageError
 
 

@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import randomize, tiny_config, write_vocab
 
 import convert_checkpoint
 import fill_mask
 import modeling
 import tokenization
-from helpers import randomize, tiny_config, write_vocab
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES = ["中国的首都是北京。", "我们爱北京。", "他是大学生。"]

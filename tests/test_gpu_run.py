@@ -8,7 +8,6 @@ import sys
 import tarfile
 
 import pytest
-
 from conftest import REPO_ROOT
 
 

@@ -11,9 +11,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import REPO_ROOT, RESOURCES
 
 import modeling
-from conftest import REPO_ROOT, RESOURCES
 
 try:  # only the parity tests need the PyTorch peer; every other test here runs without it
     import torch

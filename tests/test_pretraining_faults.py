@@ -10,10 +10,9 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
-from conftest import REPO_ROOT
 import helpers
+import pytest
+from conftest import REPO_ROOT
 from helpers import pretrain, pretraining_argv, pretraining_config, snapshot, write_json
 
 
@@ -256,8 +255,9 @@ def test_corrupt_records_read_without_the_check_are_one_line(pretraining_data, t
 @pytest.fixture(scope="module")
 def unmasked(tmp_path_factory):
     """Records masked at training time (--dynamic_masking) from the embedded corpus and vocab."""
-    import create_pretraining_data as cpd
     from conftest import RESOURCES
+
+    import create_pretraining_data as cpd
     root = tmp_path_factory.mktemp("unmasked")
     vocab = str(RESOURCES / "vocab.txt")
     corpus = sorted(str(p) for p in (RESOURCES / "corpus").glob("*.txt"))[0]
@@ -328,10 +328,11 @@ def test_an_output_folder_on_a_read_only_file_system_is_one_line_naming_it(pretr
     """In-process, with the file system's answer simulated at the one place that asks it
     (file_output.check_writable: os.access / os.statvfs), as chmod does not stop root; the slow
     test below mounts a real read-only file system."""
+    from absl import flags
+
     import convert_checkpoint
     import export_to_pytorch
     import run_pretraining
-    from absl import flags
 
     ro = str(tmp_path / "ro")
     _copy(trained, tmp_path / "ro")
@@ -344,13 +345,13 @@ def test_an_output_folder_on_a_read_only_file_system_is_one_line_naming_it(pretr
     before = snapshot(ro)
     for case, (script, args) in commands.items():
         if script == "run_pretraining.py":
-            call = lambda: run_pretraining.run(run_pretraining.parse_flags(args))  # noqa: E731
+            call = lambda args=args: run_pretraining.run(run_pretraining.parse_flags(args))  # noqa: E731
         else:
             module = {"export_to_pytorch.py": export_to_pytorch, "convert_checkpoint.py": convert_checkpoint}[script]
             fv = flags.FlagValues()
             module.define_flags(fv)
             fv([script, *args])
-            call = lambda: module.run(fv)  # noqa: E731
+            call = lambda module=module, fv=fv: module.run(fv)  # noqa: E731
         with pytest.raises(ValueError, match=_RO_MESSAGE[case]) as error:
             call()
         assert "\n" not in str(error.value), case

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import pretraining_records as records
 import pretraining_input
+import pretraining_records as records
 from train_utils import UsageError
 
 

@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
 
 pytest.importorskip("jax")
@@ -42,6 +41,7 @@ def _config(vocab_size, dropout=0.0):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     import helpers as records
+
     import tokenization
 
     root = tmp_path_factory.mktemp("jax_pretraining")

@@ -12,9 +12,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 import pretraining_records as records
-from conftest import REPO_ROOT
 from train_utils import UsageError
 
 SEQ, PRED, VOCAB = 16, 4, 100

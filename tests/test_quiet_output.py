@@ -6,9 +6,9 @@ The generator (local and Beam) and the transformers load of our exports.
 import pathlib
 
 import pytest
+from conftest import RESOURCES
 
 import create_pretraining_data as cpd
-from conftest import RESOURCES
 
 CORPUS = sorted(str(p) for p in (RESOURCES / "corpus").glob("*.txt"))
 VOCAB = str(RESOURCES / "vocab.txt")

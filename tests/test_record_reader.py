@@ -12,11 +12,11 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, RESOURCES
 
 import create_pretraining_data as cpd
 import pretraining_records as records
 import record_reader as rr
-from conftest import REPO_ROOT, RESOURCES
 from train_utils import UsageError
 
 VOCAB = str(RESOURCES / "vocab.txt")

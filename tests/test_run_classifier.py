@@ -11,12 +11,11 @@ import time
 
 import numpy as np
 import pytest
+from helpers import TINY_CLASSIFIER, classifier_config, write_pair_data, write_text, write_tf1_checkpoint
 
 import finetuning
 import run_classifier
-from helpers import TINY_CLASSIFIER, classifier_config, write_pair_data, write_tf1_checkpoint, write_text
 from train_utils import UsageError
-
 
 
 def _opts(**values):
@@ -81,7 +80,7 @@ def test_rows_without_a_gold_label_are_skipped_and_counted_not_made_a_class(tmp_
 
 
 def test_numeric_labels_sort_numerically():
-    examples = [run_classifier.Example("0", "x", None, l) for l in ("10", "9", "100", "9")]
+    examples = [run_classifier.Example("0", "x", None, x) for x in ("10", "9", "100", "9")]
     assert run_classifier.label_list(_spec("thucnews"), examples) == ["9", "10", "100"]
 
 
@@ -182,7 +181,7 @@ def test_prediction_file_has_one_row_per_example_in_order():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     lines = run_classifier.format_predictions(examples, probs, ["neg", "pos"]).splitlines()
     assert lines[0] == "id\tlabel\tprob_neg\tprob_pos"
-    assert [l.split("\t")[:2] for l in lines[1:]] == [["5", "neg"], ["3", "pos"], ["9", "neg"]]
+    assert [x.split("\t")[:2] for x in lines[1:]] == [["5", "neg"], ["3", "pos"], ["9", "neg"]]
 
 
 def test_stall_warning_names_the_cause_and_google_s_learning_rate_range():
@@ -387,7 +386,7 @@ def test_classifier_trains_end_to_end_and_beats_the_majority_class(tmp_path, sha
     lines = (shared_data / "thucnews_title" / "dev.txt").read_text(encoding="utf-8").splitlines()
     write_text(tmp_path, "train.txt", "\n".join(lines[:4000]) + "\n")
     write_text(tmp_path, "dev.txt", "\n".join(lines[-600:]) + "\n")
-    write_text(tmp_path, "test.txt", "\n".join(l.split("\t")[0] for l in lines[-600:-500]) + "\n")  # no labels
+    write_text(tmp_path, "test.txt", "\n".join(x.split("\t")[0] for x in lines[-600:-500]) + "\n")  # no labels
     metrics = run_classifier.run(_opts(
         output_dir=str(tmp_path / "out"), vocab_file=str(google_vocab),
         bert_config_file=classifier_config(tmp_path, hidden_size=128, num_hidden_layers=2, intermediate_size=512),

@@ -88,7 +88,7 @@ def test_long_text_is_windowed_and_no_entity_is_lost_at_a_cut(tokenizer):
 
 def _write(tmp_path, name, lines):
     path = tmp_path / name
-    path.write_text("".join(json.dumps(l, ensure_ascii=False) + "\n" for l in lines), encoding="utf-8")
+    path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
     return str(path)
 
 

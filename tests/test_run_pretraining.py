@@ -15,12 +15,22 @@ import sys
 import textwrap
 import time
 
+import helpers
 import numpy as np
 import pytest
-
-import helpers
 from conftest import REPO_ROOT, RESOURCES, SHARED_DATA
-from helpers import PRED, SEQ, checkpoint_weights, pretrain, pretraining_argv, pretraining_config, tensorboard_scalars, snapshot, write_json
+from helpers import (
+    PRED,
+    SEQ,
+    checkpoint_weights,
+    pretrain,
+    pretraining_argv,
+    pretraining_config,
+    snapshot,
+    tensorboard_scalars,
+    write_json,
+)
+
 
 @pytest.mark.slow
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +188,7 @@ def _run_in_two_cpu_process(argv):
     proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT, str(REPO_ROOT), json.dumps(argv)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):]), proc.stderr
 
 
@@ -280,8 +290,8 @@ def test_input_stream_resumed_at_a_step_equals_the_stream_read_through(pretraini
     from step 0, across an epoch boundary, with every record once per epoch."""
     import tensorflow as tf
 
-    import pretraining_records
     import pretraining_input
+    import pretraining_records
     files, counts = [pretraining_data["train"], pretraining_data["eval"]], [len(pretraining_data["instances"]) - 32, 32]
     parse = pretraining_records.make_parser(pretraining_records.read_info(files), SEQ, PRED)
     per_epoch, batch = sum(counts), 48
@@ -385,7 +395,7 @@ def test_command_line_error_is_one_line_without_traceback(pretraining_data, tmp_
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        l for l in proc.stderr.strip().splitlines() if l.startswith("run_pretraining.py: error:")]
+        x for x in proc.stderr.strip().splitlines() if x.startswith("run_pretraining.py: error:")]
     assert "run_pretraining.py: error:" in proc.stderr
     assert "field 'hidden_size' is missing" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -7,10 +7,10 @@ import random
 import unicodedata
 
 import pytest
+from conftest import RESOURCES
 
 import pretraining_instances
 import tokenization
-from conftest import RESOURCES
 
 VARIED_TEXTS = [
     "中国的首都是北京。",

@@ -114,9 +114,10 @@ def test_an_hf_folder_is_accepted_as_init_checkpoint_with_the_same_weights(tmp_p
 
 @pytest.mark.slow  # three fine-tuning runs, ~60 s
 def test_run_classifier_evaluates_the_same_model_from_tf_safetensors_and_hf_folders(tmp_path):
+    from helpers import write_pair_data
+
     import finetuning
     import run_classifier
-    from helpers import write_pair_data
     labels = ["0", "1"]
     model = randomize(modeling.make_task_model(tiny_config(), "classifier", num_labels=2), seed=4)
     tf_dir = str(tmp_path / "tf")
