@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= test,export,demo,fast,tfds,beam,jax
 DATA ?=
 
-.PHONY: install demo test test-slow test-all bench
+.PHONY: install demo lint test test-slow test-all bench
 
 # --system-site-packages reuses what the machine already has (nothing is installed outside .venv).
 # pip's own lines (Collecting / Downloading / Installing) are the progress: a first install takes
@@ -28,8 +28,12 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) demo.py $(if $(DATA),--corpus=$(DATA),)
 
-# The fast suite; `make test-slow` runs the end-to-end tests (whole scripts, the demo, README commands).
-test: install
+# The linter (ruff.toml says which rules and why), then the fast suite; `make test-slow` runs the
+# end-to-end tests (whole scripts, the demo, README commands).
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: install

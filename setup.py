@@ -38,7 +38,7 @@ setup(
         "dataflow": ["apache-beam[gcp]>=2.77"],  # DataflowRunner and gs:// paths
         # KERAS_BACKEND=jax (the CPU wheel; GPU/TPU machines install jax[cuda12] / jax[tpu] instead).
         "jax": ["jax>=0.4.30", "safetensors"],
-        "test": ["pytest", "torch>=2.1", "transformers>=4.40", "safetensors", "rjieba",
+        "test": ["pytest", "ruff", "torch>=2.1", "transformers>=4.40", "safetensors", "rjieba",
                  "matplotlib", "snownlp", "tensorflow-datasets"],
     },
 )
