@@ -89,17 +89,12 @@ def define_flags(fv=flags.FLAGS):
 
 def main(argv):
     fv = flags.FLAGS
-    if len(argv) > 1:
-        raise train_utils.UsageError(f"unexpected arguments: {argv[1:]}")
     if bool(fv.input_file) == bool(fv.question and fv.context):
         raise train_utils.UsageError("give --question and --context, or --input_file (not both)")
-    try:
-        pairs = read_pairs(fv.input_file) if fv.input_file else [(fv.question, fv.context)]
-        model, tokenizer = load_qa_model(fv.checkpoint, fv.bert_config_file, fv.vocab_file, fv.do_lower_case)
-        answers = answer(model, tokenizer, pairs, fv.max_seq_length, fv.doc_stride, fv.max_query_length,
-                         fv.max_answer_length, fv.n_best_size)
-    except (ValueError, OSError) as e:  # bad input: one line naming it, no traceback
-        raise train_utils.UsageError(str(e)) from None
+    pairs = read_pairs(fv.input_file) if fv.input_file else [(fv.question, fv.context)]
+    model, tokenizer = load_qa_model(fv.checkpoint, fv.bert_config_file, fv.vocab_file, fv.do_lower_case)
+    answers = answer(model, tokenizer, pairs, fv.max_seq_length, fv.doc_stride, fv.max_query_length,
+                     fv.max_answer_length, fv.n_best_size)
     if fv.input_file:
         for (question, _), text in zip(pairs, answers):
             print(json.dumps({"question": question, "answer": text}, ensure_ascii=False))
@@ -109,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags, input_errors=(ValueError, OSError))

@@ -118,8 +118,6 @@ def define_flags(fv=flags.FLAGS):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise train_utils.UsageError(f"unexpected arguments {argv[1:]}")
     fv = flags.FLAGS
     if fv.num_cjk < 1 or fv.num_hash_cjk < 0:
         raise train_utils.UsageError(f"--num_cjk={fv.num_cjk} must be >= 1 and "

@@ -1,11 +1,11 @@
 """Converts BERT checkpoints between our TF2 format, HuggingFace/UER folders and Google's TF1 format.
 
     # HuggingFace / UER-converted folder (config.json, model.safetensors or pytorch_model.bin, vocab.txt)
-    python convert_checkpoint.py --mode=hf_to_tf2 --input=chinese_roberta_hf/ --output_dir=imported/
+    python convert_checkpoint.py --mode=hf_to_tf2 --checkpoint=chinese_roberta_hf/ --output_dir=imported/
     # Google / brightmart TF1 checkpoint -> ours (bert_config.json, vocab.txt found beside it)
-    python convert_checkpoint.py --mode=google_to_tf2 --input=chinese_L-12_H-768_A-12/ --output_dir=imported/
+    python convert_checkpoint.py --mode=google_to_tf2 --checkpoint=chinese_L-12_H-768_A-12/ --output_dir=imported/
     # ours -> Google TF1 (bert_model.ckpt.{index,data-*} + bert_config.json + vocab.txt)
-    python convert_checkpoint.py --mode=tf2_to_google --input=pretrain_out/ --output_dir=google_export/
+    python convert_checkpoint.py --mode=tf2_to_google --checkpoint=pretrain_out/ --output_dir=google_export/
 
 Every output is a self-describing model folder (model_folder.py: the checkpoint, bert_config.json,
 vocab.txt, model_info.json), so it works alone as `--init_checkpoint=output_dir`, and every --input
@@ -235,7 +235,7 @@ class HFFolder:
         architectures = self.hf_config.get("architectures") or ["BertModel"]
         self.task = ARCHITECTURE_TASKS[architectures[0]]
         # vocab.txt, else transformers 5's tokenizer.json, else --vocab_file (which wins).
-        found = model_folder.resolve(path, vocab_file=vocab_file, flag="--input")
+        found = model_folder.resolve(path, vocab_file=vocab_file, flag="--checkpoint")
         self.labels, self.vocab_file, self.do_lower_case = found.labels, found.vocab_file, found.do_lower_case
         n = count_vocab_lines(self.vocab_file)
         if n != self.bert_config["vocab_size"]:
@@ -497,7 +497,7 @@ def google_to_tf2(prefix, bert_config_file, vocab_file, output_dir, task=None, l
     if os.path.isdir(prefix):  # a released folder like chinese_L-12_H-768_A-12/
         prefix = os.path.join(prefix, "bert_model.ckpt")
     if not os.path.exists(prefix + ".index"):
-        raise ValueError(f"--input={prefix}: no TF1 checkpoint there (expected {prefix}.index)")
+        raise ValueError(f"--checkpoint={prefix}: no TF1 checkpoint there (expected {prefix}.index)")
     task, num_labels = _google_task(prefix, task)
     if labels and task not in ("classifier", "ner"):
         raise ValueError(f"--labels: {prefix} holds a {task} model, which has no labels")
@@ -550,16 +550,18 @@ def tf2_to_google(checkpoint, bert_config_file, vocab_file, output_dir, task="ml
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-EXAMPLE = "python convert_checkpoint.py --mode=hf_to_tf2 --input=chinese_roberta_hf/ --output_dir=imported/"
+EXAMPLE = "python convert_checkpoint.py --mode=hf_to_tf2 --checkpoint=chinese_roberta_hf/ --output_dir=imported/"
 
 
 def define_flags(fv=flags.FLAGS):
     with train_utils.flag_group("Conversion", fv):
         flags.DEFINE_enum("mode", None, ["hf_to_tf2", "google_to_tf2", "tf2_to_google"], "Conversion.",
                           flag_values=fv)
-        flags.DEFINE_string("input", None, "A model folder: hf_to_tf2 a HuggingFace/UER folder; "
-                            "google_to_tf2 a TF1 folder or its bert_model.ckpt prefix; tf2_to_google "
-                            "our run folder (its latest ckpt-N) or a ckpt-N prefix.", flag_values=fv)
+        flags.DEFINE_string("checkpoint", None, "The model folder to convert, as --checkpoint means in "
+                            "every script: hf_to_tf2 a HuggingFace/UER folder; google_to_tf2 a TF1 folder "
+                            "or its bert_model.ckpt prefix; tf2_to_google our run folder (its latest "
+                            "ckpt-N) or a ckpt-N prefix.", flag_values=fv)
+        flags.DEFINE_alias("input", "checkpoint", flag_values=fv)  # its earlier name
         flags.DEFINE_string("output_dir", None, "Folder to create (written atomically).", flag_values=fv)
         flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --output_dir.", flag_values=fv)
     with train_utils.flag_group("Model (default: what the --input folder says)", fv):
@@ -577,35 +579,31 @@ def define_flags(fv=flags.FLAGS):
         flags.DEFINE_bool("approximate_gelu", False, "tf2_to_google: write an erf-GELU model "
                           "(hidden_act gelu_exact) as Google's tanh \"gelu\" (the difference is logged).",
                           flag_values=fv)
-    train_utils.require_flags("mode", "input", "output_dir")
+    train_utils.require_flags("mode", "checkpoint", "output_dir")
 
 
 def run(fv):
     """Runs the conversion the flags ask for; returns --output_dir."""
     if fv.mode == "hf_to_tf2":
-        return hf_to_tf2(fv.input, fv.output_dir, fv.task, fv.overwrite, fv.vocab_file, parse_labels(fv.labels))
-    found = model_folder.resolve(fv.input, fv.bert_config_file, fv.vocab_file, flag="--input")
+        return hf_to_tf2(fv.checkpoint, fv.output_dir, fv.task, fv.overwrite, fv.vocab_file, parse_labels(fv.labels))
+    found = model_folder.resolve(fv.checkpoint, fv.bert_config_file, fv.vocab_file, flag="--checkpoint")
     labels = parse_labels(fv.labels) or found.labels
     if fv.mode == "google_to_tf2":  # the number of labels is in the checkpoint
         return google_to_tf2(found.checkpoint, found.bert_config_file, found.vocab_file, fv.output_dir,
                              fv.task, labels, fv.overwrite, found.do_lower_case)
     task = fv.task or found.task or "mlm"
     if fv.labels:  # explicit names win over the folder's, but must fit its head
-        check_labels_fit(labels, task, found.labels if task == found.task else None, fv.input)
+        check_labels_fit(labels, task, found.labels if task == found.task else None, fv.checkpoint)
     if task in ("classifier", "ner") and not labels:
-        raise train_utils.UsageError(f"--task={task} needs --labels: {fv.input} does not list them")
+        raise train_utils.UsageError(f"--task={task} needs --labels: {fv.checkpoint} does not list them")
     return tf2_to_google(found.checkpoint, found.bert_config_file, found.vocab_file, fv.output_dir,
                          task, labels, fv.overwrite, fv.approximate_gelu, found.do_lower_case)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise train_utils.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        print(run(flags.FLAGS))
-    except ValueError as e:  # bad input files: one line naming them, no traceback
-        raise train_utils.UsageError(str(e)) from None
+    del argv
+    print(run(flags.FLAGS))
 
 
 if __name__ == "__main__":
-    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags, input_errors=(ValueError,))

@@ -191,8 +191,7 @@ def define_flags(fv=flags.FLAGS):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}")
+    del argv
     o = Options(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Options)})
     if _BEAM_ARGS and not o.runner:
         raise UsageError(f"{_BEAM_ARGS[0]}: --beam_<option> settings need --runner=<Beam runner>")

@@ -251,13 +251,9 @@ def run(fv):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise train_utils.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        print(run(flags.FLAGS))
-    except ValueError as e:  # bad input files: one line naming them, no traceback
-        raise train_utils.UsageError(str(e)) from None
+    del argv
+    print(run(flags.FLAGS))
 
 
 if __name__ == "__main__":
-    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags, input_errors=(ValueError,))

@@ -135,14 +135,11 @@ def define_flags(fv=flags.FLAGS):
 def main(argv):
     fv = flags.FLAGS
     texts = argv[1:] or [line.strip() for line in sys.stdin if line.strip()]
-    try:
-        model, tokenizer = load_masked_lm(fv.checkpoint, fv.bert_config_file, fv.vocab_file,
-                                          fv.do_lower_case)
-        blocks = [run for text in texts for run in fill_masks(model, tokenizer, text, fv.top_k)]
-    except ValueError as e:  # bad input: one line naming it, no traceback
-        raise train_utils.UsageError(str(e)) from None
+    model, tokenizer = load_masked_lm(fv.checkpoint, fv.bert_config_file, fv.vocab_file, fv.do_lower_case)
+    blocks = [run for text in texts for run in fill_masks(model, tokenizer, text, fv.top_k)]
     print("\n\n".join("\n".join(f"{word}\t{score:.4f}" for word, score in block) for block in blocks))
 
 
 if __name__ == "__main__":
-    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags, takes_arguments=True,
+                           input_errors=(ValueError,))

@@ -102,8 +102,9 @@ def define_flags(fv, max_seq_length=128):
         define("string", "dev_file", None, "Dev file, evaluated after each epoch; never falls back to test.")
         define("string", "test_file", None, "File to predict for --do_predict.")
         define("integer", "max_seq_length", max_seq_length, "Tokens per sequence including [CLS]/[SEP].")
-        define("bool", "do_lower_case", True, "Lower-case input (True for Google's Chinese vocab); "
-               "default: the model folder's setting when it records one.")
+        define("bool", "do_lower_case", None, "Lower-case input (default: the model folder's setting, "
+               "else true as Google's Chinese vocab; pretraining's default is the records' setting, the "
+               "same rule one step earlier).")
     with train_utils.flag_group("Model and checkpoints", fv):
         define("string", "init_checkpoint", None, "Starting weights: a model folder (ours, Google's) or "
                "a checkpoint prefix such as .../bert_model.ckpt; its bert_config.json and vocab.txt "
@@ -136,7 +137,10 @@ def define_flags(fv, max_seq_length=128):
         define("string", "gcp_project", None, "GCP project of the TPU (optional).")
         define("bool", "mixed_precision", False, "bfloat16 compute on TPUs and bf16-capable GPUs; "
                "ignored with a warning elsewhere (as in pretraining).")
-        define("bool", "jit_compile", False, "XLA-compile the train/predict steps.")
+        define("bool", "jit_compile", False, "XLA-compile the train/predict steps. Off by default, "
+               "unlike pretraining's one fixed-shape step: Keras' fit compiles every batch shape it meets "
+               "(the last partial batch, evaluation, prediction) anew, which short fine-tuning runs do not "
+               "win back.")
     if fv is flags.FLAGS:
         train_utils.require_flags("output_dir")
 
@@ -328,8 +332,7 @@ def run(opts, task):
     if opts.do_train and tf.io.gfile.exists(os.path.join(best_dir, "checkpoint")):
         raise UsageError(f"{best_dir} already holds a fine-tuned model; use a new --output_dir "
                          "(or delete it) so it is not overwritten")
-    do_lower_case = (opts.do_lower_case if opts["do_lower_case"].present or resolved.do_lower_case is None
-                     else resolved.do_lower_case)
+    do_lower_case = next(v for v in (opts.do_lower_case, resolved.do_lower_case, True) if v is not None)
     task.tokenizer = make_tokenizer(resolved.vocab_file, do_lower_case)
     if len(task.tokenizer.vocab) != config.vocab_size:
         raise UsageError(f"vocab {resolved.vocab_file} has {len(task.tokenizer.vocab)} tokens but "
@@ -345,11 +348,8 @@ def run(opts, task):
     task.labels = choose_labels(opts, task, data.get("train"), resolved)
     task.validate(data)
 
-    try:
-        strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
-                                             tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
+                                         tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
     train_utils.set_seed(opts.seed)
     train_utils.set_precision(opts.mixed_precision, strategy)
     with strategy.scope():
@@ -633,7 +633,6 @@ def pad_features(rows, max_seq_length):
 def main(task_class):
     """The `main(argv)` of a task script: runs the driver on the parsed command line."""
     def main_(argv):
-        if len(argv) > 1:
-            raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        del argv
         run(flags.FLAGS, task_class(flags.FLAGS))
     return main_

@@ -181,15 +181,11 @@ def define_flags(fv=flags.FLAGS):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise train_utils.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv
     fv = flags.FLAGS
     output = check_output(fv.output or os.path.join(fv.logdir, "learning_curve.png"))
-    try:
-        scalars = read_scalars(fv.logdir)
-        path = plot(scalars, output, fv.title)
-    except ValueError as e:
-        raise train_utils.UsageError(str(e)) from None
+    scalars = read_scalars(fv.logdir)
+    path = plot(scalars, output, fv.title)
     note = thin_run_note(scalars)
     if note:
         print(f"plot_learning_curve.py: {note}")
@@ -199,4 +195,4 @@ def main(argv):
 EXAMPLE = "python plot_learning_curve.py --logdir=out/pretrain --output=learning_curve.png"
 
 if __name__ == "__main__":
-    train_utils.run_script(main, __doc__, EXAMPLE, define_flags)
+    train_utils.run_script(main, __doc__, EXAMPLE, define_flags, input_errors=(ValueError,))

@@ -457,12 +457,8 @@ def run(opts):
         opts.eval_input_file or opts.input_file,
         "--eval_input_file" if opts.eval_input_file else "--input_file") if opts.do_eval else [])
 
-    try:
-        strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy,
-                                             tpu=opts.tpu_name, tpu_zone=opts.tpu_zone,
-                                             gcp_project=opts.gcp_project)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
+                                         tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
     replicas = strategy.num_replicas_in_sync
     num_workers, worker_index, is_chief = _worker_info(strategy)
     k = opts.gradient_accumulation_steps
@@ -681,8 +677,7 @@ EXAMPLE = ("python run_pretraining.py --do_train --do_eval --input_file=/tmp/rec
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv
     if keras.backend.backend() == "jax":  # the same flags, trained by pretraining_jax.py
         import pretraining_jax
 

@@ -96,14 +96,14 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
     several GPUs, else the default one-device strategy.
     On a TPU VM the TPU is this host's (`tpu="local"`, the default there); a TPU Node is reached by
     its name (with zone/project) or grpc:// address. A TPU resolver is only built when a TPU is asked
-    for (building one unconditionally breaks GPU/CPU runs).
+    for (building one unconditionally breaks GPU/CPU runs). A flag that cannot be right is a UsageError.
     """
     import tensorflow as tf
 
     import multi_worker  # the TF_CONFIG rules (checked here, before anything is written)
 
     if name not in STRATEGIES:
-        raise ValueError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
+        raise UsageError(f"--strategy={name!r} is not one of {', '.join(STRATEGIES)}")
     cluster = None
     if name in ("auto", "multi_worker") and not (name == "auto" and (tpu or _on_tpu_vm())):
         cluster = multi_worker.read_tf_config()  # UsageError for a TF_CONFIG that cannot be right
@@ -118,7 +118,7 @@ def make_strategy(name="auto", tpu=None, tpu_zone=None, gcp_project=None):
             name = "one_device"
     if name == "tpu":
         if not tpu and not _on_tpu_vm():
-            raise ValueError("--strategy=tpu needs --tpu_name (a TPU Node's name or grpc:// "
+            raise UsageError("--strategy=tpu needs --tpu_name (a TPU Node's name or grpc:// "
                              "address) unless it runs on a Cloud TPU VM (--tpu_name=local)")
         tpu = tpu or "local"
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
@@ -299,7 +299,7 @@ class UsageError(ValueError):
     """
 
 
-def run_script(main, doc, example, define_flags=None):
+def run_script(main, doc, example, define_flags=None, *, takes_arguments=False, input_errors=()):
     """The one command-line convention of every script.
 
     Each script declares its flags once, in `define_flags(fv=flags.FLAGS)` (grouped with
@@ -307,6 +307,11 @@ def run_script(main, doc, example, define_flags=None):
     `train_utils.run_script(main, __doc__, EXAMPLE, define_flags)`. This gives a grouped --help, one
     message listing every missing flag with `example` (a full command line that works), and turns a
     `UsageError` raised anywhere in `main` into one line `prog: error: ...` with exit status 2.
+
+    Arguments left after the flags are refused in that one line, unless `takes_arguments` (fill_mask.py
+    reads its texts there). `input_errors`: further exception types printed the same way: the
+    scripts that read model folders and files pass (ValueError,), which our readers raise naming
+    the file and what is wrong with it.
     """
     import sys
 
@@ -334,8 +339,10 @@ def run_script(main, doc, example, define_flags=None):
 
     def guarded_main(argv):
         try:
+            if len(argv) > 1 and not takes_arguments:
+                raise UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
             return main(argv)
-        except UsageError as e:
+        except (UsageError, *input_errors) as e:
             print(f"{prog}: error: {e}", file=sys.stderr)
             sys.exit(2)
         except Exception as e:  # a full disk can hit any write (TF's ResourceExhaustedError, OSError)
