@@ -17,13 +17,16 @@ import json
 import sys
 import types
 
+import train_utils  # first: it hides TensorFlow's C++ start-up lines
+
+# isort: split
+
 from absl import flags
 
 import convert_checkpoint
 import finetuning
 import run_cmrc
 import tokenization
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
 
 def load_qa_model(checkpoint, bert_config_file=None, vocab_file=None, do_lower_case=None):

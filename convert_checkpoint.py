@@ -31,6 +31,10 @@ import json
 import os
 import struct
 
+import train_utils  # first: it hides TensorFlow's C++ start-up lines
+
+# isort: split
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -39,7 +43,6 @@ from absl import flags, logging
 import file_output
 import model_folder
 import modeling
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
 TASK_ARCHITECTURES = model_folder.TASK_ARCHITECTURES
 ARCHITECTURE_TASKS = model_folder.ARCHITECTURE_TASKS

@@ -34,6 +34,10 @@ import os
 import shutil
 import struct
 
+import train_utils  # first: it hides TensorFlow's C++ start-up lines
+
+# isort: split
+
 import numpy as np
 from absl import flags, logging
 
@@ -42,7 +46,6 @@ import file_output
 import model_folder
 import modeling
 import tokenization
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
 # safetensors dtype codes of the numpy dtypes we write.
 _NP_TO_ST = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",

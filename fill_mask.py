@@ -19,13 +19,16 @@ HuggingFace folder (transformers 5's without vocab.txt too: the vocab comes from
 
 import sys
 
+import train_utils  # first: it hides TensorFlow's C++ start-up lines
+
+# isort: split
+
 import numpy as np
 import tensorflow as tf
 from absl import flags
 
 import convert_checkpoint
 import tokenization
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
 
 def load_masked_lm(checkpoint, bert_config_file=None, vocab_file=None, do_lower_case=None):

@@ -14,6 +14,10 @@ import math
 import os
 import re
 
+import train_utils  # first: it hides TensorFlow's C++ start-up lines
+
+# isort: split
+
 import keras
 import numpy as np
 from absl import logging
@@ -22,7 +26,6 @@ import file_output
 import model_folder
 import modeling
 import pretraining_records
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
 if keras.backend.backend() == "tensorflow":  # the input-state and run-folder rules serve JAX too
     import tensorflow as tf

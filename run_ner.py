@@ -24,11 +24,14 @@ import json
 import os
 from collections import Counter
 
+import train_utils  # first: it hides TensorFlow's C++ start-up lines
+
+# isort: split
+
 import numpy as np
 from absl import flags
 
 import finetuning
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 from train_utils import UsageError
 
 

@@ -26,10 +26,15 @@ How one step runs (the same code under every tf.distribute strategy):
   host:     --steps_per_loop steps per call; checkpoints every --save_checkpoints_steps.
 """
 
+import dataclasses
 import json
 import math
 import os
 import time
+
+import train_utils  # first: it hides TensorFlow's C++ start-up lines
+
+# isort: split
 
 import keras
 import numpy as np
@@ -40,7 +45,6 @@ import modeling
 import multi_worker
 import optimization
 import pretraining_records
-import train_utils  # noqa: I001 -- first: it hides TensorFlow's C++ start-up lines
 
 UsageError = train_utils.UsageError
 if keras.backend.backend() == "tensorflow":  # KERAS_BACKEND=jax: pretraining_jax.py, no TensorFlow
@@ -444,9 +448,44 @@ def _worker_info(strategy):
     return num_workers, index, index == 0
 
 
+@dataclasses.dataclass
+class _Plan:
+    """What `_check` established about a run before anything is built or written."""
+    config: modeling.BertConfig
+    train_files: list
+    eval_files: list
+    counts: dict             # records per file: the input position is counted in records
+    strategy: object
+    num_workers: int
+    worker_index: int
+    is_chief: bool
+    resume_from: str         # the checkpoint to resume, or None
+    input_state: dict        # what a later resume must find again (None without --do_train)
+    vocab_file: str
+    do_lower_case: bool
+
+
 def run(opts):
-    """Trains and/or evaluates as the flags in `opts` say; returns the eval metrics (or {})."""
-    # 1. Everything that can be checked is checked before anything is built or written.
+    """Trains and/or evaluates as the flags in `opts` say; returns the eval metrics (or {}).
+
+    check (everything that can be wrong, before anything is built or written) -> build (model,
+    optimizer, checkpoint, resumed or initial weights) -> the run folder -> train -> evaluate.
+    """
+    plan = _check(opts)
+    trainer, manager = _build(opts, plan)
+    if plan.is_chief:  # the folder describes itself from the first step on (a killed run's too)
+        _write_run_folder(opts, plan)
+    if opts.do_train:
+        _train(opts, trainer, _train_iterator(opts, plan, trainer), manager, plan.is_chief,
+               opts.steps_per_loop or opts.iterations_per_loop)
+    if opts.do_eval:
+        return _evaluate(opts, trainer, plan.eval_files, [plan.counts[p] for p in plan.eval_files],
+                         plan.num_workers)
+    return {}
+
+
+def _check(opts):
+    """Every flag, file and folder that can be wrong, checked before anything is built or written."""
     check_flags(opts)
     config = load_config(opts.bert_config_file)
     if opts.max_seq_length > config.max_position_embeddings:
@@ -468,7 +507,7 @@ def run(opts):
     if opts.eval_batch_size % replicas:
         raise UsageError(f"--eval_batch_size={opts.eval_batch_size} is not divisible by the "
                          f"{replicas} replicas")
-    counts = {}  # records per file: the input position is counted in records
+    counts = {}
     for path in dict.fromkeys(train_files + eval_files):  # unique, training files first
         info = pretraining_records.check_records(path, opts.max_seq_length,
                                                  opts.max_predictions_per_seq, config.vocab_size,
@@ -479,6 +518,7 @@ def run(opts):
     file_output.check_writable(opts.output_dir)  # a read-only file system: named before any work
     resume_from = (pretraining_input.latest_checkpoint(opts.output_dir) if tf.io.gfile.isdir(opts.output_dir)
                    else None)
+    state = None
     if opts.do_train:
         state = pretraining_input.input_state(opts, train_files, num_workers)
         if resume_from:
@@ -493,26 +533,30 @@ def run(opts):
     if resume_from is None and opts.do_eval and not opts.do_train and not opts.init_checkpoint:
         raise UsageError(f"--do_eval alone: no checkpoint in {opts.output_dir} "
                          "and no --init_checkpoint")
-    steps_per_loop = opts.steps_per_loop or opts.iterations_per_loop
     logging.info("strategy %s: %d replica(s), %d worker(s); global batch %d = %d per replica x %d "
                  "replicas x %d accumulation steps", type(strategy).__name__, replicas, num_workers,
                  opts.train_batch_size, opts.train_batch_size // (replicas * k), replicas, k)
+    return _Plan(config, train_files, eval_files, counts, strategy, num_workers, worker_index, is_chief,
+                 resume_from, state, vocab_file, do_lower_case)
 
-    # 2. Model, optimizer, checkpoint.
+
+def _build(opts, plan):
+    """-> (trainer, checkpoint manager): the model and optimizer under the strategy, their weights
+    resumed from the run folder or loaded from --init_checkpoint."""
     train_utils.set_seed(opts.seed)
-    train_utils.set_precision(opts.mixed_precision, strategy)
-    with strategy.scope():
-        model = modeling.build_model(modeling.BertPretrainer(config), seq_len=8)
+    train_utils.set_precision(opts.mixed_precision, plan.strategy)
+    with plan.strategy.scope():
+        model = modeling.build_model(modeling.BertPretrainer(plan.config), seq_len=8)
         # Clipping is the trainer's (Google's order, after the all-reduce): none in the optimizer.
         optimizer = optimization.create_optimizer(
             opts.learning_rate if opts.do_train else 1.0, max(opts.num_train_steps, 1),
             opts.num_warmup_steps if opts.do_train else 0, optimizer_type=opts.optimizer,
             weight_decay=opts.weight_decay, beta_2=opts.beta_2, clip_norm=0)
         optimizer.build(model.trainable_variables)
-    trainer = MaskedLMTrainer(model, optimizer, strategy,
-                              per_replica_batch=opts.train_batch_size // replicas,
-                              accumulation_steps=k, clip_norm=opts.clip_norm,
-                              jit_compile=opts.jit_compile)
+    trainer = MaskedLMTrainer(model, optimizer, plan.strategy,
+                              per_replica_batch=opts.train_batch_size // plan.strategy.num_replicas_in_sync,
+                              accumulation_steps=opts.gradient_accumulation_steps,
+                              clip_norm=opts.clip_norm, jit_compile=opts.jit_compile)
     logging.info("train step compiled: %s", trainer.mode)
     trackables = {"optimizer": optimizer}
     if model.non_trainable_variables:  # dropout seed states: resume draws the same masks
@@ -520,36 +564,39 @@ def run(opts):
     checkpoint = modeling.make_checkpoint(model, **trackables)
     # Every worker saves (TF's multi-worker rule); only the chief's copies are kept, the others go to
     # a local folder removed at exit, so the run folder is the same as a one-worker run's.
-    ckpt_dir = opts.output_dir if is_chief else multi_worker.worker_dir(opts.output_dir, worker_index)
+    ckpt_dir = (opts.output_dir if plan.is_chief
+                else multi_worker.worker_dir(opts.output_dir, plan.worker_index))
     manager = tf.train.CheckpointManager(checkpoint, ckpt_dir,
-                                         max_to_keep=opts.keep_checkpoint_max if is_chief else 1)
-    if resume_from:
-        pretraining_input.restore(checkpoint, resume_from)
-        logging.info("resumed from %s at step %d", resume_from, int(optimizer.iterations.numpy()))
+                                         max_to_keep=opts.keep_checkpoint_max if plan.is_chief else 1)
+    if plan.resume_from:
+        pretraining_input.restore(checkpoint, plan.resume_from)
+        logging.info("resumed from %s at step %d", plan.resume_from, int(optimizer.iterations.numpy()))
     elif opts.init_checkpoint:
         try:
             modeling.load_pretrained(model, opts.init_checkpoint)
         except ValueError as e:  # modeling names the path, the flag is ours to name
             raise UsageError(f"--init_checkpoint: {e}") from None
+    return trainer, manager
 
-    # 3. The run folder describes itself from the first step on (a killed run's folder too).
-    if is_chief:
-        tf.io.gfile.makedirs(opts.output_dir)
-        pretraining_input.remove_partial_saves(opts.output_dir)
-        pretraining_input.write_run_folder(opts.output_dir, config, vocab_file, do_lower_case)
-        if opts.do_train:
-            pretraining_input.write_json(os.path.join(opts.output_dir, pretraining_input.INPUT_STATE), state)
 
+def _write_run_folder(opts, plan):
+    """bert_config.json, vocab.txt, model_info.json and the input state, beside the checkpoints."""
+    tf.io.gfile.makedirs(opts.output_dir)
+    pretraining_input.remove_partial_saves(opts.output_dir)
+    pretraining_input.write_run_folder(opts.output_dir, plan.config, plan.vocab_file, plan.do_lower_case)
     if opts.do_train:
-        step = int(optimizer.iterations.numpy())
-        dataset_fn = pretraining_input.train_dataset_fn(
-            train_files, [counts[p] for p in train_files], opts.train_batch_size // replicas,
-            opts.seed, opts.shuffle_buffer_size, step, _parser(opts, train_files, training=True))
-        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-        _train(opts, trainer, iterator, manager, is_chief, steps_per_loop)
-    if opts.do_eval:
-        return _evaluate(opts, trainer, eval_files, [counts[p] for p in eval_files], num_workers)
-    return {}
+        pretraining_input.write_json(os.path.join(opts.output_dir, pretraining_input.INPUT_STATE),
+                                     plan.input_state)
+
+
+def _train_iterator(opts, plan, trainer):
+    """The distributed iterator of per-replica batches, positioned at the restored step."""
+    step = int(trainer.optimizer.iterations.numpy())
+    dataset_fn = pretraining_input.train_dataset_fn(
+        plan.train_files, [plan.counts[p] for p in plan.train_files],
+        opts.train_batch_size // plan.strategy.num_replicas_in_sync, opts.seed, opts.shuffle_buffer_size,
+        step, _parser(opts, plan.train_files, training=True))
+    return iter(plan.strategy.distribute_datasets_from_function(dataset_fn))
 
 
 def _parser(opts, files, training):
