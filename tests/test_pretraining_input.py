@@ -70,7 +70,9 @@ def _state(**changes):
 
 def test_resume_input_must_be_the_same_stream(tmp_path):
     out = str(tmp_path)
-    pretraining_input.check_resume_input(out, _state())  # no state yet: a fresh run
+    # Called only when output_dir holds checkpoints: without the state file the stream is unknown.
+    with pytest.raises(UsageError, match=r"pretraining_input.json is missing, but .* holds checkpoints"):
+        pretraining_input.check_resume_input(out, _state())
     pretraining_input.write_json(os.path.join(out, pretraining_input.INPUT_STATE), _state())
     pretraining_input.check_resume_input(out, _state())
     with pytest.raises(UsageError, match=r"--train_batch_size=16, but .* was trained with 8"):
