@@ -18,6 +18,10 @@ Outputs of every model are float32, also under the "mixed_bfloat16" Keras policy
 float32, matmuls run in bfloat16). The layers use keras.ops only, so the same model (names, weights,
 logits) runs under KERAS_BACKEND=tensorflow and KERAS_BACKEND=jax; TensorFlow is imported only by
 the TF checkpoint functions in section 5.
+
+Longer than our ~600-line aim (~720) on purpose: like google-research/bert's modeling.py it holds the
+config, layers, models, name table and checkpoint rules in one file read top to bottom, because the
+layer names *are* the checkpoint format.
 """
 
 import collections

@@ -339,16 +339,8 @@ def run(opts):
     import record_reader
 
     # 1. Everything that can be checked is checked before anything is built or written.
-    run_pretraining.check_flags(opts)
+    config, train_files, eval_files = run_pretraining.check_config_and_files(opts)
     _check_backend_flags(opts)
-    config = run_pretraining.load_config(opts.bert_config_file)
-    if opts.max_seq_length > config.max_position_embeddings:
-        raise UsageError(f"--max_seq_length={opts.max_seq_length} > max_position_embeddings="
-                         f"{config.max_position_embeddings} of {opts.bert_config_file}")
-    train_files = pretraining_records.record_files(opts.input_file) if opts.do_train else []
-    eval_files = (pretraining_records.record_files(
-        opts.eval_input_file or opts.input_file,
-        "--eval_input_file" if opts.eval_input_file else "--input_file") if opts.do_eval else [])
     devices = jax.local_devices()
     k = opts.gradient_accumulation_steps
     if opts.train_batch_size % (len(devices) * k):

@@ -24,6 +24,10 @@ How one step runs (the same code under every tf.distribute strategy):
   compiled: the whole replica step is one XLA computation on one device, TPUs and GPUs; only under
             MirroredStrategy over CPU devices is the update left outside XLA (see `_compile_mode`).
   host:     --steps_per_loop steps per call; checkpoints every --save_checkpoints_steps.
+
+Longer than our ~600-line aim (~750): the flags (Google's), their checks, the TF trainer and the driver
+stay together so one file answers "what does this flag do"; the input stream lives in
+pretraining_input.py and the JAX run in pretraining_jax.py.
 """
 
 import dataclasses
@@ -484,8 +488,9 @@ def run(opts):
     return {}
 
 
-def _check(opts):
-    """Every flag, file and folder that can be wrong, checked before anything is built or written."""
+def check_config_and_files(opts):
+    """-> (config, train_files, eval_files) after the checks both backends share: the flags alone,
+    the bert config, the record files' names."""
     check_flags(opts)
     config = load_config(opts.bert_config_file)
     if opts.max_seq_length > config.max_position_embeddings:
@@ -495,6 +500,12 @@ def _check(opts):
     eval_files = (pretraining_records.record_files(
         opts.eval_input_file or opts.input_file,
         "--eval_input_file" if opts.eval_input_file else "--input_file") if opts.do_eval else [])
+    return config, train_files, eval_files
+
+
+def _check(opts):
+    """Every flag, file and folder that can be wrong, checked before anything is built or written."""
+    config, train_files, eval_files = check_config_and_files(opts)
 
     strategy = train_utils.make_strategy("tpu" if opts.use_tpu else opts.strategy, tpu=opts.tpu_name,
                                          tpu_zone=opts.tpu_zone, gcp_project=opts.gcp_project)
