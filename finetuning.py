@@ -92,52 +92,49 @@ def max_context_window(windows, position):
 def define_flags(fv, max_seq_length=128):
     """The flags every task script has, on FlagValues `fv`; Google's names (and booleans as
     `--do_train=true`). A script's own `define_flags(fv)` calls this, then adds its group."""
-    def define(kind, name, default, text):
-        getattr(flags, f"DEFINE_{kind}")(name, default, text, flag_values=fv)
-
-    with train_utils.flag_group("Data", fv):
-        define("string", "data_dir", None, "Folder with the task's files, found by their usual names "
+    with train_utils.flag_group("Data", fv) as group:
+        group.string("data_dir", None, "Folder with the task's files, found by their usual names "
                "(see the task above); --train_file/--dev_file/--test_file override them.")
-        define("string", "train_file", None, "Training file (relative to --data_dir unless absolute).")
-        define("string", "dev_file", None, "Dev file, evaluated after each epoch; never falls back to test.")
-        define("string", "test_file", None, "File to predict for --do_predict.")
-        define("integer", "max_seq_length", max_seq_length, "Tokens per sequence including [CLS]/[SEP].")
-        define("bool", "do_lower_case", None, "Lower-case input (default: the model folder's setting, "
+        group.string("train_file", None, "Training file (relative to --data_dir unless absolute).")
+        group.string("dev_file", None, "Dev file, evaluated after each epoch; never falls back to test.")
+        group.string("test_file", None, "File to predict for --do_predict.")
+        group.integer("max_seq_length", max_seq_length, "Tokens per sequence including [CLS]/[SEP].")
+        group.boolean("do_lower_case", None, "Lower-case input (default: the model folder's setting, "
                "else true as Google's Chinese vocab; pretraining's default is the records' setting, the "
                "same rule one step earlier).")
-    with train_utils.flag_group("Model and checkpoints", fv):
-        define("string", "init_checkpoint", None, "Starting weights: a model folder (ours, Google's) or "
+    with train_utils.flag_group("Model and checkpoints", fv) as group:
+        group.string("init_checkpoint", None, "Starting weights: a model folder (ours, Google's) or "
                "a checkpoint prefix such as .../bert_model.ckpt; its bert_config.json and vocab.txt "
                "are used when the two flags below are not given. Empty: random init.")
-        define("string", "bert_config_file", None, "bert_config.json (default: the model folder's).")
-        define("string", "vocab_file", None, "WordPiece vocab (default: the model folder's vocab.txt).")
-        define("string", "output_dir", None, "Where best/ (the fine-tuned model folder), predictions "
+        group.string("bert_config_file", None, "bert_config.json (default: the model folder's).")
+        group.string("vocab_file", None, "WordPiece vocab (default: the model folder's vocab.txt).")
+        group.string("output_dir", None, "Where best/ (the fine-tuned model folder), predictions "
                "and eval_results.json go.")
-    with train_utils.flag_group("What to run", fv):
-        define("bool", "do_train", False, "Fine-tune on the train file.")
-        define("bool", "do_eval", False, "Evaluate on the dev file.")
-        define("bool", "do_predict", False, "Write predictions for the test file.")
-    with train_utils.flag_group("Training", fv):
-        define("integer", "train_batch_size", 32, "Training batch size.")
-        define("integer", "eval_batch_size", 64, "Eval batch size.")
-        define("integer", "predict_batch_size", 64, "Predict batch size (Google's flag).")
-        define("float", "learning_rate", 5e-5, "Peak AdamW learning rate (Google: 2e-5..5e-5 from a "
+    with train_utils.flag_group("What to run", fv) as group:
+        group.boolean("do_train", False, "Fine-tune on the train file.")
+        group.boolean("do_eval", False, "Evaluate on the dev file.")
+        group.boolean("do_predict", False, "Write predictions for the test file.")
+    with train_utils.flag_group("Training", fv) as group:
+        group.integer("train_batch_size", 32, "Training batch size.")
+        group.integer("eval_batch_size", 64, "Eval batch size.")
+        group.integer("predict_batch_size", 64, "Predict batch size (Google's flag).")
+        group.float("learning_rate", 5e-5, "Peak AdamW learning rate (Google: 2e-5..5e-5 from a "
                "pretrained --init_checkpoint).")
-        define("float", "num_train_epochs", 3.0, "Epochs (may be fractional).")
-        define("integer", "max_train_steps", 0, "If > 0, stop after this many steps (smoke tests).")
-        define("float", "warmup_proportion", 0.1, "Share of steps with linear warmup.")
-        define("float", "weight_decay", 0.01, "AdamW decoupled weight decay.")
-        define("integer", "seed", 12345, "Random seed.")
-    with train_utils.flag_group("Hardware: TPU, GPUs, CPU", fv):
-        flags.DEFINE_enum("strategy", "auto", list(train_utils.STRATEGIES), "auto: TPU if --tpu_name, "
-                          "multi-worker from TF_CONFIG, all GPUs, else one device.", flag_values=fv)
-        define("bool", "use_tpu", False, "Same as --strategy=tpu (Google's flag).")
-        define("string", "tpu_name", None, "TPU name or grpc:// address.")
-        define("string", "tpu_zone", None, "GCE zone of the TPU (optional).")
-        define("string", "gcp_project", None, "GCP project of the TPU (optional).")
-        define("bool", "mixed_precision", False, "bfloat16 compute on TPUs and bf16-capable GPUs; "
+        group.float("num_train_epochs", 3.0, "Epochs (may be fractional).")
+        group.integer("max_train_steps", 0, "If > 0, stop after this many steps (smoke tests).")
+        group.float("warmup_proportion", 0.1, "Share of steps with linear warmup.")
+        group.float("weight_decay", 0.01, "AdamW decoupled weight decay.")
+        group.integer("seed", 12345, "Random seed.")
+    with train_utils.flag_group("Hardware: TPU, GPUs, CPU", fv) as group:
+        group.enum("strategy", "auto", list(train_utils.STRATEGIES), "auto: TPU if --tpu_name, "
+                   "multi-worker from TF_CONFIG, all GPUs, else one device.")
+        group.boolean("use_tpu", False, "Same as --strategy=tpu (Google's flag).")
+        group.string("tpu_name", None, "TPU name or grpc:// address.")
+        group.string("tpu_zone", None, "GCE zone of the TPU (optional).")
+        group.string("gcp_project", None, "GCP project of the TPU (optional).")
+        group.boolean("mixed_precision", False, "bfloat16 compute on TPUs and bf16-capable GPUs; "
                "ignored with a warning elsewhere (as in pretraining).")
-        define("bool", "jit_compile", False, "XLA-compile the train/predict steps. Off by default, "
+        group.boolean("jit_compile", False, "XLA-compile the train/predict steps. Off by default, "
                "unlike pretraining's one fixed-shape step: Keras' fit compiles every batch shape it meets "
                "(the last partial batch, evaluation, prediction) anew, which short fine-tuning runs do not "
                "win back.")

@@ -62,75 +62,62 @@ if keras.backend.backend() == "tensorflow":  # KERAS_BACKEND=jax: pretraining_ja
 
 def define_flags(fv=flags.FLAGS):
     """Declares the flags on `fv` (a FlagValues); tests parse an argv of their own with it."""
-    def string(name, default, text):
-        flags.DEFINE_string(name, default, text, flag_values=fv)
-
-    def integer(name, default, text):
-        flags.DEFINE_integer(name, default, text, flag_values=fv)
-
-    def boolean(name, default, text):
-        flags.DEFINE_bool(name, default, text, flag_values=fv)
-
-    def number(name, default, text):
-        flags.DEFINE_float(name, default, text, flag_values=fv)
-
     # Google's flag names and defaults where Google had the flag.
-    with train_utils.flag_group("Data", fv):
-        string("input_file", None, "Comma-separated globs of pretraining TFRecords.")
-        string("eval_input_file", None, "Records for --do_eval (default: --input_file, as Google).")
-        integer("max_seq_length", 128, "Sequence length of the records.")
-        integer("max_predictions_per_seq", 20, "Masked positions per sequence in the records.")
-        number("masked_lm_prob", 0.10, "Share of tokens to predict, for records masked at training "
+    with train_utils.flag_group("Data", fv) as group:
+        group.string("input_file", None, "Comma-separated globs of pretraining TFRecords.")
+        group.string("eval_input_file", None, "Records for --do_eval (default: --input_file, as Google).")
+        group.integer("max_seq_length", 128, "Sequence length of the records.")
+        group.integer("max_predictions_per_seq", 20, "Masked positions per sequence in the records.")
+        group.float("masked_lm_prob", 0.10, "Share of tokens to predict, for records masked at training "
                "time (create_pretraining_data.py --dynamic_masking); static records keep theirs.")
-        integer("shuffle_buffer_size", 1000, "Records per shuffle window (records are shuffled "
+        group.integer("shuffle_buffer_size", 1000, "Records per shuffle window (records are shuffled "
                 "within consecutive windows of this size, by draws from --seed and position).")
-        boolean("check_input_files", True, "Read every record once before training (CRC, count "
+        group.boolean("check_input_files", True, "Read every record once before training (CRC, count "
                 "against the .meta.json) so bad data fails before step 1.")
-    with train_utils.flag_group("Model and checkpoints", fv):
-        string("bert_config_file", None, "bert_config.json of the model to train.")
-        string("vocab_file", None, "vocab.txt the records were made with; copied into "
+    with train_utils.flag_group("Model and checkpoints", fv) as group:
+        group.string("bert_config_file", None, "bert_config.json of the model to train.")
+        group.string("vocab_file", None, "vocab.txt the records were made with; copied into "
                "--output_dir so the folder is self-describing (checked against the records' "
                "vocab_sha256). Without it, output_dir gets no vocab.txt (a warning says so).")
-        boolean("do_lower_case", None, "Lower-casing of the tokenizer that made the records, "
+        group.boolean("do_lower_case", None, "Lower-casing of the tokenizer that made the records, "
                 "written to output_dir/model_info.json (default: from the records' .meta.json, "
                 "else true as Google's Chinese models).")
-        string("init_checkpoint", None, "Starting weights (ours or a Google TF1 bert_model.ckpt); "
+        group.string("init_checkpoint", None, "Starting weights (ours or a Google TF1 bert_model.ckpt); "
                "ignored when output_dir already holds a checkpoint to resume.")
-        string("output_dir", None, "Checkpoints (ckpt-N), bert_config.json, vocab.txt, "
+        group.string("output_dir", None, "Checkpoints (ckpt-N), bert_config.json, vocab.txt, "
                "TensorBoard logs.")
-        integer("save_checkpoints_steps", 1000, "Checkpoint every this many steps.")
-        integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
-    with train_utils.flag_group("Training", fv):
-        boolean("do_train", False, "Train.")
-        integer("train_batch_size", 32, "Global batch (all replicas x accumulation steps).")
-        integer("gradient_accumulation_steps", 1, "Micro-batches per optimizer update.")
-        number("learning_rate", 5e-5, "Peak learning rate.")
-        integer("num_train_steps", 100000, "Optimizer updates in total.")
-        integer("num_warmup_steps", 10000, "Linear warmup updates.")
-        flags.DEFINE_enum("optimizer", "adamw", ["adamw", "lamb"], "LAMB for very large batches.",
-                          flag_values=fv)
-        number("beta_2", 0.98, "Adam/LAMB beta_2 (0.98 as in roberta_zh).")
-        number("weight_decay", 0.01, "Decoupled weight decay (not on LayerNorm/bias).")
-        number("clip_norm", 1.0, "Clip the global norm of the batch gradient to this (0: off).")
-        integer("seed", 12345, "Seed for initialisation, shuffling and dropout.")
-    with train_utils.flag_group("Evaluation", fv):
-        boolean("do_eval", False, "Evaluate masked-LM loss/accuracy; prints one JSON line.")
-        integer("eval_batch_size", 8, "Global eval batch.")
-        integer("max_eval_steps", 100, "Maximum eval batches.")
-    with train_utils.flag_group("Hardware: TPU, GPUs, CPU", fv):
-        flags.DEFINE_enum("strategy", "auto", list(train_utils.STRATEGIES),
-                          "auto: a TPU if --tpu_name is given or this is a Cloud TPU VM, "
-                          "multi-worker from TF_CONFIG, all GPUs, else one device.", flag_values=fv)
-        boolean("use_tpu", False, "Same as --strategy=tpu.")
-        string("tpu_name", None, "'local' on a Cloud TPU VM (the default there); a TPU Node's "
+        group.integer("save_checkpoints_steps", 1000, "Checkpoint every this many steps.")
+        group.integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
+    with train_utils.flag_group("Training", fv) as group:
+        group.boolean("do_train", False, "Train.")
+        group.integer("train_batch_size", 32, "Global batch (all replicas x accumulation steps).")
+        group.integer("gradient_accumulation_steps", 1, "Micro-batches per optimizer update.")
+        group.float("learning_rate", 5e-5, "Peak learning rate.")
+        group.integer("num_train_steps", 100000, "Optimizer updates in total.")
+        group.integer("num_warmup_steps", 10000, "Linear warmup updates.")
+        group.enum("optimizer", "adamw", ["adamw", "lamb"], "LAMB for very large batches.")
+        group.float("beta_2", 0.98, "Adam/LAMB beta_2 (0.98 as in roberta_zh).")
+        group.float("weight_decay", 0.01, "Decoupled weight decay (not on LayerNorm/bias).")
+        group.float("clip_norm", 1.0, "Clip the global norm of the batch gradient to this (0: off).")
+        group.integer("seed", 12345, "Seed for initialisation, shuffling and dropout.")
+    with train_utils.flag_group("Evaluation", fv) as group:
+        group.boolean("do_eval", False, "Evaluate masked-LM loss/accuracy; prints one JSON line.")
+        group.integer("eval_batch_size", 8, "Global eval batch.")
+        group.integer("max_eval_steps", 100, "Maximum eval batches.")
+    with train_utils.flag_group("Hardware: TPU, GPUs, CPU", fv) as group:
+        group.enum("strategy", "auto", list(train_utils.STRATEGIES),
+                   "auto: a TPU if --tpu_name is given or this is a Cloud TPU VM, "
+                   "multi-worker from TF_CONFIG, all GPUs, else one device.")
+        group.boolean("use_tpu", False, "Same as --strategy=tpu.")
+        group.string("tpu_name", None, "'local' on a Cloud TPU VM (the default there); a TPU Node's "
                "name or grpc:// address.")
-        string("tpu_zone", None, "GCE zone of a TPU Node (optional).")
-        string("gcp_project", None, "GCP project of a TPU Node (optional).")
-        integer("iterations_per_loop", 1000, "Steps per host call (Google's name).")
-        integer("steps_per_loop", None, "Same as --iterations_per_loop (the TF2 name).")
-        boolean("mixed_precision", False, "bfloat16 compute on TPUs and on GPUs that support it "
+        group.string("tpu_zone", None, "GCE zone of a TPU Node (optional).")
+        group.string("gcp_project", None, "GCP project of a TPU Node (optional).")
+        group.integer("iterations_per_loop", 1000, "Steps per host call (Google's name).")
+        group.integer("steps_per_loop", None, "Same as --iterations_per_loop (the TF2 name).")
+        group.boolean("mixed_precision", False, "bfloat16 compute on TPUs and on GPUs that support it "
                 "(compute capability >= 8.0); ignored with a warning elsewhere.")
-        boolean("jit_compile", True, "Compile the train step with XLA.")
+        group.boolean("jit_compile", True, "Compile the train step with XLA.")
     if fv is flags.FLAGS:
         train_utils.require_flags("input_file", "bert_config_file", "output_dir")
 

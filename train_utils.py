@@ -257,9 +257,33 @@ class flag_group:
     def __enter__(self):
         from absl import flags
 
-        self._fv = self.flag_values or flags.FLAGS
+        self._fv = flags.FLAGS if self.flag_values is None else self.flag_values  # an empty one is falsy
         self._before = set(self._fv)
         return self
+
+    # `with flag_group("Data", fv) as group: group.string(...)`: absl's DEFINE_* on this group's
+    # FlagValues, so a script never writes `flag_values=fv` (or a helper of its own for it) per flag.
+    def _define(self, kind, name, default, text, **kwargs):
+        from absl import flags
+
+        getattr(flags, f"DEFINE_{kind}")(name, default, text, flag_values=self._fv, **kwargs)
+
+    def string(self, name, default, text, **kwargs):
+        self._define("string", name, default, text, **kwargs)
+
+    def integer(self, name, default, text, **kwargs):
+        self._define("integer", name, default, text, **kwargs)
+
+    def float(self, name, default, text, **kwargs):
+        self._define("float", name, default, text, **kwargs)
+
+    def boolean(self, name, default, text, **kwargs):
+        self._define("bool", name, default, text, **kwargs)
+
+    def enum(self, name, default, choices, text, **kwargs):
+        from absl import flags
+
+        flags.DEFINE_enum(name, default, choices, text, flag_values=self._fv, **kwargs)
 
     def __exit__(self, *exc):
         from absl import flags
