@@ -2,7 +2,7 @@
 
 The same command, flags, run folder and resume rules as the TensorFlow trainer in run_pretraining.py,
 with no TensorFlow imported (GPU and TPU machines with only JAX). Shared with TensorFlow, one owner each:
-  flags and their checks       run_pretraining.define_flags / check_flags / load_config
+  flags and their checks       run_pretraining.define_flags / check_config_and_files
   the loss                     run_pretraining.mlm_sums (keras.ops)
   schedule and update rules    optimization.py (keras.ops; here through optimizer.stateless_apply)
   the model and its weights    modeling.py (keras.ops; weights saved with modeling.save_weights)
