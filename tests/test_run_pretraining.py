@@ -174,10 +174,10 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
     sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
     from absl import logging
     logging.set_verbosity(logging.INFO)
-    import run_pretraining, test_run_pretraining as t
+    import helpers, run_pretraining
     opts = run_pretraining.parse_flags(json.loads(sys.argv[2]))
     evaluation = run_pretraining.run(opts)
-    scalars = t.scalars(opts.output_dir)
+    scalars = helpers.tensorboard_scalars(opts.output_dir)
     print("RESULT " + json.dumps({"loss": scalars["loss"], "grad_norm": scalars["grad_norm"],
                                   "eval": evaluation}))
 """)
