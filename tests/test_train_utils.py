@@ -17,18 +17,21 @@ SCRIPT = textwrap.dedent('''
         with train_utils.flag_group("Input"):
             flags.DEFINE_string("input_file", None, "Files to read.", flag_values=fv)
             flags.DEFINE_integer("max_seq_length", 128, "Tokens per sequence.", flag_values=fv)
-        with train_utils.flag_group("Output"):
-            flags.DEFINE_string("output_dir", None, "Where results go.", flag_values=fv)
+        with train_utils.flag_group("Output", fv) as group:
+            group.string("output_dir", None, "Where results go.")
         train_utils.require_flags("input_file", "output_dir")
     def main(argv):
         if flags.FLAGS.input_file == "bad":
             raise train_utils.UsageError("--input_file: bad is not a file")
+        if flags.FLAGS.input_file == "unreadable":
+            raise ValueError("unreadable: line 3 is not JSON")  # what our readers raise
         if flags.FLAGS.input_file == "full":
             import errno
             raise OSError(errno.ENOSPC, "No space left on device")
         print("ran", flags.FLAGS.input_file, flags.FLAGS.output_dir)
     if __name__ == "__main__":
-        train_utils.run_script(main, __doc__, "python toy.py --input_file=a --output_dir=b", define_flags)
+        train_utils.run_script(main, __doc__, "python toy.py --input_file=a --output_dir=b", define_flags,
+                               input_errors=(ValueError,))
 ''')
 
 
@@ -84,6 +87,25 @@ def test_full_disk_and_rejected_flag_values_are_one_line_with_exit_2(toy):
     assert proc.stderr.startswith("toy.py: error: flag --max_seq_length=x")
 
 
+def test_stray_arguments_and_readers_value_errors_are_one_line_with_exit_2(toy):
+    proc = toy("--input_file=a", "--output_dir=b", "extra", "words")
+    assert proc.returncode == 2 and "ran" not in proc.stdout
+    assert proc.stderr.strip() == "toy.py: error: unexpected arguments: extra words (flags are --name=value)"
+    proc = toy("--input_file=unreadable", "--output_dir=b")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "toy.py: error: unreadable: line 3 is not JSON"
+
+
+def test_flag_group_declares_on_its_own_flag_values():
+    from absl import flags
+    fv = flags.FlagValues()  # empty, hence falsy: the group must still use it, not flags.FLAGS
+    with train_utils.flag_group("Toy", fv) as group:
+        group.integer("steps", 3, "Steps.")
+        group.enum("kind", "a", ["a", "b"], "Kind.")
+    fv(["prog", "--steps=5", "--kind=b"])
+    assert (fv.steps, fv.kind) == (5, "b") and "steps" not in flags.FLAGS
+
+
 def test_progress_line_has_rate_and_eta():
     progress = train_utils.ProgressLogger(total=100, unit="steps", name="job")
     progress.update(10)
@@ -93,7 +115,7 @@ def test_progress_line_has_rate_and_eta():
 
 
 def test_unknown_strategy_is_rejected():
-    with pytest.raises(ValueError, match="--strategy='gpu' is not one of"):
+    with pytest.raises(train_utils.UsageError, match="--strategy='gpu' is not one of"):
         train_utils.make_strategy("gpu")
 
 
