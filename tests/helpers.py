@@ -361,3 +361,15 @@ def write_pair_data(folder, n=64, seed=0):
     write_text(folder, "train.txt", "\n".join(rows) + "\n")
     write_text(folder, "dev.txt", "\n".join(rows[: n // 2]) + "\n")
     write_text(folder, "test.txt", "\n".join(r.rsplit("\t", 1)[0] for r in rows[:5]) + "\n")
+
+
+def generate_demo_records(path, **options):
+    """Records of `create_pretraining_data.py` from the embedded corpus and vocab (seq 64, 10
+    predictions, dupe 1, seed 7); `options` override any Options field (e.g. dynamic_masking=True)."""
+    import create_pretraining_data as cpd
+    corpus = ",".join(sorted(str(p) for p in (RESOURCES / "corpus").glob("*.txt")))
+    settings = dict(input_file=corpus, output_file=str(path), vocab_file=str(RESOURCES / "vocab.txt"),
+                    max_seq_length=64, max_predictions_per_seq=10, dupe_factor=1, random_seed=7)
+    settings.update(options)
+    cpd.generate(cpd.Options(**settings), log=lambda line: None)
+    return str(path)

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, RESOURCES
+from helpers import generate_demo_records
 
 import corpus
 import create_pretraining_data as cpd
@@ -30,20 +31,12 @@ SEQ, PRED = 64, 10
 EPOCHS = 15  # 216 sequences per epoch -> a few thousand masked sequences
 
 
-def _generate(path, **kw):
-    options = dict(input_file=CORPUS, output_file=str(path), vocab_file=VOCAB, max_seq_length=SEQ,
-                   max_predictions_per_seq=PRED, dupe_factor=1, random_seed=7)
-    options.update(kw)
-    cpd.generate(cpd.Options(**options), log=lambda line: None)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("dynamic")
     return {"root": root,
-            "unmasked": _generate(root / "unmasked.tfrecord", dynamic_masking=True, dupe_factor=5),
-            "static": _generate(root / "static.tfrecord")}
+            "unmasked": generate_demo_records(root / "unmasked.tfrecord", dynamic_masking=True, dupe_factor=5),
+            "static": generate_demo_records(root / "static.tfrecord")}
 
 
 def _read_unmasked(path):

@@ -13,8 +13,8 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, RESOURCES
+from helpers import generate_demo_records
 
-import create_pretraining_data as cpd
 import pretraining_records as records
 import record_reader as rr
 from train_utils import UsageError
@@ -24,19 +24,11 @@ CORPUS = ",".join(sorted(str(p) for p in (RESOURCES / "corpus").glob("*.txt")))
 SEQ, PRED = 64, 10
 
 
-def _generate(path, **kw):
-    options = dict(input_file=CORPUS, output_file=str(path), vocab_file=VOCAB, max_seq_length=SEQ,
-                   max_predictions_per_seq=PRED, dupe_factor=1, random_seed=7)
-    options.update(kw)
-    cpd.generate(cpd.Options(**options), log=lambda line: None)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("reader")
-    static = _generate(root / "static.tfrecord")
-    unmasked = _generate(root / "unmasked.tfrecord", dynamic_masking=True)
+    static = generate_demo_records(root / "static.tfrecord")
+    unmasked = generate_demo_records(root / "unmasked.tfrecord", dynamic_masking=True)
     with open(static + records.SIDECAR_SUFFIX, encoding="utf-8") as f:
         vocab_size = json.load(f)["vocab_size"]
     return {"root": root, "static": static, "unmasked": unmasked, "vocab_size": vocab_size}
