@@ -147,10 +147,14 @@ def mlm_sums(logits, masked_lm_ids, masked_lm_weights):
     In keras.ops: the TensorFlow trainer here and the JAX one (pretraining_jax.py) both call it.
     """
     ops = keras.ops
-    cross_entropy = ops.sparse_categorical_crossentropy(
-        masked_lm_ids, logits, from_logits=True)                                   # [B, P]
-    correct = ops.cast(ops.equal(ops.cast(ops.argmax(logits, -1), "int32"),
-                                 ops.cast(masked_lm_ids, "int32")), "float32")    # [B, P]
+    # One pass over the vocabulary serves the loss and the accuracy: the log-softmax's max also
+    # says whether the label won (a separate argmax cost ~2% of the step on a CPU).
+    logits = ops.cast(logits, "float32")
+    shifted = logits - ops.stop_gradient(ops.max(logits, -1, keepdims=True))      # [B, P, V]
+    label = ops.take_along_axis(
+        shifted, ops.expand_dims(ops.cast(masked_lm_ids, "int32"), -1), -1)[..., 0]  # [B, P]
+    cross_entropy = ops.log(ops.sum(ops.exp(shifted), -1)) - label                 # [B, P]
+    correct = ops.cast(label >= 0, "float32")  # the label has the largest logit   # [B, P]
     masked_lm_weights = ops.cast(masked_lm_weights, "float32")
     return (ops.sum(masked_lm_weights * cross_entropy),
             ops.sum(masked_lm_weights * correct),

@@ -2,6 +2,7 @@
 HuggingFace transformers (the correctness oracle: same weights through the table -> same logits)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -223,6 +224,22 @@ def test_dropout_is_active_only_in_training():
     batch = random_batch(c)
     np.testing.assert_array_equal(model(batch).numpy(), model(batch, training=False).numpy())
     assert not np.allclose(model(batch, training=True).numpy(), model(batch).numpy())
+
+
+@pytest.mark.parametrize("shape", [(8, 128, 256), (3, 5, 7)])  # an odd size uses half a word
+def test_dropout_drops_its_rate_scales_the_rest_and_draws_new_masks_each_call(shape):
+    layer = modeling.Dropout(0.1, seed=7)
+    x = tf.ones(shape)
+    first, second = (layer(x, training=True).numpy() for _ in range(2))
+    kept = first != 0
+    np.testing.assert_allclose(first[kept], 1 / 0.9, rtol=1e-6)
+    tolerance = 4 * math.sqrt(0.1 * 0.9 / kept.size) + 1e-4  # 4 sigma of a binomial share
+    assert abs(1 - kept.mean() - 0.1) < tolerance
+    assert (first != second).any()  # the seed generator moved on
+    np.testing.assert_array_equal(layer(x).numpy(), x.numpy())  # inference: identity
+    # The same seed state gives the same masks (what resumed runs and replicas rely on).
+    again = modeling.Dropout(0.1, seed=7)
+    np.testing.assert_array_equal(again(x, training=True).numpy(), first)
 
 
 def test_mixed_bfloat16_policy_keeps_float32_variables_and_outputs():

@@ -73,6 +73,23 @@ def test_training_lowers_mlm_loss_and_raises_accuracy(pretraining_data, tmp_path
         assert json.load(f)["vocab_size"] == pretraining_data["vocab_size"]
 
 
+def test_mlm_sums_equal_softmax_cross_entropy_and_argmax_accuracy():
+    import tensorflow as tf
+
+    import run_pretraining
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 20, 50)).astype(np.float32) * 3 + 40  # far from 0, as real logits
+    ids = rng.integers(0, 50, size=(4, 20)).astype(np.int32)
+    ids[:, ::2] = logits[:, ::2].argmax(-1)  # half the labels are the model's best guess
+    weights = (rng.random((4, 20)) > 0.2).astype(np.float32)
+    loss, correct, count = (float(v) for v in run_pretraining.mlm_sums(
+        tf.constant(logits), tf.constant(ids), tf.constant(weights)))
+    cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(ids, logits).numpy()
+    np.testing.assert_allclose(loss, (cross_entropy * weights).sum(), rtol=1e-5)
+    assert correct == ((logits.argmax(-1) == ids) * weights).sum() > 0
+    assert count == weights.sum()
+
+
 def test_masked_positions_line_up_with_their_labels(pretraining_data, tmp_path):
     """Records whose chosen tokens stay visible: predicting them is copying the input at the
     gathered position, learnt within ~50 steps only if positions, ids and weights line up."""
