@@ -209,12 +209,12 @@ def _layer_norm(name):
 class Dropout(keras.layers.Dropout):
     """keras.layers.Dropout; under TensorFlow, with half the random bits, from Philox.
 
-    Random numbers are most of dropout's cost on a CPU, and dropout was ~18% of the L4/H256 train
-    step here (see "Pretraining speed" in the README). Keras' TF backend draws one float per element
-    with TF's "auto_select" algorithm, which XLA on CPU compiles ~2x slower than Philox; this draws
-    one 32-bit Philox word per two elements and compares each 16-bit half with the rate (so the
-    rate is rounded to a multiple of 1/65536: 0.1 -> 0.100006). One seed-generator draw per call,
-    as Keras; other masks than Keras'. The JAX backend keeps Keras' dropout.
+    Random numbers are most of dropout's cost on a CPU: with Keras' TF dropout (one float per
+    element, TF's "auto_select" algorithm, which XLA compiles into a slower generator than Philox)
+    dropout was ~17% of the L4/H256 train step on our 2-core CPU, this way it is ~11% (README,
+    "Measured here"). One 32-bit Philox word serves two elements: each 16-bit half is compared with
+    the rate, so the rate is rounded to a multiple of 1/65536 (0.1 -> 0.100006). One seed-generator
+    draw per call, as Keras; other masks than Keras'. The JAX backend keeps Keras' dropout.
     """
 
     def call(self, inputs, training=False):

@@ -271,7 +271,8 @@ class MaskedLMTrainer:
         context = tf.distribute.get_replica_context()
         # Mirrored seed states would give every replica the same dropout masks; shift each
         # replica's counter into its own range for the call, and back before storing the state.
-        offsets = [self._seed_offset(v, context.replica_id_in_sync_group)
+        offsets = [self._seed_offset(v, context.replica_id_in_sync_group,
+                                     context.num_replicas_in_sync)
                    for v in self.model.non_trainable_variables]
         non_trainable = [v + o for v, o in zip(non_trainable, offsets)]
         grads, sums, new_non_trainable = self._grads_fn(trainable, non_trainable, batch)
@@ -307,13 +308,18 @@ class MaskedLMTrainer:
                                      group=False)
         self.optimizer.iterations.assign_add(1)
 
-    @staticmethod
-    def _seed_offset(variable, replica_id):
-        """[0, replica_id * 2^31] for a Keras seed-generator state [seed, counter], else 0."""
+    SEED_MODULUS = 2**31 - 2  # dropout's int64 counter -> int32 seed: floormod by this (as Keras)
+
+    @classmethod
+    def _seed_offset(cls, variable, replica_id, num_replicas):
+        """[0, replica_id * (SEED_MODULUS // num_replicas)] for a Keras seed-generator state
+        [seed, counter], else 0: each replica's counters get their own part of the int32 range.
+        (A multiple of 2^31 would be +2 after the modulo: replica 1 would reuse replica 0's masks
+        two draws later.)"""
         if "seed_generator" not in variable.path or tuple(variable.shape) != (2,):
             return tf.zeros((), variable.dtype)
-        step = tf.cast(replica_id, variable.dtype) * tf.constant(1 << 31, variable.dtype)
-        return tf.stack([tf.zeros((), variable.dtype), step])
+        part = tf.constant(cls.SEED_MODULUS // num_replicas, variable.dtype)
+        return tf.stack([tf.zeros((), variable.dtype), tf.cast(replica_id, variable.dtype) * part])
 
     def _replica_eval_step(self, batch):
         trainable, non_trainable = self._values()

@@ -107,8 +107,8 @@ def bench_torch(layers, hidden, batch):
 
 
 def bench_torch_process(size):
-    """bench_torch in a process of its own: in the process that had run TensorFlow, PyTorch's step
-    ran ~30% slower (TensorFlow's thread pools stay), which flattered our ratio."""
+    """bench_torch in a process of its own: in the process that had run TensorFlow, PyTorch ran in
+    its slow mode (README, "Measured here"), which flattered our ratio."""
     command = [sys.executable, os.path.abspath(__file__), f"--peer_only={size}"] + [
         f"--{name}={FLAGS[name].value}" for name in ("seq_len", "batch_size", "steps", "num_labels")]
     train, infer = subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-2:]

@@ -9,7 +9,7 @@ as one XLA computation, or without XLA) and for the peer (PyTorch eager BertForM
 masked positions gathered before the head, AdamW, clip 1.0), dropout 0.1 in both, fp32, random
 token ids. Two profiling variants say what bounds our step: forward+backward alone (what the
 update costs) and the whole step without dropout (what dropout costs). The peer runs in a process
-of its own (TensorFlow's threads slow PyTorch in a shared one). Variants run in alternating rounds
+of its own (in one shared with TensorFlow every PyTorch round ran slow). Variants run in alternating rounds
 so that load from other processes hits them alike; figures are medians with the range over rounds.
 Not a test: asserts nothing.
 """
@@ -170,9 +170,9 @@ def make_peer(layers, hidden, batch):
 def make_peer_process(layers, hidden, batch):
     """-> step(n): the same steps in a process of their own, which runs them while this one waits.
 
-    In the process that also runs TensorFlow, PyTorch's step ran ~30% slower (30.7 vs 42.8 seq/s
-    at L4/H256 on 2026-12-03: TensorFlow's thread pools stay in the process), which flattered our
-    ratio (README, "Measured here").
+    In the process that also ran TensorFlow every PyTorch round was a slow one (30.4-31.1 seq/s at
+    L4/H256 on 2026-12-03, 42-44 in a good round alone), which flattered our ratio (README,
+    "Measured here").
     """
     server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve_peer",
                                f"{layers},{hidden},{batch}"],

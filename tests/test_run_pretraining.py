@@ -90,6 +90,19 @@ def test_mlm_sums_equal_softmax_cross_entropy_and_argmax_accuracy():
     assert count == weights.sum()
 
 
+@pytest.mark.parametrize("replicas", [2, 8])
+def test_replicas_draw_dropout_seeds_from_their_own_ranges(replicas):
+    import keras
+
+    import run_pretraining
+    trainer = run_pretraining.MaskedLMTrainer
+    state = keras.random.SeedGenerator(5).state  # a Keras seed-generator state [seed, counter]
+    steps = np.arange(100_000)  # the counter of one dropout layer over 100k draws
+    seeds = [(trainer._seed_offset(state, r, replicas).numpy()[1] + steps) % trainer.SEED_MODULUS
+             for r in range(replicas)]  # the int32 seed dropout draws with (modeling.Dropout)
+    assert len(np.unique(np.concatenate(seeds))) == replicas * len(steps)
+
+
 def test_masked_positions_line_up_with_their_labels(pretraining_data, tmp_path):
     """Records whose chosen tokens stay visible: predicting them is copying the input at the
     gathered position, learnt within ~50 steps only if positions, ids and weights line up."""
