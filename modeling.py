@@ -206,6 +206,10 @@ def _layer_norm(name):
     return keras.layers.LayerNormalization(epsilon=1e-12, name=name)
 
 
+# Dropout's int64 seed state -> int32 seeds (XLA's kind): floormod by this, as Keras' TF backend.
+SEED_MODULUS = 2**31 - 2
+
+
 class Dropout(keras.layers.Dropout):
     """keras.layers.Dropout; under TensorFlow, with half the random bits, from Philox.
 
@@ -222,7 +226,7 @@ class Dropout(keras.layers.Dropout):
             return super().call(inputs, training=training)
         import tensorflow as tf
         seed = self.seed_generator.next()  # int64 [seed, counter]; XLA wants int32 seeds, as in Keras
-        seed = tf.cast(tf.math.floormod(seed, tf.int32.max - 1), tf.int32)
+        seed = tf.cast(tf.math.floormod(seed, SEED_MODULUS), tf.int32)
         size = tf.size(inputs)
         words = tf.random.stateless_uniform([(size + 1) // 2], seed, minval=None, maxval=None,
                                             dtype=tf.uint32, alg="philox")            # [ceil(n/2)]

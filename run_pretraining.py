@@ -308,17 +308,15 @@ class MaskedLMTrainer:
                                      group=False)
         self.optimizer.iterations.assign_add(1)
 
-    SEED_MODULUS = 2**31 - 2  # dropout's int64 counter -> int32 seed: floormod by this (as Keras)
-
-    @classmethod
-    def _seed_offset(cls, variable, replica_id, num_replicas):
-        """[0, replica_id * (SEED_MODULUS // num_replicas)] for a Keras seed-generator state
+    @staticmethod
+    def _seed_offset(variable, replica_id, num_replicas):
+        """[0, replica_id * (modeling.SEED_MODULUS // num_replicas)] for a Keras seed-generator state
         [seed, counter], else 0: each replica's counters get their own part of the int32 range.
         (A multiple of 2^31 would be +2 after the modulo: replica 1 would reuse replica 0's masks
         two draws later.)"""
         if "seed_generator" not in variable.path or tuple(variable.shape) != (2,):
             return tf.zeros((), variable.dtype)
-        part = tf.constant(cls.SEED_MODULUS // num_replicas, variable.dtype)
+        part = tf.constant(modeling.SEED_MODULUS // num_replicas, variable.dtype)
         return tf.stack([tf.zeros((), variable.dtype), tf.cast(replica_id, variable.dtype) * part])
 
     def _replica_eval_step(self, batch):

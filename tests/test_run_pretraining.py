@@ -94,11 +94,12 @@ def test_mlm_sums_equal_softmax_cross_entropy_and_argmax_accuracy():
 def test_replicas_draw_dropout_seeds_from_their_own_ranges(replicas):
     import keras
 
+    import modeling
     import run_pretraining
     trainer = run_pretraining.MaskedLMTrainer
     state = keras.random.SeedGenerator(5).state  # a Keras seed-generator state [seed, counter]
     steps = np.arange(100_000)  # the counter of one dropout layer over 100k draws
-    seeds = [(trainer._seed_offset(state, r, replicas).numpy()[1] + steps) % trainer.SEED_MODULUS
+    seeds = [(trainer._seed_offset(state, r, replicas).numpy()[1] + steps) % modeling.SEED_MODULUS
              for r in range(replicas)]  # the int32 seed dropout draws with (modeling.Dropout)
     assert len(np.unique(np.concatenate(seeds))) == replicas * len(steps)
 
