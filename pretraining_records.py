@@ -592,10 +592,24 @@ def read_info(files, flag="--input_file"):
     return combine(infos, flag)
 
 
+def predictions_in_use(info, seq_len, max_pred):
+    """How many of the [P] prediction slots of static records can hold a real prediction: our
+    generators mask at most mask_budget(n) <= mask_budget(max_seq_length - 2) tokens (13 of 20 at
+    seq 128 and masked_lm_prob 0.1), so the rest are padding the MLM head need not compute. P when
+    any file lacks a sidecar with masked_lm_prob (Google's records)."""
+    probs = [m.get("masked_lm_prob") if m else None for _, m in info.metas]
+    if not probs or None in probs:
+        return max_pred
+    return int(max(mask_budget(seq_len - 2, p, max_pred)[-1] for p in probs))
+
+
 def _static_parser(info, seq_len, max_pred, **options):
-    """Static records: the features as stored, ids cast to int32."""
+    """Static records: the features as stored, ids cast to int32, the predictions cut to the slots
+    in use (`predictions_in_use`); a record with a real prediction past them fails loudly."""
     import tensorflow as tf
     spec = feature_spec(seq_len, max_pred, STATIC)
+    width = predictions_in_use(info, seq_len, max_pred) if info is not None else max_pred
+    files = ", ".join(p for p, _ in info.metas) if info is not None else "the records"
 
     def parse(position, serialized):
         del position  # the masks were drawn when the file was written
@@ -603,7 +617,17 @@ def _static_parser(info, seq_len, max_pred, **options):
             features = tf.io.parse_single_example(serialized, spec)
         else:
             features = tf.io.parse_example(serialized, spec)
-        return {k: v if v.dtype == tf.float32 else tf.cast(v, tf.int32) for k, v in features.items()}
+        features = {k: v if v.dtype == tf.float32 else tf.cast(v, tf.int32) for k, v in features.items()}
+        if width < max_pred:
+            unused = features["masked_lm_weights"][..., width:]
+            check = tf.debugging.assert_equal(
+                tf.reduce_max(unused), 0.0,
+                message=f"{files}: a record has more than {width} predictions, more than its sidecar's "
+                        "masked_lm_prob allows; regenerate the records or remove the sidecar")
+            with tf.control_dependencies([check]):
+                for key in ("masked_lm_positions", "masked_lm_ids", "masked_lm_weights"):
+                    features[key] = tf.identity(features[key][..., :width])
+        return features
 
     return parse
 
@@ -617,7 +641,8 @@ def make_parser(info, seq_len, max_pred, **options):
     serialized: string [] or [B]; position: int64 of the same shape, each record's index in the
     training stream (kinds that draw masks at training time key their random ops by it; static
     records ignore it). Returns {input_ids, input_mask, segment_ids, masked_lm_positions,
-    masked_lm_ids: int32 [(B,) S or P]; masked_lm_weights: float32 [(B,) P]}. `options` are
+    masked_lm_ids: int32 [(B,) S or P]; masked_lm_weights: float32 [(B,) P]}; for
+    static records P may be fewer than max_pred slots (`predictions_in_use`). `options` are
     kind-specific settings (e.g. masking settings for records masked at training time).
     """
     kind = info.kind if info is not None else STATIC

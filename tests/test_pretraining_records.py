@@ -206,6 +206,28 @@ def test_static_parser_gives_the_model_tensors_for_one_record_or_a_batch(tmp_pat
     np.testing.assert_array_equal(single["masked_lm_ids"].numpy(), instances[3]["masked_lm_ids"][1])
 
 
+def test_static_parser_hands_over_only_the_prediction_slots_the_generator_can_fill(tmp_path):
+    import tensorflow as tf
+    instances = _good(5)  # 2 predictions of PRED = 4 slots, in records of SEQ = 16
+    path = str(tmp_path / "r.tfrecord")
+    _write(path, instances, masked_lm_prob=0.15)  # at most round(14 * 0.15) = 2 predictions
+    assert records.predictions_in_use(records.read_info([path]), SEQ, PRED) == 2
+    batch = next(iter(tf.data.TFRecordDataset(path).enumerate().batch(5).map(
+        records.make_parser(records.read_info([path]), SEQ, PRED))))
+    for key in ("masked_lm_positions", "masked_lm_ids", "masked_lm_weights"):
+        np.testing.assert_array_equal(batch[key].numpy(), [i[key][1][:2] for i in instances], key)
+    # Without masked_lm_prob in the sidecar (or without a sidecar: Google's records) all slots.
+    _write(tmp_path / "google.tfrecord", instances, sidecar=False)
+    assert records.predictions_in_use(records.read_info([str(tmp_path / "google.tfrecord")]),
+                                      SEQ, PRED) == PRED
+    # A sidecar that promises fewer predictions than a record holds fails loudly, naming the file.
+    lying = str(tmp_path / "lying.tfrecord")
+    _write(lying, instances, masked_lm_prob=0.1)  # round(1.4) = 1 < 2
+    parse = records.make_parser(records.read_info([lying]), SEQ, PRED)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="lying.tfrecord: a record has more than 1"):
+        next(iter(tf.data.TFRecordDataset(lying).enumerate().batch(5).map(parse)))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Output files: exclusive, atomic, nothing on disk changed by a failing run
 # ---------------------------------------------------------------------------------------------------
