@@ -206,33 +206,58 @@ def _layer_norm(name):
     return keras.layers.LayerNormalization(epsilon=1e-12, name=name)
 
 
-# Dropout's int64 seed state -> int32 seeds (XLA's kind): floormod by this, as Keras' TF backend.
+# Keras' dropout turns its int64 seed state into int32 seeds by floormod with this (the trainer gives
+# each replica its own part of this range, run_pretraining.MaskedLMTrainer._seed_offset).
 SEED_MODULUS = 2**31 - 2
+
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's step between counters: 2^64 / golden ratio, odd
+
+
+def _mix64(z):
+    """SplitMix64's output function (Steele, Lea & Flood 2014; Stafford's "mix13"): uint64 -> uint64,
+    a bijection in which every input bit flips about half the output bits."""
+    import tensorflow as tf
+    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(shift, tf.uint64)))
+        z = z * tf.constant(multiplier, tf.uint64)
+    return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(31, tf.uint64)))
+
+
+def splitmix64_bits(seed, shape):
+    """int64 [2] seed -> uint32 `shape`: the high halves of the first n outputs of SplitMix64 from
+    the state mix(mix(seed[0]) + seed[1]). Element i is mix(key + (i + 1) * gamma), a function of its
+    own index only, so XLA computes it inside the fusion that consumes it, with no tensor of random
+    numbers in memory. SplitMix64 passes BigCrush (it is Java's SplittableRandom). Two calls' streams
+    of n elements overlap only when their keys differ by d * gamma with |d| < n: odds of about
+    2n / 2^64 for a pair (n is ~2^21 for the largest activation at L4/H256, batch 32)."""
+    import tensorflow as tf
+    seed = tf.bitcast(tf.cast(seed, tf.int64), tf.uint64)
+    key = _mix64(_mix64(seed[0]) + seed[1])
+    index = tf.bitcast(tf.range(1, tf.reduce_prod(shape) + 1, dtype=tf.int64),
+                       tf.uint64)
+    state = key + index * tf.constant(_GOLDEN_GAMMA, tf.uint64)
+    high = tf.cast(tf.bitwise.right_shift(_mix64(state), tf.constant(32, tf.uint64)), tf.uint32)
+    return tf.reshape(high, shape)
 
 
 class Dropout(keras.layers.Dropout):
-    """keras.layers.Dropout; under TensorFlow, with half the random bits, from Philox.
+    """keras.layers.Dropout; under TensorFlow, with masks hashed from each element's index.
 
-    Random numbers are most of dropout's cost on a CPU: with Keras' TF dropout (one float per
-    element, TF's "auto_select" algorithm, which XLA compiles into a slower generator than Philox)
-    dropout was ~17% of the L4/H256 train step on our 2-core CPU, this way it is ~11% (README,
-    "Measured here"). One 32-bit Philox word serves two elements: each 16-bit half is compared with
-    the rate, so the rate is rounded to a multiple of 1/65536 (0.1 -> 0.100006). One seed-generator
-    draw per call, as Keras; other masks than Keras'. The JAX backend keeps Keras' dropout.
+    Random numbers were most of dropout's cost on a CPU: with Keras' TF dropout (one float per
+    element, TF's "auto_select" generator, which XLA compiles into a slow loop of its own) dropout
+    was ~17% of the L4/H256 train step on our 2-core CPU, with one Philox word per two elements
+    ~11%; hashed (`splitmix64_bits`), XLA folds the mask into the surrounding element-wise work and
+    the step runs as fast as without dropout (README, "Measured here"). Each element is dropped when
+    its 32 random bits are below round(rate * 2^32). One seed-generator draw per call, as Keras;
+    other masks than Keras'. The JAX backend keeps Keras' dropout (no uint64 without jax x64).
     """
 
     def call(self, inputs, training=False):
         if not (training and self.rate > 0) or keras.backend.backend() != "tensorflow":
             return super().call(inputs, training=training)
         import tensorflow as tf
-        seed = self.seed_generator.next()  # int64 [seed, counter]; XLA wants int32 seeds, as in Keras
-        seed = tf.cast(tf.math.floormod(seed, SEED_MODULUS), tf.int32)
-        size = tf.size(inputs)
-        words = tf.random.stateless_uniform([(size + 1) // 2], seed, minval=None, maxval=None,
-                                            dtype=tf.uint32, alg="philox")            # [ceil(n/2)]
-        halves = tf.stack([tf.bitwise.bitwise_and(words, 0xFFFF),
-                           tf.bitwise.right_shift(words, 16)], axis=1)                # [ceil(n/2), 2]
-        keep = tf.reshape(tf.reshape(halves, [-1])[:size], tf.shape(inputs)) >= round(self.rate * 65536)
+        bits = splitmix64_bits(self.seed_generator.next(), tf.shape(inputs, out_type=tf.int64))
+        keep = bits >= tf.constant(round(self.rate * 2**32), tf.uint32)
         return tf.where(keep, inputs * (1.0 / (1.0 - self.rate)), tf.zeros_like(inputs))
 
 

@@ -226,7 +226,7 @@ def test_dropout_is_active_only_in_training():
     assert not np.allclose(model(batch, training=True).numpy(), model(batch).numpy())
 
 
-@pytest.mark.parametrize("shape", [(8, 128, 256), (3, 5, 7)])  # an odd size uses half a word
+@pytest.mark.parametrize("shape", [(8, 128, 256), (3, 5, 7)])
 def test_dropout_drops_its_rate_scales_the_rest_and_draws_new_masks_each_call(shape):
     layer = modeling.Dropout(0.1, seed=7)
     x = tf.ones(shape)
@@ -240,6 +240,36 @@ def test_dropout_drops_its_rate_scales_the_rest_and_draws_new_masks_each_call(sh
     # The same seed state gives the same masks (what resumed runs and replicas rely on).
     again = modeling.Dropout(0.1, seed=7)
     np.testing.assert_array_equal(again(x, training=True).numpy(), first)
+
+
+def _splitmix64_reference(seed, n):
+    """SplitMix64 in Python integers, as splitmix64_bits documents it: high 32 bits of n outputs."""
+    mask = 2**64 - 1
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+    key = mix((mix(seed[0] & mask) + (seed[1] & mask)) & mask)
+    return [mix((key + i * 0x9E3779B97F4A7C15) & mask) >> 32 for i in range(1, n + 1)]
+
+
+def test_dropout_bits_are_splitmix64_in_eager_and_under_xla():
+    # The generator's published first output from state 0 (state + gamma, mixed).
+    gamma = tf.constant(0x9E3779B97F4A7C15, tf.uint64)
+    assert int(modeling._mix64(gamma).numpy()) == 0xE220A8397B1DCDAF
+    seed = tf.constant([7, -3], tf.int64)  # a negative counter: the seed's bits, not its value
+    expected = np.array(_splitmix64_reference([7, -3], 2 * 3 * 5), np.uint32).reshape(2, 3, 5)
+    shape = tf.constant([2, 3, 5], tf.int64)
+    np.testing.assert_array_equal(modeling.splitmix64_bits(seed, shape).numpy(), expected)
+    compiled = tf.function(modeling.splitmix64_bits, jit_compile=True)
+    np.testing.assert_array_equal(compiled(seed, shape).numpy(), expected)
+    # Every bit is a fair coin over 2^16 draws, and the next counter gives other bits.
+    bits = modeling.splitmix64_bits(seed, tf.constant([65536], tf.int64)).numpy()
+    ones = (bits[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    assert np.all(np.abs(ones.mean(0) - 0.5) < 4 * 0.5 / 256)  # 4 sigma
+    other = modeling.splitmix64_bits(tf.constant([7, -2], tf.int64), tf.constant([65536], tf.int64))
+    assert np.mean(bits == other.numpy()) < 1e-3
 
 
 def test_mixed_bfloat16_policy_keeps_float32_variables_and_outputs():
