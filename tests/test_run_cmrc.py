@@ -155,7 +155,10 @@ def test_every_window_of_a_long_context_is_scored_and_the_answer_maps_to_exact_c
 @pytest.mark.slow
 def test_training_beats_the_untrained_model_on_the_same_data(tmp_path, shared_data, google_vocab):
     """Both models are scored on the questions trained on: the untrained one (same seed, same
-    config) gets ~6 F1 from shared characters alone; training must clearly beat that."""
+    config) gets ~6 F1 from shared characters alone; training must clearly beat that. At 5e-4
+    every seed tried (12345, 1, 2, 3; either dropout generator) reaches 22-31 F1 in 8 epochs; at
+    1e-3 a random-init model this small diverges for some seeds (loss 3.9 -> 9.8) whatever the
+    dropout masks, which made this test a coin toss on the masks."""
     t0 = time.time()
     data = json.loads((shared_data / "cmrc2018" / "train.json").read_text(encoding="utf-8"))
     paragraphs = [p for a in data["data"] for p in a["paragraphs"] if len(p["context"]) < 400]
@@ -170,7 +173,7 @@ def test_training_beats_the_untrained_model_on_the_same_data(tmp_path, shared_da
                   doc_stride=96, max_query_length=24, max_answer_length=16)
     untrained = run_cmrc.run(_opts(tmp_path, output_dir=str(tmp_path / "untrained"), **common))
     trained = run_cmrc.run(_opts(tmp_path, data_dir=str(tmp_path), do_train=True, train_batch_size=16,
-                                 learning_rate=1e-3, num_train_epochs=8, **common))
+                                 learning_rate=5e-4, num_train_epochs=8, **common))
     print(f"cmrc, same 176 questions: untrained F1 {untrained['f1']:.1f}, trained F1 {trained['f1']:.1f}, "
           f"{time.time() - t0:.0f}s")
     predictions = json.loads((tmp_path / "out" / "predictions.json").read_text(encoding="utf-8"))
