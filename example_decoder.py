@@ -237,8 +237,11 @@ class Decoder:
     pretraining_records.check_values' words.
     """
 
-    def __init__(self, kind, seq_len, max_pred, vocab_size=None):
+    def __init__(self, kind, seq_len, max_pred, vocab_size=None, predictions=None):
         self.kind, self.seq, self.pred, self.vocab_size = kind, seq_len, max_pred, vocab_size
+        # Static records: only the first `predictions` slots (pretraining_records.predictions_in_use)
+        # are handed over, as tf.data does; a record with a real prediction past them is an error.
+        self.predictions = max_pred if predictions is None else min(predictions, max_pred)
         self.features = [f for f in records._features(kind) if f.read]
         self.names = {f.name for f in self.features}
 
@@ -294,7 +297,8 @@ class Decoder:
                 raise UsageError(f"{place[0]}: record {place[1]} has {f.name} of another type than "
                                  f"{f.dtype} (not {self.kind} pretraining records?)")
         records.check_values(place[0], self.kind, place[1], values, self.seq, self.pred,
-                             self.vocab_size if self.vocab_size is not None else 1 << 62)
+                             self.vocab_size if self.vocab_size is not None else 1 << 62,
+                             self.predictions)
         if self.kind == records.UNMASKED and len(values["word_starts"]) != 1:
             raise UsageError(f"{place[0]}: record {place[1]} has {len(values['word_starts'])} "
                              "word_starts values, not 1")
@@ -324,6 +328,12 @@ class Decoder:
                     if len(rows):
                         self._explain(raws, where, int(rows[0]))
                 batch[f.name] = array.astype(np.float32 if f.dtype == "float32" else np.int32)
+            if self.predictions < pred:
+                rows = np.flatnonzero(batch["masked_lm_weights"][:, self.predictions:].any(axis=1))
+                if len(rows):
+                    self._explain(raws, where, int(rows[0]))
+                for key in ("masked_lm_positions", "masked_lm_ids", "masked_lm_weights"):
+                    batch[key] = np.ascontiguousarray(batch[key][:, :self.predictions])
             return batch
         # unmasked: token_ids [n_i] -> [B, S] at 1..n_i; word_starts bitmap -> bool [B, S]
         values, counts, _ = out["token_ids"]

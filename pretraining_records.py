@@ -434,9 +434,10 @@ def check_sidecar(path, seq_len, max_pred, vocab_size):
     return meta, kind, features
 
 
-def check_values(path, kind, index, values, seq_len, max_pred, vocab_size):
+def check_values(path, kind, index, values, seq_len, max_pred, vocab_size, predictions=None):
     """values: {feature name: list of numbers} of record `index` of `path` (TensorFlow-free);
-    UsageError naming the file and record on the first problem."""
+    UsageError naming the file and record on the first problem. `predictions`: how many real
+    predictions the file's sidecar allows (`predictions_in_use`); None or max_pred: no such bound."""
     for f in _features(kind, path):
         if not f.read:
             continue
@@ -458,6 +459,11 @@ def check_values(path, kind, index, values, seq_len, max_pred, vocab_size):
                         "position", f"--max_seq_length {seq_len}")
                 raise UsageError(f"{path}: record {index} has {what[0]} {bad} in {f.name} out of "
                                  f"range [0, {what[1]})")
+    weights = values.get("masked_lm_weights", ())
+    if predictions is not None and predictions < max_pred and any(weights[predictions:]):
+        raise UsageError(f"{path}: record {index} has {sum(w != 0 for w in weights)} predictions, "
+                         f"more than the {predictions} its sidecar's masked_lm_prob allows at "
+                         f"--max_seq_length={seq_len}; regenerate the records or remove the sidecar")
 
 
 def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
@@ -475,9 +481,12 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
 
     meta, kind, features = check_sidecar(path, seq_len, max_pred, vocab_size)
     meta_path = sidecar_path(path)
+    info = RecordInfo(kind, ((path, meta),))
+    # The parsers hand the model only the slots the sidecar's masked_lm_prob can fill.
+    predictions = predictions_in_use(info, seq_len, max_pred)
 
     def check_values_(index, values):
-        check_values(path, kind, index, values, seq_len, max_pred, vocab_size)
+        check_values(path, kind, index, values, seq_len, max_pred, vocab_size, predictions)
 
     def values_of(raw, index):
         try:
@@ -495,7 +504,7 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
         check_values_(0, values_of(first.numpy(), 0))
         if full_scan:
             count = _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_values_,
-                                       values_of)
+                                       values_of, predictions)
             if meta is not None and "num_instances" in meta and count != meta["num_instances"]:
                 raise UsageError(f"{path}: {count} records, but {meta_path} says "
                                  f"num_instances={meta['num_instances']} (incomplete file?)")
@@ -503,7 +512,7 @@ def check_records(path, seq_len, max_pred, vocab_size, full_scan=True):
         raise UsageError(f"{path}: corrupt or truncated TFRecord file ({_op_message(e)})") from None
     except tf.errors.OpError as e:
         raise UsageError(f"{path}: unreadable ({_op_message(e)})") from None
-    return RecordInfo(kind, ((path, meta),))
+    return info
 
 
 def _op_message(error):
@@ -513,9 +522,11 @@ def _op_message(error):
     return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S).strip()
 
 
-def _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_values, values_of):
-    """Reads every record (CRCs), checks lengths, ids and positions in batches with tf.data, and
-    returns the count. A batch with a problem is re-read record by record to name the record.
+def _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_values, values_of,
+                       predictions):
+    """Reads every record (CRCs), checks lengths, ids and positions (and that no real prediction
+    lies past the first `predictions` slots) in batches with tf.data, and returns the count.
+    A batch with a problem is re-read record by record to name the record.
 
     Parsing in batches is faster than counting records one by one with Dataset.reduce (0.4-1.9 s
     vs 4.3-6.6 s for 117k records of length 128, 89 MB, on the shared development machine), so
@@ -528,6 +539,8 @@ def _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_valu
     spec = {f.name: tf.io.RaggedFeature(tf.int64) if feature_length(f, seq_len, max_pred) is None
             else tf.io.FixedLenFeature([feature_length(f, seq_len, max_pred)], tf.int64)
             for f in checked}
+    if predictions < max_pred:
+        spec["masked_lm_weights"] = tf.io.FixedLenFeature([max_pred], tf.float32)
 
     def scan(serialized):
         parsed = tf.io.parse_example(serialized, spec)
@@ -539,6 +552,8 @@ def _scan_every_record(path, seq_len, max_pred, vocab_size, features, check_valu
                 bad |= tf.reduce_any((lengths < 1) | (lengths > seq_len - 2))
                 v = v.flat_values
             bad |= tf.reduce_any((v < 0) | (v >= (vocab_size if f.token_ids else seq_len)))
+        if predictions < max_pred:
+            bad |= tf.reduce_any(parsed["masked_lm_weights"][:, predictions:] != 0)
         return bad, tf.size(serialized)
 
     records = tf.data.TFRecordDataset(path, buffer_size=1 << 20)
@@ -596,9 +611,10 @@ def predictions_in_use(info, seq_len, max_pred):
     """How many of the [P] prediction slots of static records can hold a real prediction: our
     generators mask at most mask_budget(n) <= mask_budget(max_seq_length - 2) tokens (13 of 20 at
     seq 128 and masked_lm_prob 0.1), so the rest are padding the MLM head need not compute. P when
-    any file lacks a sidecar with masked_lm_prob (Google's records)."""
+    any file lacks a sidecar with masked_lm_prob (Google's records), and for unmasked records
+    (their masks are drawn while training, by a rule that may use all P slots)."""
     probs = [m.get("masked_lm_prob") if m else None for _, m in info.metas]
-    if not probs or None in probs:
+    if info.kind != STATIC or not probs or None in probs:
         return max_pred
     return int(max(mask_budget(seq_len - 2, p, max_pred)[-1] for p in probs))
 

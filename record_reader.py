@@ -107,17 +107,19 @@ def check_file(path, seq_len, max_pred, vocab_size, full_scan=True, batch=4096):
     record: CRCs, lengths, ids and positions, and the count against the sidecar's num_instances.
     Returns the file's RecordInfo. UsageError naming the file (and the record index)."""
     meta, kind, _ = records.check_sidecar(path, seq_len, max_pred, vocab_size)
+    info = records.RecordInfo(kind, ((path, meta),))
     f = RecordFile(path)
     if not len(f):
         raise UsageError(f"{path}: no records")
-    decode = Decoder(kind, seq_len, max_pred, vocab_size)
+    decode = Decoder(kind, seq_len, max_pred, vocab_size,
+                     records.predictions_in_use(info, seq_len, max_pred))
     for first in range(0, len(f) if full_scan else 1, batch):
         indices = range(first, min(first + batch, len(f)) if full_scan else 1)
         decode(f.read(indices), lambda i, first=first: (path, first + i))
     if full_scan and meta is not None and "num_instances" in meta and len(f) != meta["num_instances"]:
         raise UsageError(f"{path}: {len(f)} records, but {records.sidecar_path(path)} says "
                          f"num_instances={meta['num_instances']} (incomplete file?)")
-    return records.RecordInfo(kind, ((path, meta),))
+    return info
 
 
 def count_records(path):
@@ -289,7 +291,8 @@ def train_batches(files, counts, global_batch, seed, shuffle_buffer_size, start_
         raise UsageError(f"--input_file has {epochs.per_epoch} records for pipeline {pipeline_id}, "
                          f"fewer than one batch ({batch})")
     kind = info.kind if info is not None else records.STATIC
-    decode = Decoder(kind, seq_len, max_pred, vocab_size)
+    decode = Decoder(kind, seq_len, max_pred, vocab_size,
+                     records.predictions_in_use(info, seq_len, max_pred) if info is not None else None)
     reader = _Files(epochs.mine)
     chunk = batch * max(1, 2048 // batch)
 
@@ -329,7 +332,8 @@ def eval_batches(files, counts, global_batch, steps, info, *, seq_len, max_pred,
     if shard:
         f, i = f[pipeline_id::num_pipelines], i[pipeline_id::num_pipelines]
     kind = info.kind if info is not None else records.STATIC
-    decode = Decoder(kind, seq_len, max_pred, vocab_size)
+    decode = Decoder(kind, seq_len, max_pred, vocab_size,
+                     records.predictions_in_use(info, seq_len, max_pred) if info is not None else None)
     reader = _Files(mine)
     padding = None
     for step in range(steps):

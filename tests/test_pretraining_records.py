@@ -226,6 +226,12 @@ def test_static_parser_hands_over_only_the_prediction_slots_the_generator_can_fi
     parse = records.make_parser(records.read_info([lying]), SEQ, PRED)
     with pytest.raises(tf.errors.InvalidArgumentError, match="lying.tfrecord: a record has more than 1"):
         next(iter(tf.data.TFRecordDataset(lying).enumerate().batch(5).map(parse)))
+    # ... and the check before training (run_pretraining's --check_input_files) says so in one
+    # line, naming the record; the parser's assert only backs up --check_input_files=false.
+    with pytest.raises(records.UsageError, match=r"lying.tfrecord: record 0 has 2 predictions, more "
+                       r"than the 1 its sidecar's masked_lm_prob allows at --max_seq_length=16;"):
+        records.check_records(lying, SEQ, PRED, VOCAB)
+    assert records.check_records(path, SEQ, PRED, VOCAB).kind == records.STATIC
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def data(tmp_path_factory):
 def _read_all(path, vocab_size):
     f = rr.RecordFile(path)
     info = records.read_info([path])
-    return rr.Decoder(info.kind, SEQ, PRED, vocab_size)(f.read(range(len(f))), lambda i: (path, i))
+    return rr.Decoder(info.kind, SEQ, PRED, vocab_size, records.predictions_in_use(info, SEQ, PRED))(
+        f.read(range(len(f))), lambda i: (path, i))
 
 
 def test_static_records_decode_to_what_tf_data_parses(data):
@@ -47,14 +48,12 @@ def test_static_records_decode_to_what_tf_data_parses(data):
     raw = list(tf.data.TFRecordDataset(data["static"]).as_numpy_iterator())
     theirs = parse(tf.zeros(len(raw), tf.int64), tf.constant(raw))
     assert set(ours) == set(theirs)
-    # tf.data hands over only the prediction slots the generator can fill; the JAX path reads all.
+    # Both hand over only the prediction slots the generator can fill.
     width = theirs["masked_lm_weights"].shape[1]
-    assert width == records.predictions_in_use(records.read_info([data["static"]]), SEQ, PRED)
-    assert not ours["masked_lm_weights"][:, width:].any()
+    assert width == records.predictions_in_use(records.read_info([data["static"]]), SEQ, PRED) < PRED
     for k, v in theirs.items():
         assert ours[k].dtype == v.numpy().dtype, k
-        np.testing.assert_array_equal(ours[k][:, :width] if k.startswith("masked_lm_") else ours[k],
-                                      v.numpy(), err_msg=k)
+        np.testing.assert_array_equal(ours[k], v.numpy(), err_msg=k)
     assert len(raw) == rr.count_records(data["static"]) > 100
 
 
@@ -124,6 +123,25 @@ def test_negative_ids_are_decoded_and_rejected_like_check_records(tmp_path):
         records.check_records(path, SEQ, PRED, 300)
     assert str(ours.value) == str(theirs.value)
     assert "record 3 has token id -3 in masked_lm_ids" in str(ours.value)
+
+
+def test_static_slots_are_cut_to_what_the_sidecar_allows_and_a_lying_sidecar_is_named(tmp_path):
+    """As tf.data: only the slots masked_lm_prob can fill; more real predictions: check_records' error."""
+    meta = {"max_seq_length": SEQ, "max_predictions_per_seq": PRED, "vocab_size": 300}
+    honest, lying = str(tmp_path / "honest.tfrecord"), str(tmp_path / "lying.tfrecord")
+    records.write_records(honest, [records.encode_example(_static_values(5))] * 4,
+                          {**meta, "masked_lm_prob": 0.05})  # round(62 * 0.05) = 3 slots
+    records.write_records(lying, [records.encode_example(_static_values(5))] * 4,
+                          {**meta, "masked_lm_prob": 0.01})  # round(0.62) -> 1 slot, 2 real
+    batch = next(rr.eval_batches([honest], [4], 4, 1, records.read_info([honest]), seq_len=SEQ,
+                                 max_pred=PRED))
+    assert batch["masked_lm_weights"].tolist() == [[1.0, 1.0, 0.0]] * 4
+    with pytest.raises(UsageError) as ours:
+        rr.check_file(lying, SEQ, PRED, 300)
+    with pytest.raises(UsageError) as theirs:
+        records.check_records(lying, SEQ, PRED, 300)
+    assert str(ours.value) == str(theirs.value)
+    assert "record 0 has 2 predictions, more than the 1 its sidecar's masked_lm_prob allows" in str(ours.value)
 
 
 @pytest.mark.parametrize("field,value", [("input_ids", ("int64", [1] * (SEQ - 1))),
