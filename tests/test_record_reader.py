@@ -111,18 +111,23 @@ def test_packed_and_unpacked_lists_decode_alike_and_as_protobuf_reads_them(tmp_p
     assert rr.check_file(path, SEQ, PRED, 300).kind == records.STATIC
 
 
+def _both_checks_fail_alike(path):
+    """-> the one-line error of record_reader.check_file, asserted equal to check_records'."""
+    with pytest.raises(UsageError) as ours:
+        rr.check_file(path, SEQ, PRED, 300)
+    with pytest.raises(UsageError) as theirs:
+        records.check_records(path, SEQ, PRED, 300)
+    assert str(ours.value) == str(theirs.value)
+    return str(ours.value)
+
+
 def test_negative_ids_are_decoded_and_rejected_like_check_records(tmp_path):
     values = _static_values(5)
     values["masked_lm_ids"] = ("int64", [-3] + [0] * (PRED - 1))
     path = str(tmp_path / "neg.tfrecord")
     records.write_records(path, [records.encode_example(_static_values(5))] * 3 + [records.encode_example(values)],
                           {"max_seq_length": SEQ, "max_predictions_per_seq": PRED, "vocab_size": 300})
-    with pytest.raises(UsageError) as ours:
-        rr.check_file(path, SEQ, PRED, 300)
-    with pytest.raises(UsageError) as theirs:
-        records.check_records(path, SEQ, PRED, 300)
-    assert str(ours.value) == str(theirs.value)
-    assert "record 3 has token id -3 in masked_lm_ids" in str(ours.value)
+    assert "record 3 has token id -3 in masked_lm_ids" in _both_checks_fail_alike(path)
 
 
 def test_static_slots_are_cut_to_what_the_sidecar_allows_and_a_lying_sidecar_is_named(tmp_path):
@@ -136,12 +141,8 @@ def test_static_slots_are_cut_to_what_the_sidecar_allows_and_a_lying_sidecar_is_
     batch = next(rr.eval_batches([honest], [4], 4, 1, records.read_info([honest]), seq_len=SEQ,
                                  max_pred=PRED))
     assert batch["masked_lm_weights"].tolist() == [[1.0, 1.0, 0.0]] * 4
-    with pytest.raises(UsageError) as ours:
-        rr.check_file(lying, SEQ, PRED, 300)
-    with pytest.raises(UsageError) as theirs:
-        records.check_records(lying, SEQ, PRED, 300)
-    assert str(ours.value) == str(theirs.value)
-    assert "record 0 has 2 predictions, more than the 1 its sidecar's masked_lm_prob allows" in str(ours.value)
+    assert ("record 0 has 2 predictions, more than the 1 its sidecar's masked_lm_prob allows"
+            in _both_checks_fail_alike(lying))
 
 
 @pytest.mark.parametrize("field,value", [("input_ids", ("int64", [1] * (SEQ - 1))),
