@@ -612,7 +612,10 @@ def predictions_in_use(info, seq_len, max_pred):
     generators mask at most mask_budget(n) <= mask_budget(max_seq_length - 2) tokens (13 of 20 at
     seq 128 and masked_lm_prob 0.1), so the rest are padding the MLM head need not compute. P when
     any file lacks a sidecar with masked_lm_prob (Google's records), and for unmasked records
-    (their masks are drawn while training, by a rule that may use all P slots)."""
+    (their masks are drawn while training, by a rule that may use all P slots), and without an
+    info (nothing known about the files)."""
+    if info is None:
+        return max_pred
     probs = [m.get("masked_lm_prob") if m else None for _, m in info.metas]
     if info.kind != STATIC or not probs or None in probs:
         return max_pred
@@ -624,7 +627,7 @@ def _static_parser(info, seq_len, max_pred, **options):
     in use (`predictions_in_use`); a record with a real prediction past them fails loudly."""
     import tensorflow as tf
     spec = feature_spec(seq_len, max_pred, STATIC)
-    width = predictions_in_use(info, seq_len, max_pred) if info is not None else max_pred
+    width = predictions_in_use(info, seq_len, max_pred)
     files = ", ".join(p for p, _ in info.metas) if info is not None else "the records"
 
     def parse(position, serialized):

@@ -292,7 +292,7 @@ def train_batches(files, counts, global_batch, seed, shuffle_buffer_size, start_
                          f"fewer than one batch ({batch})")
     kind = info.kind if info is not None else records.STATIC
     decode = Decoder(kind, seq_len, max_pred, vocab_size,
-                     records.predictions_in_use(info, seq_len, max_pred) if info is not None else None)
+                     records.predictions_in_use(info, seq_len, max_pred))
     reader = _Files(epochs.mine)
     chunk = batch * max(1, 2048 // batch)
 
@@ -333,7 +333,7 @@ def eval_batches(files, counts, global_batch, steps, info, *, seq_len, max_pred,
         f, i = f[pipeline_id::num_pipelines], i[pipeline_id::num_pipelines]
     kind = info.kind if info is not None else records.STATIC
     decode = Decoder(kind, seq_len, max_pred, vocab_size,
-                     records.predictions_in_use(info, seq_len, max_pred) if info is not None else None)
+                     records.predictions_in_use(info, seq_len, max_pred))
     reader = _Files(mine)
     padding = None
     for step in range(steps):
