@@ -434,7 +434,11 @@ class MaskedLMHead(keras.layers.Layer):
                                            initializer="zeros")
 
     def call(self, sequence_output, positions, word_embeddings):
-        """sequence_output [B,S,H], positions [B,P] -> logits [B,P,V] float32."""
+        """sequence_output [B,S,H], positions [B,P] -> logits [B,P,V] float32.
+
+        positions[b, p] names token b * S + positions[b, p] of the flattened batch, which is
+        usually row b's own token; the trainer packs predictions across rows this way
+        (run_pretraining.pack_predictions), so values outside [0, S) are meant."""
         # Gather first: the V-wide matmul then costs P instead of S rows per sequence. Google's
         # gather_indexes: flatten the batch and offset each row's positions by b * S.
         batch, seq_len, hidden = ops.shape(sequence_output)

@@ -126,6 +126,23 @@ def eval_dataset_fn(files, counts, per_replica_batch, steps, parse):
     return dataset_fn
 
 
+def sample_prediction_stats(files, parse, num_records=4096):
+    """(mean, std) of the real predictions per sequence in the first `num_records` records (read
+    round-robin over the files, parsed as training parses them), for the trainer's MLM head width
+    (run_pretraining.packed_width); None when nothing could be read (the training stream then
+    reports the problem where it always does). A sample is enough: the width only decides speed,
+    a batch with more real predictions than it is computed in full."""
+    d = tf.data.Dataset.from_tensor_slices(files).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(files), 16))
+    d = d.take(num_records).enumerate().batch(512).map(
+        lambda positions, serialized: parse(positions, serialized)["masked_lm_weights"])
+    try:
+        counts = np.concatenate([np.sum(w > 0, axis=1) for w in d.as_numpy_iterator()] or [[]])
+    except tf.errors.OpError:
+        return None
+    return (float(counts.mean()), float(counts.std())) if counts.size else None
+
+
 # ------------------------------------------------------------------------------------------------
 # The output folder: checkpoints to resume, inputs a resume must match, the run-folder files
 # ------------------------------------------------------------------------------------------------

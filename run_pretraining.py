@@ -161,6 +161,62 @@ def mlm_sums(logits, masked_lm_ids, masked_lm_weights):
             ops.sum(masked_lm_weights))
 
 
+def pack_predictions(batch, seq_len, width):
+    """The batch's real predictions (weight > 0) moved to the front of `width` slots per sequence.
+
+    batch: the model's tensors with masked_lm_* [B, P]; returns them with masked_lm_* [B, width],
+    the real predictions first (row by row), then padding. The caller checks that they fit (at
+    most B * width). A prediction may move to another sequence's row: its position is stored as
+    (b_from * S + p) - b_to * S, which the MLM head's gather (b_to * S + position, into the
+    flattened [B*S, H]) turns back into its own token. Loss, accuracy and gradients are those of
+    the [B, P] batch: the same predictions, and padding has weight 0.
+    """
+    ops = keras.ops
+    positions, ids, weights = (batch[k] for k in ("masked_lm_positions", "masked_lm_ids",
+                                                  "masked_lm_weights"))
+    rows, slots = positions.shape
+    total, kept = rows * slots, rows * width
+    row_start = ops.arange(rows, dtype="int32")[:, None] * seq_len                       # [B, 1]
+    index = ops.arange(total, dtype="int32")                                             # [B*P]
+    real = ops.reshape(weights > 0, [total])
+    # The indices of the real predictions in order, then of the padding: sort index (real) or
+    # total + index (padding), keep the first B * width.
+    key = ops.sort(ops.where(real, index, total + index))[:kept]                         # [K]
+    valid = key < total
+    source = ops.where(valid, key, key - total)
+
+    def move(x):  # [B, P] -> [B, width], the kept predictions' values, 0 in padding
+        moved = ops.take(ops.reshape(x, [total]), source)
+        return ops.reshape(ops.where(valid, moved, ops.zeros((), moved.dtype)), [rows, width])
+
+    packed = dict(batch)
+    packed["masked_lm_positions"] = move(ops.cast(positions, "int32") + row_start) - row_start
+    packed["masked_lm_ids"] = move(ids)
+    packed["masked_lm_weights"] = move(weights)
+    return packed
+
+
+# How far above its mean a micro-batch's number of real predictions may go before it takes the
+# full-width MLM head: in standard deviations of that number (1 micro-batch in ~30,000 at 4).
+PACKING_MARGIN = 4.0
+
+
+def packed_width(prediction_stats, rows):
+    """Prediction slots per sequence the MLM head computes for micro-batches of `rows` sequences.
+
+    prediction_stats: (mean, std) of the real predictions per sequence (`sample_prediction_stats`),
+    or None (every slot). Padding slots cost a full row of the V-wide head matmul; a batch holds
+    fewer real predictions than slots (static records: as few as the sequences' lengths allow;
+    dynamic masking: its rule may use all P slots but aims at masked_lm_prob x n), so the head
+    computes rows * mean + PACKING_MARGIN deviations of the batch's sum, rounded up to whole slots.
+    """
+    if prediction_stats is None:
+        return None
+    mean, std = prediction_stats
+    needed = rows * mean + PACKING_MARGIN * math.sqrt(rows) * std
+    return max(1, math.ceil(needed / rows))
+
+
 _MODEL_INPUTS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions")
 _EPSILON = 1e-5  # Google's denominator guard for batches without masked positions
 
@@ -195,8 +251,9 @@ class MaskedLMTrainer:
     """
 
     def __init__(self, model, optimizer, strategy, per_replica_batch, accumulation_steps=1,
-                 clip_norm=1.0, jit_compile=True):
+                 clip_norm=1.0, jit_compile=True, prediction_stats=None):
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        self.packed_width = packed_width(prediction_stats, per_replica_batch // accumulation_steps)
         self.per_replica_batch = per_replica_batch
         self.accumulation_steps = accumulation_steps
         self.clip_norm = clip_norm
@@ -224,6 +281,18 @@ class MaskedLMTrainer:
 
         def micro_batch(i, non_trainable):
             micro = {name: t[i] for name, t in batch.items()}                    # [B_micro, ...]
+            width, slots = self.packed_width, micro["masked_lm_weights"].shape[1]
+            if width is None or 8 * width > 7 * slots:  # saves < 1/8: not worth a second branch
+                return grads_of(micro, non_trainable)
+            # The MLM head on the micro-batch's real predictions only, `width` slots per sequence;
+            # a micro-batch with more real predictions than that takes every slot (exact either way).
+            rows, seq_len = micro["input_ids"].shape
+            count = tf.reduce_sum(tf.cast(micro["masked_lm_weights"] > 0, tf.int32))
+            return tf.cond(count <= rows * width,
+                           lambda: grads_of(pack_predictions(micro, seq_len, width), non_trainable),
+                           lambda: grads_of(micro, non_trainable))
+
+        def grads_of(micro, non_trainable):
             with tf.GradientTape() as tape:
                 tape.watch(trainable)
                 logits, non_trainable = self.model.stateless_call(
@@ -559,11 +628,20 @@ def _build(opts, plan):
             opts.num_warmup_steps if opts.do_train else 0, optimizer_type=opts.optimizer,
             weight_decay=opts.weight_decay, beta_2=opts.beta_2, clip_norm=0)
         optimizer.build(model.trainable_variables)
+    stats = (pretraining_input.sample_prediction_stats(
+        plan.train_files, _parser(opts, plan.train_files, training=True)) if opts.do_train else None)
     trainer = MaskedLMTrainer(model, optimizer, plan.strategy,
                               per_replica_batch=opts.train_batch_size // plan.strategy.num_replicas_in_sync,
                               accumulation_steps=opts.gradient_accumulation_steps,
-                              clip_norm=opts.clip_norm, jit_compile=opts.jit_compile)
+                              clip_norm=opts.clip_norm, jit_compile=opts.jit_compile,
+                              prediction_stats=stats)
     logging.info("train step compiled: %s", trainer.mode)
+    slots = pretraining_records.predictions_in_use(pretraining_records.read_info(plan.train_files),
+                                                   opts.max_seq_length, opts.max_predictions_per_seq)
+    if stats is not None and trainer.packed_width < slots:
+        logging.info("real predictions per sequence in the first records: mean %.1f, std %.1f; the "
+                     "MLM head computes %d of the %d slots per sequence (a micro-batch with more real "
+                     "predictions: all)", *stats, trainer.packed_width, slots)
     trackables = {"optimizer": optimizer}
     if model.non_trainable_variables:  # dropout seed states: resume draws the same masks
         trackables["dropout_seeds"] = list(model.non_trainable_variables)

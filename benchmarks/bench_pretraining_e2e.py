@@ -172,6 +172,7 @@ def breakdown(paths, steps, rounds):
 
     import modeling
     import optimization
+    import pretraining_input
     import pretraining_records
     import run_pretraining
     import train_utils
@@ -179,12 +180,13 @@ def breakdown(paths, steps, rounds):
     config = run_pretraining.load_config(CONFIG)
     strategy = train_utils.make_strategy("auto")
 
-    def fresh_trainer():
+    def fresh_trainer(stats):  # stats: as run_pretraining._build samples them (the MLM head width)
         with strategy.scope():
             model = modeling.build_model(modeling.BertPretrainer(config))
             optimizer = optimization.create_optimizer(1e-4, 100_000, 10, clip_norm=0)
             optimizer.build(model.trainable_variables)
-        return run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=BATCH)
+        return run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=BATCH,
+                                               prediction_stats=stats)
 
     @tf.function
     def consume(iterator, n):  # the input alone, pulled as the train loop pulls it
@@ -197,6 +199,7 @@ def breakdown(paths, steps, rounds):
                                                                  jit_compile=True)
     variants = {"step, random batch": lambda n: random_step(n)}
     scratch = tempfile.mkdtemp()
+    widths = {}  # kind -> (the MLM head's packed slots per sequence, the sampled stats)
     for kind, path in paths.items():
         opts = types.SimpleNamespace(
             input_file=path, max_seq_length=SEQ, max_predictions_per_seq=PRED, seed=12345,
@@ -211,9 +214,12 @@ def breakdown(paths, steps, rounds):
                                                   opts.shuffle_buffer_size, 0, parse)
             return iter(strategy.distribute_datasets_from_function(fn))
 
+        stats = pretraining_input.sample_prediction_stats(
+            files, run_pretraining._parser(opts, files, training=True))
         input_it = stream()
         variants[f"{kind}: input alone"] = lambda n, it=input_it: consume(it, tf.constant(n)).numpy()
-        cached_trainer = fresh_trainer()
+        cached_trainer = fresh_trainer(stats)
+        widths[kind] = (cached_trainer.packed_width, stats)
         one = next(iter(run_pretraining.train_dataset_fn(
             files, counts, BATCH, opts.seed, 1000, 0, run_pretraining._parser(opts, files, True))(
                 tf.distribute.InputContext())))
@@ -224,7 +230,7 @@ def breakdown(paths, steps, rounds):
             trainer.train_loop(it, tf.constant(n))[2].numpy()
         variants[f"{kind}: step, cached batch"] = cached_step
 
-        loop_trainer = fresh_trainer()
+        loop_trainer = fresh_trainer(stats)
         manager = tf.train.CheckpointManager(modeling.make_checkpoint(loop_trainer.model),
                                              opts.output_dir, max_to_keep=1)
         loop_it = stream()
@@ -252,6 +258,9 @@ def breakdown(paths, steps, rounds):
     for name, rate in best.items():
         print(f"  {name:28s} {rate:9.1f} seq/s {cpu[name]:8.1f} CPU ms/batch")
     random_step = best["step, random batch"]
+    for kind, (width, stats) in widths.items():
+        print(f"  {kind}: real predictions per sequence, mean {stats[0]:.1f} std {stats[1]:.1f}: "
+              f"the MLM head computes {width} slots per sequence (packed_width)")
     for kind in paths:
         step, loop = best[f"{kind}: step, cached batch"], best[f"{kind}: loop (_train)"]
         print(f"  {kind}: input alone / the step's demand {best[f'{kind}: input alone'] / step:.0f}x "

@@ -148,6 +148,76 @@ def test_accumulated_micro_batches_equal_one_large_batch(pretraining_data, tmp_p
                                rtol=1e-4)
 
 
+def _tiny_batch(rng, rows, seq_len, slots, vocab, counts):
+    """A batch with counts[b] real predictions in row b, at distinct positions, then padding."""
+    positions = np.zeros((rows, slots), np.int32)
+    weights = np.zeros((rows, slots), np.float32)
+    for b, n in enumerate(counts):
+        positions[b, :n] = np.sort(rng.choice(np.arange(1, seq_len - 1), n, replace=False))
+        weights[b, :n] = 1
+    return {"input_ids": rng.integers(100, vocab, (rows, seq_len)).astype(np.int32),
+            "input_mask": np.ones((rows, seq_len), np.int32),
+            "segment_ids": np.zeros((rows, seq_len), np.int32),
+            "masked_lm_positions": positions,
+            "masked_lm_ids": (rng.integers(100, vocab, (rows, slots)) * weights).astype(np.int32),
+            "masked_lm_weights": weights}
+
+
+def test_packed_predictions_keep_every_real_prediction_at_its_token():
+    import tensorflow as tf
+
+    import run_pretraining
+    rng = np.random.default_rng(1)
+    batch = _tiny_batch(rng, 4, 16, 6, 500, counts=[6, 0, 3, 5])
+    packed = run_pretraining.pack_predictions({k: tf.constant(v) for k, v in batch.items()}, 16, 4)
+    packed = {k: v.numpy() for k, v in packed.items()}
+    assert packed["masked_lm_positions"].shape == (4, 4)
+
+    def predictions(b):  # {(token in the flattened batch, label)} of the real predictions
+        rows = np.arange(len(b["masked_lm_weights"]))[:, None] * 16
+        real = b["masked_lm_weights"] > 0
+        return sorted(zip((b["masked_lm_positions"] + rows)[real], b["masked_lm_ids"][real]))
+
+    assert predictions(packed) == predictions(batch) and len(predictions(batch)) == 14
+    assert packed["masked_lm_weights"].sum() == 14  # 14 real slots first, then 2 of padding
+    assert (packed["masked_lm_weights"].reshape(-1)[14:] == 0).all()
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_a_packed_mlm_head_gives_the_gradients_of_every_slot(jit):
+    """The trainer computes the MLM head on a batch's real predictions only (packed_width); the
+    loss, accuracy and gradients are those of the full [B, P] batch, also for a batch with more
+    real predictions than the packed slots (it takes the full-width branch)."""
+    import tensorflow as tf
+
+    import modeling
+    import optimization
+    import run_pretraining
+    import train_utils
+    strategy = train_utils.make_strategy("one_device")
+    with strategy.scope():
+        model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig(**pretraining_config(500))))
+        optimizer = optimization.create_optimizer(1e-3, 10, 1, clip_norm=0)
+
+    def trainer(stats):
+        return run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=8,
+                                               jit_compile=jit, prediction_stats=stats)
+
+    full, packed = trainer(None), trainer((2.0, 0.5))
+    assert full.packed_width is None and packed.packed_width == 3  # ceil(2 + 4 * 0.5 / sqrt(8))
+    rng = np.random.default_rng(2)
+    for counts in ([3, 0, 1, 2, 6, 4, 2, 3], [6] * 8):  # 21 real fit in 8 x 3 slots; 48 do not
+        batch = {k: tf.constant(v[None]) for k, v in  # [1 micro-batch, 8, ...]
+                 _tiny_batch(rng, 8, 16, 6, 500, counts).items()}
+        trainable, non_trainable = full._values()
+        expected_grads, expected_sums, _ = full._grads_fn(trainable, non_trainable, batch)
+        grads, sums, _ = packed._grads_fn(trainable, non_trainable, batch)
+        np.testing.assert_allclose(sums.numpy(), expected_sums.numpy(), rtol=1e-5)
+        assert sums.numpy()[2] == sum(counts)
+        for variable, g, e in zip(model.trainable_variables, grads, expected_grads):
+            np.testing.assert_allclose(g.numpy(), e.numpy(), atol=2e-6, err_msg=variable.path)
+
+
 def test_bf16_step_compiles_whole_with_float32_weights_and_accumulation():
     """The GPU/TPU configuration (--mixed_precision: Keras' mixed_bfloat16 policy, XLA), run on the
     CPU so dtype mistakes show here first; bf16 is only slow on CPUs, not wrong."""
