@@ -2,7 +2,8 @@
 
 Reading guide, top to bottom:
   1. `BertConfig`     reads and writes Google's `bert_config.json`.
-  2. Layers           embeddings, self-attention, transformer layer, the encoder (`BertEncoder`).
+  2. Layers           embeddings, self-attention, transformer layer, the encoder (`BertEncoder`);
+                      `TokenLayout` when a caller asks for the real tokens only (packing).
   3. Models           `BertPretrainer` (masked LM, decoder tied to the word embeddings) and the
                       fine-tuning heads `BertClassifier`, `BertTokenClassifier`, `BertSpanQA`.
   4. Names            `name_table`: every weight -> its Google TF1 name and its HuggingFace name.
@@ -294,6 +295,33 @@ class Embeddings(keras.layers.Layer):
         return self.dropout(x, training=training)
 
 
+class TokenLayout:
+    """The tokens an encoder call computes in its token-wise layers, when not all of them.
+
+    tokens: int32 [K], distinct indices into the flattened [B*S] batch (the trainer lists the
+    real tokens, so padding costs nothing: run_pretraining.pack_tokens). Dense layers, LayerNorm
+    and dropout then run on [K, H]; attention runs on [B, S, H], the tokens not listed being
+    zeros there (they are padding: the attention bias hides them as keys, their own outputs are
+    never read).
+    """
+
+    def __init__(self, tokens, batch, seq_len):
+        self.tokens, self.shape = tokens, (batch, seq_len)
+        k = ops.shape(tokens)[0]
+        listed = ops.scatter(tokens[:, None], ops.arange(1, k + 1, dtype="int32"),
+                             (batch * seq_len,))                                     # [B*S]
+        self.slot = ops.where(listed > 0, listed - 1, k)  # row of each token; k: a zero row
+
+    def pack(self, x):
+        """[B, S, X] -> [K, X]"""
+        return ops.take(ops.reshape(x, (-1, x.shape[-1])), self.tokens, axis=0)
+
+    def unpack(self, x):
+        """[K, X] -> [B, S, X], zeros at the tokens not listed"""
+        rows = ops.concatenate([x, ops.zeros((1, x.shape[-1]), x.dtype)], axis=0)    # [K+1, X]
+        return ops.reshape(ops.take(rows, self.slot, axis=0), self.shape + (x.shape[-1],))
+
+
 class SelfAttention(keras.layers.Layer):
     """Multi-head self-attention + output projection + residual + LayerNorm ("layer_i/attention")."""
 
@@ -314,11 +342,13 @@ class SelfAttention(keras.layers.Layer):
         # ops.shape gives dynamic sizes for the unknown dims under tf.function, static ones on JAX.
         return ops.reshape(x, ops.shape(x)[:2] + (self.num_heads, self.head_size))  # [B, S, N, D]
 
-    def call(self, x, attention_bias, training=False):
-        """x: [B, S, H]; attention_bias: [B, 1, 1, S], 0 for real tokens and -10000 for padding."""
-        q = self._split_heads(self.query(x))                          # [B, S, N, D]
-        k = self._split_heads(self.key(x))                            # [B, S, N, D]
-        v = self._split_heads(self.value(x))                          # [B, S, N, D]
+    def call(self, x, attention_bias, training=False, layout=None):
+        """x: [B, S, H] (or [K, H] with a TokenLayout); attention_bias: [B, 1, 1, S], 0 for real
+        tokens and -10000 for padding."""
+        full = layout.unpack if layout is not None else lambda t: t  # [K, H] -> [B, S, H]
+        q = self._split_heads(full(self.query(x)))                    # [B, S, N, D]
+        k = self._split_heads(full(self.key(x)))                      # [B, S, N, D]
+        v = self._split_heads(full(self.value(x)))                    # [B, S, N, D]
         scores = ops.einsum("bfnd,btnd->bnft", q, k)                  # [B, N, S(from), S(to)]
         # Softmax in float32: under bfloat16 the -10000 bias and large logits lose too much precision.
         scores = ops.cast(scores, "float32") * (1.0 / math.sqrt(self.head_size))
@@ -326,9 +356,11 @@ class SelfAttention(keras.layers.Layer):
         probs = ops.cast(ops.softmax(scores, axis=-1), self.compute_dtype)
         probs = self.probs_dropout(probs, training=training)
         context = ops.einsum("bnft,btnd->bfnd", probs, v)             # [B, S, N, D]
-        context = ops.reshape(context, ops.shape(x))                  # [B, S, H]
+        context = ops.reshape(context, ops.shape(context)[:2] + (-1,))  # [B, S, H]
+        if layout is not None:
+            context = layout.pack(context)                            # [K, H]
         out = self.output_dropout(self.output_dense(context), training=training)
-        return self.output_norm(x + out)                              # [B, S, H]
+        return self.output_norm(x + out)                              # [B, S, H] or [K, H]
 
 
 class TransformerLayer(keras.layers.Layer):
@@ -345,8 +377,9 @@ class TransformerLayer(keras.layers.Layer):
         self.output_dropout = Dropout(c.hidden_dropout_prob)
         self.output_norm = _layer_norm("LayerNorm")
 
-    def call(self, x, attention_bias, training=False):
-        x = self.attention(x, attention_bias, training=training)      # [B, S, H]
+    def call(self, x, attention_bias, training=False, layout=None):
+        """x: [B, S, H], or [K, H] with a TokenLayout (shapes below: [B, S] or [K])."""
+        x = self.attention(x, attention_bias, training=training, layout=layout)  # [B, S, H]
         h = self.intermediate(x)                                      # [B, S, I]
         h = self.output_dropout(self.output_dense(h), training=training)  # [B, S, H]
         return self.output_norm(x + h)                                # [B, S, H]
@@ -356,7 +389,8 @@ class BertEncoder(keras.layers.Layer):
     """The BERT backbone ("bert/..." in Google checkpoints).
 
     call(dict(input_ids [B,S] int, input_mask [B,S] int (1 = real token, optional),
-              segment_ids [B,S] int (optional)), training)
+              segment_ids [B,S] int (optional), packed_tokens [K] int (optional: TokenLayout)),
+         training)
       -> dict(sequence_output [B,S,H] float32, pooled_output [B,H] float32)
 
     Every encoder holds the pooler (dense + tanh over [CLS]), as Google's checkpoints do and as
@@ -392,8 +426,15 @@ class BertEncoder(keras.layers.Layer):
         attention_bias = (1.0 - mask) * -10000.0
 
         x = self.embeddings(input_ids, ops.cast(segment_ids, "int32"), training=training)
+        packed_tokens = inputs.get("packed_tokens")  # [K]: compute only these (TokenLayout)
+        layout = None
+        if packed_tokens is not None:
+            layout = TokenLayout(ops.cast(packed_tokens, "int32"), *ops.shape(input_ids))
+            x = layout.pack(x)                                                        # [K, H]
         for layer in self.encoder_layers:
-            x = layer(x, attention_bias, training=training)                           # [B, S, H]
+            x = layer(x, attention_bias, training=training, layout=layout)            # [B, S, H]
+        if layout is not None:
+            x = layout.unpack(x)                                                      # [B, S, H]
         # Computed also where unused, so the pooler is built; tf.function and jit prune it there.
         return {"sequence_output": ops.cast(x, "float32"),                            # [B, S, H]
                 "pooled_output": ops.cast(self.pooler(x[:, 0]), "float32")}           # [B, H]

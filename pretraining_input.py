@@ -126,21 +126,27 @@ def eval_dataset_fn(files, counts, per_replica_batch, steps, parse):
     return dataset_fn
 
 
-def sample_prediction_stats(files, parse, num_records=4096):
-    """(mean, std) of the real predictions per sequence in the first `num_records` records (read
-    round-robin over the files, parsed as training parses them), for the trainer's MLM head width
-    (run_pretraining.packed_width); None when nothing could be read (the training stream then
-    reports the problem where it always does). A sample is enough: the width only decides speed,
-    a batch with more real predictions than it is computed in full."""
+def sample_sequence_stats(files, parse, num_records=4096):
+    """{"input_mask": (mean, std), "masked_lm_weights": (mean, std)}: real tokens and real
+    predictions per sequence in the first `num_records` records (read round-robin over the files,
+    parsed as training parses them), for the trainer's packed sizes (run_pretraining.packed_sizes);
+    None when nothing could be read (the training stream then reports the problem where it always
+    does). A sample is enough: the sizes only decide speed, a batch that does not fit them is
+    computed unpacked."""
     d = tf.data.Dataset.from_tensor_slices(files).interleave(
         tf.data.TFRecordDataset, cycle_length=min(len(files), 16))
+    keys = ("input_mask", "masked_lm_weights")
     d = d.take(num_records).enumerate().batch(512).map(
-        lambda positions, serialized: parse(positions, serialized)["masked_lm_weights"])
+        lambda positions, serialized: {k: tf.reduce_sum(tf.cast(v > 0, tf.int32), axis=1)
+                                       for k, v in parse(positions, serialized).items() if k in keys})
     try:
-        counts = np.concatenate([np.sum(w > 0, axis=1) for w in d.as_numpy_iterator()] or [[]])
+        counts = list(d.as_numpy_iterator())
     except tf.errors.OpError:
         return None
-    return (float(counts.mean()), float(counts.std())) if counts.size else None
+    if not counts:
+        return None
+    counts = {k: np.concatenate([c[k] for c in counts]) for k in keys}
+    return {k: (float(c.mean()), float(c.std())) for k, c in counts.items()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -180,13 +180,13 @@ def breakdown(paths, steps, rounds):
     config = run_pretraining.load_config(CONFIG)
     strategy = train_utils.make_strategy("auto")
 
-    def fresh_trainer(stats):  # stats: as run_pretraining._build samples them (the MLM head width)
+    def fresh_trainer(stats):  # stats: as run_pretraining._build samples them (packed sizes)
         with strategy.scope():
             model = modeling.build_model(modeling.BertPretrainer(config))
             optimizer = optimization.create_optimizer(1e-4, 100_000, 10, clip_norm=0)
             optimizer.build(model.trainable_variables)
         return run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=BATCH,
-                                               prediction_stats=stats)
+                                               sequence_stats=stats)
 
     @tf.function
     def consume(iterator, n):  # the input alone, pulled as the train loop pulls it
@@ -199,7 +199,7 @@ def breakdown(paths, steps, rounds):
                                                                  jit_compile=True)
     variants = {"step, random batch": lambda n: random_step(n)}
     scratch = tempfile.mkdtemp()
-    widths = {}  # kind -> (the MLM head's packed slots per sequence, the sampled stats)
+    packing = {}  # kind -> (packed tokens, packed predictions per sequence, the sampled stats)
     for kind, path in paths.items():
         opts = types.SimpleNamespace(
             input_file=path, max_seq_length=SEQ, max_predictions_per_seq=PRED, seed=12345,
@@ -214,12 +214,12 @@ def breakdown(paths, steps, rounds):
                                                   opts.shuffle_buffer_size, 0, parse)
             return iter(strategy.distribute_datasets_from_function(fn))
 
-        stats = pretraining_input.sample_prediction_stats(
+        stats = pretraining_input.sample_sequence_stats(
             files, run_pretraining._parser(opts, files, training=True))
         input_it = stream()
         variants[f"{kind}: input alone"] = lambda n, it=input_it: consume(it, tf.constant(n)).numpy()
         cached_trainer = fresh_trainer(stats)
-        widths[kind] = (cached_trainer.packed_width, stats)
+        packing[kind] = (cached_trainer.packed_tokens, cached_trainer.packed_width, stats)
         one = next(iter(run_pretraining.train_dataset_fn(
             files, counts, BATCH, opts.seed, 1000, 0, run_pretraining._parser(opts, files, True))(
                 tf.distribute.InputContext())))
@@ -258,9 +258,11 @@ def breakdown(paths, steps, rounds):
     for name, rate in best.items():
         print(f"  {name:28s} {rate:9.1f} seq/s {cpu[name]:8.1f} CPU ms/batch")
     random_step = best["step, random batch"]
-    for kind, (width, stats) in widths.items():
-        print(f"  {kind}: real predictions per sequence, mean {stats[0]:.1f} std {stats[1]:.1f}: "
-              f"the MLM head computes {width} slots per sequence (packed_width)")
+    for kind, (tokens, width, stats) in packing.items():
+        print(f"  {kind}: per sequence real tokens {stats['input_mask'][0]:.1f} +- "
+              f"{stats['input_mask'][1]:.1f}, predictions {stats['masked_lm_weights'][0]:.1f} +- "
+              f"{stats['masked_lm_weights'][1]:.1f}: packed sizes {tokens} tokens, {width} "
+              f"predictions per sequence (run_pretraining.packed_sizes)")
     for kind in paths:
         step, loop = best[f"{kind}: step, cached batch"], best[f"{kind}: loop (_train)"]
         print(f"  {kind}: input alone / the step's demand {best[f'{kind}: input alone'] / step:.0f}x "

@@ -201,6 +201,23 @@ def test_padding_does_not_change_outputs_of_real_tokens():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_an_encoder_given_its_real_tokens_computes_only_those_with_the_same_outputs():
+    """packed_tokens (TokenLayout): token-wise layers on the listed tokens only; the real
+    tokens' outputs are those of the padded call, the tokens not listed come out as zeros."""
+    c = small_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = randomize(modeling.build_model(modeling.BertPretrainer(c)))
+    batch = {k: v for k, v in random_batch(c).items() if k != "masked_lm_positions"}  # [3, 16]
+    batch["input_mask"] = (np.arange(16)[None, :] < np.array([[16], [5], [11]])).astype(np.int32)
+    real = np.flatnonzero(batch["input_mask"].reshape(-1))                            # 32 tokens
+    padding = np.flatnonzero(batch["input_mask"].reshape(-1) == 0)[:4]
+    expected = model.bert(batch)["sequence_output"].numpy().reshape(48, -1)
+    for tokens in (real, np.concatenate([real, padding])):  # padding may be listed too
+        got = model.bert(dict(batch, packed_tokens=tokens))["sequence_output"].numpy().reshape(48, -1)
+        np.testing.assert_allclose(got[real], expected[real], atol=1e-5)
+        unlisted = np.setdiff1d(np.arange(48), tokens)
+        assert (got[unlisted] == 0).all()
+
+
 def test_mlm_gathers_masked_positions_and_decodes_with_the_word_embeddings():
     c = small_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = randomize(modeling.build_model(modeling.BertPretrainer(c)))

@@ -107,18 +107,24 @@ def test_a_resume_refuses_checkpoints_without_their_state_file(tmp_path):
     np.testing.assert_array_equal(ckpt.v.numpy(), [1.0])
 
 
-def test_prediction_stats_sample_the_files_round_robin(tmp_path):
+def test_sequence_stats_sample_the_files_round_robin(tmp_path):
     files = _files(tmp_path, [50, 5])
 
-    def parse(positions, serialized):  # file 0's records hold 1 real prediction, file 1's 3
-        real = tf.where(tf.strings.substr(serialized, 1, 1) == "0", 1, 3)             # [B]
-        return {"masked_lm_weights": tf.cast(tf.range(4)[None, :] < real[:, None], tf.float32)}
+    def parse(positions, serialized):  # file 0's records: 1 real prediction, 2 real tokens; 3, 4
+        first = tf.strings.substr(serialized, 1, 1) == "0"                            # [B]
+        predictions, tokens = tf.where(first, 1, 3), tf.where(first, 2, 4)
+        return {"masked_lm_weights": tf.cast(tf.range(4)[None, :] < predictions[:, None], tf.float32),
+                "input_mask": tf.cast(tf.range(8)[None, :] < tokens[:, None], tf.int32),
+                "input_ids": tf.ones([tf.shape(serialized)[0], 8], tf.int32)}
 
-    mean, std = pretraining_input.sample_prediction_stats(files, parse, num_records=10)
-    assert (mean, std) == (2.0, 1.0)  # 5 records of each file, not the first 10 of file 0
-    assert pretraining_input.sample_prediction_stats(files, parse, num_records=1000)[0] == (50 * 1 + 5 * 3) / 55
+    stats = pretraining_input.sample_sequence_stats(files, parse, num_records=10)
+    # 5 records of each file, not the first 10 of file 0
+    assert stats == {"masked_lm_weights": (2.0, 1.0), "input_mask": (3.0, 1.0)}
+    stats = pretraining_input.sample_sequence_stats(files, parse, num_records=1000)
+    assert stats["masked_lm_weights"][0] == (50 * 1 + 5 * 3) / 55
 
     def broken(positions, serialized):
-        return {"masked_lm_weights": tf.strings.to_number(serialized)}  # an op error per record
+        return {"masked_lm_weights": tf.strings.to_number(serialized)[:, None],  # an op error
+                "input_mask": tf.ones([tf.shape(serialized)[0], 8], tf.int32)}
 
-    assert pretraining_input.sample_prediction_stats(files, broken) is None
+    assert pretraining_input.sample_sequence_stats(files, broken) is None

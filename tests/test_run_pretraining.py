@@ -148,32 +148,37 @@ def test_accumulated_micro_batches_equal_one_large_batch(pretraining_data, tmp_p
                                rtol=1e-4)
 
 
-def _tiny_batch(rng, rows, seq_len, slots, vocab, counts):
-    """A batch with counts[b] real predictions in row b, at distinct positions, then padding."""
+def _padded_batch(rng, seq_len, slots, vocab, lengths, counts):
+    """Row b: lengths[b] real tokens, then padding; counts[b] real predictions among them."""
+    rows = len(lengths)
     positions = np.zeros((rows, slots), np.int32)
     weights = np.zeros((rows, slots), np.float32)
-    for b, n in enumerate(counts):
-        positions[b, :n] = np.sort(rng.choice(np.arange(1, seq_len - 1), n, replace=False))
+    for b, (length, n) in enumerate(zip(lengths, counts)):
+        positions[b, :n] = np.sort(rng.choice(np.arange(1, length - 1), n, replace=False))
         weights[b, :n] = 1
     return {"input_ids": rng.integers(100, vocab, (rows, seq_len)).astype(np.int32),
-            "input_mask": np.ones((rows, seq_len), np.int32),
+            "input_mask": (np.arange(seq_len)[None, :] < np.array(lengths)[:, None]).astype(np.int32),
             "segment_ids": np.zeros((rows, seq_len), np.int32),
             "masked_lm_positions": positions,
             "masked_lm_ids": (rng.integers(100, vocab, (rows, slots)) * weights).astype(np.int32),
             "masked_lm_weights": weights}
 
 
-def test_packed_predictions_keep_every_real_prediction_at_its_token():
+def test_packing_keeps_every_real_token_and_prediction():
     import tensorflow as tf
 
     import run_pretraining
     rng = np.random.default_rng(1)
-    batch = _tiny_batch(rng, 4, 16, 6, 500, counts=[6, 0, 3, 5])
+    batch = _padded_batch(rng, 16, 6, 500, lengths=[16, 3, 9, 12], counts=[6, 0, 3, 5])
+    tokens = run_pretraining.pack_tokens(tf.constant(batch["input_mask"]), 44).numpy()
+    real = np.flatnonzero(batch["input_mask"].reshape(-1))
+    assert len(real) == 40 and (tokens[:40] == real).all()  # the real tokens in order, then
+    assert len(set(tokens)) == 44 and not batch["input_mask"].reshape(-1)[tokens[40:]].any()  # padding
     packed = run_pretraining.pack_predictions({k: tf.constant(v) for k, v in batch.items()}, 16, 4)
     packed = {k: v.numpy() for k, v in packed.items()}
     assert packed["masked_lm_positions"].shape == (4, 4)
 
-    def predictions(b):  # {(token in the flattened batch, label)} of the real predictions
+    def predictions(b):  # [(token in the flattened batch, label)] of the real predictions
         rows = np.arange(len(b["masked_lm_weights"]))[:, None] * 16
         real = b["masked_lm_weights"] > 0
         return sorted(zip((b["masked_lm_positions"] + rows)[real], b["masked_lm_ids"][real]))
@@ -184,10 +189,11 @@ def test_packed_predictions_keep_every_real_prediction_at_its_token():
 
 
 @pytest.mark.parametrize("jit", [True, False])
-def test_a_packed_mlm_head_gives_the_gradients_of_every_slot(jit):
-    """The trainer computes the MLM head on a batch's real predictions only (packed_width); the
-    loss, accuracy and gradients are those of the full [B, P] batch, also for a batch with more
-    real predictions than the packed slots (it takes the full-width branch)."""
+def test_a_packed_step_gives_the_gradients_of_the_padded_batch(jit):
+    """The trainer computes the encoder on a batch's real tokens and the MLM head on its real
+    predictions (module comment "Packing" in run_pretraining.py): the loss, accuracy and
+    gradients are those of the padded batch (without dropout, whose masks depend on the shapes),
+    also for a batch with more real tokens or predictions than packed (the unpacked branch)."""
     import tensorflow as tf
 
     import modeling
@@ -195,20 +201,28 @@ def test_a_packed_mlm_head_gives_the_gradients_of_every_slot(jit):
     import run_pretraining
     import train_utils
     strategy = train_utils.make_strategy("one_device")
+    config = dict(pretraining_config(500), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     with strategy.scope():
-        model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig(**pretraining_config(500))))
+        model = modeling.build_model(modeling.BertPretrainer(modeling.BertConfig(**config)))
         optimizer = optimization.create_optimizer(1e-3, 10, 1, clip_norm=0)
 
     def trainer(stats):
         return run_pretraining.MaskedLMTrainer(model, optimizer, strategy, per_replica_batch=8,
-                                               jit_compile=jit, prediction_stats=stats)
+                                               jit_compile=jit, sequence_stats=stats)
 
-    full, packed = trainer(None), trainer((2.0, 0.5))
-    assert full.packed_width is None and packed.packed_width == 3  # ceil(2 + 4 * 0.5 / sqrt(8))
+    full = trainer(None)
+    packed = trainer({"input_mask": (10.0, 2.0), "masked_lm_weights": (2.0, 0.5)})
+    assert (full.packed_tokens, full.packed_width) == (None, None)
+    margin = run_pretraining.PACKING_MARGIN  # deviations of a micro-batch's sum
+    assert packed.packed_tokens == math.ceil(8 * 10 + margin * 2 * math.sqrt(8)) == 95
+    assert packed.packed_width == math.ceil(2 + margin * 0.5 / math.sqrt(8)) == 3
     rng = np.random.default_rng(2)
-    for counts in ([3, 0, 1, 2, 6, 4, 2, 3], [6] * 8):  # 21 real fit in 8 x 3 slots; 48 do not
+    short = [16, 9, 12, 8, 10, 11, 9, 13]  # 88 real tokens fit in 95
+    for lengths, counts in ((short, [3, 0, 1, 2, 6, 4, 2, 3]),  # 21 predictions fit in 8 x 3
+                            (short, [6] * 8),                    # 48 do not
+                            ([16] * 8, [3] * 8)):                # 128 tokens do not
         batch = {k: tf.constant(v[None]) for k, v in  # [1 micro-batch, 8, ...]
-                 _tiny_batch(rng, 8, 16, 6, 500, counts).items()}
+                 _padded_batch(rng, 16, 6, 500, lengths, counts).items()}
         trainable, non_trainable = full._values()
         expected_grads, expected_sums, _ = full._grads_fn(trainable, non_trainable, batch)
         grads, sums, _ = packed._grads_fn(trainable, non_trainable, batch)
