@@ -261,7 +261,8 @@ def restore(trainer, output_dir, step):
 # ------------------------------------------------------------------------------------------------
 
 # TensorFlow's device flags: what they choose is fixed under JAX (every local device, compiled).
-_TF_ONLY_FLAGS = ("strategy", "use_tpu", "tpu_name", "tpu_zone", "gcp_project", "jit_compile")
+_TF_ONLY_FLAGS = ("strategy", "use_tpu", "tpu_name", "tpu_zone", "gcp_project", "jit_compile",
+                  "skip_padding")
 
 
 def _check_backend_flags(opts):
@@ -272,8 +273,9 @@ def _check_backend_flags(opts):
                          "KERAS_BACKEND=jax one process trains on every device of its host")
     given = [f"--{name}" for name in _TF_ONLY_FLAGS if opts[name].present]
     if given:
-        logging.warning("%s ignored under KERAS_BACKEND=jax: the step is always compiled, and "
-                        "data-parallel over every local device", ", ".join(given))
+        logging.warning("%s ignored under KERAS_BACKEND=jax: the step is always compiled, "
+                        "data-parallel over every local device, and computes the padding too",
+                        ", ".join(given))
     for name in ("output_dir", "init_checkpoint"):
         if opts[name].value and "://" in opts[name].value:
             raise UsageError(f"--{name}={opts[name].value}: remote paths need TensorFlow's file "

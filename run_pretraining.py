@@ -118,6 +118,8 @@ def define_flags(fv=flags.FLAGS):
         group.boolean("mixed_precision", False, "bfloat16 compute on TPUs and on GPUs that support it "
                 "(compute capability >= 8.0); ignored with a warning elsewhere.")
         group.boolean("jit_compile", True, "Compile the train step with XLA.")
+        group.boolean("skip_padding", True, "Compute each batch's real tokens and predictions, not its "
+                      "padding (same loss and gradients; dropout masks differ). False: every position.")
     if fv is flags.FLAGS:
         train_utils.require_flags("input_file", "bert_config_file", "output_dir")
 
@@ -675,7 +677,8 @@ def _build(opts, plan):
             weight_decay=opts.weight_decay, beta_2=opts.beta_2, clip_norm=0)
         optimizer.build(model.trainable_variables)
     stats = (pretraining_input.sample_sequence_stats(
-        plan.train_files, _parser(opts, plan.train_files, training=True)) if opts.do_train else None)
+        plan.train_files, _parser(opts, plan.train_files, training=True))
+        if opts.do_train and opts.skip_padding else None)
     trainer = MaskedLMTrainer(model, optimizer, plan.strategy,
                               per_replica_batch=opts.train_batch_size // plan.strategy.num_replicas_in_sync,
                               accumulation_steps=opts.gradient_accumulation_steps,
@@ -688,11 +691,12 @@ def _build(opts, plan):
             pretraining_records.read_info(plan.train_files), opts.max_seq_length,
             opts.max_predictions_per_seq)
         tokens, width = trainer.packing(rows, opts.max_seq_length, slots)
+        plan_text = (f"a micro-batch of {rows} computes {tokens or 'all'} of its "
+                     f"{rows * opts.max_seq_length} tokens and {width or 'all'} of {slots} prediction "
+                     "slots per sequence (one with more real ones: all)" if tokens or width else
+                     "too little padding to skip: every position computed")
         logging.info("per sequence in the first records: %.1f +- %.1f real tokens, %.1f +- %.1f "
-                     "predictions; a micro-batch of %d computes %s of its %d tokens and %s of %d "
-                     "prediction slots per sequence (packing; more real ones: all)",
-                     *stats["input_mask"], *stats["masked_lm_weights"], rows,
-                     tokens or "all", rows * opts.max_seq_length, width or "all", slots)
+                     "predictions; %s", *stats["input_mask"], *stats["masked_lm_weights"], plan_text)
     trackables = {"optimizer": optimizer}
     if model.non_trainable_variables:  # dropout seed states: resume draws the same masks
         trackables["dropout_seeds"] = list(model.non_trainable_variables)

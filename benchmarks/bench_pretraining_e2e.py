@@ -23,14 +23,16 @@ create_pretraining_data.py as a user would: static (--dupe_factor=2) and dynamic
    and the ratio ours / peer per round.
 2. Breakdown of one training loop, in this process (ours only): run_pretraining's own pieces for
    each kind - the input alone (the distributed dataset iterated in a tf.function, as the loop
-   does), the step alone on one cached batch of those records, the step on a random batch
-   (bench_pretraining's measure), and the loop as run_pretraining._train runs it (input, step and
-   the per-loop work). Rounds alternate; best of rounds.
+   does), the step alone on one cached batch of those records (packed as run_pretraining packs
+   it, and with the padding computed: --skip_padding=false), the step on a random batch
+   (bench_pretraining's measure: no padding), and the loop as run_pretraining._train runs it
+   (input, step and the per-loop work). Rounds alternate; best of rounds.
 
 Other jobs load this machine: compare figures from one run only. Not a test: asserts nothing.
 """
 
 import argparse
+import functools
 import os
 import resource
 import shutil
@@ -229,6 +231,8 @@ def breakdown(paths, steps, rounds):
         def cached_step(n, trainer=cached_trainer, it=cached):
             trainer.train_loop(it, tf.constant(n))[2].numpy()
         variants[f"{kind}: step, cached batch"] = cached_step
+        variants[f"{kind}: same, padding computed"] = functools.partial(
+            cached_step, trainer=fresh_trainer(None))  # --skip_padding=false
 
         loop_trainer = fresh_trainer(stats)
         manager = tf.train.CheckpointManager(modeling.make_checkpoint(loop_trainer.model),

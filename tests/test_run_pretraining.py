@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -230,6 +231,33 @@ def test_a_packed_step_gives_the_gradients_of_the_padded_batch(jit):
         assert sums.numpy()[2] == sum(counts)
         for variable, g, e in zip(model.trainable_variables, grads, expected_grads):
             np.testing.assert_allclose(g.numpy(), e.numpy(), atol=2e-6, err_msg=variable.path)
+
+
+@pytest.mark.slow
+def test_skipping_padding_trains_the_weights_computing_it_would(pretraining_data, tmp_path, caplog):
+    """The default (--skip_padding) against every position computed, on records of one sentence
+    each (mostly padding): the same weights after 3 steps (the test config has no dropout, whose
+    masks depend on the packed shapes)."""
+    import logging
+
+    import tokenization
+    tokenizer = tokenization.FullTokenizer(pretraining_data["vocab_file"])
+    lines = helpers.corpus_sentences(str(SHARED_DATA), str(RESOURCES), max_chars=8_000)
+    sentences = [i for n, line in enumerate(lines)
+                 for i in helpers.make_instances(tokenizer, [line], SEQ, PRED, seed=n)]
+    data = dict(pretraining_data, train=str(tmp_path / "sentences.tfrecord"))
+    helpers.write_records(data["train"], sentences, data["vocab_file"], SEQ, PRED)
+    common = ["--do_train", "--num_train_steps=3", "--iterations_per_loop=3", "--save_checkpoints_steps=3"]
+    with caplog.at_level(logging.INFO):
+        pretrain(data, tmp_path / "packed", *common)
+    line = next(r.getMessage() for r in caplog.records if "a micro-batch of 16 computes" in r.getMessage())
+    assert re.search(r"computes \d+ of its 1024 tokens", line), line  # packing is on here
+    pretrain(data, tmp_path / "padded", *common, "--skip_padding=false")
+    packed = checkpoint_weights(str(tmp_path / "packed" / "ckpt-3"))
+    padded = checkpoint_weights(str(tmp_path / "padded" / "ckpt-3"))
+    assert packed.keys() == padded.keys()
+    for name in packed:
+        np.testing.assert_allclose(packed[name], padded[name], atol=3e-6, err_msg=name)
 
 
 def test_bf16_step_compiles_whole_with_float32_weights_and_accumulation():
