@@ -123,10 +123,12 @@ def make_ours(layers, hidden, batch, jit_compile, grads_only=False, dropout=0.1)
     return grads_step if grads_only else step
 
 
-def peer_train_step(layers, hidden):
+def peer_train_step(layers, hidden, head="gathered"):
     """-> train(batch): one step of transformers' BertForMaskedLM on a dict of numpy [B, S|P]
-    arrays (as `random_batch`), the masked positions gathered before the head, AdamW, clip 1.0
-    (shared with bench_pretraining_e2e.py, which feeds it records)."""
+    arrays (as `random_batch`), AdamW, clip 1.0 (shared with bench_pretraining_e2e.py, which feeds
+    it records). head="gathered": the masked positions gathered before the head (the fast way);
+    "labels": the call of transformers' docs and run_mlm.py, labels over every position (-100 where
+    none), so the head computes the logits of all B x S positions."""
     import torch
     import transformers
     torch.set_num_threads(os.cpu_count())
@@ -141,13 +143,22 @@ def peer_train_step(layers, hidden):
         b = {k: torch.from_numpy(v).long() if v.dtype == np.int32 else torch.from_numpy(v)
              for k, v in batch.items()}
         rows = torch.arange(b["input_ids"].shape[0])[:, None]
+        if head == "labels":
+            labels = torch.full_like(b["input_ids"], -100)
+            real = b["masked_lm_weights"] > 0
+            labels[rows.expand_as(real)[real], b["masked_lm_positions"][real]] = b["masked_lm_ids"][real]
+            loss = model(input_ids=b["input_ids"], attention_mask=b["input_mask"],
+                         token_type_ids=b["segment_ids"], labels=labels).loss
+            return update(loss)
         sequence = model.bert(input_ids=b["input_ids"], attention_mask=b["input_mask"],
                               token_type_ids=b["segment_ids"]).last_hidden_state       # [B, S, H]
         logits = model.cls(sequence[rows, b["masked_lm_positions"]])                  # [B, P, V]
         losses = torch.nn.functional.cross_entropy(
             logits.reshape(-1, VOCAB), b["masked_lm_ids"].reshape(-1), reduction="none")
         weights = b["masked_lm_weights"].reshape(-1)
-        loss = (losses * weights).sum() / (weights.sum() + 1e-5)
+        return update((losses * weights).sum() / (weights.sum() + 1e-5))
+
+    def update(loss):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
