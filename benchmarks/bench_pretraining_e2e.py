@@ -17,7 +17,7 @@ create_pretraining_data.py as a user would: static (--dupe_factor=2) and dynamic
            parsed by the same parser as ours, so dynamic records get the same masks), each batch
            handed to BertForMaskedLM as torch tensors (AdamW, clip 1.0; benchmarks/bench_pretraining):
            by default the masked positions gathered before the head; --peer_head=labels calls it
-           as transformers' docs and run_mlm.py do, labels over all positions (4x slower here).
+           as transformers' docs and run_mlm.py do, labels over all positions (2-4x slower here).
    Startup is excluded: rate = (N2 - N1) x 32 / (time of N2 steps - time of N1 steps); CPU
    seconds per step (user + system, all threads, the same difference) are the steadier figure
    when other jobs load the machine. The runs
