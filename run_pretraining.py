@@ -219,9 +219,10 @@ def pack_predictions(batch, seq_len, width):
 
 
 # How far above its mean a micro-batch's count of real tokens (or predictions) may go before it
-# takes the unpacked branch, in standard deviations of that count: at 2.5 about 1 micro-batch in
-# 160 does, and the packed size is within ~10% of the mean. (Measured at seq 128, batch 32: 2.5
-# packs 3,486 of 4,096 tokens, +10-13% on the step; 4 would pack 3,705, under the 1/8 worth it.)
+# takes the unpacked branch, in standard deviations of that count: few do (1 of 428 static and
+# none of 214 dynamic micro-batches of 32 in one pass over the speed benchmark's records), and the
+# packed size is within ~12% of the mean. (Seq 128, batch 32: 2.5 packs 3,486 of 4,096 tokens,
+# +13-20% on the step; 4 would pack 3,705, under the 1/8 worth a second branch.)
 PACKING_MARGIN = 2.5
 
 
